@@ -1,0 +1,71 @@
+# The few commands everyone uses. `make demo` and `make test` work on a fresh Debian/Ubuntu machine with
+# Rust and Python >= 3.10: they install what is missing (cmake + nasm for libjpeg-turbo's SIMD build, a
+# venv with torch and the rest), build the extension as a release wheel and install it into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WHEEL_STAMP := $(VENV)/.fastdiff-wheel
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
+PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
+
+.PHONY: setup develop demo test test-rust test-python lint fmt bench clean
+
+setup: $(WHEEL_STAMP)
+
+# System build dependencies of the vendored libjpeg-turbo (its SIMD code needs NASM).
+$(VENV)/.sysdeps:
+	@command -v cargo >/dev/null || { echo "error: Rust is needed to build fastdiff (https://rustup.rs)"; exit 1; }
+	@command -v cmake >/dev/null && command -v nasm >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake nasm; }
+	@mkdir -p $(VENV) && touch $@
+
+# Python dependencies: the package's `dev` extra (torch, diffusers, pytest, Pillow, ...), not the package.
+$(VENV)/.deps: pyproject.toml $(VENV)/.sysdeps
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "maturin>=1.9.4,<2"
+	$(BIN)/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print('\n'.join(d['dependencies'] + d['optional-dependencies']['train'] + \
+	  [r for r in d['optional-dependencies']['dev'] if not r.startswith('fastdiff')]))" > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt
+	@touch $@
+
+# The release wheel, installed as a user would install it (not editable).
+$(WHEEL_STAMP): $(VENV)/.deps $(RUST_SOURCES) $(PY_SOURCES) pyproject.toml
+	rm -rf target/wheels
+	$(BIN)/maturin build --release --quiet -o target/wheels
+	$(BIN)/pip install -q --force-reinstall --no-deps target/wheels/fastdiff-*.whl
+	@touch $@
+
+# Editable build for working on the code (`maturin develop`); `make setup` puts the wheel back.
+develop: $(VENV)/.deps
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release
+	@rm -f $(WHEEL_STAMP)
+
+demo: setup
+	$(BIN)/fastdiff demo --output demo-out
+
+test: setup test-rust test-python
+
+test-rust: $(VENV)/.sysdeps
+	cargo test --workspace --exclude fastdiff-py
+
+test-python: setup
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.deps
+	cargo fmt --all
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python benches/side_by_side.py
+
+clean:
+	rm -rf $(VENV) target demo-out

@@ -1,0 +1,60 @@
+"""Type stubs of the private native module (hand-written; the public API is ``fastdiff.DataLoader``)."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__version__: str
+
+class FastdiffError(Exception):
+    """Base class of every error fastdiff raises itself."""
+
+class DecodeError(FastdiffError):
+    """An image file could not be read as an image; the message names the file and the cause."""
+
+_Batch = tuple[
+    np.ndarray,  # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16
+    list[str],  # captions
+    list[tuple[int, int]],  # original_sizes (h, w)
+    list[tuple[int, int]],  # crop_top_lefts (top, left)
+    list[tuple[int, int]],  # target_sizes (h, w)
+    list[str],  # paths
+]
+
+class NativeLoader:
+    def __init__(
+        self,
+        root: str,
+        *,
+        resolution: int,
+        batch_size: int,
+        bucket_step: int,
+        min_bucket_side: int | None,
+        max_bucket_side: int | None,
+        crop: str,
+        flip_prob: float,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        num_threads: int,
+        prefetch: int,
+        dtype: str,
+        filter: str,
+        caption_extensions: list[str],
+        background: tuple[int, int, int],
+        on_error: str,
+        max_pixels: int,
+    ) -> None: ...
+    @property
+    def num_batches(self) -> int: ...
+    @property
+    def buckets(self) -> list[tuple[int, int]]: ...
+    def report(self) -> dict[str, Any]: ...
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> NativeEpochIter: ...
+
+class NativeEpochIter(Iterator[_Batch]):
+    def __iter__(self) -> NativeEpochIter: ...
+    def __next__(self) -> _Batch: ...
+    def __len__(self) -> int: ...
+    def close(self) -> None: ...

@@ -1,0 +1,94 @@
+"""The ``fastdiff`` command: ``scan | bench | train | demo``.
+
+Each subcommand's arguments and body live in its own module (``bench``, ``train``, ``demo``); this file
+only registers them, plus ``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="folder of images (searched recursively)")
+    p.add_argument("--resolution", type=int, default=512, help="bucket resolution in pixels (default 512)")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket side multiple in pixels (default 64)")
+    p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
+    p.add_argument("--max-bucket-side", type=int, default=None, help="default 2*resolution")
+    p.add_argument("--batch-size", type=int, default=1, help="for the batches-per-epoch count (default 1)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def format_report(report: dict[str, Any], batches: int) -> str:
+    """Human-readable summary of a :attr:`fastdiff.DataLoader.report` dict."""
+    lines = [
+        f"root: {report['root']}",
+        f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}",
+        "formats: " + ", ".join(f"{k} {v}" for k, v in sorted(report["formats"].items())),
+        f"size range (h x w): {report['min_size'][0]}x{report['min_size'][1]}"
+        f" .. {report['max_size'][0]}x{report['max_size'][1]}",
+        f"captions missing: {report['captions_missing']}"
+        f"  read as Windows-1252: {report['captions_fallback_encoding']}",
+        f"batches per epoch: {batches}",
+        "images per bucket (h x w: count):",
+    ]
+    lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["images_per_bucket"]]
+    if report["skipped"]:
+        lines.append("skipped:")
+        lines += [f"  [{s['code']}] {s['message']}" for s in report["skipped"]]
+    return "\n".join(lines)
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from fastdiff import DataLoader
+
+    loader = DataLoader(
+        args.root,
+        resolution=args.resolution,
+        bucket_step=args.bucket_step,
+        min_bucket_side=args.min_bucket_side,
+        max_bucket_side=args.max_bucket_side,
+        batch_size=args.batch_size,
+    )
+    report = loader.report
+    if args.json:
+        report["batches_per_epoch"] = len(loader)
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report, len(loader)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fastdiff`` command and its subcommands."""
+    from fastdiff import bench, demo, train
+
+    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    scan_p = sub.add_parser("scan", help="scan a folder: formats, sizes, buckets, captions, skipped files")
+    _add_scan_arguments(scan_p)
+    scan_p.set_defaults(func=_run_scan)
+    bench_p = sub.add_parser("bench", help="images/s of fastdiff vs the torchvision+PIL DataLoader")
+    bench.add_bench_arguments(bench_p)
+    bench_p.set_defaults(func=bench.run_bench)
+    train_p = sub.add_parser("train", help="train a small text-conditioned UNet on a folder")
+    train.add_train_arguments(train_p)
+    train_p.set_defaults(func=train.run_train)
+    demo_p = sub.add_parser("demo", help="make a synthetic captioned set, train on it, draw samples")
+    demo.add_demo_arguments(demo_p)
+    demo_p.set_defaults(func=demo.run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastdiff`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+//! Aspect-ratio buckets: the fixed set of training sizes images are resized and cropped to.
+//!
+//! Images of similar shape go to the same bucket so a batch has one size without cropping away most of
+//! a wide or tall picture. The candidate list follows NovelAI's aspect-ratio bucketing as implemented in
+//! kohya-ss sd-scripts (`library/model_util.py`, `make_bucket_resolutions`): every bucket has about the
+//! pixel area of `resolution²` (never more), sides are multiples of `step`, and sides stay within
+//! `[min_side, max_side]`.
+
+use crate::error::{Error, Result};
+
+/// One training size in pixels. Ordered by (width, height); the candidate list itself is sorted by aspect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket {
+    /// Width in pixels (a multiple of the configured step).
+    pub width: u32,
+    /// Height in pixels (a multiple of the configured step).
+    pub height: u32,
+}
+
+impl Bucket {
+    /// Pixel count `width * height`.
+    pub fn area(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+/// Parameters of the bucket list (all in pixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketConfig {
+    /// Side of the square target area: every bucket has at most `resolution²` pixels.
+    pub resolution: u32,
+    /// Granularity of bucket sides (64 in kohya: latent size 8 times the VAE factor 8).
+    pub step: u32,
+    /// Smallest allowed bucket side.
+    pub min_side: u32,
+    /// Largest allowed bucket side.
+    pub max_side: u32,
+}
+
+impl BucketConfig {
+    /// Validated configuration. `min_side` defaults to `resolution / 2` and `max_side` to
+    /// `2 * resolution` (kohya's defaults 256 and 1024 at resolution 512).
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the argument when `step` is 0, `resolution` is
+    /// smaller than `step`, `min_side` is 0 or larger than the square bucket side
+    /// (`resolution` rounded down to a multiple of `step`), or `max_side` is below `resolution`.
+    /// These guarantee the list contains the square bucket, so it is never empty.
+    pub fn new(
+        resolution: u32,
+        step: u32,
+        min_side: Option<u32>,
+        max_side: Option<u32>,
+    ) -> Result<Self> {
+        if step == 0 {
+            return Err(Error::InvalidArgument(
+                "bucket_step must be at least 1 pixel, got 0".into(),
+            ));
+        }
+        if resolution < step {
+            return Err(Error::InvalidArgument(format!(
+                "resolution must be at least bucket_step ({step}), got {resolution}"
+            )));
+        }
+        let square = resolution / step * step;
+        let min_side = min_side.unwrap_or(resolution / 2);
+        let max_side = max_side.unwrap_or(resolution.saturating_mul(2));
+        if min_side == 0 || min_side > square {
+            return Err(Error::InvalidArgument(format!(
+                "min_bucket_side must be in [1, {square}] (resolution {resolution} rounded down to a \
+                 multiple of bucket_step {step}), got {min_side}"
+            )));
+        }
+        if max_side < resolution {
+            return Err(Error::InvalidArgument(format!(
+                "max_bucket_side must be at least resolution ({resolution}), got {max_side}"
+            )));
+        }
+        Ok(BucketConfig {
+            resolution,
+            step,
+            min_side,
+            max_side,
+        })
+    }
+
+    /// The candidate buckets, sorted by aspect ratio `width / height` ascending (tallest first; equal
+    /// aspects by area, then width).
+    ///
+    /// Algorithm (kohya-ss sd-scripts `model_util.make_bucket_resolutions`, after NovelAI): for every
+    /// width `w` that is a multiple of `step` in `[min_side, max_side]`, take
+    /// `h = floor(min(max_side, resolution² / w) / step) * step`; keep `(w, h)` and `(h, w)` if
+    /// `h >= min_side`. The square `s × s` with `s = floor(resolution / step) * step` is always
+    /// included, as in kohya. Duplicates are removed. Every bucket therefore has sides that are
+    /// multiples of `step` within `[min_side, max_side]` and area `<= resolution²`.
+    ///
+    /// Differences from kohya: kohya does not drop heights below `min_side` (with a large
+    /// `max_side` it produces e.g. 2048x128); when `resolution` is not a multiple of `step` kohya first
+    /// rounds the area down to whole steps, whereas this uses `resolution²` exactly (identical lists
+    /// whenever `resolution % step == 0`, the usual case).
+    pub fn buckets(&self) -> Vec<Bucket> {
+        let step = u64::from(self.step);
+        let area = u64::from(self.resolution) * u64::from(self.resolution);
+        let max = u64::from(self.max_side);
+        let min = u64::from(self.min_side);
+        let square = self.resolution / self.step * self.step;
+        let mut out = vec![Bucket {
+            width: square,
+            height: square,
+        }];
+        let first = min.div_ceil(step) * step;
+        // Widths above resolution² / min_side would give heights below min_side: stop there.
+        let last = max.min(area / min);
+        for w in (first..=last).step_by(step as usize) {
+            let h = (area / w).min(max) / step * step;
+            if h < min {
+                continue;
+            }
+            // Both sides are <= max_side <= u32::MAX here.
+            let (w, h) = (w as u32, h as u32);
+            out.push(Bucket {
+                width: w,
+                height: h,
+            });
+            out.push(Bucket {
+                width: h,
+                height: w,
+            });
+        }
+        out.sort_by(|a, b| {
+            // Compare w_a/h_a with w_b/h_b exactly by cross-multiplication (no float rounding).
+            (u64::from(a.width) * u64::from(b.height))
+                .cmp(&(u64::from(b.width) * u64::from(a.height)))
+                .then(a.area().cmp(&b.area()))
+                .then(a.width.cmp(&b.width))
+        });
+        out.dedup();
+        out
+    }
+}
+
+/// Index into `buckets` of the bucket whose aspect ratio is nearest to the image's, measured in log
+/// space: minimises `|ln(width / height) - ln(bw / bh)|` (so 2:1 and 1:2 are equally far from 1:1).
+/// Ties go to the larger bucket area, then to the earlier index. `width`/`height` are the upright image
+/// size in pixels.
+///
+/// Panics if `buckets` is empty or `width`/`height` is 0 (a scanned image always has both > 0).
+pub fn assign(buckets: &[Bucket], width: u32, height: u32) -> usize {
+    assert!(!buckets.is_empty(), "assign() needs at least one bucket");
+    assert!(
+        width > 0 && height > 0,
+        "image size {width}x{height} is empty"
+    );
+    let target = (f64::from(width) / f64::from(height)).ln();
+    let distance = |b: &Bucket| ((f64::from(b.width) / f64::from(b.height)).ln() - target).abs();
+    let mut best = 0;
+    let mut best_distance = distance(&buckets[0]);
+    for (i, b) in buckets.iter().enumerate().skip(1) {
+        let d = distance(b);
+        if d < best_distance || (d == best_distance && b.area() > buckets[best].area()) {
+            best = i;
+            best_distance = d;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(width: u32, height: u32) -> Bucket {
+        Bucket { width, height }
+    }
+
+    fn kohya_512() -> Vec<Bucket> {
+        BucketConfig::new(512, 64, None, None).unwrap().buckets()
+    }
+
+    #[test]
+    fn defaults_are_kohyas() {
+        let c = BucketConfig::new(512, 64, None, None).unwrap();
+        assert_eq!((c.min_side, c.max_side), (256, 1024));
+    }
+
+    #[test]
+    fn kohya_512_list_is_exact() {
+        // Worked by hand from kohya's loop (max_area = 8*8 = 64 steps²; h = min(16, 64 // (w/64)) steps):
+        // w=256→1024, 320→768, 384→640, 448→576, 512→512, 576→448, 640→384, 704→320, 768→320,
+        // 832..1024→256; plus the transposes; sorted by w/h.
+        let expected = vec![
+            b(256, 1024),
+            b(256, 960),
+            b(256, 896),
+            b(256, 832),
+            b(320, 768),
+            b(320, 704),
+            b(384, 640),
+            b(448, 576),
+            b(512, 512),
+            b(576, 448),
+            b(640, 384),
+            b(704, 320),
+            b(768, 320),
+            b(832, 256),
+            b(896, 256),
+            b(960, 256),
+            b(1024, 256),
+        ];
+        assert_eq!(kohya_512(), expected);
+    }
+
+    #[test]
+    fn list_properties_hold_for_many_configs() {
+        for (res, step, min, max) in [
+            (512, 64, None, None),
+            (768, 64, None, None),
+            (1024, 64, Some(256), Some(2048)),
+            (1024, 32, None, None),
+            (600, 64, None, None),
+            (256, 8, Some(64), Some(1024)),
+        ] {
+            let c = BucketConfig::new(res, step, min, max).unwrap();
+            let list = c.buckets();
+            assert!(!list.is_empty());
+            let square = res / step * step;
+            assert!(list.contains(&b(square, square)), "{res} {step}");
+            for (i, x) in list.iter().enumerate() {
+                assert_eq!(x.width % step, 0, "{x:?}");
+                assert_eq!(x.height % step, 0, "{x:?}");
+                assert!((c.min_side..=c.max_side).contains(&x.width), "{x:?}");
+                assert!((c.min_side..=c.max_side).contains(&x.height), "{x:?}");
+                assert!(x.area() <= u64::from(res) * u64::from(res), "{x:?}");
+                // Symmetric and strictly sorted by aspect (no duplicates).
+                assert!(list.contains(&b(x.height, x.width)), "{x:?}");
+                if i > 0 {
+                    let p = list[i - 1];
+                    assert!(
+                        u64::from(p.width) * u64::from(x.height)
+                            <= u64::from(x.width) * u64::from(p.height)
+                    );
+                    assert_ne!(p, *x);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn heights_below_min_side_are_dropped() {
+        // 512 with max 2048: kohya would emit 2048x128; min 256 removes it.
+        let list = BucketConfig::new(512, 64, None, Some(2048))
+            .unwrap()
+            .buckets();
+        assert!(list.iter().all(|x| x.width >= 256 && x.height >= 256));
+        assert!(list.contains(&b(1024, 256)));
+        assert!(!list.iter().any(|x| x.width > 1024));
+    }
+
+    #[test]
+    fn invalid_configs_name_the_argument() {
+        let msg = |r: Result<BucketConfig>| r.unwrap_err().to_string();
+        assert!(msg(BucketConfig::new(512, 0, None, None)).contains("bucket_step"));
+        assert!(msg(BucketConfig::new(32, 64, None, None)).contains("resolution"));
+        assert!(msg(BucketConfig::new(512, 64, Some(0), None)).contains("min_bucket_side"));
+        assert!(msg(BucketConfig::new(512, 64, Some(576), None)).contains("min_bucket_side"));
+        assert!(msg(BucketConfig::new(512, 64, None, Some(500))).contains("max_bucket_side"));
+    }
+
+    #[test]
+    fn assign_picks_nearest_log_aspect() {
+        let list = kohya_512();
+        let at = |w, h| list[assign(&list, w, h)];
+        // 1920x1080: ln(16/9) = 0.575; 640x384 (ln 5/3 = 0.511) beats 704x320 (ln 2.2 = 0.788).
+        let nearest = list
+            .iter()
+            .min_by(|x, y| {
+                let d = |q: &Bucket| {
+                    ((f64::from(q.width) / f64::from(q.height)).ln() - (1920f64 / 1080.0).ln())
+                        .abs()
+                };
+                d(x).partial_cmp(&d(y)).unwrap()
+            })
+            .copied()
+            .unwrap();
+        assert_eq!(nearest, b(640, 384));
+        assert_eq!(at(1920, 1080), b(640, 384));
+        assert_eq!(at(1080, 1920), b(384, 640));
+        assert_eq!(at(1000, 1000), b(512, 512));
+        assert_eq!(at(3000, 100), b(1024, 256));
+        assert_eq!(at(100, 3000), b(256, 1024));
+        // 4:3 (ln 0.288): 576x448 (ln 0.251) is nearer than 640x384 (0.511).
+        assert_eq!(at(800, 600), b(576, 448));
+    }
+
+    #[test]
+    fn assign_ties_go_to_the_larger_area() {
+        // Same aspect, different sizes: the larger wins whatever the order.
+        let list = [b(256, 256), b(512, 512), b(384, 384)];
+        assert_eq!(assign(&list, 10, 10), 1);
+        // Symmetric in log space: 2:1 and 1:2 are equally far from 1:1; larger area wins.
+        let list = [b(128, 64), b(128, 256)];
+        assert_eq!(assign(&list, 50, 50), 1);
+    }
+}

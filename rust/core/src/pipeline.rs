@@ -1,0 +1,1612 @@
+//! The loading pipeline: a scanned, bucketed dataset ([`Loader`]) and the worker threads that turn one
+//! epoch's plan into ready batches ([`EpochIter`]).
+//!
+//! Data flow of an epoch: the consumer (the thread calling [`EpochIter::next`]) starts up to
+//! `prefetch` batches: for each it allocates the batch's one pixel buffer `[B, 3, H, W]` and queues
+//! one job per sample. Worker threads (each with its own [`Decoder`] and [`Transformer`]) take jobs
+//! in order — read the file, check its header against the scan, decode, transform — and write the
+//! sample straight into its slot of the batch buffer. The worker that finishes a batch's last sample
+//! signals the consumer, which yields batches strictly in plan order and then starts the next one,
+//! so at most `prefetch` batches are in flight (back-pressure on memory). Every random choice is keyed
+//! by (seed, epoch, image index) via [`crate::rng`], so the output does not depend on thread count,
+//! prefetch depth or scheduling.
+//!
+//! The stages of one sample (read, header check, decode, transform) are separate steps of one
+//! private function, `load_sample`, so they can be timed independently.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::bucket::{assign, Bucket, BucketConfig};
+use crate::decode::{self, DecodeOptions, Decoder};
+use crate::error::{Error, Result, Skip};
+use crate::rng::{self, Stream};
+use crate::sampler::{self, BatchPlan};
+use crate::scan::{self, ImageEntry, ScanOptions};
+use crate::transform::{CropMode, FilterType, OutSlot, OutputDtype, Placement, Transformer};
+
+/// What to do when a sample cannot be loaded while iterating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Leave the sample out of its batch and record it in the report (once per file). Default.
+    #[default]
+    Skip,
+    /// Yield the error from the iterator, then end the epoch.
+    Raise,
+}
+
+impl FromStr for OnError {
+    type Err = Error;
+
+    /// `"skip"` or `"raise"`. Errors: [`Error::InvalidArgument`] naming `on_error`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "skip" => Ok(OnError::Skip),
+            "raise" => Ok(OnError::Raise),
+            _ => Err(Error::InvalidArgument(format!(
+                "on_error must be \"skip\" or \"raise\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// All options of a [`Loader`]. Sizes are in pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderOptions {
+    /// Target side: buckets have about `resolution²` pixels (never more). Default 512.
+    pub resolution: u32,
+    /// Samples per batch (the last batch of a bucket may be shorter unless `drop_last`). Default 1.
+    pub batch_size: usize,
+    /// Bucket sides are multiples of this. Default 64.
+    pub bucket_step: u32,
+    /// Smallest bucket side; `None` = `resolution / 2`.
+    pub min_bucket_side: Option<u32>,
+    /// Largest bucket side; `None` = `2 * resolution`.
+    pub max_bucket_side: Option<u32>,
+    /// Where the bucket-sized window is cut from the resized image. Default [`CropMode::Center`].
+    pub crop: CropMode,
+    /// Probability in `[0, 1]` of a horizontal flip per sample. Default 0.
+    pub flip_prob: f64,
+    /// Shuffle images within buckets and the batch order, per epoch. Default true.
+    pub shuffle: bool,
+    /// Seed of every random choice (shuffles, crops, flips). Default 0.
+    pub seed: u64,
+    /// Drop each bucket's last, short batch. Default false.
+    pub drop_last: bool,
+    /// Worker threads for scanning and loading; 0 = `std::thread::available_parallelism()`. Default 0.
+    pub num_threads: usize,
+    /// Batches being loaded ahead of the consumer (>= 1; memory is `prefetch` batch buffers). Default 2.
+    pub prefetch: usize,
+    /// Element type of the pixel buffer. Default [`OutputDtype::F32`].
+    pub dtype: OutputDtype,
+    /// Resampling filter of the resize. Default [`FilterType::Lanczos3`].
+    pub filter: FilterType,
+    /// Caption extensions tried in order, each with its leading dot. Default `[".txt", ".caption"]`.
+    pub caption_extensions: Vec<String>,
+    /// RGB colour transparent pixels are composited onto. Default white `[255, 255, 255]`.
+    pub background: [u8; 3],
+    /// Failed samples while iterating: skip (and report) or raise. Default [`OnError::Skip`].
+    pub on_error: OnError,
+    /// Largest accepted image in pixels; larger ones are skipped by the scan. Default 178,956,970.
+    pub max_pixels: u64,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        let scan = ScanOptions::default();
+        let decode = DecodeOptions::default();
+        LoaderOptions {
+            resolution: 512,
+            batch_size: 1,
+            bucket_step: 64,
+            min_bucket_side: None,
+            max_bucket_side: None,
+            crop: CropMode::Center,
+            flip_prob: 0.0,
+            shuffle: true,
+            seed: 0,
+            drop_last: false,
+            num_threads: 0,
+            prefetch: 2,
+            dtype: OutputDtype::F32,
+            filter: FilterType::default(),
+            caption_extensions: scan.caption_extensions,
+            background: decode.background,
+            on_error: OnError::Skip,
+            max_pixels: decode.max_pixels,
+        }
+    }
+}
+
+impl LoaderOptions {
+    /// Check every option.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the argument: `batch_size` 0, `prefetch` 0,
+    /// `flip_prob` outside `[0, 1]` (or NaN), `max_pixels` 0, a caption extension without its leading
+    /// dot, and the bucket options as in [`BucketConfig::new`].
+    pub fn validate(&self) -> Result<()> {
+        self.bucket_config()?;
+        if self.batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "batch_size must be at least 1, got 0".into(),
+            ));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::InvalidArgument(
+                "prefetch must be at least 1 batch, got 0".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.flip_prob) {
+            return Err(Error::InvalidArgument(format!(
+                "flip_prob must be in [0, 1], got {}",
+                self.flip_prob
+            )));
+        }
+        if self.max_pixels == 0 {
+            return Err(Error::InvalidArgument(
+                "max_pixels must be at least 1, got 0".into(),
+            ));
+        }
+        scan::validate_caption_extensions(&self.caption_extensions)
+    }
+
+    fn bucket_config(&self) -> Result<BucketConfig> {
+        BucketConfig::new(
+            self.resolution,
+            self.bucket_step,
+            self.min_bucket_side,
+            self.max_bucket_side,
+        )
+    }
+
+    fn threads(&self) -> usize {
+        match self.num_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// The pixels of a batch: `[B, 3, H, W]` row-major (samples contiguous, each planar RGB), where B is
+/// the batch's sample count and (H, W) its bucket. Length is exactly `B * 3 * H * W` values (the
+/// allocation may be larger after failed samples were removed). Values: `U8` raw 0..=255; `F32`,
+/// `F16`, `BF16` are `v / 127.5 - 1` in `[-1, 1]`, the half types as IEEE binary16 / bfloat16 bit
+/// patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PixelBuffer {
+    /// `uint8`.
+    U8(Vec<u8>),
+    /// `float32`.
+    F32(Vec<f32>),
+    /// `float16` bit patterns.
+    F16(Vec<u16>),
+    /// `bfloat16` bit patterns.
+    BF16(Vec<u16>),
+}
+
+impl PixelBuffer {
+    /// Number of values (not bytes).
+    pub fn len(&self) -> usize {
+        match self {
+            PixelBuffer::U8(v) => v.len(),
+            PixelBuffer::F32(v) => v.len(),
+            PixelBuffer::F16(v) | PixelBuffer::BF16(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A zero-filled buffer of `len` values (zeroed allocations come from `calloc`: no write pass).
+    fn zeroed(dtype: OutputDtype, len: usize) -> Self {
+        match dtype {
+            OutputDtype::U8 => PixelBuffer::U8(vec![0; len]),
+            OutputDtype::F32 => PixelBuffer::F32(vec![0.0; len]),
+            OutputDtype::F16 => PixelBuffer::F16(vec![0; len]),
+            OutputDtype::BF16 => PixelBuffer::BF16(vec![0; len]),
+        }
+    }
+
+    fn base(&mut self) -> RawBase {
+        match self {
+            PixelBuffer::U8(v) => RawBase::U8(v.as_mut_ptr()),
+            PixelBuffer::F32(v) => RawBase::F32(v.as_mut_ptr()),
+            PixelBuffer::F16(v) => RawBase::F16(v.as_mut_ptr()),
+            PixelBuffer::BF16(v) => RawBase::BF16(v.as_mut_ptr()),
+        }
+    }
+
+    /// Keep the samples (of `per_sample` values each) whose `keep` flag is set, moved down in order,
+    /// and truncate to them. Truncation keeps the allocation (no reallocation or copy of the rest).
+    fn retain_samples(&mut self, keep: &[bool], per_sample: usize) {
+        fn compact<T: Copy>(v: &mut Vec<T>, keep: &[bool], per: usize) {
+            let mut kept = 0;
+            for (slot, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+                if slot != kept {
+                    v.copy_within(slot * per..(slot + 1) * per, kept * per);
+                }
+                kept += 1;
+            }
+            v.truncate(kept * per);
+        }
+        match self {
+            PixelBuffer::U8(v) => compact(v, keep, per_sample),
+            PixelBuffer::F32(v) => compact(v, keep, per_sample),
+            PixelBuffer::F16(v) | PixelBuffer::BF16(v) => compact(v, keep, per_sample),
+        }
+    }
+}
+
+/// Start of a batch buffer's allocation, typed like the buffer.
+#[derive(Clone, Copy)]
+enum RawBase {
+    U8(*mut u8),
+    F32(*mut f32),
+    F16(*mut u16),
+    BF16(*mut u16),
+}
+
+/// Everything about one sample of a batch except its pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleMeta {
+    /// Index into the loader's image list (sorted by path).
+    pub index: usize,
+    /// The image file.
+    pub path: PathBuf,
+    /// Caption text ("" if the image has no caption file).
+    pub caption: String,
+    /// Upright image size as (height, width) in pixels (SDXL `original_size`).
+    pub original_size: (u32, u32),
+    /// Top-left corner of the crop in the resized image as (top, left) in pixels, flip-aware
+    /// (SDXL `crop_top_left`, see [`Placement::crop_top_left`]).
+    pub crop_top_left: (u32, u32),
+    /// The bucket as (height, width) in pixels (SDXL `target_size`).
+    pub target_size: (u32, u32),
+}
+
+/// One batch of samples of one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// The bucket all samples were resized and cropped to.
+    pub bucket: Bucket,
+    /// Pixels `[samples.len(), 3, bucket.height, bucket.width]`.
+    pub pixels: PixelBuffer,
+    /// Per-sample metadata, in the order of the samples in `pixels`.
+    pub samples: Vec<SampleMeta>,
+}
+
+/// Summary of the dataset: what the scan found and what failed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The dataset folder, as given.
+    pub root: PathBuf,
+    /// Candidate image files found by the scan.
+    pub found: usize,
+    /// Images usable so far: `found - skipped.len()`.
+    pub loaded: usize,
+    /// Files not loaded, with reasons, sorted by path: the scan's skips plus samples that failed while
+    /// iterating with [`OnError::Skip`] (each file once).
+    pub skipped: Vec<Skip>,
+    /// Loaded images per format name (`"jpeg"`, `"png"`, `"webp"`, from the header); sums to `loaded`.
+    pub formats: BTreeMap<String, usize>,
+    /// Smallest loaded image by upright area, as (width, height); (0, 0) when none is loaded.
+    pub min_size: (u32, u32),
+    /// Largest loaded image by upright area, as (width, height); (0, 0) when none is loaded.
+    pub max_size: (u32, u32),
+    /// Loaded images without a caption file.
+    pub captions_missing: usize,
+    /// Loaded images whose caption file needed the fallback decoding.
+    pub captions_fallback_encoding: usize,
+    /// Loaded images per bucket, for buckets with at least one image, in bucket-list order.
+    pub images_per_bucket: Vec<(Bucket, usize)>,
+}
+
+/// A scanned and bucketed dataset; cheap to share (`Send + Sync`), iterate epochs with
+/// [`Loader::iter_epoch`] (several iterators may run at once; they share the report).
+pub struct Loader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Loader {
+    /// A summary: the image list can have millions of entries.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("root", &self.inner.root)
+            .field("images", &self.inner.images.len())
+            .field("buckets", &self.inner.buckets.len())
+            .field("num_batches", &self.inner.num_batches)
+            .field("opts", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    opts: LoaderOptions,
+    root: PathBuf,
+    buckets: Vec<Bucket>,
+    images: Vec<ImageEntry>,
+    /// Bucket index per image.
+    bucket_of: Vec<usize>,
+    num_batches: usize,
+    found: usize,
+    scan_skipped: Vec<Skip>,
+    failed: Mutex<Failed>,
+}
+
+/// Images that failed while iterating, each recorded once whatever the epoch.
+#[derive(Default)]
+struct Failed {
+    images: HashSet<usize>,
+    skips: Vec<Skip>,
+}
+
+impl Inner {
+    fn failed(&self) -> MutexGuard<'_, Failed> {
+        // The lock is never held across anything that can panic; recover the data if it was.
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Loader {
+    /// Validate `opts`, scan `root` (see [`scan::scan`]) and assign every image to the bucket nearest
+    /// its upright aspect ratio (see [`assign`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`]; [`Error::NoImages`] if
+    /// `root` is not a directory, holds no image files, or every image file was skipped by the scan
+    /// (the message then gives the count and the first reason); [`Error::Io`] if the scan threads
+    /// cannot be started.
+    pub fn new(root: &Path, opts: LoaderOptions) -> Result<Loader> {
+        opts.validate()?;
+        let buckets = opts.bucket_config()?.buckets();
+        let scanned = scan::scan(
+            root,
+            &ScanOptions {
+                caption_extensions: opts.caption_extensions.clone(),
+                max_pixels: opts.max_pixels,
+                num_threads: opts.num_threads,
+            },
+        )?;
+        if scanned.images.is_empty() {
+            return Err(Error::NoImages {
+                path: root.to_path_buf(),
+                reason: format!(
+                    "all {} image files were skipped; first: {}",
+                    scanned.found, scanned.skipped[0].message
+                ),
+            });
+        }
+        let bucket_of: Vec<usize> = scanned
+            .images
+            .iter()
+            .map(|e| {
+                let (w, h) = e.header.upright_size();
+                assign(&buckets, w, h)
+            })
+            .collect();
+        let num_batches =
+            sampler::num_batches(&bucket_of, buckets.len(), opts.batch_size, opts.drop_last);
+        Ok(Loader {
+            inner: Arc::new(Inner {
+                opts,
+                root: scanned.root,
+                buckets,
+                images: scanned.images,
+                bucket_of,
+                num_batches,
+                found: scanned.found,
+                scan_skipped: scanned.skipped,
+                failed: Mutex::new(Failed::default()),
+            }),
+        })
+    }
+
+    /// The options this loader was built with.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.inner.opts
+    }
+
+    /// The candidate buckets (also the empty ones), sorted by aspect ratio; batches refer to these.
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.inner.buckets
+    }
+
+    /// Exact number of batches of every epoch (see [`sampler::num_batches`]). Batches whose samples
+    /// all fail with [`OnError::Skip`] are not yielded, so an epoch can yield fewer.
+    pub fn num_batches(&self) -> usize {
+        self.inner.num_batches
+    }
+
+    /// The images the scan accepted, sorted by path ([`SampleMeta::index`] indexes this).
+    pub fn images(&self) -> &[ImageEntry] {
+        &self.inner.images
+    }
+
+    /// A snapshot of the report, including samples that failed in any epoch so far.
+    pub fn report(&self) -> Report {
+        let inner = &*self.inner;
+        let failed = inner.failed();
+        let mut skipped = inner.scan_skipped.clone();
+        skipped.extend(failed.skips.iter().cloned());
+        skipped.sort_by(|a, b| a.path.cmp(&b.path));
+
+        let mut formats = BTreeMap::new();
+        let mut per_bucket = vec![0usize; inner.buckets.len()];
+        let mut min: Option<(u32, u32)> = None;
+        let mut max: Option<(u32, u32)> = None;
+        let mut captions_missing = 0;
+        let mut captions_fallback_encoding = 0;
+        let area = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
+        for (i, e) in inner.images.iter().enumerate() {
+            if failed.images.contains(&i) {
+                continue;
+            }
+            *formats
+                .entry(e.header.format.name().to_owned())
+                .or_insert(0) += 1;
+            per_bucket[inner.bucket_of[i]] += 1;
+            let size = e.header.upright_size();
+            if min.is_none_or(|m| area(size) < area(m)) {
+                min = Some(size);
+            }
+            if max.is_none_or(|m| area(size) > area(m)) {
+                max = Some(size);
+            }
+            captions_missing += usize::from(!e.caption_found);
+            captions_fallback_encoding += usize::from(e.caption_fallback_encoding);
+        }
+        Report {
+            root: inner.root.clone(),
+            found: inner.found,
+            loaded: inner.found - skipped.len(),
+            skipped,
+            formats,
+            min_size: min.unwrap_or((0, 0)),
+            max_size: max.unwrap_or((0, 0)),
+            captions_missing,
+            captions_fallback_encoding,
+            images_per_bucket: inner
+                .buckets
+                .iter()
+                .zip(per_bucket)
+                .filter(|(_, n)| *n > 0)
+                .map(|(b, n)| (*b, n))
+                .collect(),
+        }
+    }
+
+    /// Start loading epoch `epoch` from batch `start_batch` of its plan (0 = the beginning; to resume
+    /// after `k` consumed batches pass `k`). Worker threads start at once and the first `prefetch`
+    /// batches are queued before this returns.
+    ///
+    /// The plan is [`sampler::plan_epoch`] with this loader's options. If `start_batch` is past the
+    /// end of the plan, the iterator yields one [`Error::InvalidArgument`] and ends.
+    pub fn iter_epoch(&self, epoch: u64, start_batch: usize) -> EpochIter {
+        let inner = Arc::clone(&self.inner);
+        let o = &inner.opts;
+        let plan = sampler::plan_epoch(
+            &inner.bucket_of,
+            inner.buckets.len(),
+            o.batch_size,
+            o.drop_last,
+            o.shuffle,
+            o.seed,
+            epoch,
+        );
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
+        let mut it = EpochIter {
+            start_error: None,
+            next_start: start_batch,
+            next_yield: start_batch,
+            in_flight: VecDeque::new(),
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            stop: Arc::new(AtomicBool::new(false)),
+            workers: Vec::new(),
+            plan,
+            inner,
+        };
+        if start_batch > it.plan.len() {
+            it.start_error = Some(Error::InvalidArgument(format!(
+                "start_batch must be at most {} (batches in epoch {epoch}), got {start_batch}",
+                it.plan.len()
+            )));
+            return it;
+        }
+        if start_batch == it.plan.len() {
+            // Nothing to load (resumed at the end, or drop_last left no batch): no threads needed.
+            return it;
+        }
+        // More threads than samples that can be in flight would only idle.
+        let threads = it
+            .inner
+            .opts
+            .threads()
+            .min(
+                it.inner
+                    .opts
+                    .prefetch
+                    .saturating_mul(it.inner.opts.batch_size),
+            )
+            .max(1);
+        for i in 0..threads {
+            let ctx = WorkerCtx {
+                inner: Arc::clone(&it.inner),
+                epoch,
+                jobs: jobs_rx.clone(),
+                done: done_tx.clone(),
+                stop: Arc::clone(&it.stop),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("fastdiff-load-{i}"))
+                .spawn(move || worker_loop(ctx));
+            match spawned {
+                Ok(handle) => it.workers.push(handle),
+                // Fewer threads only make it slower; with none at all, report why.
+                Err(e) if it.workers.is_empty() => {
+                    it.start_error = Some(Error::io(
+                        &it.inner.root,
+                        std::io::Error::other(format!("cannot start loader threads: {e}")),
+                    ));
+                    return it;
+                }
+                Err(_) => break,
+            }
+        }
+        while it.in_flight.len() < it.inner.opts.prefetch && it.start_next() {}
+        it
+    }
+}
+
+/// The batches of one epoch, in plan order; see the module docs for how they are produced.
+///
+/// Yields `Ok(batch)` per batch (batches whose samples all failed with [`OnError::Skip`] are left
+/// out) or, with [`OnError::Raise`], `Err` for the first failed sample in plan order and then ends.
+/// Ending (normally, by error, or by drop) stops and joins the worker threads; a worker finishes at
+/// most its current sample first, so dropping mid-epoch returns within one sample's load time.
+pub struct EpochIter {
+    inner: Arc<Inner>,
+    plan: Vec<BatchPlan>,
+    /// Plan position of the next batch to start.
+    next_start: usize,
+    /// Plan position of the next batch to yield.
+    next_yield: usize,
+    /// Started batches not yet yielded, in plan order.
+    in_flight: VecDeque<Arc<BatchState>>,
+    /// `None` once the epoch ended: dropping the sender lets idle workers exit.
+    jobs: Option<Sender<Job>>,
+    /// One message per completed batch; disconnected when every worker has exited.
+    done: Receiver<()>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    /// A reason the epoch could not start, yielded first.
+    start_error: Option<Error>,
+}
+
+impl std::fmt::Debug for EpochIter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochIter")
+            .field("batches", &self.plan.len())
+            .field("remaining", &self.remaining())
+            .field("in_flight", &self.in_flight.len())
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EpochIter {
+    /// Batches of the plan not yet yielded (counting from `start_batch`; 0 once the iterator ended).
+    /// An upper bound when whole batches are skipped.
+    pub fn remaining(&self) -> usize {
+        if self.jobs.is_none() || self.start_error.is_some() {
+            0
+        } else {
+            self.plan.len() - self.next_yield
+        }
+    }
+
+    /// Start the next batch of the plan if there is one; returns whether it did.
+    fn start_next(&mut self) -> bool {
+        let (Some(plan), Some(jobs)) = (self.plan.get(self.next_start), &self.jobs) else {
+            return false;
+        };
+        let bucket = self.inner.buckets[plan.bucket];
+        let per_sample = 3 * bucket.width as usize * bucket.height as usize;
+        let n = plan.indices.len();
+        let mut pixels = PixelBuffer::zeroed(self.inner.opts.dtype, n * per_sample);
+        let state = Arc::new(BatchState {
+            bucket,
+            per_sample,
+            base: pixels.base(),
+            pixels: Mutex::new(Some(pixels)),
+            outcomes: Mutex::new((0..n).map(|_| None).collect()),
+            pending: AtomicUsize::new(n),
+        });
+        for (slot, &image) in plan.indices.iter().enumerate() {
+            // Workers only exit after the sender is dropped (or on stop), so this cannot fail
+            // while `jobs` is Some; a failure would only mean the batch never completes.
+            let _ = jobs.send(Job {
+                batch: Arc::clone(&state),
+                slot,
+                image,
+            });
+        }
+        self.in_flight.push_back(state);
+        self.next_start += 1;
+        true
+    }
+
+    /// End the epoch: stop the workers, let idle ones see the closed channel, and join them all.
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        self.in_flight.clear();
+        for handle in self.workers.drain(..) {
+            // A worker panic outside the per-sample guard has already been reported by the
+            // panic hook; there is nothing more to do with it here.
+            let _ = handle.join();
+        }
+    }
+
+    /// Turn a completed batch into what the iterator yields: `Ok(None)` if all its samples failed
+    /// and were skipped.
+    fn assemble(&self, state: &BatchState) -> Result<Option<Batch>> {
+        let outcomes =
+            std::mem::take(&mut *state.outcomes.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut pixels = state
+            .pixels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("a completed batch is assembled once");
+        let mut samples = Vec::with_capacity(outcomes.len());
+        let mut keep = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome.expect("every slot of a completed batch has an outcome") {
+                Ok(meta) => {
+                    samples.push(meta);
+                    keep.push(true);
+                }
+                Err((index, err)) => {
+                    if self.inner.opts.on_error == OnError::Raise {
+                        return Err(err);
+                    }
+                    let mut failed = self.inner.failed();
+                    if failed.images.insert(index) {
+                        failed
+                            .skips
+                            .push(Skip::new(&self.inner.images[index].path, &err));
+                    }
+                    keep.push(false);
+                }
+            }
+        }
+        if samples.is_empty() {
+            return Ok(None);
+        }
+        if samples.len() < keep.len() {
+            pixels.retain_samples(&keep, state.per_sample);
+        }
+        Ok(Some(Batch {
+            bucket: state.bucket,
+            pixels,
+            samples,
+        }))
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if let Some(err) = self.start_error.take() {
+            self.finish();
+            return Some(Err(err));
+        }
+        loop {
+            let Some(front) = self.in_flight.front().cloned() else {
+                // Nothing in flight and nothing left to start: the epoch is over.
+                self.finish();
+                return None;
+            };
+            while front.pending.load(Ordering::Acquire) != 0 {
+                if self.done.recv().is_err() {
+                    self.finish();
+                    return Some(Err(Error::Panic {
+                        path: self.inner.root.clone(),
+                        message: "every loader thread exited before the epoch was complete".into(),
+                    }));
+                }
+            }
+            self.in_flight.pop_front();
+            self.next_yield += 1;
+            // Keep `prefetch` batches in flight: this one is consumed, so start the next.
+            self.start_next();
+            match self.assemble(&front) {
+                Ok(Some(batch)) => return Some(Ok(batch)),
+                Ok(None) => continue,
+                Err(err) => {
+                    self.finish();
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Shared state of one batch being loaded.
+struct BatchState {
+    bucket: Bucket,
+    /// Values per sample: `3 * height * width`.
+    per_sample: usize,
+    /// Start of `pixels`' allocation; workers write their slots through it.
+    base: RawBase,
+    /// Owner of the buffer; taken by the consumer once `pending` is 0.
+    pixels: Mutex<Option<PixelBuffer>>,
+    /// Per slot: the sample's metadata, or its image index and error.
+    outcomes: Mutex<Vec<Option<SampleOutcome>>>,
+    /// Slots not finished yet.
+    pending: AtomicUsize,
+}
+
+type SampleOutcome = std::result::Result<SampleMeta, (usize, Error)>;
+
+// SAFETY: `base` points into the heap allocation owned by `pixels`, which lives as long as the
+// `BatchState` (moving the Vec into the Mutex does not move its allocation). It is only used through
+// `slot_mut`, whose contract gives each slot to one thread at a time and keeps the buffer otherwise
+// untouched until `pending` reaches 0; every other field is Sync on its own.
+unsafe impl Send for BatchState {}
+// SAFETY: as for Send.
+unsafe impl Sync for BatchState {}
+
+impl BatchState {
+    /// The output slot of sample `slot`: values `[slot * per_sample, (slot + 1) * per_sample)`.
+    ///
+    /// # Safety
+    /// `slot` must be < the batch's sample count; at most one `OutSlot` per slot may exist at a time;
+    /// and the buffer must not be taken from `pixels` while it exists. The pipeline guarantees this by
+    /// sending one job per slot and taking the buffer only after every job has called `finish`.
+    unsafe fn slot_mut(&self, slot: usize) -> OutSlot<'_> {
+        let start = slot * self.per_sample;
+        let n = self.per_sample;
+        // SAFETY: the range lies inside the allocation (slot < sample count) and is disjoint from
+        // every other slot's, per this function's contract.
+        unsafe {
+            match self.base {
+                RawBase::U8(p) => OutSlot::U8(std::slice::from_raw_parts_mut(p.add(start), n)),
+                RawBase::F32(p) => OutSlot::F32(std::slice::from_raw_parts_mut(p.add(start), n)),
+                RawBase::F16(p) => OutSlot::F16(std::slice::from_raw_parts_mut(p.add(start), n)),
+                RawBase::BF16(p) => OutSlot::BF16(std::slice::from_raw_parts_mut(p.add(start), n)),
+            }
+        }
+    }
+
+    /// Record the outcome of `slot`; returns true for the batch's last slot.
+    fn finish(&self, slot: usize, outcome: SampleOutcome) -> bool {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(outcome);
+        // AcqRel: the consumer's Acquire load of 0 then sees every slot's pixels and outcome.
+        self.pending.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+/// One sample to load: image `image` into slot `slot` of `batch`.
+struct Job {
+    batch: Arc<BatchState>,
+    slot: usize,
+    image: usize,
+}
+
+struct WorkerCtx {
+    inner: Arc<Inner>,
+    epoch: u64,
+    jobs: Receiver<Job>,
+    done: Sender<()>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Per-thread decoder and resizer, created on the first job.
+struct Tools {
+    decoder: Decoder,
+    transformer: Transformer,
+}
+
+fn worker_loop(ctx: WorkerCtx) {
+    let mut tools: Option<Tools> = None;
+    while let Ok(job) = ctx.jobs.recv() {
+        if ctx.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let entry = &ctx.inner.images[job.image];
+        let result = guarded(&entry.path, || {
+            load_sample(&ctx.inner, ctx.epoch, &job, entry, &mut tools)
+        });
+        if matches!(result, Err(Error::Panic { .. })) {
+            // The decoder or resizer may have been left half-way through an operation.
+            tools = None;
+        }
+        if job
+            .batch
+            .finish(job.slot, result.map_err(|e| (job.image, e)))
+        {
+            // The consumer may be gone (epoch ended); nothing waits for this then.
+            let _ = ctx.done.send(());
+        }
+    }
+}
+
+/// Run `f`, turning a panic inside it into [`Error::Panic`] naming `path` (with the panic message),
+/// so one bad file cannot take a worker thread down.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "panic with a non-string payload".to_owned()
+        };
+        Err(Error::Panic {
+            path: path.to_path_buf(),
+            message,
+        })
+    })
+}
+
+/// Load one sample into its slot: read, check the header against the scan, decode (DCT-downscaled
+/// where the format allows, to no less than the resized size), resize + crop + flip + layout.
+fn load_sample(
+    inner: &Inner,
+    epoch: u64,
+    job: &Job,
+    entry: &ImageEntry,
+    tools: &mut Option<Tools>,
+) -> Result<SampleMeta> {
+    let o = &inner.opts;
+    let path = &entry.path;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+
+    let now = decode::probe_bytes(&bytes, path)?;
+    let was = &entry.header;
+    if now != *was {
+        return Err(Error::Changed {
+            path: path.clone(),
+            reason: format!(
+                "scanned as {} {}x{} orientation {}, now {} {}x{} orientation {}",
+                was.format.name(),
+                was.width,
+                was.height,
+                was.orientation,
+                now.format.name(),
+                now.width,
+                now.height,
+                now.orientation
+            ),
+        });
+    }
+
+    let bucket = job.batch.bucket;
+    let index = job.image as u64;
+    let flip = rng::uniform(o.seed, epoch, Stream::Flip, index) < o.flip_prob;
+    let upright = was.upright_size();
+    let placement = Placement::new(
+        upright,
+        (bucket.width, bucket.height),
+        o.crop,
+        rng::uniform(o.seed, epoch, Stream::CropX, index),
+        rng::uniform(o.seed, epoch, Stream::CropY, index),
+        flip,
+    );
+
+    let tools = match tools {
+        Some(t) => t,
+        None => tools.insert(Tools {
+            decoder: Decoder::new()?,
+            transformer: Transformer::new(o.filter),
+        }),
+    };
+    let decode_opts = DecodeOptions {
+        background: o.background,
+        max_pixels: o.max_pixels,
+    };
+    let img = tools.decoder.decode(
+        &bytes,
+        path,
+        was.orientation,
+        placement.resized,
+        &decode_opts,
+    )?;
+    // SAFETY: this job is the only one for (batch, slot), and the consumer takes the buffer only
+    // after `finish` has been called for every slot, which happens after this borrow ends.
+    let out = unsafe { job.batch.slot_mut(job.slot) };
+    tools
+        .transformer
+        .apply(&img, &placement, (bucket.width, bucket.height), out)?;
+
+    Ok(SampleMeta {
+        index: job.image,
+        path: path.clone(),
+        caption: entry.caption.clone(),
+        original_size: (upright.1, upright.0),
+        crop_top_left: placement.crop_top_left(),
+        target_size: (bucket.height, bucket.width),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::tests::{write_image, write_image_with};
+    use image::ImageFormat as F;
+    use std::time::{Duration, Instant};
+
+    /// Small buckets keep the tests fast: resolution 64, step 16 → sides 32..=128.
+    fn opts() -> LoaderOptions {
+        LoaderOptions {
+            resolution: 64,
+            bucket_step: 16,
+            batch_size: 3,
+            num_threads: 2,
+            ..LoaderOptions::default()
+        }
+    }
+
+    /// 17 gradient images of assorted shapes and formats, some with captions.
+    fn dataset() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [
+            (64, 64),
+            (120, 80),
+            (80, 120),
+            (200, 50),
+            (50, 200),
+            (90, 90),
+            (100, 60),
+            (33, 47),
+            (128, 128),
+            (75, 75),
+            (160, 90),
+            (90, 160),
+            (70, 70),
+            (61, 59),
+            (256, 64),
+            (64, 256),
+            (140, 100),
+        ];
+        for (i, &(w, h)) in sizes.iter().enumerate() {
+            let (fmt, ext) = if i % 3 == 0 {
+                (F::Jpeg, "jpg")
+            } else {
+                (F::Png, "png")
+            };
+            let path = dir.path().join(format!("img{i:02}.{ext}"));
+            write_image(&path, w, h, fmt);
+            if i % 2 == 0 {
+                std::fs::write(path.with_extension("txt"), format!("caption {i}")).unwrap();
+            }
+        }
+        dir
+    }
+
+    fn collect(it: EpochIter) -> Vec<Batch> {
+        it.map(|b| b.unwrap()).collect()
+    }
+
+    fn values_per_sample(b: &Bucket) -> usize {
+        3 * b.width as usize * b.height as usize
+    }
+
+    #[test]
+    fn one_epoch_covers_every_image_once_with_bucket_shapes() {
+        let dir = dataset();
+        let loader = Loader::new(dir.path(), opts()).unwrap();
+        let n = loader.images().len();
+        assert_eq!(n, 17);
+        let debug = format!("{loader:?}");
+        assert!(
+            debug.contains("images: 17") && debug.len() < 1000,
+            "{debug}"
+        );
+        let batches = collect(loader.iter_epoch(0, 0));
+        assert_eq!(batches.len(), loader.num_batches());
+        let mut seen = vec![0; n];
+        for b in &batches {
+            assert!((1..=3).contains(&b.samples.len()));
+            assert!(loader.buckets().contains(&b.bucket));
+            assert_eq!(
+                b.pixels.len(),
+                b.samples.len() * values_per_sample(&b.bucket)
+            );
+            assert!(matches!(b.pixels, PixelBuffer::F32(_)));
+            for s in &b.samples {
+                seen[s.index] += 1;
+                let e = &loader.images()[s.index];
+                assert_eq!(s.path, e.path);
+                assert_eq!(s.caption, e.caption);
+                let (w, h) = e.header.upright_size();
+                assert_eq!(s.original_size, (h, w));
+                assert_eq!(s.target_size, (b.bucket.height, b.bucket.width));
+                assert_eq!(b.bucket, loader.buckets()[assign(loader.buckets(), w, h)]);
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{seen:?}");
+        let captioned = batches
+            .iter()
+            .flat_map(|b| &b.samples)
+            .find(|s| s.path.ends_with("img04.png"))
+            .unwrap();
+        assert_eq!(captioned.caption, "caption 4");
+    }
+
+    #[test]
+    fn output_is_independent_of_threads_and_prefetch() {
+        let dir = dataset();
+        let run = |num_threads, prefetch| {
+            let o = LoaderOptions {
+                num_threads,
+                prefetch,
+                crop: CropMode::Random,
+                flip_prob: 0.5,
+                seed: 11,
+                ..opts()
+            };
+            collect(Loader::new(dir.path(), o).unwrap().iter_epoch(3, 0))
+        };
+        let reference = run(1, 1);
+        assert_eq!(reference, run(2, 1));
+        assert_eq!(reference, run(4, 1));
+        assert_eq!(reference, run(2, 4));
+        assert_eq!(reference, run(4, 4));
+        // The random crop and flip were really exercised.
+        let samples: Vec<&SampleMeta> = reference.iter().flat_map(|b| &b.samples).collect();
+        assert!(samples.iter().any(|s| s.crop_top_left != (0, 0)));
+    }
+
+    #[test]
+    fn batches_come_in_plan_order_and_epochs_differ() {
+        let dir = dataset();
+        let loader = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                num_threads: 4,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let indices = |batches: &[Batch]| -> Vec<Vec<usize>> {
+            batches
+                .iter()
+                .map(|b| b.samples.iter().map(|s| s.index).collect())
+                .collect()
+        };
+        let inner = &loader.inner;
+        for epoch in [0, 1] {
+            let plan = sampler::plan_epoch(
+                &inner.bucket_of,
+                inner.buckets.len(),
+                3,
+                false,
+                true,
+                0,
+                epoch,
+            );
+            let got = collect(loader.iter_epoch(epoch, 0));
+            assert_eq!(
+                indices(&got),
+                plan.iter().map(|p| p.indices.clone()).collect::<Vec<_>>()
+            );
+        }
+        let e0 = indices(&collect(loader.iter_epoch(0, 0)));
+        let e1 = indices(&collect(loader.iter_epoch(1, 0)));
+        assert_ne!(e0, e1);
+
+        // Without shuffling: buckets in list order, sorted paths inside each bucket.
+        let plain = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                shuffle: false,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let flat: Vec<(usize, PathBuf)> = collect(plain.iter_epoch(5, 0))
+            .iter()
+            .flat_map(|b| {
+                let k = plain.buckets().iter().position(|x| *x == b.bucket).unwrap();
+                b.samples.iter().map(move |s| (k, s.path.clone()))
+            })
+            .collect();
+        let mut sorted = flat.clone();
+        sorted.sort();
+        assert_eq!(flat, sorted);
+    }
+
+    #[test]
+    fn resume_from_start_batch_gives_the_tail() {
+        let dir = dataset();
+        let loader = Loader::new(dir.path(), opts()).unwrap();
+        let all = collect(loader.iter_epoch(2, 0));
+        let k = 3;
+        let mut it = loader.iter_epoch(2, k);
+        assert_eq!(it.remaining(), all.len() - k);
+        let first = it.next().unwrap().unwrap();
+        assert_eq!(it.remaining(), all.len() - k - 1);
+        let mut tail = vec![first];
+        tail.extend(it.map(|b| b.unwrap()));
+        assert_eq!(tail, all[k..]);
+
+        assert!(collect(loader.iter_epoch(2, all.len())).is_empty());
+        let mut past = loader.iter_epoch(2, all.len() + 1);
+        assert_eq!(past.remaining(), 0);
+        let err = past.next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("start_batch"), "{err}");
+        assert!(past.next().is_none());
+    }
+
+    /// Solid-colour PNGs, one colour per image, plus what each file's colour is.
+    fn colour_dataset(n: u32) -> (tempfile::TempDir, Vec<(PathBuf, [u8; 3])>) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = (0..n)
+            .map(|i| {
+                let c = [
+                    (i * 40 % 256) as u8,
+                    (255 - i * 13) as u8,
+                    (i * 97 % 256) as u8,
+                ];
+                let p = dir.path().join(format!("c{i:02}.png"));
+                write_image_with(&p, 48 + i, 40, F::Png, |_, _| c);
+                (p, c)
+            })
+            .collect();
+        (dir, files)
+    }
+
+    /// The three planes of sample `s` of a U8 batch are the constants `c`.
+    fn assert_solid_u8(batch: &Batch, s: usize, c: [u8; 3]) {
+        let PixelBuffer::U8(v) = &batch.pixels else {
+            panic!("not u8")
+        };
+        let per = values_per_sample(&batch.bucket);
+        let plane = per / 3;
+        for (ch, &expected) in c.iter().enumerate() {
+            let start = s * per + ch * plane;
+            assert!(
+                v[start..start + plane].iter().all(|&x| x == expected),
+                "sample {s} channel {ch} of {:?}",
+                batch.samples[s].path
+            );
+        }
+    }
+
+    #[test]
+    fn each_sample_lands_in_its_own_slot_for_every_dtype() {
+        let (dir, files) = colour_dataset(7);
+        let colour = |p: &Path| files.iter().find(|(q, _)| q == p).unwrap().1;
+        let o = LoaderOptions {
+            batch_size: 4,
+            num_threads: 3,
+            dtype: OutputDtype::U8,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o.clone()).unwrap();
+        for b in collect(loader.iter_epoch(0, 0)) {
+            for (s, meta) in b.samples.iter().enumerate() {
+                assert_solid_u8(&b, s, colour(&meta.path));
+            }
+        }
+        // Float outputs hold v / 127.5 - 1 (half types as bit patterns).
+        for dtype in [OutputDtype::F32, OutputDtype::F16, OutputDtype::BF16] {
+            let loader = Loader::new(dir.path(), LoaderOptions { dtype, ..o.clone() }).unwrap();
+            for b in collect(loader.iter_epoch(0, 0)) {
+                let per = values_per_sample(&b.bucket);
+                for (s, meta) in b.samples.iter().enumerate() {
+                    let c = colour(&meta.path);
+                    for (ch, &value) in c.iter().enumerate() {
+                        let want = f32::from(value) / 127.5 - 1.0;
+                        let plane = s * per + ch * per / 3..s * per + (ch + 1) * per / 3;
+                        for i in plane {
+                            let got = match &b.pixels {
+                                PixelBuffer::F32(v) => v[i],
+                                PixelBuffer::F16(v) => half::f16::from_bits(v[i]).to_f32(),
+                                PixelBuffer::BF16(v) => half::bf16::from_bits(v[i]).to_f32(),
+                                PixelBuffer::U8(_) => unreachable!(),
+                            };
+                            // bf16 keeps 8 significant bits: error up to 2^-8 near ±1.
+                            assert!((got - want).abs() < 0.005, "{dtype:?}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A PNG whose header is intact but whose pixel data is cut off: passes the scan, fails to decode.
+    fn write_truncated_png(path: &Path) {
+        write_image(path, 40, 40, F::Png);
+        let bytes = std::fs::read(path).unwrap();
+        std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+    }
+
+    #[test]
+    fn failed_samples_are_skipped_compacted_and_reported_once() {
+        let (dir, files) = colour_dataset(6);
+        let bad = dir.path().join("c02b.png");
+        write_truncated_png(&bad);
+        let o = LoaderOptions {
+            batch_size: 8,
+            shuffle: false,
+            dtype: OutputDtype::U8,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        assert_eq!(loader.report().skipped, vec![]);
+        assert_eq!(loader.images().len(), 7);
+        for epoch in 0..2 {
+            let batches = collect(loader.iter_epoch(epoch, 0));
+            let mut paths = Vec::new();
+            for b in &batches {
+                assert_eq!(
+                    b.pixels.len(),
+                    b.samples.len() * values_per_sample(&b.bucket)
+                );
+                for (s, meta) in b.samples.iter().enumerate() {
+                    let c = files.iter().find(|(p, _)| *p == meta.path).unwrap().1;
+                    assert_solid_u8(b, s, c);
+                    paths.push(meta.path.clone());
+                }
+            }
+            paths.sort();
+            assert_eq!(paths, files.iter().map(|f| f.0.clone()).collect::<Vec<_>>());
+            let r = loader.report();
+            assert_eq!(r.skipped.len(), 1, "recorded once, epoch {epoch}");
+            assert_eq!(r.skipped[0].path, bad);
+            assert_eq!(r.skipped[0].code, "decode");
+            assert_eq!((r.found, r.loaded), (7, 6));
+            assert_eq!(r.formats.values().sum::<usize>(), 6);
+            assert_eq!(r.images_per_bucket.iter().map(|x| x.1).sum::<usize>(), 6);
+        }
+    }
+
+    #[test]
+    fn a_batch_that_loses_every_sample_is_not_yielded() {
+        let (dir, _) = colour_dataset(2);
+        write_truncated_png(&dir.path().join("z.png"));
+        let o = LoaderOptions {
+            batch_size: 1,
+            shuffle: false,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        assert_eq!(loader.num_batches(), 3);
+        let batches = collect(loader.iter_epoch(0, 0));
+        assert_eq!(batches.len(), 2);
+        assert_eq!(loader.report().skipped.len(), 1);
+    }
+
+    #[test]
+    fn raise_yields_the_error_then_ends() {
+        let (dir, _) = colour_dataset(5);
+        let bad = dir.path().join("c00b.png");
+        write_truncated_png(&bad);
+        let o = LoaderOptions {
+            batch_size: 2,
+            shuffle: false,
+            on_error: OnError::Raise,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        let mut it = loader.iter_epoch(0, 0);
+        let mut ok = 0;
+        let err = loop {
+            match it.next().expect("the error comes before the end") {
+                Ok(_) => ok += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), "decode");
+        assert_eq!(err.path(), Some(bad.as_path()));
+        assert!(it.next().is_none());
+        assert_eq!(it.remaining(), 0);
+        // c00b sorts second; every earlier batch came out first.
+        let bad_batch = collect_plan_position(&loader, &bad);
+        assert_eq!(ok, bad_batch);
+        // Raise does not record skips.
+        assert!(loader.report().skipped.is_empty());
+    }
+
+    fn collect_plan_position(loader: &Loader, path: &Path) -> usize {
+        let inner = &loader.inner;
+        let o = &inner.opts;
+        let index = inner.images.iter().position(|e| e.path == path).unwrap();
+        sampler::plan_epoch(
+            &inner.bucket_of,
+            inner.buckets.len(),
+            o.batch_size,
+            o.drop_last,
+            o.shuffle,
+            o.seed,
+            0,
+        )
+        .iter()
+        .position(|p| p.indices.contains(&index))
+        .unwrap()
+    }
+
+    #[test]
+    fn changed_and_vanished_files_are_reported() {
+        let (dir, _) = colour_dataset(4);
+        let loader = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                batch_size: 4,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let changed = dir.path().join("c01.png");
+        write_image(&changed, 10, 10, F::Png);
+        let gone = dir.path().join("c02.png");
+        std::fs::remove_file(&gone).unwrap();
+        let batches = collect(loader.iter_epoch(0, 0));
+        assert_eq!(batches.iter().map(|b| b.samples.len()).sum::<usize>(), 2);
+        let r = loader.report();
+        let codes: Vec<(&Path, &str)> = r
+            .skipped
+            .iter()
+            .map(|s| (s.path.as_path(), s.code))
+            .collect();
+        assert_eq!(
+            codes,
+            [(changed.as_path(), "changed"), (gone.as_path(), "io")]
+        );
+        assert!(
+            r.skipped[0].message.contains("49x40"),
+            "{}",
+            r.skipped[0].message
+        );
+    }
+
+    #[test]
+    fn flip_mirrors_pixels_and_crop_top_left() {
+        let dir = tempfile::tempdir().unwrap();
+        // 128x64, left half black, right half white: bucket 96x48 (2:1 is not a bucket at 64/16;
+        // whatever bucket, a flip swaps which side the dark pixels are on).
+        write_image_with(&dir.path().join("a.png"), 128, 64, F::Png, |x, _| {
+            if x < 64 {
+                [0; 3]
+            } else {
+                [255; 3]
+            }
+        });
+        let run = |flip_prob| {
+            let o = LoaderOptions {
+                flip_prob,
+                dtype: OutputDtype::U8,
+                ..opts()
+            };
+            collect(Loader::new(dir.path(), o).unwrap().iter_epoch(0, 0)).remove(0)
+        };
+        let (plain, flipped) = (run(0.0), run(1.0));
+        let PixelBuffer::U8(a) = &plain.pixels else {
+            panic!()
+        };
+        let PixelBuffer::U8(b) = &flipped.pixels else {
+            panic!()
+        };
+        let w = plain.bucket.width as usize;
+        assert_eq!((a[0], a[w - 1]), (0, 255));
+        assert_eq!((b[0], b[w - 1]), (255, 0));
+        let p = Placement::new(
+            (128, 64),
+            (plain.bucket.width, plain.bucket.height),
+            CropMode::Center,
+            0.0,
+            0.0,
+            true,
+        );
+        assert_eq!(flipped.samples[0].crop_top_left, p.crop_top_left());
+        assert_eq!(
+            plain.samples[0].crop_top_left.1 + flipped.samples[0].crop_top_left.1,
+            p.resized.0 - plain.bucket.width
+        );
+    }
+
+    #[test]
+    fn dropping_mid_epoch_is_prompt_and_joins_the_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            write_image(&dir.path().join(format!("{i:02}.jpg")), 600, 400, F::Jpeg);
+        }
+        let o = LoaderOptions {
+            resolution: 256,
+            batch_size: 4,
+            prefetch: 4,
+            num_threads: 4,
+            ..LoaderOptions::default()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        let mut it = loader.iter_epoch(0, 0);
+        assert!(it.next().unwrap().is_ok());
+        assert!(
+            Arc::strong_count(&loader.inner) > 2,
+            "workers hold the loader"
+        );
+        let t = Instant::now();
+        drop(it);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Every worker's context is gone: the threads have exited and been joined.
+        assert_eq!(Arc::strong_count(&loader.inner), 1);
+
+        // Dropping before the first batch is consumed is just as prompt.
+        let it = loader.iter_epoch(1, 0);
+        let t = Instant::now();
+        drop(it);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(Arc::strong_count(&loader.inner), 1);
+    }
+
+    #[test]
+    fn report_summarises_the_dataset() {
+        let dir = dataset();
+        std::fs::write(dir.path().join("broken.png"), b"nope").unwrap();
+        let loader = Loader::new(dir.path(), opts()).unwrap();
+        let r = loader.report();
+        assert_eq!(r.root, dir.path());
+        assert_eq!((r.found, r.loaded, r.skipped.len()), (18, 17, 1));
+        assert_eq!(r.skipped[0].code, "decode");
+        let expected: BTreeMap<String, usize> =
+            [("jpeg".to_owned(), 6), ("png".to_owned(), 11)].into();
+        assert_eq!(r.formats, expected);
+        assert_eq!(r.min_size, (33, 47));
+        // 128x128, 256x64 and 64x256 all have 16384 pixels: the first by path wins.
+        assert_eq!(r.max_size, (128, 128));
+        assert_eq!(r.captions_missing, 8);
+        assert_eq!(r.captions_fallback_encoding, 0);
+        assert_eq!(r.images_per_bucket.iter().map(|x| x.1).sum::<usize>(), 17);
+        assert!(r.images_per_bucket.iter().all(|x| x.1 > 0));
+        let order: Vec<usize> = r
+            .images_per_bucket
+            .iter()
+            .map(|(b, _)| loader.buckets().iter().position(|x| x == b).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn loader_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"nope").unwrap();
+        std::fs::write(dir.path().join("b.jpg"), b"\xFF\xD8\xFF").unwrap();
+        let err = Loader::new(dir.path(), opts()).unwrap_err();
+        assert_eq!(err.code(), "no_images");
+        assert!(
+            err.to_string().contains("all 2 image files were skipped"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("a.png"), "{err}");
+
+        let bad = |o: LoaderOptions, name: &str| {
+            let err = Loader::new(dir.path(), o).unwrap_err();
+            assert_eq!(err.code(), "invalid_argument");
+            assert!(err.to_string().contains(name), "{err}");
+        };
+        bad(
+            LoaderOptions {
+                batch_size: 0,
+                ..opts()
+            },
+            "batch_size",
+        );
+        bad(
+            LoaderOptions {
+                prefetch: 0,
+                ..opts()
+            },
+            "prefetch",
+        );
+        bad(
+            LoaderOptions {
+                flip_prob: 1.5,
+                ..opts()
+            },
+            "flip_prob",
+        );
+        bad(
+            LoaderOptions {
+                flip_prob: f64::NAN,
+                ..opts()
+            },
+            "flip_prob",
+        );
+        bad(
+            LoaderOptions {
+                max_pixels: 0,
+                ..opts()
+            },
+            "max_pixels",
+        );
+        bad(
+            LoaderOptions {
+                bucket_step: 0,
+                ..opts()
+            },
+            "bucket_step",
+        );
+        bad(
+            LoaderOptions {
+                resolution: 0,
+                ..opts()
+            },
+            "resolution",
+        );
+        bad(
+            LoaderOptions {
+                min_bucket_side: Some(1000),
+                ..opts()
+            },
+            "min_bucket_side",
+        );
+        bad(
+            LoaderOptions {
+                caption_extensions: vec!["txt".into()],
+                ..opts()
+            },
+            "caption_extensions",
+        );
+        assert_eq!(LoaderOptions::default().validate().ok(), Some(()));
+    }
+
+    #[test]
+    fn panics_become_errors_naming_the_file() {
+        let path = Path::new("/data/x.png");
+        let err = guarded(path, || -> Result<()> { panic!("boom {}", 7) }).unwrap_err();
+        assert_eq!(err.code(), "panic");
+        assert_eq!(err.path(), Some(path));
+        assert!(err.to_string().contains("boom 7"), "{err}");
+        let err = guarded(path, || -> Result<()> { panic!("static") }).unwrap_err();
+        assert!(err.to_string().contains("static"), "{err}");
+        let err = guarded(path, || -> Result<()> { std::panic::panic_any(42) }).unwrap_err();
+        assert!(err.to_string().contains("non-string"), "{err}");
+        assert_eq!(guarded(path, || Ok(5)).unwrap(), 5);
+    }
+
+    #[test]
+    fn on_error_parses() {
+        assert_eq!("skip".parse::<OnError>().unwrap(), OnError::Skip);
+        assert_eq!("raise".parse::<OnError>().unwrap(), OnError::Raise);
+        let err = "Raise".parse::<OnError>().unwrap_err();
+        assert!(err.to_string().contains("on_error"), "{err}");
+    }
+
+    #[test]
+    fn retain_samples_moves_kept_slots_down() {
+        let mut p = PixelBuffer::U8((0..12).collect());
+        p.retain_samples(&[false, true, false, true, true, false], 2);
+        assert_eq!(p, PixelBuffer::U8(vec![2, 3, 6, 7, 8, 9]));
+        let mut p = PixelBuffer::F32(vec![1.0, 2.0]);
+        p.retain_samples(&[false], 2);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn loader_is_send_sync_and_iterator_is_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Loader>();
+        send::<EpochIter>();
+    }
+}

@@ -1,0 +1,555 @@
+//! Dataset scan: find the image files under a folder, read their headers and captions.
+//!
+//! Only headers are read (format, size, EXIF orientation), never pixels, so a scan of a large folder
+//! is I/O bound and fast; the headers are enough to assign buckets and plan epochs. Files that cannot
+//! be used are recorded as [`Skip`]s with the reason instead of aborting the scan, so one bad file in a
+//! million does not stop training.
+
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use walkdir::WalkDir;
+
+use crate::caption::decode_caption;
+use crate::decode::{self, DecodeOptions, Header};
+use crate::error::{Error, Result, Skip};
+
+/// Image file extensions accepted by the scan (compared case-insensitively, without the dot).
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "jfif", "png", "webp"];
+
+/// Options of [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanOptions {
+    /// Caption file extensions to try, in order, each with its leading dot (`".txt"`); the first
+    /// existing `<image stem><ext>` next to the image is its caption. Compared case-sensitively.
+    /// Default `[".txt", ".caption"]`.
+    pub caption_extensions: Vec<String>,
+    /// Largest accepted image, in pixels (`width * height`); larger images are skipped with
+    /// [`Error::TooLarge`]. Default 178,956,970 (Pillow's `MAX_IMAGE_PIXELS`).
+    pub max_pixels: u64,
+    /// Threads reading headers; 0 = `std::thread::available_parallelism()`. Default 0.
+    pub num_threads: usize,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            caption_extensions: vec![".txt".into(), ".caption".into()],
+            max_pixels: DecodeOptions::default().max_pixels,
+            num_threads: 0,
+        }
+    }
+}
+
+/// One usable image found by the scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// Path as found under the scan root (`root.join(relative)`; symlinks are not resolved).
+    pub path: PathBuf,
+    /// The file's header (stored size and EXIF orientation; see [`Header::upright_size`]).
+    pub header: Header,
+    /// Caption text (see [`crate::caption::read_caption`]); empty when no caption file exists.
+    pub caption: String,
+    /// Whether a caption file was found (an existing but empty file counts as found).
+    pub caption_found: bool,
+    /// Whether the caption needed the fallback decoding (see
+    /// [`crate::caption::Caption::fallback_encoding`]); false without a caption file.
+    pub caption_fallback_encoding: bool,
+}
+
+/// Result of [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// The folder that was scanned, as given.
+    pub root: PathBuf,
+    /// Candidate image files found: always `images.len() + skipped.len()`.
+    pub found: usize,
+    /// Usable images, sorted by path (so indices are stable across runs and machines).
+    pub images: Vec<ImageEntry>,
+    /// Candidates that cannot be used, with the reason, sorted by path.
+    pub skipped: Vec<Skip>,
+    /// Images in `images` without a caption file.
+    pub captions_missing: usize,
+    /// Images in `images` whose caption was not valid in its encoding and was decoded by fallback
+    /// (see [`crate::caption::Caption::fallback_encoding`]).
+    pub captions_fallback_encoding: usize,
+}
+
+/// Scan `root` for images.
+///
+/// Walks recursively, following symlinks (a link cycle or unreadable folder is recorded as a skip, as
+/// is a broken link whose name looks like an image). Accepts files ending in `.jpg .jpeg .jfif .png
+/// .webp` in any letter case; ignores every hidden entry below `root` (name starting with `.`, which
+/// includes macOS `._*` AppleDouble stubs and `.DS_Store`, and prunes hidden folders). Reads headers
+/// and captions in parallel on a rayon pool built for this call with `num_threads` threads and
+/// dropped before returning — never rayon's global pool, whose threads do not survive a `fork()`
+/// (PyTorch DataLoader workers fork).
+///
+/// Per file, these become [`Skip`]s rather than errors: unreadable or undecodable header (code `io`
+/// or `decode`), zero width or height (`decode`), more than `max_pixels` pixels (`too_large`), and a
+/// caption file that exists but cannot be read (`io`; the message names the caption file).
+///
+/// Errors: [`Error::NoImages`] if `root` is not a readable directory or holds no candidate image
+/// file; [`Error::InvalidArgument`] if a caption extension does not start with `.` or is just `.`;
+/// [`Error::Io`] (naming `root`) if the header-reading threads cannot be started.
+pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
+    validate_caption_extensions(&opts.caption_extensions)?;
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(no_images(root, "not a directory")),
+        Err(e) => return Err(no_images(root, &e.to_string())),
+    }
+    let (candidates, mut skipped) = walk(root);
+    if candidates.is_empty() && skipped.is_empty() {
+        return Err(no_images(
+            root,
+            &format!(
+                "no files ending in {} (any case)",
+                IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(" ")
+            ),
+        ));
+    }
+
+    let threads = match opts.num_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .clamp(1, candidates.len().max(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("fastdiff-scan-{i}"))
+        .build()
+        .map_err(|e| {
+            Error::io(
+                root,
+                std::io::Error::other(format!("cannot start scan threads: {e}")),
+            )
+        })?;
+    let probed: Vec<std::result::Result<ImageEntry, Skip>> =
+        pool.install(|| candidates.par_iter().map(|p| probe_one(p, opts)).collect());
+    drop(pool);
+
+    let mut images = Vec::with_capacity(probed.len());
+    for result in probed {
+        match result {
+            Ok(entry) => images.push(entry),
+            Err(skip) => skipped.push(skip),
+        }
+    }
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    let captions_missing = images.iter().filter(|e| !e.caption_found).count();
+    let captions_fallback_encoding = images
+        .iter()
+        .filter(|e| e.caption_fallback_encoding)
+        .count();
+    Ok(Scan {
+        root: root.to_path_buf(),
+        found: images.len() + skipped.len(),
+        images,
+        skipped,
+        captions_missing,
+        captions_fallback_encoding,
+    })
+}
+
+/// Check caption extensions: each must be a dot followed by at least one character.
+///
+/// Errors: [`Error::InvalidArgument`] naming `caption_extensions` and the bad value.
+pub fn validate_caption_extensions(exts: &[String]) -> Result<()> {
+    match exts.iter().find(|e| !e.starts_with('.') || e.len() < 2) {
+        Some(bad) => Err(Error::InvalidArgument(format!(
+            "caption_extensions entries must start with '.' followed by a name (like \".txt\"), \
+             got {bad:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn no_images(root: &Path, reason: &str) -> Error {
+    Error::NoImages {
+        path: root.to_path_buf(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn is_hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b".")
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Candidate image files (sorted by path) and the walk errors worth reporting.
+fn walk(root: &Path) -> (Vec<PathBuf>, Vec<Skip>) {
+    let mut candidates = Vec::new();
+    let mut skipped = Vec::new();
+    let walker = WalkDir::new(root)
+        .follow_links(true)
+        .into_iter()
+        // Depth 0 is the root itself, which may legitimately live in a hidden folder.
+        .filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name()));
+    for item in walker {
+        match item {
+            Ok(entry) => {
+                if entry.file_type().is_file() && has_image_extension(entry.path()) {
+                    candidates.push(entry.into_path());
+                }
+            }
+            Err(err) => {
+                // Errors bypass filter_entry, so hidden names are filtered here too. An entry with
+                // a non-image extension (a dangling `notes.txt` link) could never have been an image;
+                // everything else (image-named links, unreadable folders, link cycles) is reported
+                // so that no part of the dataset disappears silently.
+                let Some(path) = err.path().map(Path::to_path_buf) else {
+                    continue;
+                };
+                let hidden = path.file_name().is_some_and(is_hidden);
+                let other_file = path.extension().is_some() && !has_image_extension(&path);
+                if !hidden && !other_file {
+                    skipped.push(Skip::new(&path, &Error::io(&path, err.into())));
+                }
+            }
+        }
+    }
+    candidates.sort();
+    (candidates, skipped)
+}
+
+/// `<dir>/<stem><ext>` for the image `<dir>/<stem>.<image ext>`.
+fn caption_path(image: &Path, ext: &str) -> PathBuf {
+    let mut name = OsString::from(image.file_stem().unwrap_or_default());
+    name.push(ext);
+    image.with_file_name(name)
+}
+
+/// Header and caption of one candidate.
+fn probe_one(path: &Path, opts: &ScanOptions) -> std::result::Result<ImageEntry, Skip> {
+    let skip = |e: Error| Skip::new(path, &e);
+    let header = decode::probe(path).map_err(skip)?;
+    if header.width == 0 || header.height == 0 {
+        return Err(skip(Error::decode(
+            path,
+            format!("image has no pixels ({}x{})", header.width, header.height),
+        )));
+    }
+    if u64::from(header.width) * u64::from(header.height) > opts.max_pixels {
+        return Err(skip(Error::TooLarge {
+            path: path.to_path_buf(),
+            width: header.width,
+            height: header.height,
+            limit: opts.max_pixels,
+        }));
+    }
+    let mut entry = ImageEntry {
+        path: path.to_path_buf(),
+        header,
+        caption: String::new(),
+        caption_found: false,
+        caption_fallback_encoding: false,
+    };
+    for ext in &opts.caption_extensions {
+        let cap = caption_path(path, ext);
+        match std::fs::read(&cap) {
+            Ok(bytes) => {
+                let c = decode_caption(&bytes);
+                entry.caption = c.text;
+                entry.caption_found = true;
+                entry.caption_fallback_encoding = c.fallback_encoding;
+                return Ok(entry);
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(skip(Error::io(&cap, e))),
+        }
+    }
+    Ok(entry)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::decode::ImageFormat;
+    use std::os::unix::fs::symlink;
+
+    /// Write a `w`x`h` RGB image whose pixel (x, y) is `color(x, y)`, encoded as `format`
+    /// (whatever the file name says). JPEG at quality 95.
+    pub(crate) fn write_image_with(
+        path: &Path,
+        w: u32,
+        h: u32,
+        format: image::ImageFormat,
+        color: impl Fn(u32, u32) -> [u8; 3],
+    ) {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(color(x, y)));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        match format {
+            image::ImageFormat::Jpeg => {
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut file, 95)
+                    .encode_image(&img)
+                    .unwrap();
+            }
+            other => img.write_to(&mut file, other).unwrap(),
+        }
+    }
+
+    /// A gradient image (distinct pixels, so crops and flips are visible).
+    pub(crate) fn write_image(path: &Path, w: u32, h: u32, format: image::ImageFormat) {
+        write_image_with(path, w, h, format, |x, y| {
+            [
+                (x * 7 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x + y) % 256) as u8,
+            ]
+        });
+    }
+
+    fn names(root: &Path, paths: impl IntoIterator<Item = PathBuf>) -> Vec<String> {
+        paths
+            .into_iter()
+            .map(|p| p.strip_prefix(root).unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn scan_finds_images_skips_bad_ones_and_pairs_captions() {
+        use image::ImageFormat as F;
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        let put = |name: &str, bytes: &[u8]| {
+            let p = r.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        };
+        write_image(&r.join("a.jpg"), 40, 30, F::Jpeg);
+        put("a.txt", b"a caption\r\n");
+        write_image(&r.join("B.PNG"), 30, 40, F::Png);
+        put("B.caption", b"bee");
+        write_image(&r.join("c.JPEG"), 64, 64, F::Jpeg);
+        put("c.txt", b"first");
+        put("c.caption", b"second");
+        write_image(&r.join("d.Jfif"), 50, 20, F::Jpeg);
+        write_image(&r.join("e.webp"), 20, 20, F::WebP);
+        put("e.txt", b"it\x92s");
+        write_image(&r.join("nested/sub/f.png"), 10, 10, F::Png);
+        put("nested/sub/f.txt", b"");
+        symlink(r.join("nested"), r.join("linkdir")).unwrap();
+        // JPEG bytes behind a .png name: the format comes from the magic bytes.
+        write_image(&r.join("renamed.png"), 12, 8, F::Jpeg);
+        // Ignored: hidden files and folders, AppleDouble stubs, Finder metadata, other files.
+        write_image(&r.join(".hidden.png"), 10, 10, F::Png);
+        write_image(&r.join(".hiddendir/g.png"), 10, 10, F::Png);
+        put("._a.jpg", b"\x00\x05\x16\x07AppleDouble");
+        put("nested/._f.png", b"\x00\x05\x16\x07AppleDouble");
+        put(".DS_Store", b"\x00\x00\x00\x01Bud1");
+        put("notes.txt", b"not an image");
+        put("readme.md", b"# readme");
+        symlink(r.join("nowhere.txt"), r.join("dangling.txt")).unwrap();
+        // Skipped, with reasons.
+        symlink(r.join("nowhere.jpg"), r.join("broken.jpg")).unwrap();
+        put("corrupt.png", b"this is not a png");
+        write_image(&r.join("big.png"), 100, 100, F::Png);
+        write_image(&r.join("h.jpg"), 10, 10, F::Jpeg);
+        std::fs::create_dir(r.join("h.txt")).unwrap();
+
+        let opts = ScanOptions {
+            max_pixels: 5000,
+            num_threads: 3,
+            ..ScanOptions::default()
+        };
+        let s = scan(r, &opts).unwrap();
+        assert_eq!(s.root, r);
+        assert_eq!(
+            names(r, s.images.iter().map(|e| e.path.clone())),
+            [
+                "B.PNG",
+                "a.jpg",
+                "c.JPEG",
+                "d.Jfif",
+                "e.webp",
+                "linkdir/sub/f.png",
+                "nested/sub/f.png",
+                "renamed.png"
+            ]
+        );
+        let skipped: Vec<(String, &str)> = s
+            .skipped
+            .iter()
+            .map(|k| {
+                let name = k
+                    .path
+                    .strip_prefix(r)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                (name, k.code)
+            })
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("big.png".to_owned(), "too_large"),
+                ("broken.jpg".to_owned(), "io"),
+                ("corrupt.png".to_owned(), "decode"),
+                ("h.jpg".to_owned(), "io"),
+            ]
+        );
+        // The unreadable caption is named in the image's skip message.
+        assert!(
+            s.skipped[3].message.contains("h.txt"),
+            "{}",
+            s.skipped[3].message
+        );
+        assert!(s.skipped[1].message.contains("broken.jpg"));
+        assert_eq!(s.found, 12);
+        assert_eq!(s.found, s.images.len() + s.skipped.len());
+
+        let by_name = |n: &str| s.images.iter().find(|e| e.path == r.join(n)).unwrap();
+        let a = by_name("a.jpg");
+        assert_eq!(
+            (a.header.format, a.header.width, a.header.height),
+            (ImageFormat::Jpeg, 40, 30)
+        );
+        assert_eq!((a.caption.as_str(), a.caption_found), ("a caption", true));
+        assert_eq!(by_name("B.PNG").header.format, ImageFormat::Png);
+        assert_eq!(by_name("B.PNG").caption, "bee");
+        assert_eq!(by_name("c.JPEG").caption, "first");
+        assert!(!by_name("d.Jfif").caption_found);
+        assert_eq!(by_name("d.Jfif").header.format, ImageFormat::Jpeg);
+        let e = by_name("e.webp");
+        assert_eq!(e.header.format, ImageFormat::WebP);
+        assert_eq!(e.caption, "it\u{2019}s");
+        assert!(e.caption_fallback_encoding);
+        let f = by_name("nested/sub/f.png");
+        assert_eq!((f.caption.as_str(), f.caption_found), ("", true));
+        assert_eq!(by_name("renamed.png").header.format, ImageFormat::Jpeg);
+        assert_eq!(s.captions_missing, 2);
+        assert_eq!(s.captions_fallback_encoding, 1);
+    }
+
+    #[test]
+    fn scan_is_the_same_for_any_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            let fmt = if i % 2 == 0 {
+                image::ImageFormat::Png
+            } else {
+                image::ImageFormat::Jpeg
+            };
+            write_image(
+                &dir.path().join(format!("d{}/{i}.img.png", i % 3)),
+                8 + i,
+                9,
+                fmt,
+            );
+        }
+        let one = scan(
+            dir.path(),
+            &ScanOptions {
+                num_threads: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let many = scan(
+            dir.path(),
+            &ScanOptions {
+                num_threads: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(one, many);
+        assert_eq!(one.images.len(), 20);
+        let paths: Vec<&PathBuf> = one.images.iter().map(|e| &e.path).collect();
+        let mut sorted = paths.clone();
+        sorted.sort();
+        assert_eq!(paths, sorted);
+        // A multi-dot name keeps its full stem for the caption: "3.img.png" -> "3.img.txt".
+        assert_eq!(
+            caption_path(Path::new("/x/3.img.png"), ".txt"),
+            Path::new("/x/3.img.txt")
+        );
+    }
+
+    #[test]
+    fn max_pixels_is_inclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(&dir.path().join("a.png"), 10, 10, image::ImageFormat::Png);
+        let at = |max_pixels| {
+            let s = scan(
+                dir.path(),
+                &ScanOptions {
+                    max_pixels,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            (s.images.len(), s.skipped.len())
+        };
+        assert_eq!(at(100), (1, 0));
+        assert_eq!(at(99), (0, 1));
+    }
+
+    #[test]
+    fn symlink_loop_is_reported_not_followed_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(&dir.path().join("sub/a.png"), 4, 4, image::ImageFormat::Png);
+        symlink(dir.path(), dir.path().join("sub/loop")).unwrap();
+        let s = scan(dir.path(), &ScanOptions::default()).unwrap();
+        assert_eq!(s.images.len(), 1);
+        assert_eq!(s.skipped.len(), 1);
+        assert_eq!(s.skipped[0].path, dir.path().join("sub/loop"));
+        assert_eq!(s.skipped[0].code, "io");
+    }
+
+    #[test]
+    fn hidden_root_is_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(".dataset");
+        write_image(&root.join("a.png"), 4, 4, image::ImageFormat::Png);
+        assert_eq!(
+            scan(&root, &ScanOptions::default()).unwrap().images.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_images_and_bad_options_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ScanOptions::default();
+        let missing = dir.path().join("missing");
+        let err = scan(&missing, &opts).unwrap_err();
+        assert_eq!(err.code(), "no_images");
+        assert_eq!(err.path(), Some(missing.as_path()));
+
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        write_image(
+            &dir.path().join(".hidden.png"),
+            4,
+            4,
+            image::ImageFormat::Png,
+        );
+        let err = scan(dir.path(), &opts).unwrap_err();
+        assert_eq!(err.code(), "no_images");
+        assert!(err.to_string().contains(".jpg"), "{err}");
+
+        let err = scan(&dir.path().join("notes.txt"), &opts).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        for bad in ["txt", ".", ""] {
+            let o = ScanOptions {
+                caption_extensions: vec![".txt".into(), bad.into()],
+                ..ScanOptions::default()
+            };
+            let err = scan(dir.path(), &o).unwrap_err();
+            assert!(err.to_string().contains("caption_extensions"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,829 @@
+//! From a decoded upright image to one sample of the batch: resize to cover the bucket, crop,
+//! optional horizontal flip, then planar CHW output as `uint8` or normalised floats.
+//!
+//! The geometry follows kohya-ss/sd-scripts bucketing: the image is scaled so that it covers the
+//! bucket (`scale = max(bw / W, bh / H)`, sizes rounded half up), then a bucket-sized window is cut
+//! out of the resized image ([`Placement`]). [`Transformer::apply`] never materialises the resized
+//! image: it resizes only the window, straight from the decoded pixels (which may already be
+//! DCT-downscaled by the JPEG decoder), with `fast_image_resize` convolution filters (same filter
+//! definitions and support scaling as Pillow's `Image.resize`).
+
+use std::str::FromStr;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{self as fir, PixelType, ResizeAlg, ResizeOptions, Resizer};
+
+use crate::decode::RgbImage;
+use crate::error::{Error, Result};
+
+/// How the bucket-sized window is placed inside the resized image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CropMode {
+    /// Centred (SDXL / kohya default); parses from `"center"`.
+    #[default]
+    Center,
+    /// Uniformly random offset per sample and epoch; parses from `"random"`.
+    Random,
+}
+
+impl CropMode {
+    /// The name [`FromStr`] accepts: `"center"` or `"random"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CropMode::Center => "center",
+            CropMode::Random => "random",
+        }
+    }
+}
+
+impl FromStr for CropMode {
+    type Err = Error;
+
+    /// `"center"` or `"random"` (ASCII case-insensitive); anything else is
+    /// [`Error::InvalidArgument`] naming `crop`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "center" => Ok(CropMode::Center),
+            "random" => Ok(CropMode::Random),
+            _ => Err(invalid_choice("crop", s, &["center", "random"])),
+        }
+    }
+}
+
+/// Resampling filter of the resize step. All but `Nearest` are convolutions whose support widens
+/// with the downscale factor (antialiased, like Pillow's `Image.resize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FilterType {
+    /// Lanczos, a = 3 (Pillow `LANCZOS`); `"lanczos3"`. The default.
+    #[default]
+    Lanczos3,
+    /// Catmull-Rom bicubic (Pillow `BICUBIC`); `"catmullrom"`.
+    CatmullRom,
+    /// Triangle filter (Pillow `BILINEAR`); `"bilinear"`.
+    Bilinear,
+    /// Box filter, area average when downscaling (Pillow `BOX`); `"box"`.
+    Box,
+    /// Nearest neighbour, sampling at pixel centres (Pillow `NEAREST`); `"nearest"`.
+    Nearest,
+}
+
+impl FilterType {
+    /// The name [`FromStr`] accepts, e.g. `"lanczos3"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FilterType::Lanczos3 => "lanczos3",
+            FilterType::CatmullRom => "catmullrom",
+            FilterType::Bilinear => "bilinear",
+            FilterType::Box => "box",
+            FilterType::Nearest => "nearest",
+        }
+    }
+
+    fn algorithm(self) -> ResizeAlg {
+        let conv = |f| ResizeAlg::Convolution(f);
+        match self {
+            FilterType::Lanczos3 => conv(fir::FilterType::Lanczos3),
+            FilterType::CatmullRom => conv(fir::FilterType::CatmullRom),
+            FilterType::Bilinear => conv(fir::FilterType::Bilinear),
+            FilterType::Box => conv(fir::FilterType::Box),
+            FilterType::Nearest => ResizeAlg::Nearest,
+        }
+    }
+}
+
+impl FromStr for FilterType {
+    type Err = Error;
+
+    /// `"lanczos3"`, `"catmullrom"`, `"bilinear"`, `"box"` or `"nearest"` (ASCII
+    /// case-insensitive); anything else is [`Error::InvalidArgument`] naming `filter`.
+    fn from_str(s: &str) -> Result<Self> {
+        const ALL: [FilterType; 5] = [
+            FilterType::Lanczos3,
+            FilterType::CatmullRom,
+            FilterType::Bilinear,
+            FilterType::Box,
+            FilterType::Nearest,
+        ];
+        let lower = s.to_ascii_lowercase();
+        ALL.into_iter()
+            .find(|f| f.name() == lower)
+            .ok_or_else(|| invalid_choice("filter", s, &ALL.map(|f| f.name())))
+    }
+}
+
+/// Element type of the batch buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OutputDtype {
+    /// Raw 0..=255 values; `"uint8"`.
+    U8,
+    /// `v / 127.5 - 1` in [-1, 1]; `"float32"`. The default.
+    #[default]
+    F32,
+    /// As `F32`, rounded to IEEE half precision; `"float16"`.
+    F16,
+    /// As `F32`, rounded to bfloat16; `"bfloat16"`.
+    BF16,
+}
+
+impl OutputDtype {
+    /// Bytes per stored value: 1, 4, 2, 2.
+    pub fn bytes_per_value(&self) -> usize {
+        match self {
+            OutputDtype::U8 => 1,
+            OutputDtype::F32 => 4,
+            OutputDtype::F16 | OutputDtype::BF16 => 2,
+        }
+    }
+
+    /// The name [`FromStr`] accepts (numpy/torch spelling), e.g. `"float32"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OutputDtype::U8 => "uint8",
+            OutputDtype::F32 => "float32",
+            OutputDtype::F16 => "float16",
+            OutputDtype::BF16 => "bfloat16",
+        }
+    }
+}
+
+impl FromStr for OutputDtype {
+    type Err = Error;
+
+    /// `"uint8"`, `"float32"`, `"float16"` or `"bfloat16"` (ASCII case-insensitive); anything else
+    /// is [`Error::InvalidArgument`] naming `dtype`.
+    fn from_str(s: &str) -> Result<Self> {
+        const ALL: [OutputDtype; 4] = [
+            OutputDtype::U8,
+            OutputDtype::F32,
+            OutputDtype::F16,
+            OutputDtype::BF16,
+        ];
+        let lower = s.to_ascii_lowercase();
+        ALL.into_iter()
+            .find(|d| d.name() == lower)
+            .ok_or_else(|| invalid_choice("dtype", s, &ALL.map(|d| d.name())))
+    }
+}
+
+fn invalid_choice(argument: &str, got: &str, choices: &[&str]) -> Error {
+    Error::InvalidArgument(format!(
+        "{argument} must be one of {}, got {got:?}",
+        choices
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// Where the bucket-sized crop lies. All values in pixels of the RESIZED image, (w, h) order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Placement {
+    /// Size (w, h) the upright image is resized to; covers the bucket: `w >= bw`, `h >= bh`.
+    pub resized: (u32, u32),
+    /// Left edge of the window, `0..=resized.0 - bw`; in un-flipped coordinates.
+    pub crop_left: u32,
+    /// Top edge of the window, `0..=resized.1 - bh`.
+    pub crop_top: u32,
+    /// Whether the window is mirrored left-right after cropping.
+    pub flip: bool,
+    /// The window (bucket) size (w, h) this placement was made for.
+    pub bucket: (u32, u32),
+}
+
+impl Placement {
+    /// Place a `bucket` (w, h) window on the image of `upright` (w, h) pixels.
+    ///
+    /// `resized` is the cover size (kohya-ss `trim_and_resize_if_required`):
+    /// `s = max(bw / W, bh / H)`, `rw = max(bw, round(W * s))`, `rh = max(bh, round(H * s))`,
+    /// rounding half up. Center: `left = (rw - bw) / 2`, `top = (rh - bh) / 2` (integer division).
+    /// Random: `left = floor(rand_x * (rw - bw + 1))`, `top = floor(rand_y * (rh - bh + 1))`, with
+    /// `rand_x`, `rand_y` uniform in [0, 1) (values outside are clamped into range). A zero
+    /// `upright` side is treated as 1 pixel.
+    pub fn new(
+        upright: (u32, u32),
+        bucket: (u32, u32),
+        crop: CropMode,
+        rand_x: f64,
+        rand_y: f64,
+        flip: bool,
+    ) -> Placement {
+        let (w, h) = (f64::from(upright.0.max(1)), f64::from(upright.1.max(1)));
+        let (bw, bh) = bucket;
+        let s = (f64::from(bw) / w).max(f64::from(bh) / h);
+        let rw = bw.max((w * s).round() as u32);
+        let rh = bh.max((h * s).round() as u32);
+        let offset = |room: u32, r: f64| match crop {
+            CropMode::Center => room / 2,
+            CropMode::Random => ((r * f64::from(room + 1)).floor().max(0.0) as u32).min(room),
+        };
+        Placement {
+            resized: (rw, rh),
+            crop_left: offset(rw - bw, rand_x),
+            crop_top: offset(rh - bh, rand_y),
+            flip,
+            bucket,
+        }
+    }
+
+    /// SDXL's `crop_top_left` conditioning, `(top, left)` in resized pixels, flip-aware as in
+    /// kohya-ss sd-scripts: when flipped, `left = rw - bw - crop_left` (the window's left edge in
+    /// the mirrored resized image).
+    pub fn crop_top_left(&self) -> (u32, u32) {
+        let left = if self.flip {
+            self.resized.0 - self.bucket.0 - self.crop_left
+        } else {
+            self.crop_left
+        };
+        (self.crop_top, left)
+    }
+}
+
+/// Destination of one sample: `3 * bh * bw` values, planar CHW (all R rows, then G, then B), row
+///-major. Float variants hold `v / 127.5 - 1` for 8-bit `v`; `F16` and `BF16` hold the IEEE
+/// half / bfloat16 bit patterns (round to nearest even, via the `half` crate).
+#[derive(Debug)]
+pub enum OutSlot<'a> {
+    /// Raw 0..=255.
+    U8(&'a mut [u8]),
+    /// [-1, 1] as f32.
+    F32(&'a mut [f32]),
+    /// [-1, 1] as f16 bits.
+    F16(&'a mut [u16]),
+    /// [-1, 1] as bf16 bits.
+    BF16(&'a mut [u16]),
+}
+
+impl OutSlot<'_> {
+    fn len(&self) -> usize {
+        match self {
+            OutSlot::U8(s) => s.len(),
+            OutSlot::F32(s) => s.len(),
+            OutSlot::F16(s) | OutSlot::BF16(s) => s.len(),
+        }
+    }
+}
+
+/// Per-thread resizer with its scratch buffers (reused across samples, so steady-state work does
+/// not allocate). `Send`, not meant to be shared.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    filter: FilterType,
+    resizer: Resizer,
+    /// The resized window, RGB8 interleaved, `bw * bh * 3` bytes.
+    scratch: Vec<u8>,
+    lut_f32: [f32; 256],
+    lut_f16: [u16; 256],
+    lut_bf16: [u16; 256],
+}
+
+impl Transformer {
+    /// A transformer resizing with `filter` (CPU SIMD extensions detected at run time).
+    pub fn new(filter: FilterType) -> Self {
+        let lut_f32: [f32; 256] = std::array::from_fn(|v| v as f32 / 127.5 - 1.0);
+        Transformer {
+            filter,
+            resizer: Resizer::new(),
+            scratch: Vec::new(),
+            lut_f32,
+            lut_f16: lut_f32.map(|x| half::f16::from_f32(x).to_bits()),
+            lut_bf16: lut_f32.map(|x| half::bf16::from_f32(x).to_bits()),
+        }
+    }
+
+    /// The filter given to [`Transformer::new`].
+    pub fn filter(&self) -> FilterType {
+        self.filter
+    }
+
+    /// Resize-to-cover + crop + optional horizontal flip + layout/normalise one sample into `out`.
+    ///
+    /// `img` is the decoded upright image, possibly smaller than `p.resized` (DCT-downscaled) or
+    /// larger. The window `(crop_left, crop_top, bw, bh)` in resized coordinates is mapped to `img`
+    /// coordinates by `sx = img.width / rw`, `sy = img.height / rh` and only that window is resized
+    /// to `bucket` (w, h) (the filter may read source pixels just outside it, as resizing the whole
+    /// image and then cropping would). When `img` already has the resized size, the window is
+    /// copied without resampling. Then one pass writes planar CHW into `out`, mirrored left-right
+    /// if `p.flip`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] if `bucket` has a zero side or differs from `p.bucket`,
+    /// `out` does not hold exactly
+    /// `3 * bw * bh` values, the window does not fit in `p.resized`, or `img` is empty or its data
+    /// length is not `width * height * 3`.
+    pub fn apply(
+        &mut self,
+        img: &RgbImage,
+        p: &Placement,
+        bucket: (u32, u32),
+        out: OutSlot<'_>,
+    ) -> Result<()> {
+        let (bw, bh) = bucket;
+        let (rw, rh) = p.resized;
+        let values = 3 * bw as usize * bh as usize;
+        if bw == 0 || bh == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "transform: bucket {bw}x{bh} has a zero side"
+            )));
+        }
+        if bucket != p.bucket {
+            return Err(Error::InvalidArgument(format!(
+                "transform: bucket {bw}x{bh} differs from the placement's {}x{}",
+                p.bucket.0, p.bucket.1
+            )));
+        }
+        if out.len() != values {
+            return Err(Error::InvalidArgument(format!(
+                "transform: output slot holds {} values, a {bw}x{bh} sample needs {values}",
+                out.len()
+            )));
+        }
+        if u64::from(p.crop_left) + u64::from(bw) > u64::from(rw)
+            || u64::from(p.crop_top) + u64::from(bh) > u64::from(rh)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "transform: window {bw}x{bh} at ({}, {}) does not fit in the resized {rw}x{rh}",
+                p.crop_left, p.crop_top
+            )));
+        }
+        if img.width == 0
+            || img.height == 0
+            || img.data.len() != img.width as usize * img.height as usize * 3
+        {
+            return Err(Error::InvalidArgument(format!(
+                "transform: image {}x{} has {} bytes of RGB data",
+                img.width,
+                img.height,
+                img.data.len()
+            )));
+        }
+
+        let (src, stride, x0, y0) = if (img.width, img.height) == (rw, rh) {
+            (
+                &img.data[..],
+                rw as usize,
+                p.crop_left as usize,
+                p.crop_top as usize,
+            )
+        } else {
+            self.resize_window(img, p, bucket)?;
+            (&self.scratch[..], bw as usize, 0, 0)
+        };
+        let win = Window {
+            src,
+            stride,
+            x0,
+            y0,
+            w: bw as usize,
+            h: bh as usize,
+            flip: p.flip,
+        };
+        match out {
+            OutSlot::U8(o) => win.write_chw(o, |v| v),
+            OutSlot::F32(o) => win.write_chw(o, |v| self.lut_f32[usize::from(v)]),
+            OutSlot::F16(o) => win.write_chw(o, |v| self.lut_f16[usize::from(v)]),
+            OutSlot::BF16(o) => win.write_chw(o, |v| self.lut_bf16[usize::from(v)]),
+        }
+        Ok(())
+    }
+
+    /// Resize the window of `p` (mapped into `img` coordinates) to `bucket` into `self.scratch`.
+    fn resize_window(&mut self, img: &RgbImage, p: &Placement, bucket: (u32, u32)) -> Result<()> {
+        let (bw, bh) = bucket;
+        let sx = f64::from(img.width) / f64::from(p.resized.0);
+        let sy = f64::from(img.height) / f64::from(p.resized.1);
+        let left = f64::from(p.crop_left) * sx;
+        let top = f64::from(p.crop_top) * sy;
+        // Clamp against rounding past the image edge (the window fits the resized image exactly).
+        let right = (f64::from(p.crop_left + bw) * sx).min(f64::from(img.width));
+        let bottom = (f64::from(p.crop_top + bh) * sy).min(f64::from(img.height));
+        let options = ResizeOptions::new()
+            .resize_alg(self.filter.algorithm())
+            .crop(left, top, right - left, bottom - top);
+
+        let len = 3 * bw as usize * bh as usize;
+        if self.scratch.len() != len {
+            self.scratch.resize(len, 0);
+        }
+        let internal = |e: &dyn std::fmt::Display| {
+            Error::InvalidArgument(format!("transform: resize failed: {e}"))
+        };
+        let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
+            .map_err(|e| internal(&e))?;
+        let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
+            .map_err(|e| internal(&e))?;
+        self.resizer
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| internal(&e))
+    }
+}
+
+/// A `w` x `h` window at (`x0`, `y0`) of an RGB8 interleaved image `stride` pixels wide.
+struct Window<'a> {
+    src: &'a [u8],
+    stride: usize,
+    x0: usize,
+    y0: usize,
+    w: usize,
+    h: usize,
+    flip: bool,
+}
+
+impl Window<'_> {
+    /// Write the window as planar CHW into `out` (`3 * w * h` values), mapping each byte with `map`,
+    /// mirrored left-right when `flip`.
+    fn write_chw<T: Copy>(&self, out: &mut [T], map: impl Fn(u8) -> T) {
+        let plane = self.w * self.h;
+        let (r, gb) = out.split_at_mut(plane);
+        let (g, b) = gb.split_at_mut(plane);
+        let rows = r
+            .chunks_exact_mut(self.w)
+            .zip(g.chunks_exact_mut(self.w))
+            .zip(b.chunks_exact_mut(self.w));
+        for (y, ((r, g), b)) in rows.enumerate() {
+            let start = ((self.y0 + y) * self.stride + self.x0) * 3;
+            let row = self.src[start..start + self.w * 3].chunks_exact(3);
+            let mut put = |(px, ((r, g), b)): (&[u8], ((&mut T, &mut T), &mut T))| {
+                *r = map(px[0]);
+                *g = map(px[1]);
+                *b = map(px[2]);
+            };
+            let dst = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+            if self.flip {
+                row.rev().zip(dst).for_each(&mut put);
+            } else {
+                row.zip(dst).for_each(&mut put);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> RgbImage {
+        let data = (0..h)
+            .flat_map(|y| (0..w).map(move |x| (x, y)))
+            .flat_map(|(x, y)| f(x, y))
+            .collect();
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
+    /// Run `apply` with u8 output and return the three planes.
+    fn planes_u8(t: &mut Transformer, img: &RgbImage, p: &Placement) -> [Vec<u8>; 3] {
+        let (bw, bh) = p.bucket;
+        let plane = (bw * bh) as usize;
+        let mut out = vec![0u8; 3 * plane];
+        t.apply(img, p, p.bucket, OutSlot::U8(&mut out)).unwrap();
+        [
+            out[..plane].to_vec(),
+            out[plane..2 * plane].to_vec(),
+            out[2 * plane..].to_vec(),
+        ]
+    }
+
+    fn placed(
+        resized: (u32, u32),
+        left: u32,
+        top: u32,
+        bucket: (u32, u32),
+        flip: bool,
+    ) -> Placement {
+        Placement {
+            resized,
+            crop_left: left,
+            crop_top: top,
+            flip,
+            bucket,
+        }
+    }
+
+    #[test]
+    fn names_parse_and_round_trip() {
+        assert_eq!("center".parse::<CropMode>().unwrap(), CropMode::Center);
+        assert_eq!("Random".parse::<CropMode>().unwrap(), CropMode::Random);
+        for f in [
+            FilterType::Lanczos3,
+            FilterType::CatmullRom,
+            FilterType::Bilinear,
+            FilterType::Box,
+            FilterType::Nearest,
+        ] {
+            assert_eq!(f.name().parse::<FilterType>().unwrap(), f);
+        }
+        assert_eq!(
+            "catmullrom".parse::<FilterType>().unwrap(),
+            FilterType::CatmullRom
+        );
+        for (name, d, bytes) in [
+            ("uint8", OutputDtype::U8, 1),
+            ("float32", OutputDtype::F32, 4),
+            ("float16", OutputDtype::F16, 2),
+            ("bfloat16", OutputDtype::BF16, 2),
+        ] {
+            assert_eq!(name.parse::<OutputDtype>().unwrap(), d);
+            assert_eq!(d.name(), name);
+            assert_eq!(d.bytes_per_value(), bytes);
+        }
+        assert_eq!(FilterType::default(), FilterType::Lanczos3);
+        assert_eq!(CropMode::default(), CropMode::Center);
+        assert_eq!(OutputDtype::default(), OutputDtype::F32);
+        let err = "bicubic".parse::<FilterType>().unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)));
+        assert_eq!(
+            err.to_string(),
+            r#"filter must be one of "lanczos3", "catmullrom", "bilinear", "box", "nearest", got "bicubic""#
+        );
+        assert!("float64"
+            .parse::<OutputDtype>()
+            .unwrap_err()
+            .to_string()
+            .starts_with("dtype must be one of"));
+        assert!("middle"
+            .parse::<CropMode>()
+            .unwrap_err()
+            .to_string()
+            .starts_with("crop must be one of"));
+    }
+
+    #[test]
+    fn placement_center() {
+        // Wide: the height decides, s = 512 / 500.
+        let p = Placement::new((1000, 500), (512, 512), CropMode::Center, 0.9, 0.9, false);
+        assert_eq!(p.resized, (1024, 512));
+        assert_eq!((p.crop_left, p.crop_top), (256, 0));
+        assert_eq!(p.crop_top_left(), (0, 256));
+        // Tall, odd room: (rh - bh) / 2 rounds down.
+        let p = Placement::new((300, 701), (256, 512), CropMode::Center, 0.0, 0.0, false);
+        // s = max(256/300, 512/701) = 0.8533; rh = round(701 * 0.8533) = round(598.19) = 598.
+        assert_eq!(p.resized, (256, 598));
+        assert_eq!((p.crop_left, p.crop_top), (0, 43));
+        // Exact aspect: no room at all.
+        let p = Placement::new((2048, 1024), (1024, 512), CropMode::Center, 0.5, 0.5, true);
+        assert_eq!((p.resized, p.crop_left, p.crop_top), ((1024, 512), 0, 0));
+        assert_eq!(p.crop_top_left(), (0, 0));
+        // Rounding half up, and never below the bucket: 333 * 0.768768.. = 256.0 - eps.
+        let p = Placement::new((333, 500), (256, 384), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!(p.resized, (256, 384));
+        // Upscaling a small image.
+        let p = Placement::new((100, 50), (256, 256), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!((p.resized, p.crop_left), ((512, 256), 128));
+        // kohya: int(W * s + 0.5) -- 1001 x 1000 into 512 x 512: s = 0.512, 512.512 -> 513.
+        let p = Placement::new((1001, 1000), (512, 512), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!((p.resized, p.crop_left), ((513, 512), 0));
+    }
+
+    #[test]
+    fn placement_random_bounds_and_flip() {
+        let room = 1024 - 512;
+        let lo = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.0, 0.0, false);
+        assert_eq!((lo.crop_left, lo.crop_top), (0, 0));
+        let hi = Placement::new(
+            (1000, 500),
+            (512, 512),
+            CropMode::Random,
+            0.999_999_9,
+            0.999_999_9,
+            false,
+        );
+        assert_eq!((hi.crop_left, hi.crop_top), (room, 0));
+        let mid = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.5, 0.5, false);
+        assert_eq!(mid.crop_left, (0.5 * f64::from(room + 1)).floor() as u32);
+        // Out-of-range randoms are clamped rather than producing a window outside the image.
+        let over = Placement::new((1000, 500), (512, 512), CropMode::Random, 1.0, -3.0, false);
+        assert_eq!((over.crop_left, over.crop_top), (room, 0));
+        // Every value of rand_x maps to one of the room + 1 offsets, uniformly.
+        let mut counts = vec![0u32; 5];
+        for i in 0..5000 {
+            let r = (f64::from(i) + 0.5) / 5000.0;
+            let p = Placement::new((12, 8), (8, 8), CropMode::Random, r, 0.0, false);
+            counts[p.crop_left as usize] += 1;
+        }
+        assert_eq!(counts, [1000; 5]);
+        // SDXL crop_top_left with flip: left = rw - bw - crop_left.
+        let flipped = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.1, 0.0, true);
+        assert_eq!(flipped.crop_left, 51);
+        assert_eq!(flipped.crop_top_left(), (0, 1024 - 512 - 51));
+        let tall = Placement::new((500, 1000), (512, 512), CropMode::Random, 0.0, 0.25, true);
+        assert_eq!(tall.crop_top_left(), (128, 0));
+    }
+
+    #[test]
+    fn direct_copy_crops_flips_and_lays_out_chw() {
+        // Image already at the resized size: no resampling, exact values.
+        let img = image(5, 4, |x, y| {
+            [(10 * x + y) as u8, 100 + x as u8, 200 + y as u8]
+        });
+        let mut t = Transformer::new(FilterType::Lanczos3);
+        let p = placed((5, 4), 1, 2, (3, 2), false);
+        let [r, g, b] = planes_u8(&mut t, &img, &p);
+        assert_eq!(r, [12, 22, 32, 13, 23, 33]);
+        assert_eq!(g, [101, 102, 103, 101, 102, 103]);
+        assert_eq!(b, [202, 202, 202, 203, 203, 203]);
+        let [r, g, _] = planes_u8(&mut t, &img, &placed((5, 4), 1, 2, (3, 2), true));
+        assert_eq!(r, [32, 22, 12, 33, 23, 13]);
+        assert_eq!(g, [103, 102, 101, 103, 102, 101]);
+        // Full image equal to the bucket.
+        let [r, ..] = planes_u8(&mut t, &img, &placed((5, 4), 0, 0, (5, 4), false));
+        assert_eq!(
+            r,
+            (0..4)
+                .flat_map(|y| (0..5).map(move |x| (10 * x + y) as u8))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn float_outputs_normalise_to_minus_one_one() {
+        let values = [0u8, 1, 127, 128, 254, 255];
+        let img = image(6, 1, |x, _| {
+            [values[x as usize], 255 - values[x as usize], 0]
+        });
+        let mut t = Transformer::new(FilterType::Bilinear);
+        let p = placed((6, 1), 0, 0, (6, 1), false);
+
+        let mut f32s = vec![0f32; 18];
+        t.apply(&img, &p, (6, 1), OutSlot::F32(&mut f32s)).unwrap();
+        let want: Vec<f32> = values.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        assert_eq!(&f32s[..6], &want[..]);
+        assert_eq!(
+            (f32s[0], f32s[5], f32s[6], f32s[17]),
+            (-1.0, 1.0, 1.0, -1.0)
+        );
+
+        let mut f16s = vec![0u16; 18];
+        t.apply(&img, &p, (6, 1), OutSlot::F16(&mut f16s)).unwrap();
+        assert_eq!((f16s[0], f16s[5]), (0xBC00, 0x3C00)); // -1.0, 1.0
+        for (bits, want) in f16s.iter().zip(&want) {
+            assert_eq!(*bits, half::f16::from_f32(*want).to_bits());
+        }
+
+        let mut bf16s = vec![0u16; 18];
+        t.apply(&img, &p, (6, 1), OutSlot::BF16(&mut bf16s))
+            .unwrap();
+        assert_eq!((bf16s[0], bf16s[5], bf16s[12]), (0xBF80, 0x3F80, 0xBF80));
+        for (bits, want) in bf16s.iter().zip(&want) {
+            assert_eq!(*bits, half::bf16::from_f32(*want).to_bits());
+        }
+        // The middle value 127 / 127.5 - 1 = -0.0039216 in every representation.
+        assert!((half::bf16::from_bits(bf16s[2]).to_f32() + 0.003_921_6).abs() < 1e-4);
+    }
+
+    #[test]
+    fn box_filter_downscale_averages_exactly() {
+        // 4x4 gradient -> 2x2: each output is the mean of a 2x2 block.
+        let img = image(4, 4, |x, y| [(10 * x + 40 * y) as u8, (40 * x) as u8, 7]);
+        let p = Placement::new((4, 4), (2, 2), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!(p.resized, (2, 2));
+        let mut t = Transformer::new(FilterType::Box);
+        let [r, g, b] = planes_u8(&mut t, &img, &p);
+        // Block (0,0): r = (0 + 10 + 40 + 50) / 4 = 25; (1,0): (20 + 30 + 60 + 70) / 4 = 45; +80 per
+        // block row.
+        assert_eq!(r, [25, 45, 105, 125]);
+        assert_eq!(g, [20, 100, 20, 100]);
+        assert_eq!(b, [7, 7, 7, 7]);
+    }
+
+    #[test]
+    fn nearest_samples_pixel_centres() {
+        // 8 -> 4 columns: centres at (x + 0.5) * 2 = 1, 3, 5, 7.
+        let img = image(8, 2, |x, y| [(10 * x + y) as u8, 0, 0]);
+        let p = Placement::new((8, 2), (4, 1), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!((p.resized, p.crop_left, p.crop_top), ((4, 1), 0, 0));
+        let mut t = Transformer::new(FilterType::Nearest);
+        let [r, ..] = planes_u8(&mut t, &img, &p);
+        assert_eq!(r, [11, 31, 51, 71]);
+    }
+
+    #[test]
+    fn window_maps_from_resized_to_decoded_coordinates() {
+        // Upright 8x4 into a 2x2 bucket: resized 4x2, centre crop left = 1. The decoded image is
+        // given at 2x the resized size (as a DCT-scaled JPEG would be): the window in decoded
+        // pixels is x in [2, 6), and nearest sampling picks columns 3 and 5 -- the same as
+        // resizing the whole image to 4x2 (columns 1, 3, 5, 7) then cropping at 1.
+        let img = image(8, 4, |x, y| [(10 * x + y) as u8, 0, 0]);
+        let p = Placement::new((8, 4), (2, 2), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!((p.resized, p.crop_left), ((4, 2), 1));
+        let mut t = Transformer::new(FilterType::Nearest);
+        let [r, ..] = planes_u8(&mut t, &img, &p);
+        assert_eq!(r, [31, 51, 33, 53]);
+        // Flipped: columns mirrored within the window.
+        let [r, ..] = planes_u8(&mut t, &img, &Placement { flip: true, ..p });
+        assert_eq!(r, [51, 31, 53, 33]);
+        // A smaller decoded image (upscaled into the window) maps the same way: 4x2 image is the
+        // resized size itself, so it is a plain copy of columns 1..3.
+        let small = image(4, 2, |x, y| [(10 * x + y) as u8, 0, 0]);
+        let [r, ..] = planes_u8(&mut t, &small, &p);
+        assert_eq!(r, [10, 20, 11, 21]);
+    }
+
+    #[test]
+    fn convolution_keeps_solid_colours_and_matches_full_resize_then_crop() {
+        let solid = image(97, 61, |_, _| [10, 200, 30]);
+        for filter in [
+            FilterType::Lanczos3,
+            FilterType::CatmullRom,
+            FilterType::Bilinear,
+            FilterType::Box,
+        ] {
+            let mut t = Transformer::new(filter);
+            let p = Placement::new((97, 61), (32, 48), CropMode::Random, 0.7, 0.2, true);
+            let [r, g, b] = planes_u8(&mut t, &solid, &p);
+            assert!(
+                r.iter().all(|&v| v == 10)
+                    && g.iter().all(|&v| v == 200)
+                    && b.iter().all(|&v| v == 30),
+                "{filter:?}"
+            );
+        }
+        // Windowed resize == resize everything to `resized`, then crop (interior of the window,
+        // away from the filter's edge support).
+        let img = image(300, 200, |x, y| {
+            [
+                (x * 255 / 299) as u8,
+                (y * 255 / 199) as u8,
+                ((x + y) % 256) as u8,
+            ]
+        });
+        let p = Placement::new((300, 200), (64, 64), CropMode::Center, 0.0, 0.0, false);
+        assert_eq!((p.resized, p.crop_left), ((96, 64), 16));
+        let mut t = Transformer::new(FilterType::Lanczos3);
+        let [r, g, _] = planes_u8(&mut t, &img, &p);
+        let full = Placement {
+            resized: (96, 64),
+            crop_left: 0,
+            crop_top: 0,
+            flip: false,
+            bucket: (96, 64),
+        };
+        let [fr, fg, _] = planes_u8(&mut t, &img, &full);
+        for y in 4..60 {
+            for x in 4..60 {
+                let (i, j) = (y * 64 + x, y * 96 + x + 16);
+                assert!(
+                    r[i].abs_diff(fr[j]) <= 1 && g[i].abs_diff(fg[j]) <= 1,
+                    "({x}, {y})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scratch_is_reused_across_bucket_sizes() {
+        let img = image(40, 30, |x, y| [x as u8, y as u8, 0]);
+        let mut t = Transformer::new(FilterType::Bilinear);
+        for bucket in [(16, 8), (8, 16), (16, 8), (4, 4)] {
+            let p = Placement::new((40, 30), bucket, CropMode::Center, 0.0, 0.0, false);
+            let [r, ..] = planes_u8(&mut t, &img, &p);
+            assert_eq!(r.len(), (bucket.0 * bucket.1) as usize);
+        }
+        assert_eq!(t.filter(), FilterType::Bilinear);
+    }
+
+    #[test]
+    fn invalid_arguments_are_errors_not_panics() {
+        let img = image(8, 8, |_, _| [1, 2, 3]);
+        let mut t = Transformer::new(FilterType::Lanczos3);
+        let p = Placement::new((8, 8), (4, 4), CropMode::Center, 0.0, 0.0, false);
+        let mut short = vec![0u8; 47];
+        assert!(matches!(
+            t.apply(&img, &p, (4, 4), OutSlot::U8(&mut short)),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut out = vec![0f32; 48];
+        assert!(t.apply(&img, &p, (4, 4), OutSlot::F32(&mut out)).is_ok());
+        assert!(matches!(
+            t.apply(&img, &p, (2, 8), OutSlot::F32(&mut out)),
+            Err(Error::InvalidArgument(_))
+        ));
+        let outside = Placement { crop_left: 5, ..p };
+        let err = t
+            .apply(&img, &outside, (4, 4), OutSlot::F32(&mut out))
+            .unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let broken = RgbImage {
+            width: 8,
+            height: 8,
+            data: vec![0; 10],
+        };
+        assert!(matches!(
+            t.apply(&broken, &p, (4, 4), OutSlot::F32(&mut out)),
+            Err(Error::InvalidArgument(_))
+        ));
+        let zero = Placement::new((8, 8), (0, 4), CropMode::Center, 0.0, 0.0, false);
+        assert!(matches!(
+            t.apply(&img, &zero, (0, 4), OutSlot::F32(&mut [])),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn transformer_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Transformer>();
+    }
+}

@@ -1,0 +1,299 @@
+//! PyO3 bindings of fastdiff-core, exposed as the private module `fastdiff._fastdiff`.
+//!
+//! Only argument extraction, the one error map and GIL release live here; every decision about images
+//! is made in `rust/core`. The public Python API (`fastdiff.DataLoader`) wraps these classes and turns the
+//! numpy arrays into torch tensors without copying.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use fastdiff_core::pipeline::{Batch, EpochIter, Loader, LoaderOptions, PixelBuffer, Report};
+use fastdiff_core::Error;
+use numpy::ndarray::Array4;
+use numpy::IntoPyArray;
+use pyo3::create_exception;
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+create_exception!(
+    _fastdiff,
+    FastdiffError,
+    PyException,
+    "Base class of every error fastdiff raises itself."
+);
+create_exception!(
+    _fastdiff,
+    DecodeError,
+    FastdiffError,
+    "An image file could not be read as an image (corrupt, truncated, unsupported, too large, or changed since the scan). The message names the file and the cause."
+);
+
+/// The one map from core errors to Python exceptions.
+fn to_pyerr(err: Error) -> PyErr {
+    let msg = err.to_string();
+    match &err {
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            _ => PyOSError::new_err(msg),
+        },
+        Error::InvalidArgument(_) | Error::NoImages { .. } => PyValueError::new_err(msg),
+        Error::Decode { .. }
+        | Error::TooLarge { .. }
+        | Error::Changed { .. }
+        | Error::Panic { .. } => DecodeError::new_err(msg),
+    }
+}
+
+fn parse<T: std::str::FromStr>(name: &str, value: &str) -> PyResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("invalid {name}={value:?}: {e}")))
+}
+
+/// A scanned, bucketed image folder plus the options to load it (see `fastdiff.DataLoader`).
+#[pyclass(module = "fastdiff._fastdiff", frozen)]
+struct NativeLoader {
+    inner: Loader,
+}
+
+#[pymethods]
+impl NativeLoader {
+    #[new]
+    #[pyo3(signature = (
+        root, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
+        shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
+        on_error, max_pixels
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        root: PathBuf,
+        resolution: u32,
+        batch_size: usize,
+        bucket_step: u32,
+        min_bucket_side: Option<u32>,
+        max_bucket_side: Option<u32>,
+        crop: &str,
+        flip_prob: f64,
+        shuffle: bool,
+        seed: u64,
+        drop_last: bool,
+        num_threads: usize,
+        prefetch: usize,
+        dtype: &str,
+        filter: &str,
+        caption_extensions: Vec<String>,
+        background: [u8; 3],
+        on_error: &str,
+        max_pixels: u64,
+    ) -> PyResult<Self> {
+        let opts = LoaderOptions {
+            resolution,
+            batch_size,
+            bucket_step,
+            min_bucket_side,
+            max_bucket_side,
+            crop: parse("crop", crop)?,
+            flip_prob,
+            shuffle,
+            seed,
+            drop_last,
+            num_threads,
+            prefetch,
+            dtype: parse("dtype", dtype)?,
+            filter: parse("filter", filter)?,
+            caption_extensions,
+            background,
+            on_error: parse("on_error", on_error)?,
+            max_pixels,
+        };
+        let inner = py.detach(|| Loader::new(&root, opts)).map_err(to_pyerr)?;
+        Ok(NativeLoader { inner })
+    }
+
+    /// Batches per epoch (exact).
+    #[getter]
+    fn num_batches(&self) -> usize {
+        self.inner.num_batches()
+    }
+
+    /// Candidate buckets as (height, width) tuples in pixels.
+    #[getter]
+    fn buckets(&self) -> Vec<(u32, u32)> {
+        self.inner
+            .buckets()
+            .iter()
+            .map(|b| (b.height, b.width))
+            .collect()
+    }
+
+    /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        report_dict(py, &self.inner.report())
+    }
+
+    /// Start the worker threads for one epoch, from batch `start_batch` on.
+    #[pyo3(signature = (epoch, start_batch = 0))]
+    fn iter_epoch(&self, py: Python<'_>, epoch: u64, start_batch: usize) -> NativeEpochIter {
+        let it = py.detach(|| self.inner.iter_epoch(epoch, start_batch));
+        NativeEpochIter {
+            inner: Mutex::new(Some(it)),
+        }
+    }
+}
+
+/// Iterator over one epoch's batches; dropping it stops and joins its worker threads.
+#[pyclass(module = "fastdiff._fastdiff")]
+struct NativeEpochIter {
+    inner: Mutex<Option<EpochIter>>,
+}
+
+#[pymethods]
+impl NativeEpochIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths).
+    ///
+    /// `pixels` is a C-contiguous numpy array [B, 3, H, W]: uint8 for dtype "uint8", float32 for
+    /// "float32", and uint16 bit patterns for "float16"/"bfloat16" (viewed as such by the caller).
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let next = py.detach(|| {
+            let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let item = guard.as_mut().and_then(Iterator::next);
+            if item.is_none() {
+                // Finished: join the threads now rather than at garbage collection.
+                *guard = None;
+            }
+            item
+        });
+        match next {
+            None => Ok(None),
+            Some(Err(e)) => {
+                self.close(py);
+                Err(to_pyerr(e))
+            }
+            Some(Ok(batch)) => batch_tuple(py, batch).map(Some),
+        }
+    }
+
+    /// Batches left in this epoch.
+    fn __len__(&self) -> usize {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or(0, EpochIter::remaining)
+    }
+
+    /// Stop the worker threads and wait for them (also done when the iterator is dropped).
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(taken);
+        });
+    }
+}
+
+fn pixels_array<'py>(
+    py: Python<'py>,
+    pixels: PixelBuffer,
+    shape: (usize, usize, usize, usize),
+) -> PyResult<Bound<'py, PyAny>> {
+    // `from_shape_vec` + `into_pyarray` hands the Vec's allocation to numpy: no copy.
+    fn wrap<'py, T: numpy::Element>(
+        py: Python<'py>,
+        v: Vec<T>,
+        shape: (usize, usize, usize, usize),
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let arr = Array4::from_shape_vec(shape, v)
+            .map_err(|e| FastdiffError::new_err(format!("batch buffer has the wrong size: {e}")))?;
+        Ok(arr.into_pyarray(py).into_any())
+    }
+    match pixels {
+        PixelBuffer::U8(v) => wrap(py, v, shape),
+        PixelBuffer::F32(v) => wrap(py, v, shape),
+        PixelBuffer::F16(v) | PixelBuffer::BF16(v) => wrap(py, v, shape),
+    }
+}
+
+fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
+    let n = batch.samples.len();
+    let shape = (
+        n,
+        3,
+        batch.bucket.height as usize,
+        batch.bucket.width as usize,
+    );
+    let pixels = pixels_array(py, batch.pixels, shape)?;
+    let captions = PyList::new(py, batch.samples.iter().map(|s| s.caption.as_str()))?;
+    let original_sizes = PyList::new(py, batch.samples.iter().map(|s| s.original_size))?;
+    let crop_top_lefts = PyList::new(py, batch.samples.iter().map(|s| s.crop_top_left))?;
+    let target_sizes = PyList::new(py, batch.samples.iter().map(|s| s.target_size))?;
+    let paths = PyList::new(
+        py,
+        batch
+            .samples
+            .iter()
+            .map(|s| s.path.to_string_lossy().into_owned()),
+    )?;
+    PyTuple::new(
+        py,
+        [
+            pixels,
+            captions.into_any(),
+            original_sizes.into_any(),
+            crop_top_lefts.into_any(),
+            target_sizes.into_any(),
+            paths.into_any(),
+        ],
+    )
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("root", r.root.to_string_lossy())?;
+    d.set_item("found", r.found)?;
+    d.set_item("loaded", r.loaded)?;
+    let skipped = PyList::empty(py);
+    for s in &r.skipped {
+        let item = PyDict::new(py);
+        item.set_item("path", s.path.to_string_lossy())?;
+        item.set_item("code", s.code)?;
+        item.set_item("message", &s.message)?;
+        skipped.append(item)?;
+    }
+    d.set_item("skipped", skipped)?;
+    let formats = PyDict::new(py);
+    for (k, v) in &r.formats {
+        formats.set_item(k, v)?;
+    }
+    d.set_item("formats", formats)?;
+    d.set_item("min_size", (r.min_size.1, r.min_size.0))?;
+    d.set_item("max_size", (r.max_size.1, r.max_size.0))?;
+    d.set_item("captions_missing", r.captions_missing)?;
+    d.set_item("captions_fallback_encoding", r.captions_fallback_encoding)?;
+    let per_bucket = PyList::empty(py);
+    for (b, n) in &r.images_per_bucket {
+        per_bucket.append(((b.height, b.width), n))?;
+    }
+    d.set_item("images_per_bucket", per_bucket)?;
+    Ok(d)
+}
+
+/// The native module `fastdiff._fastdiff`.
+#[pymodule]
+fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<NativeLoader>()?;
+    m.add_class::<NativeEpochIter>()?;
+    m.add("FastdiffError", py.get_type::<FastdiffError>())?;
+    m.add("DecodeError", py.get_type::<DecodeError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,89 @@
+"""``fastdiff demo``: the synthetic data set, a short end-to-end run, and (slow) the full default run."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import fastdiff
+import pytest
+from fastdiff import demo
+from PIL import Image
+
+
+def run_demo_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    demo.add_demo_arguments(parser)
+    return demo.run_demo(parser.parse_args(argv))
+
+
+def check_outputs(out: Path, steps: int) -> None:
+    with (out / "loss.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "loss"]
+    assert len(rows) == steps + 1
+    assert all(math.isfinite(float(loss)) for _, loss in rows[1:])
+    for png in ("loss.png", "samples.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG"
+    assert (out / "samples.txt").read_text().splitlines() == list(demo.SAMPLE_CAPTIONS)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_dataset_has_every_caption_in_jpeg_and_png_and_three_buckets(tmp_path: Path) -> None:
+    data = demo.prepare_data_dir(tmp_path / "data")
+    captions = demo.make_shapes_dataset(data, images_per_caption=3, seed=0)
+    assert len(captions) == 3 * len(demo.all_captions())
+    assert set(demo.SAMPLE_CAPTIONS) <= set(captions)
+    images = sorted(p for p in data.iterdir() if p.suffix in {".jpg", ".png"})
+    assert {p.suffix for p in images} == {".jpg", ".png"}
+    assert [p.with_suffix(".txt").read_text().strip() for p in images] == captions
+    background = captions[0].split()[-2]
+    with Image.open(images[0]) as im:
+        assert im.getpixel((0, 0)) == pytest.approx(demo.COLOURS[background], abs=8)
+    loader = fastdiff.DataLoader(data, resolution=demo.RESOLUTION, bucket_step=demo.BUCKET_STEP)
+    assert len(loader.report["images_per_bucket"]) == 3
+
+
+def test_rerun_replaces_its_own_data_but_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    data = demo.prepare_data_dir(tmp_path / "data")
+    (data / "old.txt").write_text("stale")
+    assert list(demo.prepare_data_dir(tmp_path / "data").iterdir()) == [data / demo.MARKER]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.jpg").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        demo.prepare_data_dir(tmp_path / "mine")
+    assert (tmp_path / "mine" / "photo.jpg").exists()
+
+
+def test_short_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    steps = 60
+    argv = [
+        "--output",
+        str(tmp_path),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--images-per-caption",
+        "1",
+    ]
+    assert run_demo_cli([*argv, "--samples-per-caption", "2", "--sample-steps", "5"]) == 0
+    check_outputs(tmp_path, steps)
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_default_demo_within_ten_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    assert run_demo_cli(["--output", str(tmp_path)]) == 0
+    seconds = time.perf_counter() - start
+    check_outputs(tmp_path, demo.DemoConfig.steps)
+    assert seconds < 600, f"demo took {seconds:.0f} s"
+    with capsys.disabled():
+        print(f"\nfull demo: {seconds:.1f} s")

@@ -1,0 +1,222 @@
+"""The training loop on a few real wallpapers: logs, plots, safetensors weights, sampling, mixed precision."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from fastdiff import train as tr
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModel
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+N_IMAGES = 8
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def small_set(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 8 smallest wallpaper files (256-400 px) and their captions, in their own folder."""
+    images = sorted(
+        (p for p in wallpapers.iterdir() if p.suffix.lower() in IMAGE_EXTS),
+        key=lambda p: (p.stat().st_size, p.name),
+    )[:N_IMAGES]
+    dest = tmp_path_factory.mktemp("small")
+    for image in images:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
+    return dest
+
+
+def config(data: Path, output: Path, **overrides: object) -> tr.TrainConfig:
+    """A CPU run small enough for a test: batches of 4 at resolution 64."""
+    base = tr.TrainConfig(data=data, output=output, resolution=64, batch_size=4, steps=STEPS, device="cpu")
+    return replace(base, **overrides)
+
+
+@pytest.fixture(scope="module")
+def run(small_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tr.TrainResult:
+    """One short training run, shared by the tests that inspect its outputs."""
+    return tr.train(config(small_set, tmp_path_factory.mktemp("run")))
+
+
+def initial_models(result: tr.TrainResult, cfg: tr.TrainConfig) -> tr.TinyModels:
+    return tr.build_tiny_models(
+        result.tokenizer,
+        resolution=cfg.resolution,
+        unet_channels=cfg.unet_channels,
+        layers_per_block=cfg.layers_per_block,
+        text_hidden_size=cfg.text_hidden_size,
+        text_layers=cfg.text_layers,
+        seed=cfg.seed,
+    )
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, tensor in sa.items():
+        assert torch.equal(tensor.cpu(), sb[name].cpu()), name
+
+
+def test_loss_is_finite_and_logged_to_csv_and_png(run: tr.TrainResult) -> None:
+    assert len(run.losses) == STEPS
+    assert all(math.isfinite(v) for v in run.losses)
+    assert run.skipped_steps == 0
+    with run.loss_csv.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "loss"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
+    assert [float(r[1]) for r in rows[1:]] == pytest.approx(run.losses, rel=1e-5)
+    with Image.open(run.loss_png) as im:
+        assert im.format == "PNG"
+        assert im.width > 100 and im.height > 100
+
+
+def test_safetensors_weights_reload_equal_to_trained_and_differ_from_init(run: tr.TrainResult) -> None:
+    assert (run.output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run.output / "text_encoder" / "model.safetensors").is_file()
+    unet = UNet2DConditionModel.from_pretrained(run.output / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(run.output / "text_encoder")
+    assert_same_weights(unet, run.unet)
+    assert_same_weights(text_encoder, run.text_encoder)
+
+    init = initial_models(run, config(Path(), Path()))
+    for trained, initial in [(run.unet, init.unet), (run.text_encoder, init.text_encoder)]:
+        changed = [
+            name
+            for name, t in trained.state_dict().items()
+            if not torch.equal(t.cpu(), initial.state_dict()[name])
+        ]
+        assert changed, f"{type(trained).__name__}: no weight changed"
+
+
+def test_tokenizer_reloads_offline_and_knows_the_caption_words(run: tr.TrainResult, small_set: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(run.output / "tokenizer")
+    captions = tr.read_captions(small_set)
+    ids = tr.tokenize(tokenizer, captions)
+    assert torch.equal(ids, tr.tokenize(run.tokenizer, captions))
+    assert ids.shape == (N_IMAGES, tr.TrainConfig.max_caption_tokens)
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()
+    assert not (ids == tokenizer.unk_token_id).any()
+    assert (tr.tokenize(tokenizer, ["a zebra"]) == tokenizer.unk_token_id).sum() == 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_returns_images_of_requested_shape(run: tr.TrainResult, sampler: str) -> None:
+    def draw() -> torch.Tensor:
+        return tr.sample(
+            run.unet,
+            run.text_encoder,
+            run.tokenizer,
+            ["a desktop wallpaper", "a desktop wallpaper, grey"],
+            noise_scheduler=run.noise_scheduler,
+            height=48,
+            width=80,
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            sampler=sampler,
+            seed=7,
+        )
+
+    images = draw()
+    assert images.shape == (2, 3, 48, 80)
+    assert images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, draw())
+    assert run.unet.training and run.text_encoder.training
+
+
+def test_bf16_mixed_precision_on_cpu(small_set: Path, tmp_path: Path) -> None:
+    result = tr.train(config(small_set, tmp_path, steps=3, mixed_precision="bf16", unet_channels=(16, 32)))
+    assert len(result.losses) == 3
+    assert all(math.isfinite(v) for v in result.losses)
+    assert result.unet.dtype == torch.float32
+
+
+def test_fp16_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        tr.autocast_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda(small_set: Path, tmp_path: Path) -> None:
+    result = tr.train(config(small_set, tmp_path, steps=4, mixed_precision="fp16", device="cuda"))
+    assert result.device.type == "cuda"
+    assert len(result.losses) == 4
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+class NanLoader:
+    """A loader of the ``fastdiff.DataLoader`` form whose every batch is NaN: every loss is non-finite."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tr.Batch]:
+        yield {
+            "pixel_values": torch.full((2, 3, 32, 48), float("nan")),
+            "captions": ["a cat", "a dog"],
+            "original_sizes": [(32, 48)] * 2,
+            "crop_top_lefts": [(0, 0)] * 2,
+            "target_sizes": [(32, 48)] * 2,
+            "paths": ["a.png", "b.png"],
+        }
+
+
+def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a cat\n")
+    cfg = config(data, tmp_path / "out", steps=3, unet_channels=(16, 32))
+    result = tr.train(cfg, loader=NanLoader())
+    assert result.skipped_steps == 3
+    assert all(math.isnan(v) for v in result.losses)
+    assert (tmp_path / "out" / "loss.csv").read_text().splitlines() == [
+        "step,loss",
+        "1,nan",
+        "2,nan",
+        "3,nan",
+    ]
+    init = initial_models(result, cfg)
+    assert_same_weights(result.unet, init.unet)
+    assert_same_weights(result.text_encoder, init.text_encoder)
+
+
+def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    tr.add_train_arguments(parser)
+    defaults = tr.config_from_args(parser.parse_args(["--data", "d", "--output", "o"]))
+    assert defaults == tr.TrainConfig(data=Path("d"), output=Path("o"))
+    argv = ["--data", "d", "--output", "o", "--unet-channels", "16", "32", "--mixed-precision", "bf16"]
+    args = parser.parse_args([*argv, "--steps", "7", "--min-bucket-side", "32", "--num-threads", "1"])
+    cfg = tr.config_from_args(args)
+    assert (cfg.unet_channels, cfg.mixed_precision, cfg.steps) == ((16, 32), "bf16", 7)
+    assert (cfg.min_bucket_side, cfg.num_threads) == (32, 1)
+    assert set(vars(args)) == {f.name for f in fields(tr.TrainConfig)}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"bucket_step": 16, "unet_channels": (32,) * 6}, "downsampling"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"unet_channels": (32, 60)}, "multiples"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_config_rejects_invalid_values(override: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tr.TrainConfig(data=Path(), output=Path(), **override)
