@@ -64,8 +64,18 @@ fmt: $(VENV)/.deps
 	cargo fmt --all
 	$(BIN)/ruff format .
 
+# Side-by-side throughput on the 1000-photo corpus (made once from the wallpapers; ~5 min), with the
+# bench-only peers (datago; PyTurboJPEG 1.x over Debian's libturbojpeg for the decode ceiling).
+CORPUS ?= $(or $(FASTDIFF_CACHE),$(HOME)/.cache/fastdiff/corpus)
+SHARED ?= ../shared
 bench: setup
-	$(BIN)/python benches/side_by_side.py
+	@dpkg -s libturbojpeg0 >/dev/null 2>&1 || $(SUDO) apt-get install -y -qq libturbojpeg0
+	$(BIN)/pip install -q "datago" "PyTurboJPEG<2"
+	bash $(SHARED)/corpus/fetch_wallpapers.sh $(CORPUS)/wallpapers
+	@[ -f $(CORPUS)/photos/.complete ] || { $(BIN)/python $(SHARED)/corpus/make_photos.py \
+	  $(CORPUS)/wallpapers $(CORPUS)/photos --kind photos --n 1000 && touch $(CORPUS)/photos/.complete; }
+	$(BIN)/python benches/side_by_side.py $(CORPUS)/photos --resolution 512 --batch-size 8 --rounds 5 \
+	  --json benches/results/photos-512.json --plot benches/results/photos-512.png
 
 clean:
 	rm -rf $(VENV) target demo-out

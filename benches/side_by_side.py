@@ -1,6 +1,6 @@
 """Side-by-side throughput of fastdiff and its alternatives on one image folder (images/s).
 
-usage: python benches/side_by_side.py ROOT [--resolution 512] [--batch-size 8] [--rounds 3]
+usage: python benches/side_by_side.py [ROOT] [--resolution 512] [--batch-size 8] [--rounds 3]
            [--warmup-rounds 1] [--limit N] [--threads N] [--only a,b,...] [--json PATH] [--plot PATH]
 
 Contenders (see contenders.py): fastdiff; torchvision (the diffusers-script baseline, the reference of
@@ -8,13 +8,16 @@ every ratio); torchvision-draft (the same plus PIL ``Image.draft``); datago; cei
 (decode only, on all cores). Each run is its own process timing one epoch. Warm-up rounds run every
 contender once, unrecorded (page cache, CPU clocks); then each round runs every contender once, in a
 fixed order, so all contenders see the same drift of a shared machine. Prints per contender the median
-images/s, the ratio to the baseline and every run; writes the same as JSON and a bar chart if asked.
+images/s, the ratio to the baseline, the median CPU time per image and every run; writes the same as
+JSON and a bar chart if asked. ROOT defaults to the 1000-photo corpus that benches/README.md makes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +36,19 @@ from fastdiff.bench import (
 HERE = Path(__file__).resolve().parent
 ORDER = ("fastdiff", "torchvision", "torchvision-draft", "datago", "ceiling", "ceiling-scaled")
 BASELINE = "torchvision"
+#: The Python module each bench-only contender imports.
+PEERS = {"datago": "datago", "ceiling": "turbojpeg", "ceiling-scaled": "turbojpeg"}
+#: The package (as pip names it) that installs each of those modules.
+PEER_DISTRIBUTIONS = {"datago": "datago", "turbojpeg": "PyTurboJPEG"}
+#: Where the corpus scripts put the 1000-photo corpus (FASTDIFF_CACHE as in tests/conftest.py).
+DEFAULT_ROOT = (
+    Path(os.environ.get("FASTDIFF_CACHE", Path.home() / ".cache" / "fastdiff" / "corpus")) / "photos"
+)
+
+
+def importable(python: str, module: str) -> bool:
+    """Whether ``module`` imports in the interpreter ``python`` (the one the contenders run in)."""
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
 def run_once(python: str, name: str, root: Path, args: argparse.Namespace) -> Throughput:
@@ -55,7 +71,8 @@ def run_once(python: str, name: str, root: Path, args: argparse.Namespace) -> Th
 
 
 def plot(result: dict, path: Path) -> None:
-    """Bar chart of median images/s per contender, with each run as a dot and the ratio on each bar."""
+    """Two bar charts side by side: median images/s per contender (each run a dot, the ratio to the
+    baseline in the bar) and median CPU milliseconds per image (where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,31 +80,47 @@ def plot(result: dict, path: Path) -> None:
 
     res = result["results"]
     names = list(res)
-    medians = [res[n]["median_images_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.5))
     colors = ["tab:orange" if n == "fastdiff" else "tab:gray" if n == BASELINE else "tab:blue" for n in names]
-    bars = ax.bar(names, medians, color=colors)
+    fig, (speed, cost) = plt.subplots(1, 2, figsize=(2.0 * len(names) + 3, 4.8))
+
+    bars = speed.bar(names, [res[n]["median_images_per_s"] for n in names], color=colors)
     for i, n in enumerate(names):
         runs = res[n]["runs_images_per_s"]
-        ax.plot([i] * len(runs), runs, "k.", markersize=4)
-    ax.bar_label(bars, labels=[f"{res[n]['ratio_to_baseline']:.2f}x" for n in names], padding=3)
-    c, m = result["config"], result["machine"]
-    ax.set_ylabel("images/s (median; dots: each run)")
-    ax.set_title(
-        f"{Path(c['root']).name}: {c['images']} images, resolution {c['resolution']}, "
-        f"batch {c['batch_size']}, {m['cpus']} CPUs\nratio to {BASELINE}",
-        fontsize=10,
+        speed.plot([i] * len(runs), runs, "k.", markersize=4)
+    ratios = [f"{res[n]['ratio_to_baseline']:.2f}x" for n in names]
+    speed.bar_label(bars, labels=ratios, label_type="center", color="white", fontweight="bold")
+    speed.set_ylabel("images/s (bar: median, dots: each run)")
+    speed.set_title(f"throughput; in the bars: ratio to {BASELINE}", fontsize=10)
+
+    cpu = [res[n]["median_cpu_ms_per_image"] for n in names]
+    measured = [(n, v, c) for n, v, c in zip(names, cpu, colors, strict=True) if v is not None]
+    cost_bars = cost.bar(
+        [n for n, _, _ in measured], [v for _, v, _ in measured], color=[c for *_, c in measured]
     )
-    ax.margins(y=0.15)
+    cost.bar_label(cost_bars, fmt="%.1f", padding=2)
+    cost.set_ylabel("CPU ms per image (median; all threads and processes)")
+    cost.set_title("CPU cost per image (lower is better)", fontsize=10)
+
+    for ax in (speed, cost):
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.margins(y=0.12)
+    c, m = result["config"], result["machine"]
+    fig.suptitle(
+        f"{Path(c['root']).name}: {c['images']} images, resolution {c['resolution']}, "
+        f"batch {c['batch_size']}, {m['cpus']} CPUs ({m['cpu_model']})",
+        fontsize=11,
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main() -> int:
     """Parse the arguments, run the rounds, print the table and write the outputs."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", type=Path, help="folder of images")
+    p.add_argument(
+        "root", type=Path, nargs="?", default=DEFAULT_ROOT, help=f"folder of images (default {DEFAULT_ROOT})"
+    )
     p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (512)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
     p.add_argument("--rounds", type=int, default=3, help="recorded rounds (3)")
@@ -107,6 +140,11 @@ def main() -> int:
         p.error(f"--only: unknown {unknown} or missing the baseline {BASELINE!r}; choose from {ORDER}")
     if args.rounds < 1 or args.warmup_rounds < 0:
         p.error("need --rounds >= 1 and --warmup-rounds >= 0")
+    if not args.root.is_dir():
+        p.error(f"{args.root} is not a folder; benches/README.md says how to make the corpora")
+    missing = [f"{n} needs {PEERS[n]}" for n in names if n in PEERS and not importable(args.python, PEERS[n])]
+    if missing:
+        p.error(f"{'; '.join(missing)}: pip install datago 'PyTurboJPEG<2', or leave them out with --only")
 
     runs: dict[str, list[Throughput]] = {n: [] for n in names}
     with limited_root(args.root, args.limit) as root:
@@ -120,8 +158,9 @@ def main() -> int:
 
         images = len(list_images(root))
     summary = summarize(runs, BASELINE)
+    peers = {PEER_DISTRIBUTIONS[PEERS[n]] for n in names if n in PEERS}
     result = {
-        "machine": machine_info(),
+        "machine": machine_info() | {d: importlib.metadata.version(d) for d in sorted(peers)},
         "config": {
             "root": str(args.root),
             "images": images,

@@ -6,6 +6,7 @@ decodes, resizes, crops and flips whole batches in native threads with the GIL r
 """
 
 from fastdiff._fastdiff import DecodeError, FastdiffError, __version__
+from fastdiff.dataset import Subset, load_config
 from fastdiff.loader import DataLoader
 
-__all__ = ["DataLoader", "DecodeError", "FastdiffError", "__version__"]
+__all__ = ["DataLoader", "DecodeError", "FastdiffError", "Subset", "__version__", "load_config"]

@@ -20,12 +20,38 @@ _Batch = tuple[
     list[tuple[int, int]],  # crop_top_lefts (top, left)
     list[tuple[int, int]],  # target_sizes (h, w)
     list[str],  # paths
+    list[bool],  # is_reg
 ]
+
+class NativeSubset:
+    """One folder of a dataset with its options (see ``fastdiff.Subset``).
+
+    Raises:
+        ValueError: an option is out of range (the message names the folder and the option).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        num_repeats: int = 1,
+        is_reg: bool = False,
+        caption_extensions: list[str] | None = None,
+        captions: dict[str, str] | None = None,
+        caption_per_line: bool = False,
+        caption_dropout_rate: float = 0.0,
+        keep_tokens: int = 0,
+        shuffle_caption: bool = False,
+        caption_tag_dropout_rate: float = 0.0,
+        caption_separator: str = ",",
+        flip_prob: float | None = None,
+        crop: str | None = None,
+    ) -> None: ...
 
 class NativeLoader:
     def __init__(
         self,
-        root: str,
+        subsets: list[NativeSubset],
         *,
         resolution: int,
         batch_size: int,
@@ -45,11 +71,17 @@ class NativeLoader:
         background: tuple[int, int, int],
         on_error: str,
         max_pixels: int,
+        rank: int = 0,
+        world_size: int = 1,
+        remainder: str = "pad",
     ) -> None: ...
     @property
     def num_batches(self) -> int: ...
     @property
     def buckets(self) -> list[tuple[int, int]]: ...
+    @property
+    def dataset_digest(self) -> str:
+        """Fingerprint of the scanned dataset (relative paths, headers, subset options): 16 hex digits."""
     def report(self) -> dict[str, Any]: ...
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> NativeEpochIter: ...
 

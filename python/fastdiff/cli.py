@@ -14,7 +14,7 @@ from typing import Any
 
 
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", help="folder of images (searched recursively)")
+    p.add_argument("root", help="folder of images (searched recursively), or a dataset config .toml")
     p.add_argument("--resolution", type=int, default=512, help="bucket resolution in pixels (default 512)")
     p.add_argument("--bucket-step", type=int, default=64, help="bucket side multiple in pixels (default 64)")
     p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
@@ -37,6 +37,17 @@ def format_report(report: dict[str, Any], batches: int) -> str:
         "images per bucket (h x w: count):",
     ]
     lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["images_per_bucket"]]
+    if len(report["subsets"]) > 1 or report["samples"] != report["loaded"]:
+        lines.append(f"samples per epoch (repeats counted): {report['samples']}")
+        for sub in report["subsets"]:
+            kind = "reg" if sub["is_reg"] else "train"
+            per = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sub["images_per_bucket"])
+            lines.append(
+                f"  subset {sub['root']} ({kind}, x{sub['num_repeats']}): {sub['images']} images ({per})"
+            )
+    if report["small_buckets"]:
+        lines.append("buckets smaller than one batch (short batch, or none with drop_last):")
+        lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["small_buckets"]]
     if report["skipped"]:
         lines.append("skipped:")
         lines += [f"  [{s['code']}] {s['message']}" for s in report["skipped"]]
@@ -46,14 +57,18 @@ def format_report(report: dict[str, Any], batches: int) -> str:
 def _run_scan(args: argparse.Namespace) -> int:
     from fastdiff import DataLoader
 
-    loader = DataLoader(
-        args.root,
-        resolution=args.resolution,
-        bucket_step=args.bucket_step,
-        min_bucket_side=args.min_bucket_side,
-        max_bucket_side=args.max_bucket_side,
-        batch_size=args.batch_size,
-    )
+    if args.root.endswith(".toml"):
+        # The config's own resolution and batch options apply, not the flags' defaults.
+        loader = DataLoader.from_config(args.root)
+    else:
+        loader = DataLoader(
+            args.root,
+            resolution=args.resolution,
+            bucket_step=args.bucket_step,
+            min_bucket_side=args.min_bucket_side,
+            max_bucket_side=args.max_bucket_side,
+            batch_size=args.batch_size,
+        )
     report = loader.report
     if args.json:
         report["batches_per_epoch"] = len(loader)

@@ -7,13 +7,15 @@ itself: that all happens in ``rust/core``.
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fastdiff import _fastdiff
+from fastdiff.dataset import Subset, load_config
 
 #: Pillow's ``Image.MAX_IMAGE_PIXELS``: larger images are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -28,15 +30,23 @@ _DTYPES: dict[torch.dtype, str] = {
 Batch = dict[str, Any]
 
 
+def _available_cores() -> int:
+    """Cores this process may run on (respects CPU affinity / cgroup-pinned sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class DataLoader:
     """Iterable of aspect-bucketed training batches decoded by fastdiff's Rust core.
 
     At construction the folder is scanned (headers only, in parallel): every ``.jpg .jpeg .jfif .png
     .webp`` file in any letter case, recursively, hidden files and ``._*`` stubs ignored; each image is
     paired with the caption in a sibling file of the same stem (first of ``caption_extensions`` found;
-    none gives ``""``). Each image goes to the aspect-ratio bucket nearest in log aspect ratio to its
-    upright (EXIF-applied) size; buckets follow kohya-ss sd-scripts / NovelAI: sides are multiples of
-    ``bucket_step`` within ``[min_bucket_side, max_bucket_side]`` and area ≤ ``resolution²``.
+    none gives ``""``), or, when the folder holds an HF imagefolder ``metadata.jsonl``, with its caption
+    (see :class:`fastdiff.Subset`). Each image goes to the aspect-ratio bucket nearest in log aspect
+    ratio to its upright (EXIF-applied) size; buckets follow kohya-ss sd-scripts / NovelAI: sides are
+    multiples of ``bucket_step`` within ``[min_bucket_side, max_bucket_side]`` and area ≤ ``resolution²``.
 
     Iterating runs one epoch: worker threads decode (JPEG via libjpeg-turbo with DCT downscaling when
     the bucket is much smaller), apply EXIF orientation, composite alpha onto ``background``, resize to
@@ -55,12 +65,27 @@ class DataLoader:
       measured from the right edge when the sample was flipped (as SDXL/kohya expect).
     - ``target_sizes``: ``list[tuple[int, int]]``, the bucket's ``(h, w)``.
     - ``paths``: ``list[str]``, the files.
+    - ``is_reg``: bool tensor ``[B]``, whether each sample is a regularisation (class) image.
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
 
+    Resuming (torchdata ``StatefulDataLoader`` protocol): :meth:`state_dict` captures the epoch and the
+    batches consumed of it; :meth:`load_state_dict` on a loader built the same way makes the next
+    iteration yield exactly the rest of that epoch, as an uninterrupted run would have.
+
+    Several ranks (``torchrun``): each rank takes its slice of every global batch of
+    ``batch_size * world_size`` samples, so all ranks run ``len(loader)`` steps, use the same bucket at
+    each step and see disjoint samples. A bucket's last global batch, when shorter, is split evenly:
+    ``remainder="pad"`` repeats some of its samples so each rank gets ``ceil(n / world_size)``,
+    ``"drop"`` leaves out ``n % world_size`` of them (and the batch, if it has fewer than ``world_size``).
+    With ``drop_last`` every short global batch is dropped instead. ``report["small_buckets"]`` lists
+    buckets with less than one global batch.
+
     Args:
-        root: Folder of images (searched recursively).
+        root: Folder of images (searched recursively); the same as ``subsets=[Subset(root)]``.
+        subsets: The dataset as :class:`fastdiff.Subset` folders with their own repeats and caption
+            handling (instead of ``root``); see also :meth:`from_config`.
         resolution: Training resolution in pixels; bucket areas are at most ``resolution²``.
         batch_size: Images per batch (≥ 1).
         bucket_step: Bucket sides are multiples of this, in pixels (64 for SD/SDXL latents).
@@ -72,7 +97,9 @@ class DataLoader:
         seed: Seed of every random choice.
         drop_last: Drop each bucket's last batch when it is smaller than ``batch_size``.
         num_threads: Worker threads; ``None`` uses every core.
-        prefetch: Batches decoded ahead of the consumer (≥ 1); bounds memory.
+        prefetch: Batches in flight (being decoded or ready) ahead of the consumer (≥ 1); bounds memory
+            (each holds ``B·3·H·W`` values). Default: enough to keep every thread busy plus one batch
+            ready, ``max(2, ceil(num_threads / batch_size) + 1)``.
         dtype: ``torch.float32``, ``torch.float16``, ``torch.bfloat16`` or ``torch.uint8``.
         caption_extensions: Caption file extensions tried in order, each with its leading dot.
         background: RGB colour (0–255) that transparent pixels are composited onto.
@@ -81,6 +108,10 @@ class DataLoader:
         filter: Resize filter: ``"lanczos3"`` (default), ``"catmullrom"``, ``"bilinear"``, ``"box"``
             or ``"nearest"``.
         max_pixels: Images with more pixels than this are refused before decoding.
+        rank: This process's rank; default ``torch.distributed.get_rank()`` when initialised, else 0.
+        world_size: Number of ranks; default ``torch.distributed.get_world_size()`` when initialised,
+            else 1.
+        remainder: ``"pad"`` or ``"drop"``: how a short global batch is split across ranks (above).
 
     Raises:
         ValueError: An argument is out of range (the message names it), or ``root`` is not a folder
@@ -89,8 +120,9 @@ class DataLoader:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None = None,
         *,
+        subsets: Sequence[Subset] | None = None,
         resolution: int = 512,
         batch_size: int = 1,
         bucket_step: int = 64,
@@ -102,13 +134,16 @@ class DataLoader:
         seed: int = 0,
         drop_last: bool = False,
         num_threads: int | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         dtype: torch.dtype = torch.float32,
         caption_extensions: Sequence[str] = (".txt", ".caption"),
         background: tuple[int, int, int] = (255, 255, 255),
         on_error: str = "skip",
         filter: str = "lanczos3",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        rank: int | None = None,
+        world_size: int | None = None,
+        remainder: str = "pad",
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
@@ -116,11 +151,50 @@ class DataLoader:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         if isinstance(caption_extensions, str):
             raise ValueError("caption_extensions must be a sequence of extensions, not one string")
+        threads = num_threads or _available_cores()
+        if prefetch is None:
+            prefetch = max(2, -(-threads // max(batch_size, 1)) + 1)
+        if (root is None) == (subsets is None):
+            raise ValueError("give exactly one of root and subsets")
+        subsets = [Subset(root)] if subsets is None else list(subsets)
+        if not subsets:
+            raise ValueError("subsets must hold at least one Subset")
+        rank, world_size = _distributed_defaults(rank, world_size)
+        if rank < 0 or world_size < 1:
+            raise ValueError(
+                f"rank must be >= 0 and world_size >= 1, got rank={rank}, world_size={world_size}"
+            )
         self.dtype = dtype
-        self.root = os.fspath(root)
+        self.root = os.fspath(subsets[0].image_dir)
+        self.rank, self.world_size = rank, world_size
         self._epoch = 0
+        # Batches of epoch `_epoch` to skip on the next iteration (set by load_state_dict).
+        self._resume_batch = 0
+        # (epoch, plan position) of the iteration in progress; None when none is.
+        self._position: tuple[int, int] | None = None
+        # What must match for a saved state to apply here (not threads, prefetch, rank or on_error).
+        self._state_options: dict[str, Any] = {
+            "resolution": resolution,
+            "batch_size": batch_size,
+            "bucket_step": bucket_step,
+            "min_bucket_side": min_bucket_side,
+            "max_bucket_side": max_bucket_side,
+            "crop": crop,
+            "flip_prob": flip_prob,
+            "shuffle": shuffle,
+            "seed": seed,
+            "drop_last": drop_last,
+            "dtype": _DTYPES[dtype],
+            "caption_extensions": list(caption_extensions),
+            "background": list(background),
+            "filter": filter,
+            "max_pixels": max_pixels,
+            "world_size": world_size,
+            "remainder": remainder,
+            "subsets": [s.options() for s in subsets],
+        }
         self._native = _fastdiff.NativeLoader(
-            self.root,
+            [s.native() for s in subsets],
             resolution=resolution,
             batch_size=batch_size,
             bucket_step=bucket_step,
@@ -131,7 +205,7 @@ class DataLoader:
             shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
-            num_threads=num_threads or 0,
+            num_threads=threads,
             prefetch=prefetch,
             dtype=_DTYPES[dtype],
             filter=filter,
@@ -139,17 +213,91 @@ class DataLoader:
             background=tuple(background),
             on_error=on_error,
             max_pixels=max_pixels,
+            rank=rank,
+            world_size=world_size,
+            remainder=remainder,
         )
 
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> DataLoader:
+        """A loader of the dataset described by a TOML file (or dict); see :func:`fastdiff.load_config`.
+
+        Args:
+            config: Path of the TOML file, or its content as a dict.
+            **overrides: Further :class:`DataLoader` keyword arguments (``dtype``, ``num_threads``, ...);
+                they win over the config's.
+
+        Raises:
+            ValueError: The config is invalid (the message names the key and table), or as the constructor.
+        """
+        kwargs, subsets = load_config(config)
+        return cls(subsets=subsets, **{**kwargs, **overrides})
+
     def __len__(self) -> int:
-        """Batches per epoch (exact; every epoch has the same number)."""
+        """Batches (steps) per epoch of this rank: exact, the same for every epoch and rank; repeats count."""
         return self._native.num_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` (≥ 0) for the next iteration: it keys the shuffle, crops and flips."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch = epoch
+        if epoch != self._epoch:
+            self._resume_batch = 0
+        self._epoch, self._position = epoch, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is, to resume from after a restart (save it with the model checkpoint).
+
+        Returns:
+            A dict of plain values: ``epoch`` and ``batches_consumed`` (the next iteration resumes there;
+            at the end of an epoch this is the next epoch and 0), ``num_batches``, ``rank``,
+            ``dataset_digest`` (16 hex digits over relative paths and headers) and ``options`` (every
+            option that changes the batches; not ``num_threads``, ``prefetch``, ``on_error`` or rank).
+        """
+        epoch, consumed = self._position if self._position is not None else (self._epoch, self._resume_batch)
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "batches_consumed": consumed,
+            "num_batches": len(self),
+            "rank": self.rank,
+            "dataset_digest": self._native.dataset_digest,
+            "options": copy.deepcopy(self._state_options),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a loader over the same data and options).
+
+        The next iteration runs the saved epoch from its first unconsumed batch; a following
+        :meth:`set_epoch` with the same epoch keeps that, another epoch starts it from the beginning. A
+        state from another rank of the same run is fine (all ranks are at the same step).
+
+        Raises:
+            ValueError: A key is missing, the dataset differs (digest), or an option differs (the message
+                names the option with both values).
+        """
+        missing = {"epoch", "batches_consumed", "dataset_digest", "options"} - set(state)
+        if missing:
+            raise ValueError(f"state_dict is missing {sorted(missing)}")
+        options = state["options"]
+        for name in sorted(set(options) | set(self._state_options)):
+            saved, here = options.get(name), self._state_options.get(name)
+            if saved != here:
+                raise ValueError(
+                    f"state_dict was saved with {name}={saved!r}, this loader has {name}={here!r}"
+                )
+        if state["dataset_digest"] != self._native.dataset_digest:
+            report = self.report
+            raise ValueError(
+                f"state_dict was saved for another dataset (digest {state['dataset_digest']}, this one "
+                f"{self._native.dataset_digest}: {report['loaded']} images under {self.root}); the files "
+                "or their sizes differ"
+            )
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if epoch < 0 or not 0 <= consumed <= len(self):
+            raise ValueError(f"state_dict has epoch={epoch}, batches_consumed={consumed} (of {len(self)})")
+        self._epoch, self._resume_batch, self._position = epoch, consumed, None
 
     @property
     def epoch(self) -> int:
@@ -170,19 +318,27 @@ class DataLoader:
         fail while decoding are added as they are met); ``formats`` (count per format);
         ``min_size``/``max_size`` (upright ``(h, w)`` by area); ``captions_missing``;
         ``captions_fallback_encoding`` (caption files that were not valid UTF-8/UTF-16 and were read as
-        Windows-1252); ``images_per_bucket`` (list of ``((h, w), count)``).
+        Windows-1252); ``images_per_bucket`` (list of ``((h, w), count)``); ``samples`` (per epoch over
+        all ranks: loaded images times their subset's ``num_repeats``); ``small_buckets`` (``((h, w),
+        samples)`` of buckets with fewer samples than one global batch ``batch_size * world_size``: with
+        ``drop_last`` they yield nothing, otherwise one short batch split by ``remainder``); ``subsets``
+        (per subset: ``root``, ``is_reg``, ``num_repeats``, ``images``, ``images_per_bucket``).
         """
         return self._native.report()
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self._epoch
-        self._epoch = epoch + 1
-        return self._batches(self._native.iter_epoch(epoch))
+        epoch, start = self._epoch, self._resume_batch
+        self._epoch, self._resume_batch = epoch + 1, 0
+        self._position = (epoch, start)
+        return self._batches(self._native.iter_epoch(epoch, start), epoch)
 
-    def _batches(self, it: _fastdiff.NativeEpochIter) -> Iterator[Batch]:
+    def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int) -> Iterator[Batch]:
         view = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None
+        total = len(self)
         try:
-            for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths in it:
+            for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg in it:
+                # Plan position after this batch (batches whose samples all failed are skipped over).
+                self._position = (epoch, total - len(it))
                 pixel_values = torch.from_numpy(pixels)
                 if view is not None:
                     pixel_values = pixel_values.view(view)
@@ -193,6 +349,17 @@ class DataLoader:
                     "crop_top_lefts": crop_top_lefts,
                     "target_sizes": target_sizes,
                     "paths": paths,
+                    "is_reg": torch.tensor(is_reg, dtype=torch.bool),
                 }
+            self._position = None
         finally:
             it.close()
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``rank``/``world_size`` as given, else from an initialised ``torch.distributed``, else 0 of 1."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)

@@ -11,6 +11,7 @@ use std::path::Path;
 use encoding_rs::{Encoding, UTF_16BE, UTF_16LE, WINDOWS_1252};
 
 use crate::error::{Error, Result};
+use crate::rng::{self, SplitMix64, Stream};
 
 /// A decoded caption.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +79,122 @@ fn normalise(text: &str) -> String {
         .replace('\r', "\n")
         .trim()
         .to_owned()
+}
+
+/// Per-subset caption handling while loading (kohya-ss sd-scripts semantics). The default changes
+/// nothing: the caption is used as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptionOptions {
+    /// Each non-empty line of the caption is one variant; one is picked per (epoch, sample).
+    pub caption_per_line: bool,
+    /// Probability in `[0, 1]` that a sample's whole caption becomes `""` (classifier-free guidance).
+    pub caption_dropout_rate: f64,
+    /// Tags (the caption split at `separator`, trimmed) at the start that never move or drop out.
+    pub keep_tokens: usize,
+    /// Shuffle the tags after the first `keep_tokens`.
+    pub shuffle_caption: bool,
+    /// Probability in `[0, 1]` that each tag after the first `keep_tokens` is left out.
+    pub caption_tag_dropout_rate: f64,
+    /// What separates tags (non-empty). Default `","`; tags are re-joined with it plus a space.
+    pub separator: String,
+}
+
+impl Default for CaptionOptions {
+    fn default() -> Self {
+        CaptionOptions {
+            caption_per_line: false,
+            caption_dropout_rate: 0.0,
+            keep_tokens: 0,
+            shuffle_caption: false,
+            caption_tag_dropout_rate: 0.0,
+            separator: ",".into(),
+        }
+    }
+}
+
+impl CaptionOptions {
+    /// Errors: [`Error::InvalidArgument`] naming `caption_dropout_rate` or
+    /// `caption_tag_dropout_rate` outside `[0, 1]` (or NaN), or an empty `caption_separator`.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("caption_dropout_rate", self.caption_dropout_rate),
+            ("caption_tag_dropout_rate", self.caption_tag_dropout_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must be in [0, 1], got {v}"
+                )));
+            }
+        }
+        if self.separator.is_empty() {
+            return Err(Error::InvalidArgument(
+                "caption_separator must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether [`CaptionOptions::apply`] can change a caption at all.
+    fn is_identity(&self) -> bool {
+        *self == CaptionOptions::default()
+    }
+
+    /// The caption sample `sample` gets in `epoch`: a pure function of its arguments.
+    ///
+    /// In order: pick a variant (one line, uniformly, [`Stream::CaptionChoice`]) if
+    /// `caption_per_line`; drop the whole caption with probability `caption_dropout_rate`
+    /// ([`Stream::CaptionDropout`]); then, if `shuffle_caption` or `caption_tag_dropout_rate > 0`,
+    /// split into tags at `separator`, keep the first `keep_tokens` in place, shuffle the others
+    /// and drop each of them with probability `caption_tag_dropout_rate` (one [`SplitMix64`] keyed
+    /// [`Stream::Tags`]), and join with `separator` + `" "`. Empty tags are removed.
+    pub fn apply(&self, text: &str, seed: u64, epoch: u64, sample: u64) -> String {
+        if self.is_identity() {
+            return text.to_owned();
+        }
+        let mut caption = text;
+        if self.caption_per_line {
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            if !lines.is_empty() {
+                let u = rng::uniform(seed, epoch, Stream::CaptionChoice, sample);
+                caption = lines[((u * lines.len() as f64) as usize).min(lines.len() - 1)];
+            }
+        }
+        if self.caption_dropout_rate > 0.0
+            && rng::uniform(seed, epoch, Stream::CaptionDropout, sample) < self.caption_dropout_rate
+        {
+            return String::new();
+        }
+        if !self.shuffle_caption && self.caption_tag_dropout_rate == 0.0 {
+            return caption.to_owned();
+        }
+        let tags: Vec<&str> = caption
+            .split(self.separator.as_str())
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let keep = self.keep_tokens.min(tags.len());
+        let (fixed, rest) = tags.split_at(keep);
+        let mut rest = rest.to_vec();
+        let mut g = SplitMix64::new(seed, epoch, Stream::Tags, sample);
+        if self.shuffle_caption {
+            g.shuffle(&mut rest);
+        }
+        if self.caption_tag_dropout_rate > 0.0 {
+            let rate = self.caption_tag_dropout_rate;
+            rest.retain(|_| (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= rate);
+        }
+        let joiner = format!("{} ", self.separator);
+        fixed
+            .iter()
+            .chain(rest.iter())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(&joiner)
+    }
 }
 
 #[cfg(test)]
@@ -170,5 +287,105 @@ mod tests {
         assert_eq!(err.code(), "io");
         assert_eq!(err.path(), Some(missing.as_path()));
         assert!(err.to_string().contains("missing.txt"), "{err}");
+    }
+
+    fn opts(keep_tokens: usize, shuffle: bool, tag_dropout: f64) -> CaptionOptions {
+        CaptionOptions {
+            keep_tokens,
+            shuffle_caption: shuffle,
+            caption_tag_dropout_rate: tag_dropout,
+            ..CaptionOptions::default()
+        }
+    }
+
+    const TAGS: &str = "sks dog, solo, grass , sky,tree, , blue collar";
+
+    fn split(s: &str) -> Vec<&str> {
+        s.split(", ").collect()
+    }
+
+    #[test]
+    fn default_options_leave_the_caption_alone() {
+        let o = CaptionOptions::default();
+        assert_eq!(o.apply(TAGS, 1, 2, 3), TAGS);
+        assert_eq!(o.apply("line one\nline two", 1, 2, 3), "line one\nline two");
+    }
+
+    #[test]
+    fn shuffle_keeps_the_first_tokens_and_permutes_the_rest() {
+        let o = opts(2, true, 0.0);
+        let mut orders = std::collections::HashSet::new();
+        for sample in 0..40 {
+            let out = o.apply(TAGS, 7, 0, sample);
+            let tags = split(&out);
+            assert_eq!(&tags[..2], ["sks dog", "solo"], "{out}");
+            let mut rest: Vec<String> = tags[2..].iter().map(|t| t.to_string()).collect();
+            orders.insert(rest.clone());
+            rest.sort();
+            assert_eq!(rest, ["blue collar", "grass", "sky", "tree"]);
+            // Reproducible per (seed, epoch, sample).
+            assert_eq!(out, o.apply(TAGS, 7, 0, sample));
+        }
+        // 4 free tags have 24 orders; 40 draws see most of them.
+        assert!(orders.len() >= 15, "{}", orders.len());
+        assert_ne!(o.apply(TAGS, 7, 0, 1), o.apply(TAGS, 7, 1, 1));
+        // keep_tokens beyond the tag count keeps everything in place.
+        assert_eq!(
+            opts(9, true, 0.0).apply(TAGS, 7, 0, 0),
+            "sks dog, solo, grass, sky, tree, blue collar"
+        );
+    }
+
+    #[test]
+    fn tag_dropout_drops_free_tags_at_the_rate() {
+        let o = opts(1, false, 0.5);
+        let mut dropped = 0;
+        for sample in 0..400 {
+            let out = o.apply(TAGS, 3, 0, sample);
+            let tags = split(&out);
+            assert_eq!(tags[0], "sks dog");
+            // Order is kept without shuffle_caption.
+            let all = ["solo", "grass", "sky", "tree", "blue collar"];
+            let pos: Vec<usize> = tags[1..]
+                .iter()
+                .map(|t| all.iter().position(|a| a == t).unwrap())
+                .collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{out}");
+            dropped += 5 - (tags.len() - 1);
+        }
+        // 2000 coin flips at 0.5: within ±10%.
+        assert!((900..1100).contains(&dropped), "{dropped}");
+        assert_eq!(opts(0, false, 1.0).apply(TAGS, 3, 0, 0), "");
+    }
+
+    #[test]
+    fn caption_dropout_and_variants_are_seeded() {
+        let o = CaptionOptions {
+            caption_dropout_rate: 0.25,
+            caption_per_line: true,
+            ..CaptionOptions::default()
+        };
+        let text = "a photo of sks dog\n\n  a dog on grass  \nsks dog, portrait";
+        let mut counts = std::collections::HashMap::new();
+        for sample in 0..1200 {
+            let out = o.apply(text, 9, 4, sample);
+            assert_eq!(out, o.apply(text, 9, 4, sample));
+            *counts.entry(out).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        // 300 expected empty, 300 per variant.
+        for (k, n) in &counts {
+            assert!((240..360).contains(n), "{k:?}: {n}");
+        }
+        assert!(counts.contains_key("a dog on grass"));
+        let bad = CaptionOptions {
+            caption_tag_dropout_rate: 1.5,
+            ..CaptionOptions::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("caption_tag_dropout_rate"));
     }
 }

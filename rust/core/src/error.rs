@@ -43,6 +43,10 @@ pub enum Error {
     /// A caller-supplied option is out of range; the message names the argument.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A file the scan had to skip, raised instead of skipped (`on_error = raise`); the message is the
+    /// skip's own.
+    #[error("{}", .0.message)]
+    Skipped(Skip),
     /// The dataset root holds no image files (or does not exist as a folder).
     #[error("no images found in {}: {reason}", path.display())]
     NoImages { path: PathBuf, reason: String },
@@ -58,6 +62,7 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::Changed { .. } => "changed",
             Error::Panic { .. } => "panic",
+            Error::Skipped(skip) => skip.code,
             Error::InvalidArgument(_) => "invalid_argument",
             Error::NoImages { .. } => "no_images",
         }
@@ -72,6 +77,7 @@ impl Error {
             | Error::Changed { path, .. }
             | Error::Panic { path, .. }
             | Error::NoImages { path, .. } => Some(path),
+            Error::Skipped(skip) => Some(&skip.path),
             Error::InvalidArgument(_) => None,
         }
     }

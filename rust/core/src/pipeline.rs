@@ -25,10 +25,11 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::bucket::{assign, Bucket, BucketConfig};
+use crate::dataset::Subset;
 use crate::decode::{self, DecodeOptions, Decoder};
 use crate::error::{Error, Result, Skip};
 use crate::rng::{self, Stream};
-use crate::sampler::{self, BatchPlan};
+use crate::sampler::{self, BatchPlan, Remainder, Sampling};
 use crate::scan::{self, ImageEntry, ScanOptions};
 use crate::transform::{CropMode, FilterType, OutSlot, OutputDtype, Placement, Transformer};
 
@@ -96,6 +97,12 @@ pub struct LoaderOptions {
     pub on_error: OnError,
     /// Largest accepted image in pixels; larger ones are skipped by the scan. Default 178,956,970.
     pub max_pixels: u64,
+    /// This process's data-parallel rank, `< world_size`. Default 0.
+    pub rank: usize,
+    /// Number of data-parallel ranks sharing each epoch (see [`sampler::plan_epoch`]). Default 1.
+    pub world_size: usize,
+    /// How a bucket's last global batch is split across ranks. Default [`Remainder::Pad`].
+    pub remainder: Remainder,
 }
 
 impl Default for LoaderOptions {
@@ -121,6 +128,9 @@ impl Default for LoaderOptions {
             background: decode.background,
             on_error: OnError::Skip,
             max_pixels: decode.max_pixels,
+            rank: 0,
+            world_size: 1,
+            remainder: Remainder::Pad,
         }
     }
 }
@@ -149,6 +159,12 @@ impl LoaderOptions {
                 self.flip_prob
             )));
         }
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank must be in [0, world_size) and world_size at least 1, got rank {} of {}",
+                self.rank, self.world_size
+            )));
+        }
         if self.max_pixels == 0 {
             return Err(Error::InvalidArgument(
                 "max_pixels must be at least 1, got 0".into(),
@@ -164,6 +180,19 @@ impl LoaderOptions {
             self.min_bucket_side,
             self.max_bucket_side,
         )
+    }
+
+    /// The sampler's view of these options.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            batch_size: self.batch_size,
+            drop_last: self.drop_last,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            rank: self.rank,
+            world_size: self.world_size,
+            remainder: self.remainder,
+        }
     }
 
     fn threads(&self) -> usize {
@@ -258,11 +287,16 @@ enum RawBase {
 /// Everything about one sample of a batch except its pixels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleMeta {
-    /// Index into the loader's image list (sorted by path).
+    /// Index into the loader's image list (subsets in order, each sorted by path).
     pub index: usize,
+    /// Index of the image's subset.
+    pub subset: usize,
+    /// Whether the subset holds regularisation (class) images.
+    pub is_reg: bool,
     /// The image file.
     pub path: PathBuf,
-    /// Caption text ("" if the image has no caption file).
+    /// Caption text after the subset's caption operations (variant choice, dropout, tag shuffle and
+    /// dropout); "" if the image has no caption.
     pub caption: String,
     /// Upright image size as (height, width) in pixels (SDXL `original_size`).
     pub original_size: (u32, u32),
@@ -287,9 +321,9 @@ pub struct Batch {
 /// Summary of the dataset: what the scan found and what failed since.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
-    /// The dataset folder, as given.
+    /// The dataset folder as given (the first subset's).
     pub root: PathBuf,
-    /// Candidate image files found by the scan.
+    /// Candidate image files found by the scan (all subsets).
     pub found: usize,
     /// Images usable so far: `found - skipped.len()`.
     pub loaded: usize,
@@ -307,6 +341,29 @@ pub struct Report {
     /// Loaded images whose caption file needed the fallback decoding.
     pub captions_fallback_encoding: usize,
     /// Loaded images per bucket, for buckets with at least one image, in bucket-list order.
+    pub images_per_bucket: Vec<(Bucket, usize)>,
+    /// Samples per epoch over all ranks before batching: loaded images times their subset's repeats.
+    pub samples: usize,
+    /// Buckets with samples but fewer than one global batch (`batch_size * world_size`), with their
+    /// sample count (repeats counted): with `drop_last` they yield nothing, otherwise one short batch
+    /// split across ranks by [`Remainder`].
+    pub small_buckets: Vec<(Bucket, usize)>,
+    /// Per subset, in order.
+    pub subsets: Vec<SubsetReport>,
+}
+
+/// What the report says about one subset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsetReport {
+    /// The subset's folder.
+    pub root: PathBuf,
+    /// Whether it holds regularisation images.
+    pub is_reg: bool,
+    /// Repeats per epoch of each image.
+    pub num_repeats: usize,
+    /// Loaded images of this subset (repeats not counted).
+    pub images: usize,
+    /// Loaded images per bucket, for buckets with at least one, in bucket-list order.
     pub images_per_bucket: Vec<(Bucket, usize)>,
 }
 
@@ -336,6 +393,15 @@ struct Inner {
     images: Vec<ImageEntry>,
     /// Bucket index per image.
     bucket_of: Vec<usize>,
+    /// The subsets, in order (captions maps dropped after the scan).
+    subsets: Vec<Subset>,
+    /// Subset index per image.
+    subset_of: Vec<usize>,
+    /// Image index per sample: each image once per repeat of its subset, image-major, so without
+    /// repeats sample `i` is image `i`. Plans and per-sample randomness are keyed by sample index.
+    sample_image: Vec<usize>,
+    /// Bucket index per sample.
+    sample_bucket: Vec<usize>,
     num_batches: usize,
     found: usize,
     scan_skipped: Vec<Skip>,
@@ -357,56 +423,142 @@ impl Inner {
 }
 
 impl Loader {
-    /// Validate `opts`, scan `root` (see [`scan::scan`]) and assign every image to the bucket nearest
-    /// its upright aspect ratio (see [`assign`]).
+    /// A loader of the one folder `root` (a default [`Subset`]); see [`Loader::from_subsets`].
     ///
-    /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`]; [`Error::NoImages`] if
-    /// `root` is not a directory, holds no image files, or every image file was skipped by the scan
-    /// (the message then gives the count and the first reason); [`Error::Io`] if the scan threads
-    /// cannot be started.
+    /// Errors: as [`Loader::from_subsets`].
     pub fn new(root: &Path, opts: LoaderOptions) -> Result<Loader> {
+        Loader::from_subsets(vec![Subset::new(root)], opts)
+    }
+
+    /// Validate `opts` and the subsets, scan each subset's folder (see [`scan::scan`]) and assign
+    /// every image to the bucket nearest its upright aspect ratio (see [`assign`]). Images are listed
+    /// subset by subset, each subset sorted by path.
+    ///
+    /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`] or [`Subset::validate`],
+    /// or for an empty subset list; [`Error::NoImages`] if a subset's folder is not a directory,
+    /// holds no image files, or every image file in it was skipped by the scan (the message then
+    /// gives the count and the first reason); with [`OnError::Raise`], [`Error::Skipped`] for the
+    /// first file the scan skipped; [`Error::Io`] if the scan threads cannot be started.
+    pub fn from_subsets(mut subsets: Vec<Subset>, opts: LoaderOptions) -> Result<Loader> {
         opts.validate()?;
-        let buckets = opts.bucket_config()?.buckets();
-        let scanned = scan::scan(
-            root,
-            &ScanOptions {
-                caption_extensions: opts.caption_extensions.clone(),
-                max_pixels: opts.max_pixels,
-                num_threads: opts.num_threads,
-            },
-        )?;
-        if scanned.images.is_empty() {
-            return Err(Error::NoImages {
-                path: root.to_path_buf(),
-                reason: format!(
-                    "all {} image files were skipped; first: {}",
-                    scanned.found, scanned.skipped[0].message
-                ),
-            });
+        if subsets.is_empty() {
+            return Err(Error::InvalidArgument(
+                "subsets must hold at least one subset".into(),
+            ));
         }
-        let bucket_of: Vec<usize> = scanned
-            .images
+        for subset in &subsets {
+            subset.validate()?;
+        }
+        let buckets = opts.bucket_config()?.buckets();
+        let mut images = Vec::new();
+        let mut subset_of = Vec::new();
+        let mut found = 0;
+        let mut scan_skipped = Vec::new();
+        for (k, subset) in subsets.iter_mut().enumerate() {
+            let scanned = scan::scan(
+                &subset.root,
+                &ScanOptions {
+                    caption_extensions: subset
+                        .caption_extensions
+                        .clone()
+                        .unwrap_or_else(|| opts.caption_extensions.clone()),
+                    max_pixels: opts.max_pixels,
+                    num_threads: opts.num_threads,
+                    captions: subset.captions.take(),
+                },
+            )?;
+            if let (OnError::Raise, Some(first)) = (opts.on_error, scanned.skipped.first()) {
+                return Err(Error::Skipped(first.clone()));
+            }
+            if scanned.images.is_empty() {
+                return Err(Error::NoImages {
+                    path: subset.root.clone(),
+                    reason: format!(
+                        "all {} image files were skipped; first: {}",
+                        scanned.found, scanned.skipped[0].message
+                    ),
+                });
+            }
+            found += scanned.found;
+            scan_skipped.extend(scanned.skipped);
+            subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
+            images.extend(scanned.images);
+        }
+        scan_skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        let bucket_of: Vec<usize> = images
             .iter()
             .map(|e| {
                 let (w, h) = e.header.upright_size();
                 assign(&buckets, w, h)
             })
             .collect();
-        let num_batches =
-            sampler::num_batches(&bucket_of, buckets.len(), opts.batch_size, opts.drop_last);
+        let sample_image: Vec<usize> = (0..images.len())
+            .flat_map(|i| std::iter::repeat_n(i, subsets[subset_of[i]].num_repeats))
+            .collect();
+        let sample_bucket: Vec<usize> = sample_image.iter().map(|&i| bucket_of[i]).collect();
+        let num_batches = sampler::num_batches(&sample_bucket, buckets.len(), &opts.sampling());
         Ok(Loader {
             inner: Arc::new(Inner {
                 opts,
-                root: scanned.root,
+                root: subsets[0].root.clone(),
                 buckets,
-                images: scanned.images,
+                images,
                 bucket_of,
+                subsets,
+                subset_of,
+                sample_image,
+                sample_bucket,
                 num_batches,
-                found: scanned.found,
-                scan_skipped: scanned.skipped,
+                found,
+                scan_skipped,
                 failed: Mutex::new(Failed::default()),
             }),
         })
+    }
+
+    /// The subsets (their `captions` maps are not kept after the scan).
+    pub fn subsets(&self) -> &[Subset] {
+        &self.inner.subsets
+    }
+
+    /// A 64-bit fingerprint of the dataset as scanned: per image its subset, path relative to the
+    /// subset folder, format, stored size and orientation, plus each subset's options (not its
+    /// folder). Equal on any machine the same files are found on, whatever the absolute paths; used
+    /// to check that a saved loader state belongs to this dataset.
+    pub fn dataset_digest(&self) -> u64 {
+        let inner = &*self.inner;
+        let mut h = Fnv::default();
+        for s in &inner.subsets {
+            h.write(
+                format!(
+                    "{:?}",
+                    Subset {
+                        root: PathBuf::new(),
+                        ..s.clone()
+                    }
+                )
+                .as_bytes(),
+            );
+        }
+        for (e, &k) in inner.images.iter().zip(&inner.subset_of) {
+            let rel = e
+                .path
+                .strip_prefix(&inner.subsets[k].root)
+                .unwrap_or(&e.path);
+            h.write(format!("{k}\0{}\0", rel.display()).as_bytes());
+            let hd = &e.header;
+            h.write(
+                format!(
+                    "{} {} {} {}\0",
+                    hd.format.name(),
+                    hd.width,
+                    hd.height,
+                    hd.orientation
+                )
+                .as_bytes(),
+            );
+        }
+        h.0
     }
 
     /// The options this loader was built with.
@@ -444,6 +596,8 @@ impl Loader {
         let mut max: Option<(u32, u32)> = None;
         let mut captions_missing = 0;
         let mut captions_fallback_encoding = 0;
+        let mut per_subset = vec![vec![0usize; inner.buckets.len()]; inner.subsets.len()];
+        let mut samples_per_bucket = vec![0usize; inner.buckets.len()];
         let area = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
         for (i, e) in inner.images.iter().enumerate() {
             if failed.images.contains(&i) {
@@ -453,6 +607,9 @@ impl Loader {
                 .entry(e.header.format.name().to_owned())
                 .or_insert(0) += 1;
             per_bucket[inner.bucket_of[i]] += 1;
+            let k = inner.subset_of[i];
+            per_subset[k][inner.bucket_of[i]] += 1;
+            samples_per_bucket[inner.bucket_of[i]] += inner.subsets[k].num_repeats;
             let size = e.header.upright_size();
             if min.is_none_or(|m| area(size) < area(m)) {
                 min = Some(size);
@@ -463,7 +620,35 @@ impl Loader {
             captions_missing += usize::from(!e.caption_found);
             captions_fallback_encoding += usize::from(e.caption_fallback_encoding);
         }
+        let non_empty = |counts: Vec<usize>| -> Vec<(Bucket, usize)> {
+            inner
+                .buckets
+                .iter()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
+                .map(|(b, n)| (*b, n))
+                .collect()
+        };
+        let global = inner.opts.batch_size * inner.opts.world_size;
+        let subsets = inner
+            .subsets
+            .iter()
+            .zip(per_subset)
+            .map(|(s, counts)| SubsetReport {
+                root: s.root.clone(),
+                is_reg: s.is_reg,
+                num_repeats: s.num_repeats,
+                images: counts.iter().sum(),
+                images_per_bucket: non_empty(counts),
+            })
+            .collect();
         Report {
+            samples: samples_per_bucket.iter().sum(),
+            small_buckets: non_empty(samples_per_bucket)
+                .into_iter()
+                .filter(|(_, n)| *n < global)
+                .collect(),
+            subsets,
             root: inner.root.clone(),
             found: inner.found,
             loaded: inner.found - skipped.len(),
@@ -473,13 +658,7 @@ impl Loader {
             max_size: max.unwrap_or((0, 0)),
             captions_missing,
             captions_fallback_encoding,
-            images_per_bucket: inner
-                .buckets
-                .iter()
-                .zip(per_bucket)
-                .filter(|(_, n)| *n > 0)
-                .map(|(b, n)| (*b, n))
-                .collect(),
+            images_per_bucket: non_empty(per_bucket),
         }
     }
 
@@ -487,18 +666,16 @@ impl Loader {
     /// after `k` consumed batches pass `k`). Worker threads start at once and the first `prefetch`
     /// batches are queued before this returns.
     ///
-    /// The plan is [`sampler::plan_epoch`] with this loader's options. If `start_batch` is past the
+    /// The plan is [`sampler::plan_epoch`] over the samples (images times repeats) with this
+    /// loader's options (including its rank of `world_size`). If `start_batch` is past the
     /// end of the plan, the iterator yields one [`Error::InvalidArgument`] and ends.
     pub fn iter_epoch(&self, epoch: u64, start_batch: usize) -> EpochIter {
         let inner = Arc::clone(&self.inner);
         let o = &inner.opts;
         let plan = sampler::plan_epoch(
-            &inner.bucket_of,
+            &inner.sample_bucket,
             inner.buckets.len(),
-            o.batch_size,
-            o.drop_last,
-            o.shuffle,
-            o.seed,
+            &o.sampling(),
             epoch,
         );
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
@@ -614,6 +791,27 @@ impl EpochIter {
         }
     }
 
+    /// Wait up to `timeout` for the next batch to be ready; `true` when [`Iterator::next`] will not
+    /// block (the batch is complete, or the epoch is over or failed).
+    ///
+    /// Lets a caller that must stay responsive (Python checking for Ctrl-C between waits) wait in
+    /// slices instead of blocking in `next` for a whole slow batch.
+    pub fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let Some(front) = self.in_flight.front() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while front.pending.load(Ordering::Acquire) != 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.done.recv_timeout(left) {
+                Ok(()) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return false,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return true,
+            }
+        }
+        true
+    }
+
     /// Start the next batch of the plan if there is one; returns whether it did.
     fn start_next(&mut self) -> bool {
         let (Some(plan), Some(jobs)) = (self.plan.get(self.next_start), &self.jobs) else {
@@ -631,13 +829,14 @@ impl EpochIter {
             outcomes: Mutex::new((0..n).map(|_| None).collect()),
             pending: AtomicUsize::new(n),
         });
-        for (slot, &image) in plan.indices.iter().enumerate() {
+        for (slot, &sample) in plan.indices.iter().enumerate() {
             // Workers only exit after the sender is dropped (or on stop), so this cannot fail
             // while `jobs` is Some; a failure would only mean the batch never completes.
             let _ = jobs.send(Job {
                 batch: Arc::clone(&state),
                 slot,
-                image,
+                sample,
+                image: self.inner.sample_image[sample],
             });
         }
         self.in_flight.push_back(state);
@@ -804,10 +1003,11 @@ impl BatchState {
     }
 }
 
-/// One sample to load: image `image` into slot `slot` of `batch`.
+/// One sample to load: sample `sample` (image `image`) into slot `slot` of `batch`.
 struct Job {
     batch: Arc<BatchState>,
     slot: usize,
+    sample: usize,
     image: usize,
 }
 
@@ -900,13 +1100,17 @@ fn load_sample(
     }
 
     let bucket = job.batch.bucket;
-    let index = job.image as u64;
-    let flip = rng::uniform(o.seed, epoch, Stream::Flip, index) < o.flip_prob;
+    // Keyed by sample, not image: each repeat of an image gets its own crop, flip and caption.
+    let index = job.sample as u64;
+    let subset_index = inner.subset_of[job.image];
+    let subset = &inner.subsets[subset_index];
+    let flip =
+        rng::uniform(o.seed, epoch, Stream::Flip, index) < subset.flip_prob.unwrap_or(o.flip_prob);
     let upright = was.upright_size();
     let placement = Placement::new(
         upright,
         (bucket.width, bucket.height),
-        o.crop,
+        subset.crop.unwrap_or(o.crop),
         rng::uniform(o.seed, epoch, Stream::CropX, index),
         rng::uniform(o.seed, epoch, Stream::CropY, index),
         flip,
@@ -939,17 +1143,37 @@ fn load_sample(
 
     Ok(SampleMeta {
         index: job.image,
+        subset: subset_index,
+        is_reg: subset.is_reg,
         path: path.clone(),
-        caption: entry.caption.clone(),
+        caption: subset.caption.apply(&entry.caption, o.seed, epoch, index),
         original_size: (upright.1, upright.0),
         crop_top_left: placement.crop_top_left(),
         target_size: (bucket.height, bucket.width),
     })
 }
 
+/// FNV-1a, 64 bit: a hash that is the same on every machine and Rust version (std's is not).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caption::CaptionOptions;
     use crate::scan::tests::{write_image, write_image_with};
     use image::ImageFormat as F;
     use std::time::{Duration, Instant};
@@ -1098,10 +1322,7 @@ mod tests {
             let plan = sampler::plan_epoch(
                 &inner.bucket_of,
                 inner.buckets.len(),
-                3,
-                false,
-                true,
-                0,
+                &Sampling::single(3, false, true, 0),
                 epoch,
             );
             let got = collect(loader.iter_epoch(epoch, 0));
@@ -1332,18 +1553,10 @@ mod tests {
         let inner = &loader.inner;
         let o = &inner.opts;
         let index = inner.images.iter().position(|e| e.path == path).unwrap();
-        sampler::plan_epoch(
-            &inner.bucket_of,
-            inner.buckets.len(),
-            o.batch_size,
-            o.drop_last,
-            o.shuffle,
-            o.seed,
-            0,
-        )
-        .iter()
-        .position(|p| p.indices.contains(&index))
-        .unwrap()
+        sampler::plan_epoch(&inner.bucket_of, inner.buckets.len(), &o.sampling(), 0)
+            .iter()
+            .position(|p| p.indices.contains(&index))
+            .unwrap()
     }
 
     #[test]
@@ -1600,6 +1813,116 @@ mod tests {
         let mut p = PixelBuffer::F32(vec![1.0, 2.0]);
         p.retain_samples(&[false], 2);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn subsets_repeat_carry_their_flag_and_options_and_are_reported() {
+        let (train, _) = colour_dataset(3);
+        let (reg, _) = colour_dataset(2);
+        for i in 0..3 {
+            std::fs::write(train.path().join(format!("c{i:02}.txt")), "sks, a, b, c").unwrap();
+        }
+        let subsets = vec![
+            Subset {
+                num_repeats: 4,
+                flip_prob: Some(1.0),
+                caption: CaptionOptions {
+                    keep_tokens: 1,
+                    shuffle_caption: true,
+                    ..CaptionOptions::default()
+                },
+                ..Subset::new(train.path())
+            },
+            Subset {
+                is_reg: true,
+                ..Subset::new(reg.path())
+            },
+        ];
+        let o = LoaderOptions {
+            batch_size: 2,
+            ..opts()
+        };
+        let loader = Loader::from_subsets(subsets, o.clone()).unwrap();
+        assert_eq!(loader.images().len(), 5);
+        let r = loader.report();
+        assert_eq!((r.loaded, r.samples), (5, 3 * 4 + 2));
+        let per: Vec<(usize, usize, bool)> = r
+            .subsets
+            .iter()
+            .map(|s| (s.images, s.num_repeats, s.is_reg))
+            .collect();
+        assert_eq!(per, [(3, 4, false), (2, 1, true)]);
+        let mut uses = vec![0; 5];
+        let mut orders = HashSet::new();
+        for b in collect(loader.iter_epoch(0, 0)) {
+            for s in &b.samples {
+                uses[s.index] += 1;
+                assert_eq!(s.is_reg, s.subset == 1);
+                assert_eq!(s.is_reg, s.path.starts_with(reg.path()));
+                if s.subset == 0 {
+                    assert!(s.caption.starts_with("sks, "), "{}", s.caption);
+                    orders.insert(s.caption.clone());
+                } else {
+                    assert_eq!(s.caption, "");
+                }
+            }
+        }
+        assert_eq!(uses, [4, 4, 4, 1, 1]);
+        assert!(
+            orders.len() > 1,
+            "repeats get their own tag order: {orders:?}"
+        );
+
+        // The digest ignores where the folders are but not what they hold or the subset options.
+        let digest = loader.dataset_digest();
+        let again = Loader::from_subsets(loader.subsets().to_vec(), o.clone()).unwrap();
+        assert_eq!(again.dataset_digest(), digest);
+        let one = Loader::new(train.path(), o.clone()).unwrap();
+        assert_ne!(one.dataset_digest(), digest);
+        let moved = tempfile::tempdir().unwrap();
+        for e in one.images() {
+            std::fs::copy(&e.path, moved.path().join(e.path.file_name().unwrap())).unwrap();
+        }
+        assert_eq!(
+            Loader::new(moved.path(), o).unwrap().dataset_digest(),
+            one.dataset_digest()
+        );
+    }
+
+    #[test]
+    fn ranks_share_steps_and_buckets_and_split_the_samples() {
+        let dir = dataset();
+        let run = |rank| {
+            let o = LoaderOptions {
+                rank,
+                world_size: 2,
+                remainder: Remainder::Drop,
+                ..opts()
+            };
+            let loader = Loader::new(dir.path(), o).unwrap();
+            (loader.num_batches(), collect(loader.iter_epoch(2, 0)))
+        };
+        let (n0, b0) = run(0);
+        let (n1, b1) = run(1);
+        assert_eq!((n0, b0.len()), (n1, b1.len()));
+        let mut seen = HashSet::new();
+        for (x, y) in b0.iter().zip(&b1) {
+            assert_eq!(x.bucket, y.bucket);
+            assert_eq!(x.samples.len(), y.samples.len());
+            for s in x.samples.iter().chain(&y.samples) {
+                assert!(seen.insert(s.index), "sample {} twice", s.index);
+            }
+        }
+        let bad = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                rank: 2,
+                world_size: 2,
+                ..opts()
+            },
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("rank"), "{bad}");
     }
 
     #[test]

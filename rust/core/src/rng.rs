@@ -18,6 +18,12 @@ pub enum Stream {
     CropY = 4,
     /// Horizontal flip decision of one sample.
     Flip = 5,
+    /// Which of a sample's caption variants is used (caption.rs).
+    CaptionChoice = 6,
+    /// Whole-caption dropout of one sample (caption.rs).
+    CaptionDropout = 7,
+    /// Tag shuffle and tag dropout of one sample's caption (caption.rs).
+    Tags = 8,
 }
 
 fn mix(mut z: u64) -> u64 {

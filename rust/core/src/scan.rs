@@ -5,6 +5,7 @@
 //! be used are recorded as [`Skip`]s with the reason instead of aborting the scan, so one bad file in a
 //! million does not stop training.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ pub struct ScanOptions {
     pub max_pixels: u64,
     /// Threads reading headers; 0 = `std::thread::available_parallelism()`. Default 0.
     pub num_threads: usize,
+    /// Captions by image path (as the walk finds it: `root.join(relative)`), used instead of caption
+    /// files when given (an HF imagefolder `metadata.jsonl`); an image not in the map has none.
+    /// Default `None`.
+    pub captions: Option<BTreeMap<PathBuf, String>>,
 }
 
 impl Default for ScanOptions {
@@ -39,6 +44,7 @@ impl Default for ScanOptions {
             caption_extensions: vec![".txt".into(), ".caption".into()],
             max_pixels: DecodeOptions::default().max_pixels,
             num_threads: 0,
+            captions: None,
         }
     }
 }
@@ -252,6 +258,13 @@ fn probe_one(path: &Path, opts: &ScanOptions) -> std::result::Result<ImageEntry,
         caption_found: false,
         caption_fallback_encoding: false,
     };
+    if let Some(captions) = &opts.captions {
+        if let Some(text) = captions.get(path) {
+            entry.caption = text.clone();
+            entry.caption_found = true;
+        }
+        return Ok(entry);
+    }
     for ext in &opts.caption_extensions {
         let cap = caption_path(path, ext);
         match std::fs::read(&cap) {
@@ -551,5 +564,33 @@ pub(crate) mod tests {
             let err = scan(dir.path(), &o).unwrap_err();
             assert!(err.to_string().contains("caption_extensions"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_captions_map_replaces_caption_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.png"), dir.path().join("sub/b.png"));
+        write_image_with(&a, 8, 8, image::ImageFormat::Png, |_, _| [1, 2, 3]);
+        write_image_with(&b, 8, 8, image::ImageFormat::Png, |_, _| [1, 2, 3]);
+        std::fs::write(dir.path().join("a.txt"), "from the file").unwrap();
+        std::fs::write(dir.path().join("sub/b.txt"), "from the file").unwrap();
+        let o = ScanOptions {
+            captions: Some([(b.clone(), "from the map".to_owned())].into()),
+            ..ScanOptions::default()
+        };
+        let s = scan(dir.path(), &o).unwrap();
+        let got: Vec<(&Path, &str, bool)> = s
+            .images
+            .iter()
+            .map(|e| (e.path.as_path(), e.caption.as_str(), e.caption_found))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (a.as_path(), "", false),
+                (b.as_path(), "from the map", true)
+            ]
+        );
+        assert_eq!(s.captions_missing, 1);
     }
 }

@@ -228,10 +228,14 @@ impl Placement {
 
     /// SDXL's `crop_top_left` conditioning, `(top, left)` in resized pixels, flip-aware as in
     /// kohya-ss sd-scripts: when flipped, `left = rw - bw - crop_left` (the window's left edge in
-    /// the mirrored resized image).
+    /// the mirrored resized image; saturating at 0 for a hand-made placement whose window does not
+    /// fit).
     pub fn crop_top_left(&self) -> (u32, u32) {
         let left = if self.flip {
-            self.resized.0 - self.bucket.0 - self.crop_left
+            self.resized
+                .0
+                .saturating_sub(self.bucket.0)
+                .saturating_sub(self.crop_left)
         } else {
             self.crop_left
         };
@@ -239,8 +243,8 @@ impl Placement {
     }
 }
 
-/// Destination of one sample: `3 * bh * bw` values, planar CHW (all R rows, then G, then B), row
-///-major. Float variants hold `v / 127.5 - 1` for 8-bit `v`; `F16` and `BF16` hold the IEEE
+/// Destination of one sample: `3 * bh * bw` values, planar CHW (all R rows, then G, then B; each
+/// plane row-major). Float variants hold `v / 127.5 - 1` for 8-bit `v`; `F16` and `BF16` hold the IEEE
 /// half / bfloat16 bit patterns (round to nearest even, via the `half` crate).
 #[derive(Debug)]
 pub enum OutSlot<'a> {

@@ -4,9 +4,12 @@
 //! is made in `rust/core`. The public Python API (`fastdiff.DataLoader`) wraps these classes and turns the
 //! numpy arrays into torch tensors without copying.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use fastdiff_core::caption::CaptionOptions;
+use fastdiff_core::dataset::Subset;
 use fastdiff_core::pipeline::{Batch, EpochIter, Loader, LoaderOptions, PixelBuffer, Report};
 use fastdiff_core::Error;
 use numpy::ndarray::Array4;
@@ -31,6 +34,9 @@ create_exception!(
     "An image file could not be read as an image (corrupt, truncated, unsupported, too large, or changed since the scan). The message names the file and the cause."
 );
 
+/// How long a wait for a batch runs before Python gets a chance to handle signals (Ctrl-C).
+const SIGNAL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The one map from core errors to Python exceptions.
 fn to_pyerr(err: Error) -> PyErr {
     let msg = err.to_string();
@@ -40,11 +46,13 @@ fn to_pyerr(err: Error) -> PyErr {
             std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
             _ => PyOSError::new_err(msg),
         },
+        Error::Skipped(skip) if skip.code == "io" => PyOSError::new_err(msg),
         Error::InvalidArgument(_) | Error::NoImages { .. } => PyValueError::new_err(msg),
         Error::Decode { .. }
         | Error::TooLarge { .. }
         | Error::Changed { .. }
-        | Error::Panic { .. } => DecodeError::new_err(msg),
+        | Error::Panic { .. }
+        | Error::Skipped(_) => DecodeError::new_err(msg),
     }
 }
 
@@ -57,6 +65,58 @@ where
         .map_err(|e| PyValueError::new_err(format!("invalid {name}={value:?}: {e}")))
 }
 
+/// One folder of a dataset and its per-subset options (see `fastdiff.Subset`).
+#[pyclass(module = "fastdiff._fastdiff", frozen)]
+struct NativeSubset {
+    inner: Subset,
+}
+
+#[pymethods]
+impl NativeSubset {
+    #[new]
+    #[pyo3(signature = (
+        root, *, num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
+        caption_per_line = false, caption_dropout_rate = 0.0, keep_tokens = 0, shuffle_caption = false,
+        caption_tag_dropout_rate = 0.0, caption_separator = ",".to_owned(), flip_prob = None, crop = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        root: PathBuf,
+        num_repeats: usize,
+        is_reg: bool,
+        caption_extensions: Option<Vec<String>>,
+        captions: Option<HashMap<PathBuf, String>>,
+        caption_per_line: bool,
+        caption_dropout_rate: f64,
+        keep_tokens: usize,
+        shuffle_caption: bool,
+        caption_tag_dropout_rate: f64,
+        caption_separator: String,
+        flip_prob: Option<f64>,
+        crop: Option<&str>,
+    ) -> PyResult<Self> {
+        let inner = Subset {
+            root,
+            num_repeats,
+            is_reg,
+            caption_extensions,
+            captions: captions.map(|c| c.into_iter().collect::<BTreeMap<_, _>>()),
+            caption: CaptionOptions {
+                caption_per_line,
+                caption_dropout_rate,
+                keep_tokens,
+                shuffle_caption,
+                caption_tag_dropout_rate,
+                separator: caption_separator,
+            },
+            flip_prob,
+            crop: crop.map(|c| parse("crop", c)).transpose()?,
+        };
+        inner.validate().map_err(to_pyerr)?;
+        Ok(NativeSubset { inner })
+    }
+}
+
 /// A scanned, bucketed image folder plus the options to load it (see `fastdiff.DataLoader`).
 #[pyclass(module = "fastdiff._fastdiff", frozen)]
 struct NativeLoader {
@@ -67,14 +127,14 @@ struct NativeLoader {
 impl NativeLoader {
     #[new]
     #[pyo3(signature = (
-        root, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
+        subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
-        on_error, max_pixels
+        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        root: PathBuf,
+        subsets: Vec<PyRef<'_, NativeSubset>>,
         resolution: u32,
         batch_size: usize,
         bucket_step: u32,
@@ -93,6 +153,9 @@ impl NativeLoader {
         background: [u8; 3],
         on_error: &str,
         max_pixels: u64,
+        rank: usize,
+        world_size: usize,
+        remainder: &str,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -113,8 +176,14 @@ impl NativeLoader {
             background,
             on_error: parse("on_error", on_error)?,
             max_pixels,
+            rank,
+            world_size,
+            remainder: parse("remainder", remainder)?,
         };
-        let inner = py.detach(|| Loader::new(&root, opts)).map_err(to_pyerr)?;
+        let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
+        let inner = py
+            .detach(|| Loader::from_subsets(subsets, opts))
+            .map_err(to_pyerr)?;
         Ok(NativeLoader { inner })
     }
 
@@ -122,6 +191,12 @@ impl NativeLoader {
     #[getter]
     fn num_batches(&self) -> usize {
         self.inner.num_batches()
+    }
+
+    /// Fingerprint of the scanned dataset (relative paths, headers, subset options), 16 hex digits.
+    #[getter]
+    fn dataset_digest(&self) -> String {
+        format!("{:016x}", self.inner.dataset_digest())
     }
 
     /// Candidate buckets as (height, width) tuples in pixels.
@@ -161,11 +236,29 @@ impl NativeEpochIter {
         slf
     }
 
-    /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths).
+    /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg).
     ///
     /// `pixels` is a C-contiguous numpy array [B, 3, H, W]: uint8 for dtype "uint8", float32 for
     /// "float32", and uint16 bit patterns for "float16"/"bfloat16" (viewed as such by the caller).
+    ///
+    /// Waits with the GIL released, in slices of 100 ms so that Ctrl-C raises `KeyboardInterrupt`
+    /// promptly (the iterator is then closed and its threads joined).
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        loop {
+            let ready = py.detach(|| {
+                let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                guard
+                    .as_ref()
+                    .is_none_or(|it| it.wait_ready(SIGNAL_CHECK_INTERVAL))
+            });
+            if ready {
+                break;
+            }
+            if let Err(interrupt) = py.check_signals() {
+                self.close(py);
+                return Err(interrupt);
+            }
+        }
         let next = py.detach(|| {
             let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let item = guard.as_mut().and_then(Iterator::next);
@@ -242,6 +335,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
             .iter()
             .map(|s| s.path.to_string_lossy().into_owned()),
     )?;
+    let is_reg = PyList::new(py, batch.samples.iter().map(|s| s.is_reg))?;
     PyTuple::new(
         py,
         [
@@ -251,6 +345,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
             crop_top_lefts.into_any(),
             target_sizes.into_any(),
             paths.into_any(),
+            is_reg.into_any(),
         ],
     )
 }
@@ -283,6 +378,22 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         per_bucket.append(((b.height, b.width), n))?;
     }
     d.set_item("images_per_bucket", per_bucket)?;
+    d.set_item("samples", r.samples)?;
+    let hw = |v: &[(fastdiff_core::bucket::Bucket, usize)]| -> Vec<((u32, u32), usize)> {
+        v.iter().map(|(b, n)| ((b.height, b.width), *n)).collect()
+    };
+    d.set_item("small_buckets", hw(&r.small_buckets))?;
+    let subsets = PyList::empty(py);
+    for s in &r.subsets {
+        let item = PyDict::new(py);
+        item.set_item("root", s.root.to_string_lossy())?;
+        item.set_item("is_reg", s.is_reg)?;
+        item.set_item("num_repeats", s.num_repeats)?;
+        item.set_item("images", s.images)?;
+        item.set_item("images_per_bucket", hw(&s.images_per_bucket))?;
+        subsets.append(item)?;
+    }
+    d.set_item("subsets", subsets)?;
     Ok(d)
 }
 
@@ -290,6 +401,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 #[pymodule]
 fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    m.add_class::<NativeSubset>()?;
     m.add_class::<NativeLoader>()?;
     m.add_class::<NativeEpochIter>()?;
     m.add("FastdiffError", py.get_type::<FastdiffError>())?;

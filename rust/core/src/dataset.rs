@@ -1,0 +1,126 @@
+//! A dataset as fine-tuning tools describe it: several subsets (folders), each with its own repeats,
+//! caption conventions and augmentation, some of them regularisation (class) images for DreamBooth
+//! prior preservation. The loader takes a list of these; a single folder is one default subset.
+//!
+//! This module only describes and validates subsets; scanning is [`crate::scan`], planning
+//! [`crate::sampler`], and the per-sample caption operations [`crate::caption::CaptionOptions`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::caption::CaptionOptions;
+use crate::error::{Error, Result};
+use crate::scan::validate_caption_extensions;
+use crate::transform::CropMode;
+
+/// One folder of images and how its samples are made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subset {
+    /// Folder of images (searched recursively).
+    pub root: PathBuf,
+    /// Times each image appears per epoch (>= 1); every repeat is its own sample with its own crop,
+    /// flip and caption draw. Default 1.
+    pub num_repeats: usize,
+    /// Regularisation (class) images for DreamBooth prior preservation; samples carry the flag.
+    pub is_reg: bool,
+    /// Caption file extensions for this subset; `None` = the loader's.
+    pub caption_extensions: Option<Vec<String>>,
+    /// Captions by image path (`root.join(relative)`), replacing caption files: what an HF
+    /// imagefolder `metadata.jsonl` gives. Images not in the map have no caption.
+    pub captions: Option<BTreeMap<PathBuf, String>>,
+    /// Caption variants, dropout and tag operations.
+    pub caption: CaptionOptions,
+    /// Flip probability for this subset; `None` = the loader's `flip_prob`.
+    pub flip_prob: Option<f64>,
+    /// Crop mode for this subset; `None` = the loader's `crop`.
+    pub crop: Option<CropMode>,
+}
+
+impl Subset {
+    /// A subset of `root` with every option at its default (one repeat, not regularisation,
+    /// the loader's caption extensions, flip and crop, captions used as read).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Subset {
+            root: root.into(),
+            num_repeats: 1,
+            is_reg: false,
+            caption_extensions: None,
+            captions: None,
+            caption: CaptionOptions::default(),
+            flip_prob: None,
+            crop: None,
+        }
+    }
+
+    /// Errors: [`Error::InvalidArgument`] naming the subset folder and the argument: `num_repeats` 0,
+    /// `flip_prob` outside `[0, 1]`, bad caption extensions or caption options.
+    pub fn validate(&self) -> Result<()> {
+        let named = |e: Error| match e {
+            Error::InvalidArgument(m) => {
+                Error::InvalidArgument(format!("subset {}: {m}", self.root.display()))
+            }
+            other => other,
+        };
+        if self.num_repeats == 0 {
+            return Err(named(Error::InvalidArgument(
+                "num_repeats must be at least 1, got 0".into(),
+            )));
+        }
+        if let Some(p) = self.flip_prob.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(named(Error::InvalidArgument(format!(
+                "flip_prob must be in [0, 1], got {p}"
+            ))));
+        }
+        if let Some(exts) = &self.caption_extensions {
+            validate_caption_extensions(exts).map_err(named)?;
+        }
+        self.caption.validate().map_err(named)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_subset_and_the_argument() {
+        assert!(Subset::new("/d").validate().is_ok());
+        let cases = [
+            (
+                Subset {
+                    num_repeats: 0,
+                    ..Subset::new("/d/a")
+                },
+                "num_repeats",
+            ),
+            (
+                Subset {
+                    flip_prob: Some(-0.1),
+                    ..Subset::new("/d/a")
+                },
+                "flip_prob",
+            ),
+            (
+                Subset {
+                    caption_extensions: Some(vec!["txt".into()]),
+                    ..Subset::new("/d/a")
+                },
+                "caption_extensions",
+            ),
+            (
+                Subset {
+                    caption: CaptionOptions {
+                        caption_dropout_rate: 2.0,
+                        ..CaptionOptions::default()
+                    },
+                    ..Subset::new("/d/a")
+                },
+                "caption_dropout_rate",
+            ),
+        ];
+        for (s, name) in cases {
+            let msg = s.validate().unwrap_err().to_string();
+            assert!(msg.contains(name) && msg.contains("/d/a"), "{msg}");
+        }
+    }
+}
