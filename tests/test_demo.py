@@ -6,18 +6,39 @@ import argparse
 import csv
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import fastdiff
 import pytest
+import torch
 from fastdiff import demo
 from PIL import Image
 
 
-def run_demo_cli(argv: list[str]) -> int:
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The demo sets torch's thread count process-wide: give the tests after it the count they had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     demo.add_demo_arguments(parser)
-    return demo.run_demo(parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def run_demo_cli(argv: list[str]) -> int:
+    return demo.run_demo(parse(argv))
+
+
+def test_every_demo_config_field_is_a_cli_flag() -> None:
+    args = parse([])
+    assert set(vars(args)) == {f.name for f in fields(demo.DemoConfig)}
+    assert demo.DemoConfig(**vars(args)) == demo.DemoConfig()
 
 
 def check_outputs(out: Path, steps: int) -> None:
@@ -62,7 +83,7 @@ def test_rerun_replaces_its_own_data_but_refuses_a_foreign_folder(tmp_path: Path
 
 
 def test_short_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    steps = 60
+    steps = 120
     argv = [
         "--output",
         str(tmp_path),

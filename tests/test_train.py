@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from fastdiff import train as tr
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel
@@ -140,6 +140,14 @@ def test_bf16_mixed_precision_on_cpu(small_set: Path, tmp_path: Path) -> None:
     assert len(result.losses) == 3
     assert all(math.isfinite(v) for v in result.losses)
     assert result.unet.dtype == torch.float32
+
+
+def test_v_prediction_trains_and_is_saved_in_the_scheduler_config(small_set: Path, tmp_path: Path) -> None:
+    result = tr.train(
+        config(small_set, tmp_path, steps=3, prediction_type="v_prediction", unet_channels=(16, 32))
+    )
+    assert all(math.isfinite(v) for v in result.losses)
+    assert DDPMScheduler.from_pretrained(tmp_path / "scheduler").config.prediction_type == "v_prediction"
 
 
 def test_fp16_needs_cuda() -> None:

@@ -1,10 +1,11 @@
 """``fastdiff train``: a thin text-conditioned diffusion training loop on :class:`fastdiff.DataLoader`.
 
 A small diffusers ``UNet2DConditionModel`` learns to predict the noise added to images (epsilon
-prediction, DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239) directly
-in pixel space, conditioned through cross-attention on the hidden states of a small transformers
-``CLIPTextModel`` (Radford et al. 2021) that is trained jointly from scratch. The tokenizer is a
-word-level vocabulary built from the dataset's caption files, so nothing is downloaded.
+prediction, DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239; or
+optionally the velocity, v-prediction: Salimans & Ho 2022, arXiv:2202.00512) directly in pixel space,
+conditioned on the hidden states of a small transformers ``CLIPTextModel`` (Radford et al. 2021) that
+is trained jointly from scratch. The tokenizer is a word-level vocabulary built from the dataset's
+caption files, so nothing is downloaded.
 
 The pieces are separate functions so that the later Stable Diffusion fine-tuning (VAE latents, LoRA,
 EMA, min-SNR weighting, resume) can replace one at a time: :func:`build_tokenizer`,
@@ -39,11 +40,15 @@ if TYPE_CHECKING:
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: Samplers of :func:`sample`: deterministic DDIM or ancestral DDPM.
+SAMPLERS = ("ddim", "ddpm")
+#: Values of ``--prediction-type``: the network's target (diffusers ``prediction_type`` names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 #: Special tokens of the word-level tokenizer, in id order (``<pad>`` is id 0).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 #: Caption file extensions read for the vocabulary, as the loader's default ``caption_extensions``.
 CAPTION_EXTENSIONS = (".txt", ".caption")
-#: Width in pixels of one attention head in the UNet and the text encoder.
+#: Channels per attention head in the UNet and the text encoder.
 HEAD_DIM = 16
 #: Group count of the UNet's GroupNorm layers; every UNet channel count must be a multiple.
 NORM_GROUPS = 8
@@ -80,11 +85,19 @@ class TrainConfig:
         layers_per_block: ResNet layers per UNet level.
         text_hidden_size: Text encoder width (multiple of 16), also the UNet's cross-attention width.
         text_layers: Text encoder transformer layers.
+        prediction_type: The network's target: ``"epsilon"``, the noise ε (Ho et al. 2020), or
+            ``"v_prediction"``, ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (Salimans & Ho 2022), whose
+            MSE weighs the nearly-pure-noise timesteps, where only the caption tells the image,
+            ``1 / ᾱ_t`` times more than epsilon's does.
         num_train_timesteps: Diffusion timesteps T of the DDPM schedule.
         beta_schedule: diffusers ``beta_schedule``; the default ``"squaredcos_cap_v2"`` is the cosine
             schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), better than linear in pixel space.
         seed: Seed of the model initialisation, the loader's shuffle/crops/flips, noise and dropout.
         num_threads: Loader decode threads (``None``: every core).
+        torch_threads: torch intra-op (OpenMP) threads, set process-wide with
+            ``torch.set_num_threads`` (``None``: leave torch's setting). On a small CPU shared with
+            other work, 1 can be several times faster than all cores: every op of the step waits at
+            an OpenMP barrier for all its threads, and each wait costs a scheduler time slice.
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
     """
 
@@ -103,6 +116,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     caption_dropout: float = 0.1
+    prediction_type: str = "epsilon"
     max_caption_tokens: int = 32
     unet_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
@@ -112,6 +126,7 @@ class TrainConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     seed: int = 0
     num_threads: int | None = None
+    torch_threads: int | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -130,6 +145,9 @@ class TrainConfig:
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("num_threads", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.max_caption_tokens < 3:
             raise ValueError(
                 f"max_caption_tokens must be >= 3 (<bos>, a word, <eos>), got {self.max_caption_tokens}"
@@ -145,6 +163,10 @@ class TrainConfig:
             raise ValueError(
                 f"bucket_step ({self.bucket_step}) must be a multiple of the UNet's downsampling factor "
                 f"{downsampling} (2 ** (len(unet_channels) - 1))"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
@@ -345,6 +367,10 @@ def build_tiny_models(
             down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
             cross_attention_dim=text_hidden_size,
+            # Also add an attention-pooled text embedding to the timestep embedding, which reaches every
+            # ResNet block (as DeepFloyd IF does): global properties such as colour are learnt fast.
+            addition_embed_type="text",
+            addition_embed_type_num_heads=text_hidden_size // HEAD_DIM,
             # diffusers' historical naming: for this model `attention_head_dim` is the number of heads.
             attention_head_dim=unet_channels[-1] // HEAD_DIM,
             norm_num_groups=NORM_GROUPS,
@@ -352,8 +378,10 @@ def build_tiny_models(
     return TinyModels(unet.train(), text_encoder.train())
 
 
-def build_noise_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMScheduler:
-    """The DDPM forward-noising schedule used for training (Ho et al. 2020), epsilon prediction.
+def build_noise_scheduler(
+    num_train_timesteps: int, beta_schedule: str, prediction_type: str
+) -> DDPMScheduler:
+    """The DDPM forward-noising schedule used for training and, through its config, for sampling.
 
     Predicted clean samples are clipped to ``[-1, 1]`` when sampling (``clip_sample``), the pixel range.
 
@@ -361,6 +389,7 @@ def build_noise_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMS
         num_train_timesteps: Diffusion timesteps T.
         beta_schedule: diffusers ``beta_schedule`` (``"linear"``, ``"scaled_linear"``,
             ``"squaredcos_cap_v2"`` or ``"sigmoid"``).
+        prediction_type: What the network predicts: ``"epsilon"`` or ``"v_prediction"``.
 
     Returns:
         A diffusers ``DDPMScheduler``.
@@ -370,7 +399,7 @@ def build_noise_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDPMS
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
     )
 
@@ -415,7 +444,7 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     """The autocast dtype for ``mixed_precision`` on ``device``; ``None`` for full float32.
 
     Raises:
-        ValueError: ``"fp16"`` on a non-CUDA device (CPU autocast supports bfloat16 only usefully).
+        ValueError: ``"fp16"`` on a non-CUDA device (its gradient scaler is for CUDA).
     """
     if mixed_precision == "no":
         return None
@@ -426,15 +455,56 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     return torch.bfloat16
 
 
+def diffusion_loss(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    noise_scheduler: DDPMScheduler,
+    pixels: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The denoising loss of one batch (Ho et al. 2020, algorithm 1).
+
+    Draws Gaussian noise ε and timesteps t ~ U{0..T-1} per image, forms
+    ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` (``DDPMScheduler.add_noise``), predicts the scheduler's
+    ``prediction_type`` target (ε, or ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0``) from ``(x_t, t, text)``
+    under ``torch.autocast`` when ``amp_dtype`` is set, and returns the MSE to that target.
+
+    Args:
+        unet: The denoiser.
+        text_encoder: The caption encoder; its last hidden states condition the UNet.
+        noise_scheduler: The training schedule (its ``num_train_timesteps`` and ``prediction_type``).
+        pixels: Clean images ``x_0``, float ``[B, 3, H, W]`` in ``[-1, 1]`` on the models' device.
+        input_ids: Caption token ids, int64 ``[B, L]`` on the same device.
+        generator: Source of the noise and timesteps, on the same device.
+        amp_dtype: Autocast dtype of the forward pass; ``None`` runs it in float32.
+
+    Returns:
+        The mean squared error, a float32 scalar tensor (not finite if the batch or model is not).
+    """
+    device = pixels.device
+    noise = torch.randn(pixels.shape, generator=generator, device=device)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (pixels.shape[0],), generator=generator, device=device)
+    noisy = noise_scheduler.add_noise(pixels, noise, timesteps)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        hidden = text_encoder(input_ids).last_hidden_state
+        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(pixels, noise, timesteps)
+    return F.mse_loss(prediction.float(), target)
+
+
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
     """Train the tiny text-conditioned UNet and text encoder on a folder of captioned images.
 
-    Each step: take a batch (any aspect bucket), replace captions by ``""`` with probability
-    ``caption_dropout``, draw Gaussian noise ε and timesteps t ~ U{0..T-1}, form
-    ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` (``DDPMScheduler.add_noise``), predict ε from
-    ``(x_t, t, text)`` under ``torch.autocast`` when mixed precision is on, and minimise the MSE
-    between prediction and ε (the "simple" objective of Ho et al. 2020, eq. 14) with AdamW
-    (Loshchilov & Hutter 2019) after clipping the global gradient norm. fp16 uses
+    Each step takes a batch (any aspect bucket), replaces captions by ``""`` with probability
+    ``caption_dropout`` and minimises :func:`diffusion_loss` (the "simple" objective of Ho et al.
+    2020, eq. 14) with AdamW (Loshchilov & Hutter 2019) after clipping the global gradient norm. fp16 uses
     ``torch.amp.GradScaler``. A step whose loss is not finite is skipped (no backward, no update),
     logged and counted. Epochs restart the loader with ``set_epoch`` until ``steps`` steps ran.
 
@@ -456,6 +526,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     """
     from tqdm.auto import tqdm
 
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.mixed_precision, device)
     batches = make_loader(config) if loader is None else loader
@@ -474,7 +546,9 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     )
     unet.to(device)
     text_encoder.to(device)
-    noise_scheduler = build_noise_scheduler(config.num_train_timesteps, config.beta_schedule)
+    noise_scheduler = build_noise_scheduler(
+        config.num_train_timesteps, config.beta_schedule, config.prediction_type
+    )
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
@@ -504,15 +578,15 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
                     "" if dropout_rng.random() < config.caption_dropout else c for c in batch["captions"]
                 ]
                 input_ids = tokenize(tokenizer, captions).to(device, non_blocking=pin)
-                noise = torch.randn(pixels.shape, generator=noise_gen, device=device)
-                timesteps = torch.randint(
-                    0, config.num_train_timesteps, (pixels.shape[0],), generator=noise_gen, device=device
+                loss = diffusion_loss(
+                    unet,
+                    text_encoder,
+                    noise_scheduler,
+                    pixels,
+                    input_ids,
+                    generator=noise_gen,
+                    amp_dtype=amp_dtype,
                 )
-                noisy = noise_scheduler.add_noise(pixels, noise, timesteps)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    hidden = text_encoder(input_ids).last_hidden_state
-                    prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-                loss = F.mse_loss(prediction.float(), noise)
                 value = loss.item()
                 if math.isfinite(value):
                     scaler.scale(loss).backward()
@@ -535,7 +609,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
             epoch += 1
     seconds = time.perf_counter() - start
 
-    plot_loss(losses, config.output / "loss.png", title=f"fastdiff train: {config.data.name}")
+    title = f"{config.data.name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
+    plot_loss(losses, config.output / "loss.png", title=title)
     unet.save_pretrained(config.output / "unet", safe_serialization=True)
     text_encoder.save_pretrained(config.output / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(config.output / "tokenizer")
@@ -579,8 +654,8 @@ def plot_loss(losses: Sequence[float], path: Path, *, title: str) -> None:
     if finite.any():
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE(ε̂, ε)")
-    ax.set_title(title)
+    ax.set_ylabel("MSE loss")
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -607,7 +682,7 @@ def sample(
     ``sampler="ddim"`` uses deterministic DDIM (Song et al. 2021, arXiv:2010.02502, η = 0),
     ``"ddpm"`` ancestral DDPM sampling (Ho et al. 2020), both configured from the training schedule.
     With ``guidance_scale > 1`` classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) mixes
-    the conditional and the empty-caption predictions: ``ε = ε_∅ + s (ε_c - ε_∅)``. The initial noise
+    the conditional and the empty-caption predictions (ε or v): ``ε = ε_∅ + s (ε_c - ε_∅)``. The initial noise
     and DDPM's per-step noise come from a CPU generator seeded with ``seed``, so results do not depend
     on the device. The models are put in eval mode for the call and restored afterwards.
 
@@ -637,7 +712,7 @@ def sample(
     elif sampler == "ddpm":
         scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     else:
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     scheduler.set_timesteps(num_inference_steps)
     device, dtype = unet.device, unet.dtype
     guided = guidance_scale > 1.0
@@ -652,11 +727,11 @@ def sample(
         x = torch.randn(shape, generator=generator).to(device, dtype) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            eps = unet(model_in, t, encoder_hidden_states=hidden).sample
+            out = unet(model_in, t, encoder_hidden_states=hidden).sample
             if guided:
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+                out_cond, out_uncond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
     finally:
         unet.train(modes[0])
         text_encoder.train(modes[1])
@@ -694,10 +769,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers-per-block", type=int, default=d.layers_per_block)
     parser.add_argument("--text-hidden-size", type=int, default=d.text_hidden_size)
     parser.add_argument("--text-layers", type=int, default=d.text_layers)
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type)
     parser.add_argument("--num-train-timesteps", type=int, default=d.num_train_timesteps)
     parser.add_argument("--beta-schedule", default=d.beta_schedule, help="diffusers beta_schedule")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--num-threads", type=int, default=None, help="loader threads (default: all cores)")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's setting)"
+    )
     parser.add_argument("--device", default=d.device, help="'auto' (CUDA if available), 'cpu', 'cuda', ...")
 
 
