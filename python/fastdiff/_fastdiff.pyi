@@ -1,9 +1,10 @@
 """Type stubs of the private native module (hand-written; the public API is ``fastdiff.DataLoader``)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 __version__: str
 
@@ -14,7 +15,9 @@ class DecodeError(FastdiffError):
     """An image file could not be read as an image; the message names the file and the cause."""
 
 _Batch = tuple[
-    np.ndarray,  # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16
+    # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16, viewing recycled memory
+    # (freed to the pool with the last view); or the buffer_factory's 1-D uint8 tensor.
+    np.ndarray | torch.Tensor,
     list[str],  # captions
     list[tuple[int, int]],  # original_sizes (h, w)
     list[tuple[int, int]],  # crop_top_lefts (top, left)
@@ -83,7 +86,22 @@ class NativeLoader:
     def dataset_digest(self) -> str:
         """Fingerprint of the scanned dataset (relative paths, headers, subset options): 16 hex digits."""
     def report(self) -> dict[str, Any]: ...
-    def iter_epoch(self, epoch: int, start_batch: int = 0) -> NativeEpochIter: ...
+    def iter_epoch(
+        self,
+        epoch: int,
+        start_batch: int = 0,
+        buffer_factory: Callable[[int], torch.Tensor] | None = None,
+    ) -> NativeEpochIter:
+        """Start one epoch's worker threads from batch ``start_batch`` on.
+
+        ``buffer_factory(nbytes)``, if given, is called once per batch in plan order and must return a
+        contiguous 1-D ``torch.uint8`` tensor of at least ``nbytes`` bytes, 64-byte aligned; the batch is
+        written into it and ``__next__`` returns that tensor (viewed by the caller as ``[B, 3, H, W]``)
+        instead of a numpy array. An error from it is raised by ``__next__`` as ``ValueError``.
+        """
+
+class BatchMemory:
+    """Owner of a batch's pool memory (the numpy array's base); freeing it recycles the memory."""
 
 class NativeEpochIter(Iterator[_Batch]):
     def __iter__(self) -> NativeEpochIter: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -101,6 +102,12 @@ class DataLoader:
             (each holds ``B·3·H·W`` values). Default: enough to keep every thread busy plus one batch
             ready, ``max(2, ceil(num_threads / batch_size) + 1)``.
         dtype: ``torch.float32``, ``torch.float16``, ``torch.bfloat16`` or ``torch.uint8``.
+        pin_memory: Write each batch straight into page-locked (pinned) host memory taken from torch's
+            pinned-memory allocator, so ``pixel_values.to("cuda", non_blocking=True)`` copies
+            asynchronously (as ``torch.utils.data.DataLoader(pin_memory=True)``, without its extra
+            copy). Without CUDA it warns and is ignored, as torch's DataLoader does. Otherwise batches
+            live in recycled memory: when the last tensor viewing a batch is freed, its buffer is
+            reused for a later batch (no allocation or zero-fill per batch).
         caption_extensions: Caption file extensions tried in order, each with its leading dot.
         background: RGB colour (0–255) that transparent pixels are composited onto.
         on_error: ``"skip"`` records an undecodable file in :attr:`report` and goes on; ``"raise"``
@@ -136,6 +143,7 @@ class DataLoader:
         num_threads: int | None = None,
         prefetch: int | None = None,
         dtype: torch.dtype = torch.float32,
+        pin_memory: bool = False,
         caption_extensions: Sequence[str] = (".txt", ".caption"),
         background: tuple[int, int, int] = (255, 255, 255),
         on_error: str = "skip",
@@ -164,7 +172,15 @@ class DataLoader:
             raise ValueError(
                 f"rank must be >= 0 and world_size >= 1, got rank={rank}, world_size={world_size}"
             )
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn(
+                "pin_memory=True but CUDA is not available: batches are not pinned",
+                UserWarning,
+                stacklevel=2,
+            )
+            pin_memory = False
         self.dtype = dtype
+        self.pin_memory = pin_memory
         self.root = os.fspath(subsets[0].image_dir)
         self.rank, self.world_size = rank, world_size
         self._epoch = 0
@@ -330,7 +346,8 @@ class DataLoader:
         epoch, start = self._epoch, self._resume_batch
         self._epoch, self._resume_batch = epoch + 1, 0
         self._position = (epoch, start)
-        return self._batches(self._native.iter_epoch(epoch, start), epoch)
+        factory = _pinned_buffer if self.pin_memory else None
+        return self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
 
     def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int) -> Iterator[Batch]:
         view = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None
@@ -339,9 +356,15 @@ class DataLoader:
             for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg in it:
                 # Plan position after this batch (batches whose samples all failed are skipped over).
                 self._position = (epoch, total - len(it))
-                pixel_values = torch.from_numpy(pixels)
-                if view is not None:
-                    pixel_values = pixel_values.view(view)
+                if isinstance(pixels, torch.Tensor):
+                    # Written into a 1-D uint8 tensor from `_pinned_buffer`: view it as the batch.
+                    (h, w), b = target_sizes[0], len(captions)
+                    nbytes = b * 3 * h * w * self.dtype.itemsize
+                    pixel_values = pixels[:nbytes].view(self.dtype).view(b, 3, h, w)
+                else:
+                    pixel_values = torch.from_numpy(pixels)
+                    if view is not None:
+                        pixel_values = pixel_values.view(view)
                 yield {
                     "pixel_values": pixel_values,
                     "captions": captions,
@@ -354,6 +377,15 @@ class DataLoader:
             self._position = None
         finally:
             it.close()
+
+
+def _pinned_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of pinned host memory for one batch (the native iterator's ``buffer_factory``).
+
+    torch's caching host allocator recycles the block once the tensor is freed and every
+    asynchronous copy from it has completed, so a batch still being copied is never overwritten.
+    """
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -6,6 +6,7 @@
 //! and caption handling). The Python bindings live in `rust/py`; nothing here knows about Python.
 
 pub mod bucket;
+pub mod buffer;
 pub mod caption;
 pub mod dataset;
 pub mod decode;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use fastdiff_core::pipeline::{Batch, Loader, LoaderOptions, PixelBuffer};
+use fastdiff_core::pipeline::{Batch, Loader, LoaderOptions};
 use fastdiff_core::transform::OutputDtype;
 
 /// A `w`x`h` gradient image encoded as `format` (JPEG at quality 90).
@@ -81,9 +81,8 @@ fn epoch_on_another_thread_with_drop_last_and_half_floats() {
     let mut paths = Vec::new();
     for b in &batches {
         assert_eq!(b.samples.len(), 2);
-        let PixelBuffer::F16(v) = &b.pixels else {
-            panic!("expected f16")
-        };
+        assert_eq!(b.pixels.dtype(), OutputDtype::F16);
+        let v = b.pixels.as_u16().unwrap();
         assert_eq!(v.len(), 2 * 3 * (b.bucket.width * b.bucket.height) as usize);
         assert!(v
             .iter()

@@ -10,10 +10,13 @@ use std::sync::Mutex;
 
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
-use fastdiff_core::pipeline::{Batch, EpochIter, Loader, LoaderOptions, PixelBuffer, Report};
+use fastdiff_core::pipeline::{
+    Batch, BufferSource, EpochIter, Loader, LoaderOptions, PixelBuffer, Report,
+};
+use fastdiff_core::transform::OutputDtype;
 use fastdiff_core::Error;
-use numpy::ndarray::Array4;
-use numpy::IntoPyArray;
+use numpy::ndarray::ArrayView4;
+use numpy::PyArray4;
 use pyo3::create_exception;
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError,
@@ -215,9 +218,23 @@ impl NativeLoader {
     }
 
     /// Start the worker threads for one epoch, from batch `start_batch` on.
-    #[pyo3(signature = (epoch, start_batch = 0))]
-    fn iter_epoch(&self, py: Python<'_>, epoch: u64, start_batch: usize) -> NativeEpochIter {
-        let it = py.detach(|| self.inner.iter_epoch(epoch, start_batch));
+    ///
+    /// `buffer_factory`, if given, is called as `buffer_factory(nbytes)` once per batch (on the
+    /// thread iterating, in plan order) and must return a contiguous 1-D `torch.uint8` tensor of at
+    /// least `nbytes` bytes aligned to 64 bytes (torch's allocators align far more); the batch is
+    /// written into it and `__next__` returns that tensor in place of the numpy array. The loader
+    /// uses it to fill pinned tensors.
+    #[pyo3(signature = (epoch, start_batch = 0, buffer_factory = None))]
+    fn iter_epoch(
+        &self,
+        py: Python<'_>,
+        epoch: u64,
+        start_batch: usize,
+        buffer_factory: Option<Py<PyAny>>,
+    ) -> NativeEpochIter {
+        let source = buffer_factory
+            .map(|factory| Box::new(PyBufferSource { factory }) as Box<dyn BufferSource>);
+        let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
         NativeEpochIter {
             inner: Mutex::new(Some(it)),
         }
@@ -279,9 +296,13 @@ impl NativeEpochIter {
     }
 
     /// Batches left in this epoch.
-    fn __len__(&self) -> usize {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().map_or(0, EpochIter::remaining)
+    fn __len__(&self, py: Python<'_>) -> usize {
+        // The GIL is released before locking: the thread advancing the iterator may hold the lock
+        // while it calls the buffer factory, which needs the GIL.
+        py.detach(|| {
+            let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map_or(0, EpochIter::remaining)
+        })
     }
 
     /// Stop the worker threads and wait for them (also done when the iterator is dropped).
@@ -293,25 +314,76 @@ impl NativeEpochIter {
     }
 }
 
-fn pixels_array<'py>(
+/// Batch memory from the loader's pool, kept alive by the numpy arrays viewing it; dropping the
+/// last view gives the memory back to the pool for the next batch.
+#[pyclass(module = "fastdiff._fastdiff", frozen)]
+struct BatchMemory {
+    _pixels: PixelBuffer,
+}
+
+/// Calls a Python `buffer_factory(nbytes)` for each batch's memory (see `NativeLoader.iter_epoch`).
+struct PyBufferSource {
+    factory: Py<PyAny>,
+}
+
+impl BufferSource for PyBufferSource {
+    fn buffer(
+        &mut self,
+        bytes: usize,
+    ) -> Result<(std::ptr::NonNull<u8>, Box<dyn std::any::Any + Send>), Error> {
+        Python::attach(|py| {
+            let tensor = self.factory.bind(py).call1((bytes,))?;
+            let nbytes: usize = tensor.getattr("nbytes")?.extract()?;
+            let contiguous: bool = tensor.call_method0("is_contiguous")?.extract()?;
+            if nbytes < bytes || !contiguous {
+                return Err(PyValueError::new_err(format!(
+                    "buffer_factory({bytes}) returned {nbytes} bytes{}",
+                    if contiguous { "" } else { ", not contiguous" }
+                )));
+            }
+            let address: usize = tensor.call_method0("data_ptr")?.extract()?;
+            let ptr = std::ptr::NonNull::new(address as *mut u8)
+                .ok_or_else(|| PyValueError::new_err("buffer_factory returned a null data_ptr"))?;
+            Ok((
+                ptr,
+                Box::new(tensor.unbind()) as Box<dyn std::any::Any + Send>,
+            ))
+        })
+        .map_err(|e: PyErr| Error::InvalidArgument(format!("buffer_factory failed: {e}")))
+    }
+}
+
+/// The batch pixels for Python: a numpy array `[B, 3, H, W]` viewing pool memory (uint8, float32,
+/// or uint16 bit patterns for the half types), or the `buffer_factory` tensor the batch was written
+/// into (1-D uint8, at least the batch's bytes; the caller views it).
+fn pixels_object<'py>(
     py: Python<'py>,
     pixels: PixelBuffer,
     shape: (usize, usize, usize, usize),
 ) -> PyResult<Bound<'py, PyAny>> {
-    // `from_shape_vec` + `into_pyarray` hands the Vec's allocation to numpy: no copy.
-    fn wrap<'py, T: numpy::Element>(
+    fn view<'py, T: numpy::Element>(
         py: Python<'py>,
-        v: Vec<T>,
+        pixels: PixelBuffer,
         shape: (usize, usize, usize, usize),
     ) -> PyResult<Bound<'py, PyAny>> {
-        let arr = Array4::from_shape_vec(shape, v)
-            .map_err(|e| FastdiffError::new_err(format!("batch buffer has the wrong size: {e}")))?;
-        Ok(arr.into_pyarray(py).into_any())
+        if shape.0 * shape.1 * shape.2 * shape.3 != pixels.len() {
+            return Err(FastdiffError::new_err(format!(
+                "batch buffer holds {} values, not {shape:?}",
+                pixels.len()
+            )));
+        }
+        // SAFETY: the buffer holds `len` initialised, aligned values of T (checked above and by the
+        // dtype match in the caller); the view is only used to create the numpy array, whose base
+        // object owns the buffer, so the memory outlives the array.
+        let arr = unsafe { ArrayView4::from_shape_ptr(shape, pixels.as_ptr().cast::<T>()) };
+        let owner = Bound::new(py, BatchMemory { _pixels: pixels })?;
+        // SAFETY: `owner` keeps the memory alive and unchanged for as long as the array exists.
+        Ok(unsafe { PyArray4::borrow_from_array(&arr, owner.into_any()) }.into_any())
     }
-    match pixels {
-        PixelBuffer::U8(v) => wrap(py, v, shape),
-        PixelBuffer::F32(v) => wrap(py, v, shape),
-        PixelBuffer::F16(v) | PixelBuffer::BF16(v) => wrap(py, v, shape),
+    match pixels.dtype() {
+        OutputDtype::U8 => view::<u8>(py, pixels, shape),
+        OutputDtype::F32 => view::<f32>(py, pixels, shape),
+        OutputDtype::F16 | OutputDtype::BF16 => view::<u16>(py, pixels, shape),
     }
 }
 
@@ -323,7 +395,13 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
         batch.bucket.height as usize,
         batch.bucket.width as usize,
     );
-    let pixels = pixels_array(py, batch.pixels, shape)?;
+    let pixels = match batch.pixels.into_owner() {
+        Ok(owner) => match owner.downcast::<Py<PyAny>>() {
+            Ok(tensor) => tensor.into_bound(py),
+            Err(_) => return Err(FastdiffError::new_err("batch memory of an unknown owner")),
+        },
+        Err(pool_memory) => pixels_object(py, pool_memory, shape)?,
+    };
     let captions = PyList::new(py, batch.samples.iter().map(|s| s.caption.as_str()))?;
     let original_sizes = PyList::new(py, batch.samples.iter().map(|s| s.original_size))?;
     let crop_top_lefts = PyList::new(py, batch.samples.iter().map(|s| s.crop_top_left))?;
@@ -404,6 +482,7 @@ fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeSubset>()?;
     m.add_class::<NativeLoader>()?;
     m.add_class::<NativeEpochIter>()?;
+    m.add_class::<BatchMemory>()?;
     m.add("FastdiffError", py.get_type::<FastdiffError>())?;
     m.add("DecodeError", py.get_type::<DecodeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
