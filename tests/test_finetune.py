@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from fastdiff import cli, loop, sd
 from fastdiff import train as tr
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_sd import build_sd15, build_sdxl
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
@@ -356,6 +356,13 @@ def test_model_path_errors_are_clear(tmp_path: Path, sd15: Path) -> None:
     with pytest.raises(ValueError, match="vae/"):
         sd.pipeline_kind(broken)
     assert sd.pipeline_kind(sd15) == "sd"
+    single = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, single)
+    with pytest.raises(ValueError, match="needs --model-config"):
+        sd.pipeline_kind(single)
+    assert sd.pipeline_kind(single, sd15) == "sd"
+    with pytest.raises(ValueError, match=r"model\.safetensors: could not load"):
+        sd.load_pipeline(single, sd15)
 
 
 def test_from_scratch_fields_are_refused_with_a_model() -> None:

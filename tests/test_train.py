@@ -232,3 +232,46 @@ def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
 def test_config_rejects_invalid_values(override: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tr.TrainConfig(data=Path(), output=Path(), **override)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: faster on a small shared CPU, and the same reduction order in both runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, tmp_path: Path) -> None:
+    cfg = config(
+        small_set,
+        tmp_path / "full",
+        resolution=32,
+        max_steps=3,
+        batch_size=2,
+        unet_channels=(16, 32),
+        checkpoint_every=2,
+        gradient_accumulation_steps=2,
+        ema_decay=0.9,
+        snr_gamma=5.0,
+        crop="random",
+        flip_prob=0.5,
+        num_threads=1,
+    )
+    full = tr.train(cfg)
+    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint-2"))
+    assert resumed.first_step == 3
+    assert resumed.losses == full.losses[2:]
+    assert_same_weights(resumed.unet, full.unet)
+    assert_same_weights(resumed.text_encoder, full.text_encoder)
+
+
+def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a cat\n")
+    cfg = config(data, tmp_path / "out", max_steps=5, unet_channels=(16, 32), max_consecutive_skips=2)
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps .* a\.png, b\.png"):
+        tr.train(cfg, loader=NanLoader())

@@ -42,7 +42,6 @@ LOADER_FILE = "loader.json"
 CONFIG_FILE = "train_config.json"
 #: Settings that must be the same in a resumed run as in the run that wrote the checkpoint.
 RESUME_MUST_MATCH = (
-    "model",
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
@@ -53,7 +52,6 @@ RESUME_MUST_MATCH = (
     "use_8bit_adam",
     "ema_decay",
     "lr_scheduler",
-    "seed",
 )
 #: Images per prompt in a preview grid (seeds ``seed``, ``seed + 1``, ...).
 PREVIEW_SEEDS = 2

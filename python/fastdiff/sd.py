@@ -48,8 +48,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 def pipeline_kind(model: Path, model_config: Path | None = None) -> str:
     """``"sd"`` (SD 1.x/2.x) or ``"sdxl"`` for a pipeline folder or single-file checkpoint.
 
-    A folder is identified by its ``model_index.json``; a single file by ``model_config``'s, else by
-    its keys (SDXL checkpoints hold ``conditioner.embedders.1``, the second text encoder).
+    A folder is identified by its ``model_index.json``; a single file by ``model_config``'s (required
+    for single files: without it diffusers would look for configs online).
 
     Raises:
         FileNotFoundError: ``model`` does not exist.
@@ -83,15 +83,13 @@ def pipeline_kind(model: Path, model_config: Path | None = None) -> str:
             f"model {model}: unknown layout; expected a pipeline folder or a "
             f"{'/'.join(SINGLE_FILE_SUFFIXES)} file"
         )
-    if model_config is not None:
-        return pipeline_kind(model_config)
-    if model.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(model), framework="pt") as f:
-            sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())  # noqa: SIM118
-        return "sdxl" if sdxl else "sd"
-    raise ValueError(f"model {model}: a .ckpt file needs --model-config (a local pipeline folder)")
+    if model_config is None:
+        # Without it diffusers looks for the configs in the Hugging Face cache and may try to download.
+        raise ValueError(
+            f"model {model}: a single-file checkpoint needs --model-config, a local diffusers pipeline "
+            "folder of the same architecture (its configs and tokenizers are used; nothing is downloaded)"
+        )
+    return pipeline_kind(model_config)
 
 
 def load_pipeline(model: Path, model_config: Path | None = None) -> DiffusionPipeline:
@@ -100,17 +98,16 @@ def load_pipeline(model: Path, model_config: Path | None = None) -> DiffusionPip
     Args:
         model: A diffusers pipeline folder, or a single-file checkpoint loaded with diffusers'
             ``from_single_file``.
-        model_config: For a single file: a local pipeline folder of the same architecture whose
-            component configs (and tokenizers) are used; without it diffusers must find them in the
-            local Hugging Face cache.
+        model_config: For a single file (required): a local pipeline folder of the same architecture
+            whose component configs and tokenizers are used.
 
     Returns:
         A ``StableDiffusionPipeline`` (no safety checker) or ``StableDiffusionXLPipeline`` on the CPU.
 
     Raises:
         FileNotFoundError: ``model`` does not exist.
-        ValueError: Unknown layout or class (see :func:`pipeline_kind`), or a single file that cannot be
-            loaded offline.
+        ValueError: Unknown layout or class (see :func:`pipeline_kind`), or a single file that does not
+            load with ``model_config``'s configs.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -126,10 +123,10 @@ def load_pipeline(model: Path, model_config: Path | None = None) -> DiffusionPip
             local_files_only=True,
             **extra,
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:  # diffusers raises several types here (SingleFileComponentError, OSError, ...)
         raise ValueError(
-            f"model {model}: could not load the single-file checkpoint offline ({e}); pass --model-config "
-            "with a local diffusers pipeline folder of the same architecture"
+            f"model {model}: could not load the single-file checkpoint with the configs of "
+            f"{model_config}: {e}"
         ) from e
 
 

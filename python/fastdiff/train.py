@@ -89,8 +89,8 @@ class TrainConfig:
             (``save_pretrained``); LoRA ``pytorch_lora_weights.safetensors``. Created if missing.
         model: Stable Diffusion pipeline folder (diffusers layout) or single-file checkpoint
             (``.safetensors``/``.ckpt``) to fine-tune; ``None`` trains the tiny model from scratch.
-        model_config: For a single-file ``model``: a local diffusers pipeline folder of the same
-            architecture whose configs ``from_single_file`` uses (nothing is downloaded).
+        model_config: For a single-file ``model`` (required there): a local diffusers pipeline folder
+            of the same architecture whose configs ``from_single_file`` uses (nothing is downloaded).
         resolution: Bucket resolution in pixels: every batch has ``H * W <= resolution**2``. Default:
             64 from scratch; the UNet's ``sample_size`` times the VAE's downsampling for a pipeline
             (512 for SD 1.5, 1024 for SDXL).
