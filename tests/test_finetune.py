@@ -91,7 +91,8 @@ def without_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_full_finetune_changes_the_unet_only_and_saves_a_loadable_pipeline(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
-    result = tr.train(config(sd15, images, tmp_path, lora_rank=0))
+    # bf16 autocast and a bf16 VAE (frozen text encoder held in bf16 too): what is saved is float32.
+    result = tr.train(config(sd15, images, tmp_path, lora_rank=0, mixed_precision="bf16", vae_dtype="bf16"))
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     rows = read_csv(tmp_path / "loss.csv")
     assert rows[0] == ["step", "loss"] and [r[0] for r in rows[1:]] == ["1", "2", "3"]
@@ -101,13 +102,14 @@ def test_full_finetune_changes_the_unet_only_and_saves_a_loadable_pipeline(
     saved = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, local_files_only=True)
     changed = [k for k, v in saved.unet.state_dict().items() if not torch.equal(v, source.state_dict()[k])]
     assert len(changed) > len(source.state_dict()) // 2
+    assert saved.unet.dtype == saved.vae.dtype == saved.text_encoder.dtype == torch.float32
     for name in ("text_encoder", "vae"):
         original = type(getattr(saved, name)).from_pretrained(sd15 / name).state_dict()
         for key, value in getattr(saved, name).state_dict().items():
             assert torch.equal(value, original[key]), f"{name}.{key} changed"
 
 
-def test_lora_via_cli_changes_only_adapter_weights_and_loads_with_load_lora_weights(
+def test_lora_via_cli_writes_an_adapter_that_load_lora_weights_reads_and_that_changes_the_output(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
@@ -126,10 +128,8 @@ def test_lora_via_cli_changes_only_adapter_weights_and_loads_with_load_lora_weig
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert len(read_csv(out / "loss.csv")) == 4
 
-    # The trained pipeline's base weights are the source's; only the adapters moved.
     pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    source = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
     def draw() -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
@@ -139,26 +139,34 @@ def test_lora_via_cli_changes_only_adapter_weights_and_loads_with_load_lora_weig
 
     before = draw()
     pipe.load_lora_weights(out)
-    lora_state = pipe.unet.state_dict()
-    base = without_lora(lora_state)
-    assert base.keys() == source.keys()
-    assert all(torch.equal(base[k], source[k]) for k in source)
     after = draw()
     assert (after - before).abs().max() > 1e-3
 
 
-def test_lora_weights_loaded_by_diffusers_give_the_trained_pipelines_output(
+def test_lora_trains_only_the_adapters_and_diffusers_loads_them_to_the_same_unet(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
     result = tr.train(config(sd15, images, tmp_path, lora_rank=4, lora_alpha=8.0, max_steps=2))
     trained = result.pipeline
-    loaded = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, local_files_only=True)
-    loaded.load_lora_weights(tmp_path)
+    assert all(math.isfinite(v) for v in result.losses)
+    # Only adapter weights moved: every base weight of the trained pipeline is the source's.
+    source = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, local_files_only=True)
+    state = trained.unet.state_dict()
+    base, original = without_lora(state), source.unet.state_dict()
+    assert base.keys() == original.keys()
+    assert all(torch.equal(base[k], original[k]) for k in original)
+    ups = [v for k, v in state.items() if ".lora_B." in k]
+    assert ups and all(v.abs().max() > 0 for v in ups)  # B starts at zero
+    for name in ("text_encoder", "vae"):
+        want = getattr(source, name).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in getattr(trained, name).state_dict().items())
+
+    source.load_lora_weights(tmp_path)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     text = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = trained.unet.eval()(x, 10, encoder_hidden_states=text).sample
-        got = loaded.unet(x, 10, encoder_hidden_states=text).sample
+        got = source.unet(x, 10, encoder_hidden_states=text).sample
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -268,7 +276,7 @@ def test_min_snr_weights_match_hang_et_al_2023(prediction_type: str) -> None:
     alpha_bar = scheduler.alphas_cumprod.double()[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    # Hang et al. 2023, eq. 7: w = min(SNR, γ) / SNR for ε; / (SNR + 1) for v.
+    # Hang et al. 2023: w = min(SNR, γ) / SNR on the ε loss; min(SNR, γ) / (SNR + 1) on the v loss.
     expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
     weights = loop.min_snr_weights(scheduler, timesteps, gamma)
     assert weights.dtype == torch.float32

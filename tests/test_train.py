@@ -268,6 +268,7 @@ def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, t
     assert_same_weights(resumed.text_encoder, full.text_encoder)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()

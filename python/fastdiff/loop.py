@@ -172,7 +172,7 @@ def add_training_noise(
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-    Strategy", arXiv:2303.09556, eq. 7 and its v-prediction form).
+    Strategy", arXiv:2303.09556; the v-prediction form as in their code and diffusers' examples).
 
     With ``SNR(t) = ᾱ_t / (1 - ᾱ_t)`` (diffusers' ``compute_snr``), the weight on the MSE of a
     prediction is ``min(SNR, γ) / SNR`` for ε-prediction and ``min(SNR, γ) / (SNR + 1)`` for

@@ -428,15 +428,18 @@ class PipelineTask:
             self.save_lora(folder)
 
     def save(self, output: Path) -> None:
-        """LoRA: the adapter file; full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
-        with the VAE reloaded in float32 from ``model`` when it was trained beside in bf16."""
+        """LoRA: the adapter file. Full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
+        with frozen components that were held in bf16/fp16 for training (VAE, text encoders) put back
+        in float32: reloaded from a ``model`` folder, else upcast."""
         if self.lora:
             self.save_lora(output)
             return
-        if self.vae.dtype != torch.float32 and self.config.model is not None and self.config.model.is_dir():
-            from diffusers import AutoencoderKL
-
-            self.pipeline.vae = AutoencoderKL.from_pretrained(
-                self.config.model, subfolder="vae", local_files_only=True
-            )
+        model = self.config.model
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            component = getattr(self.pipeline, name, None)
+            if component is None or component.dtype == torch.float32:
+                continue
+            if model is not None and model.is_dir():
+                component = type(component).from_pretrained(model, subfolder=name, local_files_only=True)
+            setattr(self.pipeline, name, component.to(dtype=torch.float32))
         self.pipeline.save_pretrained(output, safe_serialization=True)
