@@ -11,13 +11,14 @@ import csv
 import logging
 import math
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from fastdiff import cli, loop, sd
 from fastdiff import train as tr
 from safetensors.torch import load_file, save_file
@@ -330,13 +331,40 @@ def test_sdxl_uses_both_encoders_and_add_time_ids_from_the_loader(
     # The frozen base weights went to bf16, the adapters stay float32 for AdamW.
     assert {p.dtype for p in task.trainable().values()} == {torch.float32}
 
-    result = tr.train(replace(cfg, max_steps=2))
+    # Adapters on both text encoders too: all three land in the file, and diffusers reads it back.
+    result = tr.train(replace(cfg, max_steps=2, train_text_encoder=True))
     assert all(math.isfinite(v) for v in result.losses)
-    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert {k.split(".", 1)[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
+    assert not any(".default." in k for k in saved)
+    if transformers_reads_text_encoder_lora():
+        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True)
+        pipe.load_lora_weights(tmp_path)
+        assert any("lora_" in k for k in pipe.text_encoder_2.state_dict())
+
+
+def transformers_reads_text_encoder_lora() -> bool:
+    """Whether diffusers can load text-encoder LoRA here (through transformers' PEFT integration, whose
+    minimum peft version transformers 5 raised to 0.22)."""
+    import peft
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
+    minimum = getattr(transformers_peft, "MIN_PEFT_VERSION", "0.0")
+    return Version(peft.__version__) >= Version(minimum)
 
 
 def test_sdxl_full_finetune_with_previews(sdxl: Path, images: Path, tmp_path: Path) -> None:
-    cfg = config(sdxl, images, tmp_path, max_steps=2, preview_every=2, preview_steps=2, ema_decay=0.5)
+    cfg = config(
+        sdxl,
+        images,
+        tmp_path,
+        max_steps=2,
+        preview_every=2,
+        preview_steps=2,
+        ema_decay=0.5,
+        gradient_checkpointing=True,
+    )
     result = tr.train(cfg)
     assert all(math.isfinite(v) for v in result.losses)
     assert (tmp_path / "previews" / "step-000002.png").is_file()
@@ -371,6 +399,32 @@ def test_model_path_errors_are_clear(tmp_path: Path, sd15: Path) -> None:
     assert sd.pipeline_kind(single, sd15) == "sd"
     with pytest.raises(ValueError, match=r"model\.safetensors: could not load"):
         sd.load_pipeline(single, sd15)
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
+    def lrs(name: str) -> list[float]:
+        cfg = tr.TrainConfig(
+            data=Path(), output=Path(), learning_rate=1.0, lr_scheduler=name, lr_warmup_steps=2, max_steps=6
+        )
+        optimizer = loop.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+        scheduler = loop.make_lr_scheduler(optimizer, cfg)
+        out = []
+        for _ in range(6):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert lrs("constant") == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert lrs("linear") == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+    assert lrs("cosine") == pytest.approx([0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466])
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    cfg = tr.TrainConfig(data=Path(), output=Path(), learning_rate=1e-4, use_8bit_adam=True)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        loop.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
 
 
 def test_from_scratch_fields_are_refused_with_a_model() -> None:

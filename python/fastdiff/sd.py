@@ -15,6 +15,7 @@ This module must not download anything: every ``from_pretrained``/``from_single_
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ COMPONENTS = {
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: File name of a LoRA adapter (diffusers' default ``weight_name``).
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: Name of the LoRA adapter peft adds (its default).
+ADAPTER = "default"
 #: Suffixes of single-file checkpoints.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -218,11 +221,15 @@ def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A peft-adapted module's LoRA weights with diffusers' key names (what ``save_lora_weights`` takes)."""
+    """A peft-adapted module's LoRA weights (adapter :data:`ADAPTER`) with diffusers' key names, what
+    ``save_lora_weights`` takes: ``…q_proj.lora_A.default.weight`` → ``…q_proj.lora.down.weight``."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    pattern = re.compile(rf"\.(lora_[AB])\.{ADAPTER}\.")
+    peft_state = {
+        pattern.sub(r".\1.", k): v for k, v in module.state_dict().items() if pattern.search(k) is not None
+    }
+    return convert_state_dict_to_diffusers(peft_state)
 
 
 class PipelineTask:
@@ -279,15 +286,17 @@ class PipelineTask:
                 )
             )
             if config.train_text_encoder:
+                from peft import inject_adapter_in_model
+
+                # peft directly, not transformers' `add_adapter`: transformers 5 requires peft >= 0.22 there.
+                self.text_lora_config = LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(TEXT_ENCODER_LORA_TARGETS),
+                )
                 for encoder in self.text_encoders:
-                    encoder.add_adapter(
-                        LoraConfig(
-                            r=config.lora_rank,
-                            lora_alpha=alpha,
-                            init_lora_weights="gaussian",
-                            target_modules=list(TEXT_ENCODER_LORA_TARGETS),
-                        )
-                    )
+                    inject_adapter_in_model(self.text_lora_config, encoder, adapter_name=ADAPTER)
         else:
             for module in trained:
                 module.requires_grad_(True)
@@ -410,13 +419,13 @@ class PipelineTask:
         with peft's adapter config as metadata so ``load_lora_weights`` restores alpha and targets)."""
         layers: dict[str, Any] = {
             "unet_lora_layers": lora_layers(self.unet),
-            "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict(),
+            "unet_lora_adapter_metadata": self.unet.peft_config[ADAPTER].to_dict(),
         }
         if self.config.train_text_encoder:
             names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
             for name, encoder in zip(names, self.text_encoders, strict=True):
                 layers[f"{name}_lora_layers"] = lora_layers(encoder)
-                layers[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+                layers[f"{name}_lora_adapter_metadata"] = self.text_lora_config.to_dict()
         type(self.pipeline).save_lora_weights(
             folder, **layers, weight_name=LORA_WEIGHTS, safe_serialization=True
         )
