@@ -104,6 +104,8 @@ class LoopResult:
         overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
             (normal while it calibrates its scale; not counted in ``skipped_steps``).
         seconds: Wall time of the loop in seconds.
+        data_seconds: Part of ``seconds`` spent waiting for the loader's next batch (each step's loss
+            is read back with ``.item()``, so on CUDA the GPU work of a step is inside its own time).
     """
 
     losses: list[float]
@@ -111,6 +113,7 @@ class LoopResult:
     skipped_steps: int
     overflow_steps: int
     seconds: float
+    data_seconds: float = 0.0
 
 
 def add_training_noise(
@@ -579,6 +582,7 @@ def run(
     losses: list[float] = []
     task.train_mode(True)
     start = time.perf_counter()
+    data_seconds = 0.0
 
     def preview(at: int) -> None:
         if not preview_prompts:
@@ -603,7 +607,9 @@ def run(
         with tqdm(total=config.max_steps, initial=step, desc="train", unit="step") as bar:
             while step < config.max_steps:
                 step += 1
+                waited = time.perf_counter()
                 micro = [next(batches) for _ in range(accumulation)]
+                data_seconds += time.perf_counter() - waited
                 values: list[float] = []
                 finite = True
                 for batch in micro:
@@ -682,4 +688,4 @@ def run(
     seconds = time.perf_counter() - start
     if ema is not None:
         ema.copy_to(params)
-    return LoopResult(losses, first_step, skipped, overflow, seconds)
+    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds)

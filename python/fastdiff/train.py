@@ -346,6 +346,7 @@ class TrainResult:
         skipped_steps: Steps whose loss or gradients were not finite; they did not update the weights.
         overflow_steps: fp16 steps skipped by the gradient scaler (see :class:`fastdiff.loop.LoopResult`).
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
+        data_seconds: Part of ``seconds`` spent waiting for batches from the loader.
         device: The torch device trained on.
         unet: The trained UNet (on ``device``; EMA weights when EMA is on).
         text_encoder: The (first) text encoder (on ``device``).
@@ -362,6 +363,7 @@ class TrainResult:
     skipped_steps: int
     overflow_steps: int
     seconds: float
+    data_seconds: float
     device: torch.device
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
@@ -778,6 +780,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         skipped_steps=result.skipped_steps,
         overflow_steps=result.overflow_steps,
         seconds=result.seconds,
+        data_seconds=result.data_seconds,
         device=device,
         unet=task.unet,
         text_encoder=task.text_encoder,
@@ -1047,9 +1050,10 @@ def run_train(args: argparse.Namespace) -> int:
     """Body of ``fastdiff train``: train, print a summary; returns the exit status (0)."""
     result = train(config_from_args(args))
     last = result.losses[-1] if result.losses else float("nan")
+    waiting = 100 * result.data_seconds / max(result.seconds, 1e-9)
     print(
         f"trained steps {result.first_step}-{result.first_step + len(result.losses) - 1} on {result.device} "
-        f"in {result.seconds:.1f} s, last loss {last:.4f}, {result.skipped_steps} non-finite steps skipped; "
-        f"wrote {result.output}"
+        f"in {result.seconds:.1f} s ({waiting:.0f}% waiting for data), last loss {last:.4f}, "
+        f"{result.skipped_steps} non-finite steps skipped; wrote {result.output}"
     )
     return 0
