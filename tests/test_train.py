@@ -38,7 +38,9 @@ def small_set(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def config(data: Path, output: Path, **overrides: object) -> tr.TrainConfig:
     """A CPU run small enough for a test: batches of 4 at resolution 64."""
-    base = tr.TrainConfig(data=data, output=output, resolution=64, batch_size=4, steps=STEPS, device="cpu")
+    base = tr.TrainConfig(
+        data=data, output=output, resolution=64, batch_size=4, max_steps=STEPS, device="cpu"
+    )
     return replace(base, **overrides)
 
 
@@ -136,7 +138,9 @@ def test_sample_returns_images_of_requested_shape(run: tr.TrainResult, sampler: 
 
 
 def test_bf16_mixed_precision_on_cpu(small_set: Path, tmp_path: Path) -> None:
-    result = tr.train(config(small_set, tmp_path, steps=3, mixed_precision="bf16", unet_channels=(16, 32)))
+    result = tr.train(
+        config(small_set, tmp_path, max_steps=3, mixed_precision="bf16", unet_channels=(16, 32))
+    )
     assert len(result.losses) == 3
     assert all(math.isfinite(v) for v in result.losses)
     assert result.unet.dtype == torch.float32
@@ -144,7 +148,7 @@ def test_bf16_mixed_precision_on_cpu(small_set: Path, tmp_path: Path) -> None:
 
 def test_v_prediction_trains_and_is_saved_in_the_scheduler_config(small_set: Path, tmp_path: Path) -> None:
     result = tr.train(
-        config(small_set, tmp_path, steps=3, prediction_type="v_prediction", unet_channels=(16, 32))
+        config(small_set, tmp_path, max_steps=3, prediction_type="v_prediction", unet_channels=(16, 32))
     )
     assert all(math.isfinite(v) for v in result.losses)
     assert DDPMScheduler.from_pretrained(tmp_path / "scheduler").config.prediction_type == "v_prediction"
@@ -158,7 +162,7 @@ def test_fp16_needs_cuda() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_with_grad_scaler_on_cuda(small_set: Path, tmp_path: Path) -> None:
-    result = tr.train(config(small_set, tmp_path, steps=4, mixed_precision="fp16", device="cuda"))
+    result = tr.train(config(small_set, tmp_path, max_steps=4, mixed_precision="fp16", device="cuda"))
     assert result.device.type == "cuda"
     assert len(result.losses) == 4
     assert all(math.isfinite(v) for v in result.losses)
@@ -188,7 +192,7 @@ def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.txt").write_text("a cat\n")
-    cfg = config(data, tmp_path / "out", steps=3, unet_channels=(16, 32))
+    cfg = config(data, tmp_path / "out", max_steps=3, unet_channels=(16, 32))
     result = tr.train(cfg, loader=NanLoader())
     assert result.skipped_steps == 3
     assert all(math.isnan(v) for v in result.losses)
@@ -211,9 +215,9 @@ def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
     argv = ["--data", "d", "--output", "o", "--unet-channels", "16", "32", "--mixed-precision", "bf16"]
     args = parser.parse_args([*argv, "--steps", "7", "--min-bucket-side", "32", "--num-threads", "1"])
     cfg = tr.config_from_args(args)
-    assert (cfg.unet_channels, cfg.mixed_precision, cfg.steps) == ((16, 32), "bf16", 7)
+    assert (cfg.unet_channels, cfg.mixed_precision, cfg.max_steps) == ((16, 32), "bf16", 7)
     assert (cfg.min_bucket_side, cfg.num_threads) == (32, 1)
-    assert set(vars(args)) == {f.name for f in fields(tr.TrainConfig)}
+    assert set(vars(args)) == {f.name for f in fields(tr.TrainConfig)} | {"config"}
 
 
 @pytest.mark.parametrize(
@@ -222,9 +226,53 @@ def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
         ({"bucket_step": 16, "unet_channels": (32,) * 6}, "downsampling"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"unet_channels": (32, 60)}, "multiples"),
-        ({"steps": 0}, "steps"),
+        ({"max_steps": 0}, "max_steps"),
     ],
 )
 def test_config_rejects_invalid_values(override: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tr.TrainConfig(data=Path(), output=Path(), **override)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: faster on a small shared CPU, and the same reduction order in both runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, tmp_path: Path) -> None:
+    cfg = config(
+        small_set,
+        tmp_path / "full",
+        resolution=32,
+        max_steps=3,
+        batch_size=2,
+        unet_channels=(16, 32),
+        checkpoint_every=2,
+        gradient_accumulation_steps=2,
+        ema_decay=0.9,
+        snr_gamma=5.0,
+        crop="random",
+        flip_prob=0.5,
+        num_threads=1,
+    )
+    full = tr.train(cfg)
+    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint-2"))
+    assert resumed.first_step == 3
+    assert resumed.losses == full.losses[2:]
+    assert_same_weights(resumed.unet, full.unet)
+    assert_same_weights(resumed.text_encoder, full.text_encoder)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a cat\n")
+    cfg = config(data, tmp_path / "out", max_steps=5, unet_channels=(16, 32), max_consecutive_skips=2)
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps .* a\.png, b\.png"):
+        tr.train(cfg, loader=NanLoader())

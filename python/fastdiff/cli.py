@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p = sub.add_parser("bench", help="images/s of fastdiff vs the torchvision+PIL DataLoader")
     bench.add_bench_arguments(bench_p)
     bench_p.set_defaults(func=bench.run_bench)
-    train_p = sub.add_parser("train", help="train a small text-conditioned UNet on a folder")
+    train_p = sub.add_parser(
+        "train", help="fine-tune Stable Diffusion (--model), or train a tiny text-to-image model from scratch"
+    )
     train.add_train_arguments(train_p)
     train_p.set_defaults(func=train.run_train)
     demo_p = sub.add_parser("demo", help="make a synthetic captioned set, train on it, draw samples")

@@ -34,8 +34,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from fastdiff.loop import save_sample_grid
 from fastdiff.train import MIXED_PRECISION, SAMPLERS, TrainConfig, TrainResult, sample, train
 
 #: Fill colours (RGB, 0-255) of shapes and backgrounds, by caption word.
@@ -268,37 +268,6 @@ def loss_means(losses: Sequence[float], fraction: float = 0.1) -> tuple[float, f
     return means[0], means[1]
 
 
-def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path) -> None:
-    """Save images as a grid with one row per caption, the caption written left of its row.
-
-    Args:
-        images: float tensor ``[len(captions) * columns, 3, H, W]`` in ``[0, 1]``, row-major.
-        captions: One caption per row.
-        path: PNG file to write (matplotlib, Agg backend).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = len(captions)
-    columns = images.shape[0] // rows
-    pixels = images.permute(0, 2, 3, 1).numpy()
-    label_width, cell = 2.5, 1.1  # inches
-    fig = Figure(figsize=(label_width + cell * columns, cell * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for r, caption in enumerate(captions):
-        for c in range(columns):
-            ax = axes[r][c]
-            ax.imshow(pixels[r * columns + c], interpolation="nearest")
-            ax.set_axis_off()
-        axes[r][0].text(
-            -0.08, 0.5, caption, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8
-        )
-    left = label_width / (label_width + cell * columns)
-    fig.subplots_adjust(left=left, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path)
-
-
 def demo(config: DemoConfig) -> DemoResult:
     """Draw the data set, train on it, sample :data:`SAMPLE_CAPTIONS` and measure the loss drop.
 
@@ -321,7 +290,8 @@ def demo(config: DemoConfig) -> DemoResult:
             resolution=RESOLUTION,
             bucket_step=BUCKET_STEP,
             batch_size=config.batch_size,
-            steps=config.steps,
+            max_steps=config.steps,
+            checkpoint_every=0,
             prediction_type=PREDICTION_TYPE,
             mixed_precision=config.mixed_precision,
             seed=config.seed,

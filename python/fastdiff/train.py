@@ -1,16 +1,19 @@
 """``fastdiff train``: a thin text-conditioned diffusion training loop on :class:`fastdiff.DataLoader`.
 
-A small diffusers ``UNet2DConditionModel`` learns to predict the noise added to images (epsilon
-prediction, DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239; or
-optionally the velocity, v-prediction: Salimans & Ho 2022, arXiv:2202.00512) directly in pixel space,
-conditioned on the hidden states of a small transformers ``CLIPTextModel`` (Radford et al. 2021) that
-is trained jointly from scratch. The tokenizer is a word-level vocabulary built from the dataset's
-caption files, so nothing is downloaded.
+Two model paths share one loop (:func:`fastdiff.loop.run`: AMP, accumulation, clipping, EMA, min-SNR,
+non-finite guard, checkpoints and exact resume, previews, ``loss.csv``):
 
-The pieces are separate functions so that the later Stable Diffusion fine-tuning (VAE latents, LoRA,
-EMA, min-SNR weighting, resume) can replace one at a time: :func:`build_tokenizer`,
-:func:`build_tiny_models`, :func:`build_noise_scheduler`, :func:`make_loader`, :func:`train`,
-:func:`sample`, :func:`plot_loss`.
+- **From scratch** (no ``model``): a small diffusers ``UNet2DConditionModel`` learns to predict the
+  noise added to images (epsilon prediction, DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic
+  Models", arXiv:2006.11239; or the velocity, v-prediction: Salimans & Ho 2022, arXiv:2202.00512)
+  directly in pixel space, conditioned on the hidden states of a small transformers ``CLIPTextModel``
+  (Radford et al. 2021) trained jointly from scratch. The tokenizer is a word-level vocabulary built
+  from the dataset's caption files, so nothing is downloaded. ``fastdiff demo`` uses this path.
+- **Stable Diffusion fine-tuning** (``model``: a local SD 1.x/2.x/SDXL pipeline): latent-space
+  training of the pipeline's UNet, fully or with LoRA; see :mod:`fastdiff.sd`.
+
+The from-scratch pieces are separate functions: :func:`build_tokenizer`, :func:`build_tiny_models`,
+:func:`build_noise_scheduler`, :func:`make_loader`, :func:`train`, :func:`sample`, :func:`plot_loss`.
 
 diffusers, transformers, tokenizers, tqdm and matplotlib (the ``train`` extra) are imported inside the
 functions that use them: ``fastdiff.cli`` imports this module to register its arguments, and
@@ -20,23 +23,28 @@ functions that use them: ``fastdiff.cli`` imports this module to register its ar
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
-import random
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from fastdiff.loop import (
+    LoopResult,
+    add_training_noise,
+    autocast_dtype,
+    diffusion_loss_from,
+    read_loss_csv,
+)
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+__all__ = ["TrainConfig", "TrainResult", "autocast_dtype", "sample", "train"]
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -44,6 +52,12 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm")
 #: Values of ``--prediction-type``: the network's target (diffusers ``prediction_type`` names).
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: Values of ``--lr-scheduler`` (diffusers ``get_scheduler`` names; warmup via ``--lr-warmup-steps``).
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+#: Values of ``--vae-dtype``: the frozen VAE's dtype (fp16 is refused: SD's VAEs overflow in it).
+VAE_DTYPES = ("fp32", "bf16")
+#: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
+DEFAULT_PREVIEW_PROMPTS = 4
 #: Special tokens of the word-level tokenizer, in id order (``<pad>`` is id 0).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 #: Caption file extensions read for the vocabulary, as the loader's default ``caption_extensions``.
@@ -58,41 +72,89 @@ Batch = dict[str, Any]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run; each field is the ``fastdiff train`` flag of the same name.
+    """Every setting of a training run; each field is the ``fastdiff train`` flag of the same name
+    (``--max-steps`` for ``max_steps``) and a key of the ``--config`` TOML file.
+
+    Without ``model`` the run trains the tiny from-scratch model of this module (pixel space, joint
+    text encoder, word-level tokenizer); with ``model`` it fine-tunes a Stable Diffusion 1.x/2.x or
+    SDXL pipeline in latent space (:mod:`fastdiff.sd`), fully (``lora_rank = 0``) or with LoRA.
+    Fields marked *from scratch* apply only without ``model``; setting one with ``model`` is an error.
+    Fields that default to ``None`` take a value that depends on the path (listed per field).
 
     Attributes:
         data: Folder of images and caption files (searched recursively by the loader).
-        output: Folder that receives ``loss.csv``, ``loss.png``, ``unet/``, ``text_encoder/``,
-            ``tokenizer/``, ``scheduler/`` and ``train_config.json``; created if missing.
-        resolution: Bucket resolution in pixels: every batch has ``H * W <= resolution**2``.
-        bucket_step: Bucket sides are multiples of this (pixels); must be a multiple of
-            ``2 ** (len(unet_channels) - 1)``, the UNet's total downsampling.
+        output: Folder that receives ``loss.csv`` (``step,loss``), ``loss.png``, ``train_config.json``,
+            ``checkpoint-STEP/`` folders, ``previews/`` and the weights: from scratch ``unet/``,
+            ``text_encoder/``, ``tokenizer/``, ``scheduler/``; full fine-tune the whole pipeline
+            (``save_pretrained``); LoRA ``pytorch_lora_weights.safetensors``. Created if missing.
+        model: Stable Diffusion pipeline folder (diffusers layout) or single-file checkpoint
+            (``.safetensors``/``.ckpt``) to fine-tune; ``None`` trains the tiny model from scratch.
+        model_config: For a single-file ``model`` (required there): a local diffusers pipeline folder
+            of the same architecture whose configs ``from_single_file`` uses (nothing is downloaded).
+        resolution: Bucket resolution in pixels: every batch has ``H * W <= resolution**2``. Default:
+            64 from scratch; the UNet's ``sample_size`` times the VAE's downsampling for a pipeline
+            (512 for SD 1.5, 1024 for SDXL).
+        bucket_step: Bucket sides are multiples of this (pixels). Default 16 from scratch (must be a
+            multiple of ``2 ** (len(unet_channels) - 1)``), 64 for a pipeline (a multiple of the VAE's
+            and UNet's downsampling, checked).
         min_bucket_side: Smallest bucket side in pixels (``None``: the loader's default).
         max_bucket_side: Largest bucket side in pixels (``None``: the loader's default).
         crop: Loader crop mode, ``"center"`` or ``"random"``.
         flip_prob: Probability of a horizontal flip per sample.
         batch_size: Images per batch (the last batch of a bucket may be smaller).
-        steps: Optimizer steps to run (skipped non-finite steps count too).
-        learning_rate: AdamW learning rate (constant).
+        max_steps: Optimizer steps to run (skipped non-finite steps count too).
+        learning_rate: Peak AdamW learning rate. Default 1e-3 from scratch, 1e-4 for LoRA, 1e-5 for a
+            full fine-tune.
+        lr_scheduler: ``"constant"``, ``"cosine"`` or ``"linear"`` (diffusers ``get_scheduler``; decay
+            reaches 0 at ``max_steps``).
+        lr_warmup_steps: Steps of linear warmup from 0 to ``learning_rate``.
         weight_decay: AdamW decoupled weight decay.
+        use_8bit_adam: bitsandbytes' 8-bit AdamW (needs bitsandbytes installed).
         max_grad_norm: Gradients are clipped to this global L2 norm.
-        mixed_precision: ``"no"``, ``"fp16"`` (CUDA only, with a gradient scaler) or ``"bf16"``.
+        gradient_accumulation_steps: Batches whose gradients are summed into one optimizer step.
+        mixed_precision: ``"no"``, ``"fp16"`` (CUDA only, with a gradient scaler) or ``"bf16"``:
+            autocast dtype of the forward passes; trained weights stay float32.
+        vae_dtype: ``"fp32"`` or ``"bf16"``: dtype of the frozen VAE (pipeline only). fp16 is refused:
+            SD 1.x's and SDXL's VAEs overflow to NaN in fp16.
         caption_dropout: Probability of replacing a caption by ``""`` so the model also learns the
             unconditional prediction that classifier-free guidance needs.
-        max_caption_tokens: Token sequence length, special tokens included (longer captions are cut).
-        unet_channels: UNet ``block_out_channels``, one resolution level each (multiples of 8; the last
-            a multiple of 16); attention runs only on the lowest level and in the mid block.
-        layers_per_block: ResNet layers per UNet level.
-        text_hidden_size: Text encoder width (multiple of 16), also the UNet's cross-attention width.
-        text_layers: Text encoder transformer layers.
-        prediction_type: The network's target: ``"epsilon"``, the noise ε (Ho et al. 2020), or
-            ``"v_prediction"``, ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (Salimans & Ho 2022), whose
-            MSE weighs the nearly-pure-noise timesteps, where only the caption tells the image,
-            ``1 / ᾱ_t`` times more than epsilon's does.
-        num_train_timesteps: Diffusion timesteps T of the DDPM schedule.
-        beta_schedule: diffusers ``beta_schedule``; the default ``"squaredcos_cap_v2"`` is the cosine
-            schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), better than linear in pixel space.
-        seed: Seed of the model initialisation, the loader's shuffle/crops/flips, noise and dropout.
+        prediction_type: ``"epsilon"``, the noise ε (Ho et al. 2020), or ``"v_prediction"``,
+            ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (Salimans & Ho 2022), whose MSE weighs the
+            nearly-pure-noise timesteps ``1 / ᾱ_t`` times more than epsilon's does. Default: epsilon
+            from scratch, the pipeline scheduler's ``prediction_type`` for a pipeline.
+        snr_gamma: γ of min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice); ``None``: off.
+        noise_offset: Offset-noise strength (0: off), see :func:`fastdiff.loop.add_training_noise`.
+        input_perturbation: Input-perturbation strength (0: off), same place.
+        ema_decay: Decay of an exponential moving average of the trained weights (diffusers
+            ``EMAModel``; e.g. 0.9999); 0 turns EMA off. With EMA the saved weights and previews are
+            the EMA weights.
+        lora_rank: LoRA rank r (Hu et al. 2021, arXiv:2106.09685) of the adapters peft adds to the
+            UNet (and text encoders with ``train_text_encoder``); 0 fine-tunes every weight. Pipeline only.
+        lora_alpha: LoRA scale numerator (the update is ``alpha / r · B A``); ``None``: ``lora_rank``.
+        lora_target_modules: UNet module names that get adapters (diffusers attention projections).
+        train_text_encoder: Also train the pipeline's text encoder(s) (LoRA on their attention
+            projections, or all weights with ``lora_rank = 0``). The tiny model always trains its own.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory (pipeline).
+        max_consecutive_skips: The run stops after this many non-finite steps in a row.
+        checkpoint_every: Save ``OUTPUT/checkpoint-STEP/`` every this many steps (0: never).
+        resume: A ``checkpoint-STEP`` folder (or a folder holding some: the highest step is taken) to
+            continue from; the run then goes on to ``max_steps`` and appends to its own ``output``.
+        preview_every: Sample ``preview_prompts`` into ``OUTPUT/previews/step-N.png`` every this many
+            steps and after the last (0: never).
+        preview_prompts: Preview prompts; empty: the first 4 captions of ``data`` (sorted by file).
+        preview_steps: Denoising steps of a preview (the pipeline's scheduler, or DDIM from scratch).
+        preview_guidance_scale: Classifier-free guidance scale of the previews.
+        max_caption_tokens: *From scratch*: token sequence length, special tokens included.
+        unet_channels: *From scratch*: UNet ``block_out_channels``, one resolution level each
+            (multiples of 8; the last a multiple of 16); attention only on the lowest level and mid block.
+        layers_per_block: *From scratch*: ResNet layers per UNet level.
+        text_hidden_size: *From scratch*: text encoder width (multiple of 16), also the UNet's
+            cross-attention width.
+        text_layers: *From scratch*: text encoder transformer layers.
+        num_train_timesteps: *From scratch*: diffusion timesteps T of the DDPM schedule.
+        beta_schedule: *From scratch*: diffusers ``beta_schedule``; the default ``"squaredcos_cap_v2"``
+            is the cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672).
+        seed: Seed of the initialisation, the loader's shuffle/crops/flips, noise and caption dropout.
         num_threads: Loader decode threads (``None``: every core).
         torch_threads: torch intra-op (OpenMP) threads, set process-wide with
             ``torch.set_num_threads`` (``None``: leave torch's setting). On a small CPU shared with
@@ -103,20 +165,43 @@ class TrainConfig:
 
     data: Path
     output: Path
-    resolution: int = 64
-    bucket_step: int = 16
+    model: Path | None = None
+    model_config: Path | None = None
+    resolution: int | None = None
+    bucket_step: int | None = None
     min_bucket_side: int | None = None
     max_bucket_side: int | None = None
     crop: str = "center"
     flip_prob: float = 0.0
     batch_size: int = 8
-    steps: int = 500
-    learning_rate: float = 1e-3
+    max_steps: int = 500
+    learning_rate: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     weight_decay: float = 1e-2
+    use_8bit_adam: bool = False
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    vae_dtype: str = "fp32"
     caption_dropout: float = 0.1
-    prediction_type: str = "epsilon"
+    prediction_type: str | None = None
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    ema_decay: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    max_consecutive_skips: int = 20
+    checkpoint_every: int = 500
+    resume: Path | None = None
+    preview_every: int = 0
+    preview_prompts: tuple[str, ...] = ()
+    preview_steps: int = 25
+    preview_guidance_scale: float = 5.0
     max_caption_tokens: int = 32
     unet_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
@@ -133,43 +218,92 @@ class TrainConfig:
         """Check the values that are not checked later by the loader or the libraries.
 
         Raises:
-            ValueError: A field is out of range; the message names it.
+            ValueError: A field is out of range, or a from-scratch field is set with ``model`` (or a
+                pipeline field without it); the message names it.
         """
-        positive = ("resolution", "bucket_step", "batch_size", "steps", "layers_per_block", "text_layers")
+        positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "max_consecutive_skips")
+        positive += ("preview_steps", "layers_per_block", "text_layers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mixed_precision not in MIXED_PRECISION:
+        for name in ("resolution", "bucket_step", "num_threads", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        non_negative = ("lr_warmup_steps", "checkpoint_every", "preview_every", "lora_rank")
+        non_negative += ("noise_offset", "input_perturbation", "weight_decay")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        choices = {
+            "mixed_precision": MIXED_PRECISION,
+            "vae_dtype": VAE_DTYPES,
+            "lr_scheduler": LR_SCHEDULERS,
+            "crop": ("center", "random"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                hint = " (fp16 makes SD's VAE overflow to NaN)" if name == "vae_dtype" else ""
+                raise ValueError(f"{name} must be one of {allowed}{hint}, got {getattr(self, name)!r}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        for name in ("num_threads", "torch_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 or None, got {self.snr_gamma}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0 or None, got {self.lora_alpha}")
+        if self.model is None:
+            self._check_from_scratch()
+        else:
+            defaults = {f.name: f.default for f in fields(TrainConfig)}
+            for name in FROM_SCRATCH_FIELDS:
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"{name} applies only to the from-scratch model (no `model`)")
+
+    def _check_from_scratch(self) -> None:
+        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing"):
+            if getattr(self, name):
+                raise ValueError(f"{name} needs a Stable Diffusion `model` to fine-tune")
         if self.max_caption_tokens < 3:
             raise ValueError(
                 f"max_caption_tokens must be >= 3 (<bos>, a word, <eos>), got {self.max_caption_tokens}"
             )
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0")
         if not self.unet_channels or any(c < 1 or c % NORM_GROUPS for c in self.unet_channels):
             raise ValueError(f"unet_channels must be multiples of {NORM_GROUPS}, got {self.unet_channels}")
         if self.unet_channels[-1] % HEAD_DIM or self.text_hidden_size < 1 or self.text_hidden_size % HEAD_DIM:
             raise ValueError(f"unet_channels[-1] and text_hidden_size must be multiples of {HEAD_DIM}")
         downsampling = 2 ** (len(self.unet_channels) - 1)
-        if self.bucket_step % downsampling:
+        if self.bucket_step is not None and self.bucket_step % downsampling:
             raise ValueError(
                 f"bucket_step ({self.bucket_step}) must be a multiple of the UNet's downsampling factor "
                 f"{downsampling} (2 ** (len(unet_channels) - 1))"
             )
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+
+    def resolved(self, **defaults: Any) -> TrainConfig:
+        """This config with every ``None`` of ``defaults``' keys replaced by the given value."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+#: Fields that only the from-scratch model uses.
+FROM_SCRATCH_FIELDS = (
+    "max_caption_tokens",
+    "unet_channels",
+    "layers_per_block",
+    "text_hidden_size",
+    "text_layers",
+    "num_train_timesteps",
+    "beta_schedule",
+)
 
 
 class BatchLoader(Protocol):
@@ -205,25 +339,37 @@ class TrainResult:
 
     Attributes:
         output: The output folder (see :class:`TrainConfig`).
-        losses: Loss of every step in order (``nan``/``inf`` where the step was skipped).
-        skipped_steps: Steps whose loss was not finite; they did not update the weights.
+        config: The run's settings with the path-dependent defaults filled in.
+        losses: Loss of every step this process ran, in order (``nan``/``inf`` where the step was
+            skipped); a resumed run starts at ``first_step``.
+        first_step: Step number of ``losses[0]``.
+        skipped_steps: Steps whose loss or gradients were not finite; they did not update the weights.
+        overflow_steps: fp16 steps skipped by the gradient scaler (see :class:`fastdiff.loop.LoopResult`).
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
+        data_seconds: Part of ``seconds`` spent waiting for batches from the loader.
         device: The torch device trained on.
-        unet: The trained UNet (on ``device``, train mode).
-        text_encoder: The trained text encoder (on ``device``, train mode).
-        tokenizer: The tokenizer built from the captions.
+        unet: The trained UNet (on ``device``; EMA weights when EMA is on).
+        text_encoder: The (first) text encoder (on ``device``).
+        tokenizer: The (first) tokenizer.
         noise_scheduler: The DDPM training noise schedule.
+        pipeline: The fine-tuned diffusers pipeline (``None`` from scratch); it holds ``unet`` and
+            ``text_encoder``, with LoRA adapters active.
     """
 
     output: Path
+    config: TrainConfig
     losses: list[float]
+    first_step: int
     skipped_steps: int
+    overflow_steps: int
     seconds: float
+    data_seconds: float
     device: torch.device
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: Any
     noise_scheduler: DDPMScheduler
+    pipeline: Any = None
 
     @property
     def loss_csv(self) -> Path:
@@ -440,21 +586,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``mixed_precision`` on ``device``; ``None`` for full float32.
-
-    Raises:
-        ValueError: ``"fp16"`` on a non-CUDA device (its gradient scaler is for CUDA).
-    """
-    if mixed_precision == "no":
-        return None
-    if mixed_precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(f"mixed_precision 'fp16' needs a CUDA device, got {device}; use 'bf16' or 'no'")
-        return torch.float16
-    return torch.bfloat16
-
-
 def diffusion_loss(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -464,13 +595,16 @@ def diffusion_loss(
     *,
     generator: torch.Generator,
     amp_dtype: torch.dtype | None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
 ) -> torch.Tensor:
-    """The denoising loss of one batch (Ho et al. 2020, algorithm 1).
+    """The denoising loss of one batch of the from-scratch model (Ho et al. 2020, algorithm 1).
 
-    Draws Gaussian noise ε and timesteps t ~ U{0..T-1} per image, forms
-    ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` (``DDPMScheduler.add_noise``), predicts the scheduler's
-    ``prediction_type`` target (ε, or ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0``) from ``(x_t, t, text)``
-    under ``torch.autocast`` when ``amp_dtype`` is set, and returns the MSE to that target.
+    Noises ``pixels`` with :func:`fastdiff.loop.add_training_noise` (ε, t ~ U{0..T-1}, optional noise
+    offset and input perturbation), predicts the scheduler's ``prediction_type`` target from
+    ``(x_t, t, text)`` under ``torch.autocast`` when ``amp_dtype`` is set, and returns the MSE to that
+    target, min-SNR-γ weighted when ``snr_gamma`` is set (:func:`fastdiff.loop.min_snr_weights`).
 
     Args:
         unet: The denoiser.
@@ -480,152 +614,179 @@ def diffusion_loss(
         input_ids: Caption token ids, int64 ``[B, L]`` on the same device.
         generator: Source of the noise and timesteps, on the same device.
         amp_dtype: Autocast dtype of the forward pass; ``None`` runs it in float32.
+        snr_gamma: Min-SNR γ, or ``None`` for the unweighted MSE.
+        noise_offset: Offset-noise strength (0: off).
+        input_perturbation: Input-perturbation strength (0: off).
 
     Returns:
-        The mean squared error, a float32 scalar tensor (not finite if the batch or model is not).
+        The loss, a float32 scalar tensor (not finite if the batch or model is not).
     """
-    device = pixels.device
-    noise = torch.randn(pixels.shape, generator=generator, device=device)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (pixels.shape[0],), generator=generator, device=device)
-    noisy = noise_scheduler.add_noise(pixels, noise, timesteps)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    noised = add_training_noise(
+        pixels,
+        noise_scheduler,
+        generator=generator,
+        noise_offset=noise_offset,
+        input_perturbation=input_perturbation,
+    )
+    with torch.autocast(pixels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         hidden = text_encoder(input_ids).last_hidden_state
-        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(pixels, noise, timesteps)
-    return F.mse_loss(prediction.float(), target)
+        prediction = unet(noised.noisy, noised.timesteps, encoder_hidden_states=hidden).sample
+    return diffusion_loss_from(noise_scheduler, noised, prediction, snr_gamma)
+
+
+class TinyTask:
+    """The from-scratch model as a :class:`fastdiff.loop.Task`: UNet and text encoder, both trained."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config = config
+        self.tokenizer = build_tokenizer(read_captions(config.data), config.max_caption_tokens)
+        self.unet, self.text_encoder = build_tiny_models(
+            self.tokenizer,
+            resolution=config.resolution,
+            unet_channels=config.unet_channels,
+            layers_per_block=config.layers_per_block,
+            text_hidden_size=config.text_hidden_size,
+            text_layers=config.text_layers,
+            seed=config.seed,
+        )
+        self.unet.to(device)
+        self.text_encoder.to(device)
+        self.noise_scheduler = build_noise_scheduler(
+            config.num_train_timesteps, config.beta_schedule, config.prediction_type
+        )
+        self.device = device
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        named = {f"unet.{k}": p for k, p in self.unet.named_parameters()}
+        named.update({f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()})
+        return named
+
+    def train_mode(self, on: bool) -> None:
+        self.unet.train(on)
+        self.text_encoder.train(on)
+
+    def loss(
+        self, batch: Batch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        input_ids = tokenize(self.tokenizer, batch["captions"]).to(self.device, non_blocking=True)
+        return diffusion_loss(
+            self.unet,
+            self.text_encoder,
+            self.noise_scheduler,
+            batch["pixel_values"],
+            input_ids,
+            generator=generator,
+            amp_dtype=amp_dtype,
+            snr_gamma=self.config.snr_gamma,
+            noise_offset=self.config.noise_offset,
+            input_perturbation=self.config.input_perturbation,
+        )
+
+    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+        per_seed = [
+            sample(
+                self.unet,
+                self.text_encoder,
+                self.tokenizer,
+                prompts,
+                noise_scheduler=self.noise_scheduler,
+                height=self.config.resolution,
+                width=self.config.resolution,
+                num_inference_steps=steps,
+                guidance_scale=self.config.preview_guidance_scale,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+        # Prompt-major: row p holds prompt p under every seed.
+        return torch.stack(per_seed, dim=1).flatten(0, 1)
+
+    def save(self, output: Path) -> None:
+        self.unet.save_pretrained(output / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(output / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(output / "tokenizer")
+        self.noise_scheduler.save_pretrained(output / "scheduler")
 
 
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
-    """Train the tiny text-conditioned UNet and text encoder on a folder of captioned images.
+    """Train the tiny model from scratch, or fine-tune the Stable Diffusion pipeline ``config.model``.
 
-    Each step takes a batch (any aspect bucket), replaces captions by ``""`` with probability
-    ``caption_dropout`` and minimises :func:`diffusion_loss` (the "simple" objective of Ho et al.
-    2020, eq. 14) with AdamW (Loshchilov & Hutter 2019) after clipping the global gradient norm. fp16 uses
-    ``torch.amp.GradScaler``. A step whose loss is not finite is skipped (no backward, no update),
-    logged and counted. Epochs restart the loader with ``set_epoch`` until ``steps`` steps ran.
+    Each step takes a batch (any aspect bucket) from the loader, replaces captions by ``""`` with
+    probability ``caption_dropout`` and minimises the diffusion loss (the "simple" objective of Ho et
+    al. 2020, eq. 14, optionally min-SNR-γ weighted) with AdamW (Loshchilov & Hutter 2019) after
+    clipping the global gradient norm; see :func:`fastdiff.loop.run` for accumulation, mixed
+    precision, EMA, the non-finite guard, checkpoints, ``--resume`` and previews. Epochs restart the
+    loader with ``set_epoch`` until ``max_steps`` steps ran.
 
     Files written to ``config.output``: ``loss.csv`` (``step,loss``, written as training goes),
-    ``loss.png``, ``unet/`` and ``text_encoder/`` (``save_pretrained``, safetensors),
-    ``tokenizer/``, ``scheduler/`` and ``train_config.json``.
+    ``loss.png`` (every step in ``loss.csv``), ``train_config.json`` (resolved settings), checkpoints,
+    previews, and the weights: from scratch ``unet/``, ``text_encoder/`` (``save_pretrained``,
+    safetensors), ``tokenizer/``, ``scheduler/``; a full fine-tune the whole pipeline; LoRA
+    ``pytorch_lora_weights.safetensors`` (what diffusers' ``load_lora_weights`` reads).
 
     Args:
         config: The run's settings.
-        loader: Batches to train on; ``None`` builds :func:`make_loader` ``(config)``. The vocabulary
-            is read from the caption files under ``config.data`` either way.
+        loader: Batches to train on; ``None`` builds :func:`make_loader` from the resolved config. The
+            from-scratch vocabulary is read from the caption files under ``config.data`` either way.
 
     Returns:
-        Losses, timings and the trained models.
+        Losses, counters, timings and the trained models.
 
     Raises:
-        ValueError: The loader has no batches, or the settings are invalid for the device.
-        RuntimeError: An epoch yielded no batches.
+        ValueError: The loader has no batches, the settings are invalid for the device or model, or
+            ``resume`` does not match the run.
+        FileNotFoundError: ``model`` or ``resume`` does not exist.
+        RuntimeError: Too many consecutive non-finite steps, or an epoch yielded no batches.
     """
-    from tqdm.auto import tqdm
+    from fastdiff import loop
 
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
-    amp_dtype = autocast_dtype(config.mixed_precision, device)
+    autocast_dtype(config.mixed_precision, device)  # fail before loading anything
+    pipeline = None
+    if config.model is None:
+        config = config.resolved(resolution=64, bucket_step=16, learning_rate=1e-3, prediction_type="epsilon")
+        task: Any = TinyTask(config, device)
+        checkpoint_files = None
+    else:
+        from fastdiff import sd
+
+        task = sd.PipelineTask.from_config(config, device)
+        config = task.config
+        pipeline = task.pipeline
+        checkpoint_files = task.checkpoint_files
     batches = make_loader(config) if loader is None else loader
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")
-
-    tokenizer = build_tokenizer(read_captions(config.data), config.max_caption_tokens)
-    unet, text_encoder = build_tiny_models(
-        tokenizer,
-        resolution=config.resolution,
-        unet_channels=config.unet_channels,
-        layers_per_block=config.layers_per_block,
-        text_hidden_size=config.text_hidden_size,
-        text_layers=config.text_layers,
-        seed=config.seed,
-    )
-    unet.to(device)
-    text_encoder.to(device)
-    noise_scheduler = build_noise_scheduler(
-        config.num_train_timesteps, config.beta_schedule, config.prediction_type
-    )
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
-    noise_gen = torch.Generator(device).manual_seed(config.seed)
-    dropout_rng = random.Random(config.seed)
-    pin = device.type == "cuda"
+    prompts = config.preview_prompts
+    if config.preview_every and not prompts:
+        prompts = tuple(dict.fromkeys(read_captions(config.data)))[:DEFAULT_PREVIEW_PROMPTS]
 
     config.output.mkdir(parents=True, exist_ok=True)
-    losses: list[float] = []
-    skipped = 0
-    start = time.perf_counter()
-    with (
-        (config.output / "loss.csv").open("w", newline="") as log,
-        tqdm(total=config.steps, desc="train", unit="step") as bar,
-    ):
-        writer = csv.writer(log)
-        writer.writerow(["step", "loss"])
-        epoch = 0
-        while len(losses) < config.steps:
-            batches.set_epoch(epoch)
-            batches_this_epoch = 0
-            for batch in batches:
-                batches_this_epoch += 1
-                pixels = batch["pixel_values"]
-                pixels = (pixels.pin_memory() if pin else pixels).to(device, non_blocking=pin)
-                captions = [
-                    "" if dropout_rng.random() < config.caption_dropout else c for c in batch["captions"]
-                ]
-                input_ids = tokenize(tokenizer, captions).to(device, non_blocking=pin)
-                loss = diffusion_loss(
-                    unet,
-                    text_encoder,
-                    noise_scheduler,
-                    pixels,
-                    input_ids,
-                    generator=noise_gen,
-                    amp_dtype=amp_dtype,
-                )
-                value = loss.item()
-                if math.isfinite(value):
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(value)
-                writer.writerow([len(losses), f"{value:.6g}"])
-                log.flush()
-                bar.set_postfix(loss=f"{value:.4f}", skipped=skipped, refresh=False)
-                bar.update()
-                if len(losses) == config.steps:
-                    break
-            if batches_this_epoch == 0:
-                raise RuntimeError(f"epoch {epoch} of the loader yielded no batches")
-            epoch += 1
-    seconds = time.perf_counter() - start
-
-    title = f"{config.data.name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
-    plot_loss(losses, config.output / "loss.png", title=title)
-    unet.save_pretrained(config.output / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(config.output / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(config.output / "tokenizer")
-    noise_scheduler.save_pretrained(config.output / "scheduler")
     (config.output / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    result: LoopResult = loop.run(
+        task, batches, config, device, preview_prompts=prompts, checkpoint_files=checkpoint_files
+    )
+    name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
+    title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
+    plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
+    task.save(config.output)
     return TrainResult(
         output=config.output,
-        losses=losses,
-        skipped_steps=skipped,
-        seconds=seconds,
+        config=config,
+        losses=result.losses,
+        first_step=result.first_step,
+        skipped_steps=result.skipped_steps,
+        overflow_steps=result.overflow_steps,
+        seconds=result.seconds,
+        data_seconds=result.data_seconds,
         device=device,
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        noise_scheduler=noise_scheduler,
+        unet=task.unet,
+        text_encoder=task.text_encoder,
+        tokenizer=task.tokenizer,
+        noise_scheduler=task.noise_scheduler,
+        pipeline=pipeline,
     )
 
 
@@ -738,60 +899,161 @@ def sample(
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
+#: ``TrainConfig`` fields holding paths, tuples of ints and tuples of strings (for the TOML file).
+_PATH_FIELDS = ("data", "output", "model", "model_config", "resume")
+_TUPLE_FIELDS = ("unet_channels", "lora_target_modules", "preview_prompts")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``fastdiff train`` flags, one per :class:`TrainConfig` field, to ``parser``.
+    """Add the ``fastdiff train`` flags, one per :class:`TrainConfig` field, and ``--config``.
+
+    Every flag defaults to ``None`` here ("not given"): :func:`config_from_args` fills in the TOML
+    file's value, else the :class:`TrainConfig` default.
 
     Args:
         parser: The subcommand's parser.
     """
     d = TrainConfig
-    parser.add_argument("--data", type=Path, required=True, help="folder of images and caption files")
-    parser.add_argument("--output", type=Path, required=True, help="folder for weights, loss.csv, loss.png")
-    parser.add_argument("--resolution", type=int, default=d.resolution, help="bucket resolution, pixels")
-    parser.add_argument("--bucket-step", type=int, default=d.bucket_step, help="bucket side multiple, pixels")
-    parser.add_argument("--min-bucket-side", type=int, default=None, help="default: the loader's")
-    parser.add_argument("--max-bucket-side", type=int, default=None, help="default: the loader's")
-    parser.add_argument("--crop", default=d.crop, help="'center' or 'random'")
-    parser.add_argument("--flip-prob", type=float, default=d.flip_prob, help="horizontal flip probability")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clip norm")
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision)
-    parser.add_argument(
-        "--caption-dropout", type=float, default=d.caption_dropout, help="P(caption -> '') for guidance"
+    a = parser.add_argument
+    a("--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)")
+    a("--data", type=Path, help="folder of images and caption files (required, here or in --config)")
+    a("--output", type=Path, help="folder for weights, loss.csv, loss.png, checkpoints (required)")
+    a(
+        "--model",
+        type=Path,
+        help="SD 1.x/2.x/SDXL pipeline folder or .safetensors file to fine-tune "
+        "(default: train the tiny model from scratch)",
     )
-    parser.add_argument("--max-caption-tokens", type=int, default=d.max_caption_tokens)
-    parser.add_argument(
-        "--unet-channels", type=int, nargs="+", default=list(d.unet_channels), help="UNet channels per level"
+    a("--model-config", type=Path, help="local pipeline folder with the configs of a single-file --model")
+    a("--resolution", type=int, help="bucket resolution, pixels (default: 64, or the model's)")
+    a("--bucket-step", type=int, help="bucket side multiple, pixels (default: 16, or 64 for a model)")
+    a("--min-bucket-side", type=int, help="default: the loader's")
+    a("--max-bucket-side", type=int, help="default: the loader's")
+    a("--crop", choices=("center", "random"), help=f"default {d.crop}")
+    a("--flip-prob", type=float, help="horizontal flip probability")
+    a("--batch-size", type=int, help=f"default {d.batch_size}")
+    a("--max-steps", "--steps", dest="max_steps", type=int, help=f"optimizer steps (default {d.max_steps})")
+    a("--learning-rate", type=float, help="peak AdamW learning rate (default: 1e-3, 1e-4 LoRA, 1e-5 full)")
+    a("--lr-scheduler", choices=LR_SCHEDULERS, help=f"default {d.lr_scheduler}")
+    a("--lr-warmup-steps", type=int, help="linear warmup steps (default 0)")
+    a("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    a("--use-8bit-adam", action=argparse.BooleanOptionalAction, help="bitsandbytes AdamW8bit")
+    a("--max-grad-norm", type=float, help=f"gradient clip norm (default {d.max_grad_norm})")
+    a("--gradient-accumulation-steps", type=int, help="batches per optimizer step (default 1)")
+    a("--mixed-precision", choices=MIXED_PRECISION, help="autocast dtype (default no)")
+    a("--vae-dtype", choices=VAE_DTYPES, help="frozen VAE dtype (default fp32)")
+    a("--caption-dropout", type=float, help=f"P(caption -> '') for guidance (default {d.caption_dropout})")
+    a("--prediction-type", choices=PREDICTION_TYPES, help="default: epsilon, or the model scheduler's")
+    a("--snr-gamma", type=float, help="min-SNR-gamma loss weighting (default off; 5 is usual)")
+    a("--noise-offset", type=float, help="offset-noise strength (default 0)")
+    a("--input-perturbation", type=float, help="input-perturbation strength (default 0)")
+    a("--ema-decay", type=float, help="EMA decay of the trained weights, e.g. 0.9999 (default 0: off)")
+    a("--lora-rank", type=int, help="LoRA rank; 0 = full fine-tune (default 0)")
+    a("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    a(
+        "--lora-target-modules",
+        nargs="+",
+        help=f"UNet modules with adapters (default {' '.join(d.lora_target_modules)})",
     )
-    parser.add_argument("--layers-per-block", type=int, default=d.layers_per_block)
-    parser.add_argument("--text-hidden-size", type=int, default=d.text_hidden_size)
-    parser.add_argument("--text-layers", type=int, default=d.text_layers)
-    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type)
-    parser.add_argument("--num-train-timesteps", type=int, default=d.num_train_timesteps)
-    parser.add_argument("--beta-schedule", default=d.beta_schedule, help="diffusers beta_schedule")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--num-threads", type=int, default=None, help="loader threads (default: all cores)")
-    parser.add_argument(
-        "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's setting)"
+    a("--train-text-encoder", action=argparse.BooleanOptionalAction, help="also train the text encoder(s)")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="trade compute for memory")
+    a(
+        "--max-consecutive-skips",
+        type=int,
+        help=f"stop after this many non-finite steps in a row (default {d.max_consecutive_skips})",
     )
-    parser.add_argument("--device", default=d.device, help="'auto' (CUDA if available), 'cpu', 'cuda', ...")
+    a(
+        "--checkpoint-every",
+        type=int,
+        help=f"save OUTPUT/checkpoint-STEP every N steps, 0: never (default {d.checkpoint_every})",
+    )
+    a("--resume", type=Path, help="checkpoint-STEP folder (or a folder of them: the latest) to continue from")
+    a("--preview-every", type=int, help="sample preview grids every N steps (default 0: never)")
+    a("--preview-prompts", nargs="+", help="preview prompts (default: the first 4 captions)")
+    a("--preview-steps", type=int, help=f"denoising steps per preview (default {d.preview_steps})")
+    a("--preview-guidance-scale", type=float, help=f"default {d.preview_guidance_scale}")
+    a("--max-caption-tokens", type=int, help=f"from scratch (default {d.max_caption_tokens})")
+    a("--unet-channels", type=int, nargs="+", help="from scratch: UNet channels per level")
+    a("--layers-per-block", type=int, help="from scratch")
+    a("--text-hidden-size", type=int, help="from scratch")
+    a("--text-layers", type=int, help="from scratch")
+    a("--num-train-timesteps", type=int, help="from scratch")
+    a("--beta-schedule", help="from scratch: diffusers beta_schedule")
+    a("--seed", type=int, help="default 0")
+    a("--num-threads", type=int, help="loader threads (default: all cores)")
+    a("--torch-threads", type=int, help="torch.set_num_threads (default: torch's setting)")
+    a("--device", help="'auto' (CUDA if available), 'cpu', 'cuda', ... (default auto)")
+
+
+def read_train_toml(path: Path) -> dict[str, Any]:
+    """The settings of a ``fastdiff train --config`` TOML file, as :class:`TrainConfig` field values.
+
+    Keys are the flag names without ``--`` (``max-steps``; ``max_steps`` also works) at the top level;
+    relative paths are taken relative to the TOML file's folder, as in dataset configs.
+
+    Returns:
+        ``{field name: value}`` of the keys present.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
+        ImportError: Python 3.10 without the ``tomli`` package.
+    """
+    from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
+
+    raw = _load_toml(Path(path))
+    names = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ValueError(f"{path}: unknown key {key!r} (keys are `fastdiff train` flag names)")
+        if name in _PATH_FIELDS and isinstance(value, str):
+            value = Path(path).parent / value
+        values[name] = value
+    return values
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from field values as argparse or TOML give them (lists, strings for paths).
+
+    Raises:
+        ValueError: ``data`` or ``output`` is missing, or as :class:`TrainConfig`.
+    """
+    values = dict(values)
+    for name in ("data", "output"):
+        if values.get(name) is None:
+            raise ValueError(f"--{name} is required (as a flag or a key of --config)")
+    for name in _PATH_FIELDS:
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    for name in _TUPLE_FIELDS:
+        if values.get(name) is not None:
+            value = values[name]
+            values[name] = (value,) if isinstance(value, str | int) else tuple(value)
+    return TrainConfig(**values)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``fastdiff train`` arguments."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    values["unet_channels"] = tuple(values["unet_channels"])
-    return TrainConfig(**values)
+    """The :class:`TrainConfig` of parsed ``fastdiff train`` arguments: flags given win over the
+    ``--config`` file's keys, which win over the defaults.
+
+    Raises:
+        ValueError: As :func:`read_train_toml` and :func:`config_from_mapping`.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "func", "command")}
+    from_file = read_train_toml(args.config) if getattr(args, "config", None) is not None else {}
+    return config_from_mapping({**from_file, **given})
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Body of ``fastdiff train``: train, print a summary; returns the exit status (0)."""
     result = train(config_from_args(args))
+    last = result.losses[-1] if result.losses else float("nan")
+    waiting = 100 * result.data_seconds / max(result.seconds, 1e-9)
     print(
-        f"trained {len(result.losses)} steps on {result.device} in {result.seconds:.1f} s, last loss "
-        f"{result.losses[-1]:.4f}, {result.skipped_steps} non-finite steps skipped; wrote {result.output}"
+        f"trained steps {result.first_step}-{result.first_step + len(result.losses) - 1} on {result.device} "
+        f"in {result.seconds:.1f} s ({waiting:.0f}% waiting for data), last loss {last:.4f}, "
+        f"{result.skipped_steps} non-finite steps skipped; wrote {result.output}"
     )
     return 0
