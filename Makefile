@@ -64,18 +64,28 @@ fmt: $(VENV)/.deps
 	cargo fmt --all
 	$(BIN)/ruff format .
 
-# Side-by-side throughput on the 1000-photo corpus (made once from the wallpapers; ~5 min), with the
-# bench-only peers (datago; PyTurboJPEG 1.x over Debian's libturbojpeg for the decode ceiling).
+# Side-by-side throughput (issue 3's table), each corpus made once from the wallpapers: 1000 photos @ 512
+# batch 8, 200 12 MP phone JPEGs @ 1024 batch 4, the mixed-format wallpapers @ 512; with the bench-only
+# peers (datago; PyTurboJPEG 1.x over Debian's libturbojpeg for the decode ceiling). About an hour on
+# 2 cores; `make bench BENCH_CORPORA=photos` runs one row.
 CORPUS ?= $(or $(FASTDIFF_CACHE),$(HOME)/.cache/fastdiff/corpus)
 SHARED ?= ../shared
+BENCH_CORPORA ?= photos large wallpapers
 bench: setup
 	@dpkg -s libturbojpeg0 >/dev/null 2>&1 || $(SUDO) apt-get install -y -qq libturbojpeg0
 	$(BIN)/pip install -q "datago" "PyTurboJPEG<2"
 	bash $(SHARED)/corpus/fetch_wallpapers.sh $(CORPUS)/wallpapers
-	@[ -f $(CORPUS)/photos/.complete ] || { $(BIN)/python $(SHARED)/corpus/make_photos.py \
-	  $(CORPUS)/wallpapers $(CORPUS)/photos --kind photos --n 1000 && touch $(CORPUS)/photos/.complete; }
-	$(BIN)/python benches/side_by_side.py $(CORPUS)/photos --resolution 512 --batch-size 8 --rounds 5 \
-	  --json benches/results/photos-512.json --plot benches/results/photos-512.png
+	@for kind in photos large; do n=$$([ $$kind = photos ] && echo 1000 || echo 200); \
+	  [ -f $(CORPUS)/$$kind/.complete ] || { $(BIN)/python $(SHARED)/corpus/make_photos.py \
+	  $(CORPUS)/wallpapers $(CORPUS)/$$kind --kind $$kind --n $$n && touch $(CORPUS)/$$kind/.complete; } || exit 1; done
+	@for c in $(BENCH_CORPORA); do case $$c in \
+	  photos) args="--resolution 512 --batch-size 8 --rounds 5";; \
+	  large) args="--resolution 1024 --batch-size 4 --rounds 3";; \
+	  wallpapers) args="--resolution 512 --batch-size 8 --rounds 3";; \
+	  *) echo "unknown corpus $$c"; exit 1;; esac; \
+	  res=$$(echo $$args | cut -d' ' -f2); \
+	  $(BIN)/python benches/side_by_side.py $(CORPUS)/$$c $$args \
+	    --json benches/results/$$c-$$res.json --plot benches/results/$$c-$$res.png || exit 1; done
 
 clean:
 	rm -rf $(VENV) target demo-out
