@@ -276,6 +276,9 @@ pub struct Transformer {
     resizer: Resizer,
     /// The resized window, RGB8 interleaved, `bw * bh * 3` bytes.
     scratch: Vec<u8>,
+    /// Between the two passes of [`Transformer::resize_window`]: `bw` wide, the source rows the
+    /// vertical filter reaches.
+    rows: Vec<u8>,
     lut_f32: [f32; 256],
     lut_f16: [u16; 256],
     lut_bf16: [u16; 256],
@@ -289,6 +292,7 @@ impl Transformer {
             filter,
             resizer: Resizer::new(),
             scratch: Vec::new(),
+            rows: Vec::new(),
             lut_f32,
             lut_f16: lut_f32.map(|x| half::f16::from_f32(x).to_bits()),
             lut_bf16: lut_f32.map(|x| half::bf16::from_f32(x).to_bits()),
@@ -400,9 +404,7 @@ impl Transformer {
         // Clamp against rounding past the image edge (the window fits the resized image exactly).
         let right = (f64::from(p.crop_left + bw) * sx).min(f64::from(img.width));
         let bottom = (f64::from(p.crop_top + bh) * sy).min(f64::from(img.height));
-        let options = ResizeOptions::new()
-            .resize_alg(self.filter.algorithm())
-            .crop(left, top, right - left, bottom - top);
+        let alg = self.filter.algorithm();
 
         let len = 3 * bw as usize * bh as usize;
         if self.scratch.len() != len {
@@ -413,10 +415,59 @@ impl Transformer {
         };
         let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
+        if self.filter == FilterType::Nearest {
+            let options =
+                ResizeOptions::new()
+                    .resize_alg(alg)
+                    .crop(left, top, right - left, bottom - top);
+            let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
+                .map_err(|e| internal(&e))?;
+            return self
+                .resizer
+                .resize(&src, &mut dst, &options)
+                .map_err(|e| internal(&e));
+        }
+        // Two single-pass calls, horizontal then vertical (Pillow's order), never one call that
+        // needs both: for u8 pixels fast_image_resize 6.1 runs the vertical pass first into a
+        // buffer spanning the first output pixel's source range to the last one's, but filters
+        // whose weights are exactly 0 at whole-pixel distances (Lanczos, Catmull-Rom) get trimmed,
+        // non-monotonic ranges, and its horizontal pass then reads past that buffer (out of
+        // bounds; found by tests/fuzz.rs: 24x40 → 16x120 window, Catmull-Rom). Each single pass
+        // reads only within its source. Same result: the rows kept cover every vertical tap.
+        let scale_y = (bottom - top) / f64::from(bh);
+        // Widest support is Lanczos3's 3 source pixels, scaled when downsampling; 1 spare row.
+        let margin = (3.0 * scale_y.max(1.0)).ceil() + 1.0;
+        let y0 = (top - margin).floor().max(0.0) as u32;
+        let y1 = ((bottom + margin).ceil() as u32)
+            .min(img.height)
+            .max(y0 + 1);
+        let rows_len = 3 * bw as usize * (y1 - y0) as usize;
+        if self.rows.len() != rows_len {
+            self.rows.resize(rows_len, 0);
+        }
+        let horizontal = ResizeOptions::new().resize_alg(alg).crop(
+            left,
+            f64::from(y0),
+            right - left,
+            f64::from(y1 - y0),
+        );
+        let mut rows = Image::from_slice_u8(bw, y1 - y0, &mut self.rows, PixelType::U8x3)
+            .map_err(|e| internal(&e))?;
+        self.resizer
+            .resize(&src, &mut rows, &horizontal)
+            .map_err(|e| internal(&e))?;
+        let rows =
+            ImageRef::new(bw, y1 - y0, &self.rows, PixelType::U8x3).map_err(|e| internal(&e))?;
+        let vertical = ResizeOptions::new().resize_alg(alg).crop(
+            0.0,
+            top - f64::from(y0),
+            f64::from(bw),
+            bottom - top,
+        );
         let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
         self.resizer
-            .resize(&src, &mut dst, &options)
+            .resize(&rows, &mut dst, &vertical)
             .map_err(|e| internal(&e))
     }
 }
@@ -503,6 +554,35 @@ mod tests {
             crop_top: top,
             flip,
             bucket,
+        }
+    }
+
+    #[test]
+    fn small_images_into_extreme_windows_stay_in_bounds() {
+        // Regression (tests/fuzz.rs): a 24x40 image placed in a 16x120 window upsamples a
+        // fractional crop 3x; one fast_image_resize call doing both passes read past its buffer.
+        // A solid image must come out solid, whatever the filter, crop and flip.
+        for filter in [
+            FilterType::Lanczos3,
+            FilterType::CatmullRom,
+            FilterType::Bilinear,
+            FilterType::Box,
+            FilterType::Nearest,
+        ] {
+            let mut t = Transformer::new(filter);
+            for (w, h) in [(24, 40), (1, 1), (3, 50), (50, 3), (7, 7)] {
+                let img = image(w, h, |_, _| [200, 100, 50]);
+                for bucket in [(16, 120), (120, 16), (8, 8), (64, 32)] {
+                    for (r, flip) in [(0.0, false), (0.5, true), (0.999, false)] {
+                        let p = Placement::new((w, h), bucket, CropMode::Random, r, r, flip);
+                        let [red, green, blue] = planes_u8(&mut t, &img, &p);
+                        let what = format!("{filter:?} {w}x{h} -> {bucket:?} at {r}");
+                        assert!(red.iter().all(|&v| v == 200), "{what}");
+                        assert!(green.iter().all(|&v| v == 100), "{what}");
+                        assert!(blue.iter().all(|&v| v == 50), "{what}");
+                    }
+                }
+            }
         }
     }
 
