@@ -20,9 +20,7 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
     p.add_argument("--max-bucket-side", type=int, default=None, help="default 2*resolution")
     p.add_argument("--batch-size", type=int, default=1, help="for the batches-per-epoch count (default 1)")
-    p.add_argument(
-        "--no-upscale", action="store_true", help="never enlarge images (kohya bucket_no_upscale)"
-    )
+    p.add_argument("--no-upscale", action="store_true", help="never enlarge images (kohya bucket_no_upscale)")
     p.add_argument(
         "--max-pixels",
         type=int,
