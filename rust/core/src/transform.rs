@@ -276,9 +276,9 @@ pub struct Transformer {
     resizer: Resizer,
     /// The resized window, RGB8 interleaved, `bw * bh * 3` bytes.
     scratch: Vec<u8>,
-    /// Between the two passes of [`Transformer::resize_window`]: `bw` wide, the source rows the
-    /// vertical filter reaches.
-    rows: Vec<u8>,
+    /// Between the two passes of [`Transformer::resize_window`]: `bh` high, the source columns
+    /// the horizontal filter reaches.
+    columns: Vec<u8>,
     lut_f32: [f32; 256],
     lut_f16: [u16; 256],
     lut_bf16: [u16; 256],
@@ -292,7 +292,7 @@ impl Transformer {
             filter,
             resizer: Resizer::new(),
             scratch: Vec::new(),
-            rows: Vec::new(),
+            columns: Vec::new(),
             lut_f32,
             lut_f16: lut_f32.map(|x| half::f16::from_f32(x).to_bits()),
             lut_bf16: lut_f32.map(|x| half::bf16::from_f32(x).to_bits()),
@@ -427,47 +427,46 @@ impl Transformer {
                 .resize(&src, &mut dst, &options)
                 .map_err(|e| internal(&e));
         }
-        // Two single-pass calls, horizontal then vertical (Pillow's order), never one call that
-        // needs both: for u8 pixels fast_image_resize 6.1 runs the vertical pass first into a
-        // buffer spanning the first output pixel's source range to the last one's, but filters
+        // Two single-pass calls, vertical then horizontal (the order fast_image_resize itself uses
+        // for u8), never one call that needs both: fast_image_resize 6.1 then sizes its buffer
+        // between the passes from the first and last output pixels' source ranges, but filters
         // whose weights are exactly 0 at whole-pixel distances (Lanczos, Catmull-Rom) get trimmed,
-        // non-monotonic ranges, and its horizontal pass then reads past that buffer (out of
-        // bounds; found by tests/fuzz.rs: 24x40 → 16x120 window, Catmull-Rom). Each single pass
-        // reads only within its source. Same result: the rows kept cover every vertical tap.
-        let scale_y = (bottom - top) / f64::from(bh);
-        // Widest support is Lanczos3's 3 source pixels, scaled when downsampling; 1 spare row.
-        let margin = (3.0 * scale_y.max(1.0)).ceil() + 1.0;
-        let y0 = (top - margin).floor().max(0.0) as u32;
-        let y1 = ((bottom + margin).ceil() as u32)
-            .min(img.height)
-            .max(y0 + 1);
-        let rows_len = 3 * bw as usize * (y1 - y0) as usize;
-        if self.rows.len() != rows_len {
-            self.rows.resize(rows_len, 0);
+        // non-monotonic ranges, and its horizontal pass reads past that buffer (out of bounds;
+        // found by tests/fuzz.rs: a 24x40 image into a 16x120 window, Catmull-Rom). Each single
+        // pass reads only within its source; the columns kept cover every horizontal tap, so the
+        // result is the same as one call's.
+        let scale_x = (right - left) / f64::from(bw);
+        // Widest support is Lanczos3's 3 source pixels, scaled when downsampling; 1 spare column.
+        let margin = (3.0 * scale_x.max(1.0)).ceil() + 1.0;
+        let x0 = (left - margin).floor().max(0.0) as u32;
+        let x1 = ((right + margin).ceil() as u32).min(img.width).max(x0 + 1);
+        let cols_len = 3 * (x1 - x0) as usize * bh as usize;
+        if self.columns.len() != cols_len {
+            self.columns.resize(cols_len, 0);
         }
-        let horizontal = ResizeOptions::new().resize_alg(alg).crop(
-            left,
-            f64::from(y0),
-            right - left,
-            f64::from(y1 - y0),
+        let vertical = ResizeOptions::new().resize_alg(alg).crop(
+            f64::from(x0),
+            top,
+            f64::from(x1 - x0),
+            bottom - top,
         );
-        let mut rows = Image::from_slice_u8(bw, y1 - y0, &mut self.rows, PixelType::U8x3)
+        let mut columns = Image::from_slice_u8(x1 - x0, bh, &mut self.columns, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
         self.resizer
-            .resize(&src, &mut rows, &horizontal)
+            .resize(&src, &mut columns, &vertical)
             .map_err(|e| internal(&e))?;
-        let rows =
-            ImageRef::new(bw, y1 - y0, &self.rows, PixelType::U8x3).map_err(|e| internal(&e))?;
-        let vertical = ResizeOptions::new().resize_alg(alg).crop(
+        let columns =
+            ImageRef::new(x1 - x0, bh, &self.columns, PixelType::U8x3).map_err(|e| internal(&e))?;
+        let horizontal = ResizeOptions::new().resize_alg(alg).crop(
+            left - f64::from(x0),
             0.0,
-            top - f64::from(y0),
-            f64::from(bw),
-            bottom - top,
+            right - left,
+            f64::from(bh),
         );
         let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
         self.resizer
-            .resize(&rows, &mut dst, &vertical)
+            .resize(&columns, &mut dst, &horizontal)
             .map_err(|e| internal(&e))
     }
 }
