@@ -193,7 +193,6 @@ class DataLoader:
             "bucket_step": bucket_step,
             "min_bucket_side": min_bucket_side,
             "max_bucket_side": max_bucket_side,
-            "no_upscale": no_upscale,
             "crop": crop,
             "flip_prob": flip_prob,
             "shuffle": shuffle,
@@ -208,6 +207,9 @@ class DataLoader:
             "remainder": remainder,
             "subsets": [s.options() for s in subsets],
         }
+        if no_upscale:
+            # Only when set, so states saved before the option existed still load with the default.
+            self._state_options["no_upscale"] = True
         self._native = _fastdiff.NativeLoader(
             [s.native() for s in subsets],
             resolution=resolution,
