@@ -22,7 +22,8 @@
 //!
 //! Length: the default `cargo test` run does `FASTDIFF_FUZZ_CASES` cases (default 200 000) or stops
 //! after `FASTDIFF_FUZZ_SECONDS` (default 40), whichever comes first; both are deterministic from
-//! `FASTDIFF_FUZZ_SEED` (default 0). For a long run, e.g. overnight in release mode:
+//! `FASTDIFF_FUZZ_SEED` (default 0). For a long run, `make fuzz` (an hour, a new seed each time), or
+//! e.g. overnight in release mode:
 //!
 //! ```sh
 //! FASTDIFF_FUZZ_CASES=2000000 FASTDIFF_FUZZ_SECONDS=28800 FASTDIFF_FUZZ_SEED=$RANDOM \
