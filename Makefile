@@ -9,7 +9,7 @@ WHEEL_STAMP := $(VENV)/.fastdiff-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
 
-.PHONY: setup develop demo test test-rust test-python lint fmt bench clean
+.PHONY: setup develop demo test test-rust test-python lint fmt bench fuzz clean
 
 setup: $(WHEEL_STAMP)
 
@@ -86,6 +86,16 @@ bench: setup
 	  res=$$(echo $$args | cut -d' ' -f2); \
 	  $(BIN)/python benches/side_by_side.py $(CORPUS)/$$c $$args \
 	    --json benches/results/$$c-$$res.json --plot benches/results/$$c-$$res.png || exit 1; done
+
+# Longer fuzzing of probe + decode + transform than the seconds-long smoke run inside `cargo test`
+# (knobs: header of rust/core/tests/fuzz.rs; FUZZ_SEEDS=DIR adds real files as seeds).
+FUZZ_CASES ?= 5000000
+FUZZ_SECONDS ?= 3600
+FUZZ_SEED ?= $(shell date +%s)
+fuzz:
+	FASTDIFF_FUZZ_CASES=$(FUZZ_CASES) FASTDIFF_FUZZ_SECONDS=$(FUZZ_SECONDS) FASTDIFF_FUZZ_SEED=$(FUZZ_SEED) \
+	  $(if $(FUZZ_SEEDS),FASTDIFF_FUZZ_SEEDS=$(FUZZ_SEEDS)) \
+	  cargo test --release -p fastdiff-core --test fuzz -- --nocapture
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -39,14 +39,18 @@ def test_wheel_installs_into_fresh_venv_and_loads_without_rust(tmp_path: Path) -
         check=True,
     )
     # numpy and torch come from this environment (a .pth appends them after the fresh site-packages,
-    # so `fastdiff` itself resolves to the freshly installed wheel).
+    # so `fastdiff` itself resolves to the freshly installed wheel). Every site-packages on sys.path,
+    # not just this venv's: a venv may itself reach its packages through a .pth, which is not
+    # followed from an appended folder.
     site = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    dep_dirs = [sysconfig.get_paths()["purelib"]]
+    dep_dirs += [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and p not in dep_dirs]
+    Path(site, "deps.pth").write_text("\n".join(dep_dirs) + "\n")
     data = tmp_path / "data"
     data.mkdir()
     Image.new("RGB", (96, 64), (200, 30, 40)).save(data / "red.png")

@@ -77,6 +77,7 @@ class NativeLoader:
         rank: int = 0,
         world_size: int = 1,
         remainder: str = "pad",
+        no_upscale: bool = False,
     ) -> None: ...
     @property
     def num_batches(self) -> int: ...

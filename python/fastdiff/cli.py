@@ -20,7 +20,18 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
     p.add_argument("--max-bucket-side", type=int, default=None, help="default 2*resolution")
     p.add_argument("--batch-size", type=int, default=1, help="for the batches-per-epoch count (default 1)")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--no-upscale", action="store_true", help="never enlarge images (kohya bucket_no_upscale)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse images with more pixels than this (default 178956970, Pillow's limit)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the full report as JSON (found, loaded, skipped: [{path, code, message}], ...)",
+    )
 
 
 def format_report(report: dict[str, Any], batches: int) -> str:
@@ -57,9 +68,14 @@ def format_report(report: dict[str, Any], batches: int) -> str:
 def _run_scan(args: argparse.Namespace) -> int:
     from fastdiff import DataLoader
 
+    extra: dict[str, Any] = {}
+    if args.no_upscale:
+        extra["no_upscale"] = True
+    if args.max_pixels is not None:
+        extra["max_pixels"] = args.max_pixels
     if args.root.endswith(".toml"):
         # The config's own resolution and batch options apply, not the flags' defaults.
-        loader = DataLoader.from_config(args.root)
+        loader = DataLoader.from_config(args.root, **extra)
     else:
         loader = DataLoader(
             args.root,
@@ -68,6 +84,7 @@ def _run_scan(args: argparse.Namespace) -> int:
             min_bucket_side=args.min_bucket_side,
             max_bucket_side=args.max_bucket_side,
             batch_size=args.batch_size,
+            **extra,
         )
     report = loader.report
     if args.json:

@@ -36,11 +36,13 @@ LOADER_KEYS: dict[str, type | tuple[type, ...]] = {
     "filter": str,
     "on_error": str,
     "max_pixels": int,
+    "no_upscale": bool,
 }
 KOHYA_ALIASES = {
     "bucket_reso_steps": "bucket_step",
     "min_bucket_reso": "min_bucket_side",
     "max_bucket_reso": "max_bucket_side",
+    "bucket_no_upscale": "no_upscale",
 }
 
 
@@ -266,7 +268,8 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
 
     Loader options (``[general]`` / ``[[datasets]]``): ``resolution batch_size bucket_step
     min_bucket_side max_bucket_side crop flip_prob shuffle seed drop_last remainder filter on_error
-    max_pixels`` (kohya's ``bucket_reso_steps min_bucket_reso max_bucket_reso`` as aliases). Subset
+    max_pixels no_upscale`` (kohya's ``bucket_reso_steps min_bucket_reso max_bucket_reso
+    bucket_no_upscale`` as aliases). Subset
     options (in a subset, or in ``[general]`` / ``[[datasets]]`` as defaults): the fields of
     :class:`Subset`.
 
@@ -284,7 +287,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         path = Path(config)
         data, source, base = _load_toml(path), os.fspath(path), path.parent
     _check(data, {"general": dict, "datasets": list}, source)
-    loader_keys = {**LOADER_KEYS, **dict.fromkeys(KOHYA_ALIASES, int)}
+    loader_keys = {**LOADER_KEYS, **{alias: LOADER_KEYS[name] for alias, name in KOHYA_ALIASES.items()}}
     defaults_keys = {**loader_keys, **{k: v for k, v in SUBSET_KEYS.items() if k != "image_dir"}}
     general = data.get("general", {})
     _check(general, defaults_keys, f"{source} [general]")

@@ -92,6 +92,15 @@ class DataLoader:
         bucket_step: Bucket sides are multiples of this, in pixels (64 for SD/SDXL latents).
         min_bucket_side: Smallest bucket side in pixels; default ``resolution // 2``.
         max_bucket_side: Largest bucket side in pixels; default ``2 * resolution``.
+        no_upscale: Never enlarge an image (kohya-ss sd-scripts ``bucket_no_upscale``). An image that
+            covers its usual bucket keeps it (a 3072×3000 photo at resolution 1024 gets 1024×1024);
+            a smaller one gets the largest ``bucket_step``-aligned bucket it covers: its size scaled
+            down to area ``resolution²`` if larger, each side rounded down to a multiple of
+            ``bucket_step`` and capped at ``max_bucket_side`` (such buckets may be below
+            ``min_bucket_side`` and join :attr:`buckets`). An image narrower or shorter than
+            ``bucket_step`` fits no bucket: it is skipped with code ``"too_small"`` (with
+            ``on_error="raise"``, :class:`fastdiff.DecodeError` at construction). Default ``False``:
+            every image is resized to cover its bucket, enlarging small ones.
         crop: ``"center"`` or ``"random"``.
         flip_prob: Probability in ``[0, 1]`` of a horizontal flip per sample.
         shuffle: Shuffle images within buckets and the order of batches, per epoch.
@@ -114,7 +123,11 @@ class DataLoader:
             raises :class:`fastdiff.DecodeError` naming the file.
         filter: Resize filter: ``"lanczos3"`` (default), ``"catmullrom"``, ``"bilinear"``, ``"box"``
             or ``"nearest"``.
-        max_pixels: Images with more pixels than this are refused before decoding.
+        max_pixels: Decompression-bomb guard (≥ 1): an image whose header declares more than this
+            many pixels (``width * height``) is refused before any pixel memory is allocated, and
+            skipped with code ``"too_large"`` and a message giving its size (or raises
+            :class:`fastdiff.DecodeError` with ``on_error="raise"``). Default 178 956 970, Pillow's
+            ``Image.MAX_IMAGE_PIXELS``.
         rank: This process's rank; default ``torch.distributed.get_rank()`` when initialised, else 0.
         world_size: Number of ranks; default ``torch.distributed.get_world_size()`` when initialised,
             else 1.
@@ -135,6 +148,7 @@ class DataLoader:
         bucket_step: int = 64,
         min_bucket_side: int | None = None,
         max_bucket_side: int | None = None,
+        no_upscale: bool = False,
         crop: str = "center",
         flip_prob: float = 0.0,
         shuffle: bool = True,
@@ -209,6 +223,9 @@ class DataLoader:
             "remainder": remainder,
             "subsets": [s.options() for s in subsets],
         }
+        if no_upscale:
+            # Only when set, so states saved before the option existed still load with the default.
+            self._state_options["no_upscale"] = True
         self._native = _fastdiff.NativeLoader(
             [s.native() for s in subsets],
             resolution=resolution,
@@ -232,6 +249,7 @@ class DataLoader:
             rank=rank,
             world_size=world_size,
             remainder=remainder,
+            no_upscale=no_upscale,
         )
 
     @classmethod
@@ -322,7 +340,8 @@ class DataLoader:
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
-        """Candidate buckets as ``(h, w)`` in pixels, sorted by aspect ratio."""
+        """Candidate buckets as ``(h, w)`` in pixels, sorted by aspect ratio (with ``no_upscale``, also
+        the images' own smaller buckets)."""
         return self._native.buckets
 
     @property

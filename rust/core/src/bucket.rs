@@ -126,16 +126,72 @@ impl BucketConfig {
                 height: w,
             });
         }
-        out.sort_by(|a, b| {
-            // Compare w_a/h_a with w_b/h_b exactly by cross-multiplication (no float rounding).
-            (u64::from(a.width) * u64::from(b.height))
-                .cmp(&(u64::from(b.width) * u64::from(a.height)))
-                .then(a.area().cmp(&b.area()))
-                .then(a.width.cmp(&b.width))
-        });
-        out.dedup();
+        sort_by_aspect(&mut out);
         out
     }
+
+    /// The bucket of an upright `width x height` image (pixels, both > 0) under kohya-ss sd-scripts'
+    /// `bucket_no_upscale`: never larger than the image on either side, so it is only ever shrunk.
+    ///
+    /// * If the image covers its usual bucket (`candidates[assign(candidates, width, height)]`,
+    ///   `width >= bw` and `height >= bh`), that bucket: large images bucket exactly as without
+    ///   `no_upscale` (a 3072x3000 photo at resolution 1024 gets 1024x1024).
+    /// * Otherwise the largest step-aligned size it covers, as kohya's `BucketManager.select_bucket`
+    ///   does: the image scaled by `s = min(1, resolution / sqrt(width * height))` (never up; down
+    ///   only to fit the area `resolution²`), each side rounded down to a multiple of `step`, then
+    ///   capped at `max_side` rounded down to a multiple of `step` (the excess is cropped away).
+    ///   Such a bucket may be smaller than `min_side` and is usually not among
+    ///   [`BucketConfig::buckets`]. Unlike kohya, `max_side` is honoured and large images that fit
+    ///   a listed bucket keep it (fewer, fuller buckets).
+    ///
+    /// Returns `None` when a side would round down to 0, i.e. the image (after the scale) is
+    /// narrower or shorter than one `step`: it cannot be trained without enlarging it (the loader
+    /// skips it with code `too_small`).
+    pub fn no_upscale_bucket(
+        &self,
+        candidates: &[Bucket],
+        width: u32,
+        height: u32,
+    ) -> Option<Bucket> {
+        let usual = candidates[assign(candidates, width, height)];
+        if width >= usual.width && height >= usual.height {
+            return Some(usual);
+        }
+        let (w, h) = (f64::from(width), f64::from(height));
+        let s = 1f64.min(f64::from(self.resolution) / (w * h).sqrt());
+        let down = |x: f64, limit: u32| -> u32 {
+            // `as` saturates; clamp to the image (float error must never round up past it).
+            let x = (x.floor() as u32).min(limit).min(self.max_side);
+            x / self.step * self.step
+        };
+        let (mut bw, mut bh) = (down(w * s, width), down(h * s, height));
+        // Float rounding at the area boundary: shrink the longer side until the area fits.
+        let area = u64::from(self.resolution) * u64::from(self.resolution);
+        while bw > 0 && bh > 0 && u64::from(bw) * u64::from(bh) > area {
+            if bw >= bh {
+                bw -= self.step;
+            } else {
+                bh -= self.step;
+            }
+        }
+        (bw > 0 && bh > 0).then_some(Bucket {
+            width: bw,
+            height: bh,
+        })
+    }
+}
+
+/// Sort buckets by aspect ratio `width / height` ascending (tallest first; equal aspects by area,
+/// then width) and remove duplicates: the order of [`BucketConfig::buckets`].
+pub fn sort_by_aspect(list: &mut Vec<Bucket>) {
+    list.sort_by(|a, b| {
+        // Compare w_a/h_a with w_b/h_b exactly by cross-multiplication (no float rounding).
+        (u64::from(a.width) * u64::from(b.height))
+            .cmp(&(u64::from(b.width) * u64::from(a.height)))
+            .then(a.area().cmp(&b.area()))
+            .then(a.width.cmp(&b.width))
+    });
+    list.dedup();
 }
 
 /// Index into `buckets` of the bucket whose aspect ratio is nearest to the image's, measured in log
@@ -289,6 +345,57 @@ mod tests {
         assert_eq!(at(100, 3000), b(256, 1024));
         // 4:3 (ln 0.288): 576x448 (ln 0.251) is nearer than 640x384 (0.511).
         assert_eq!(at(800, 600), b(576, 448));
+    }
+
+    #[test]
+    fn no_upscale_keeps_the_usual_bucket_when_the_image_covers_it() {
+        let c = BucketConfig::new(1024, 64, None, None).unwrap();
+        let list = c.buckets();
+        assert_eq!(c.no_upscale_bucket(&list, 3072, 3000), Some(b(1024, 1024)));
+        assert_eq!(
+            c.no_upscale_bucket(&list, 4032, 3024),
+            Some(list[assign(&list, 4032, 3024)])
+        );
+    }
+
+    #[test]
+    fn no_upscale_never_enlarges_and_never_gives_an_empty_bucket() {
+        let c = BucketConfig::new(1024, 64, None, None).unwrap();
+        let list = c.buckets();
+        // Smaller than every listed bucket: the image rounded down to whole steps.
+        assert_eq!(c.no_upscale_bucket(&list, 1000, 1000), Some(b(960, 960)));
+        assert_eq!(c.no_upscale_bucket(&list, 600, 400), Some(b(576, 384)));
+        assert_eq!(c.no_upscale_bucket(&list, 64, 64), Some(b(64, 64)));
+        // 1:10 and 10:1 below the list's minimum side.
+        assert_eq!(c.no_upscale_bucket(&list, 100, 1000), Some(b(64, 960)));
+        assert_eq!(c.no_upscale_bucket(&list, 1000, 100), Some(b(960, 64)));
+        // Narrower than one step: nothing fits without enlarging.
+        assert_eq!(c.no_upscale_bucket(&list, 1, 1), None);
+        assert_eq!(c.no_upscale_bucket(&list, 40, 300), None);
+        assert_eq!(c.no_upscale_bucket(&list, 63, 5000), None);
+        // Large but not covering (5000x300): scaled to the area (4180x250), rounded down, capped
+        // at max_side.
+        assert_eq!(c.no_upscale_bucket(&list, 5000, 300), Some(b(2048, 192)));
+        for (w, h) in [
+            (1, 1),
+            (64, 64),
+            (65, 1000),
+            (1023, 1025),
+            (3000, 3000),
+            (20000, 64),
+            (64, 20000),
+            (1500, 700),
+            (u32::MAX, u32::MAX),
+            (u32::MAX, 64),
+        ] {
+            if let Some(x) = c.no_upscale_bucket(&list, w, h) {
+                assert!(x.width > 0 && x.height > 0, "{w}x{h}: {x:?}");
+                assert!(x.width <= w && x.height <= h, "{w}x{h}: {x:?}");
+                assert_eq!((x.width % 64, x.height % 64), (0, 0), "{w}x{h}: {x:?}");
+                assert!(x.area() <= 1024 * 1024, "{w}x{h}: {x:?}");
+                assert!(x.width <= 2048 && x.height <= 2048, "{w}x{h}: {x:?}");
+            }
+        }
     }
 
     #[test]

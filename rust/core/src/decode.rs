@@ -1412,6 +1412,71 @@ mod tests {
         assert_close(pixel(&img, 56, 40), WHITE, 6, "progressive BR");
     }
 
+    /// An arithmetic-coded baseline JPEG (4:2:0, quality 90) of `pixels` (RGB), written through
+    /// libjpeg-turbo's raw API: the safe `Compressor` has no switch for arithmetic coding.
+    fn arithmetic_coded_jpeg(pixels: &[u8], w: u32, h: u32) -> Vec<u8> {
+        use turbojpeg::raw;
+        // SAFETY: plain TurboJPEG 3 calls on a handle we own; the source buffer outlives the call
+        // and holds `w * h * 3` bytes; the output buffer is copied, then freed with tj3Free.
+        unsafe {
+            let handle = raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as _);
+            assert!(!handle.is_null());
+            for (param, value) in [
+                (raw::TJPARAM_TJPARAM_QUALITY, 90),
+                (raw::TJPARAM_TJPARAM_SUBSAMP, raw::TJSAMP_TJSAMP_420 as _),
+                (raw::TJPARAM_TJPARAM_ARITHMETIC, 1),
+            ] {
+                assert_eq!(raw::tj3Set(handle, param as _, value), 0);
+            }
+            let mut buf: *mut u8 = std::ptr::null_mut();
+            let mut size = 0;
+            let rc = raw::tj3Compress8(
+                handle,
+                pixels.as_ptr(),
+                w as _,
+                (w * 3) as _,
+                h as _,
+                raw::TJPF_TJPF_RGB as _,
+                &mut buf,
+                &mut size,
+            );
+            assert_eq!(rc, 0);
+            let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
+            raw::tj3Free(buf.cast());
+            raw::tj3Destroy(handle);
+            out
+        }
+    }
+
+    #[test]
+    fn arithmetic_coded_jpeg_decodes() {
+        let q = quadrants(64, 48);
+        let file = arithmetic_coded_jpeg(&q, 64, 48);
+        // SOF9: sequential DCT, arithmetic coding.
+        assert!(file.windows(2).any(|w| w == [0xFF, 0xC9]));
+        let h = probe_bytes(&file, &p()).unwrap();
+        assert_eq!((h.width, h.height), (64, 48));
+        let img = decode(&file).unwrap();
+        assert_close(pixel(&img, 8, 8), RED, 6, "arithmetic TL");
+        assert_close(pixel(&img, 56, 40), WHITE, 6, "arithmetic BR");
+        // At a DCT scale too.
+        let half = decode_with(&file, 1, (32, 24), &DecodeOptions::default()).unwrap();
+        assert_eq!((half.width, half.height), (32, 24));
+        if std::env::var_os("FASTDIFF_PRINT_ARITHMETIC_JPEG").is_some() {
+            let g: Vec<u8> = (0..16u32 * 16)
+                .flat_map(|i| {
+                    let (x, y) = (i % 16, i / 16);
+                    [(x * 16) as u8, (y * 16) as u8, ((x + y) * 8) as u8]
+                })
+                .collect();
+            let hex: String = arithmetic_coded_jpeg(&g, 16, 16)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            eprintln!("ARITHMETIC_JPEG_HEX={hex}");
+        }
+    }
+
     #[test]
     fn jpeg_too_large_before_allocation() {
         let mut file = jpeg(&quadrants(16, 16), 16, 16);

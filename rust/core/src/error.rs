@@ -34,6 +34,19 @@ pub enum Error {
         height: u32,
         limit: u64,
     },
+    /// With `no_upscale`, the image is narrower or shorter than one bucket step, so no bucket fits
+    /// without enlarging it.
+    #[error(
+        "Error while bucketing {}: image is {width}x{height}, smaller than one bucket step of {step} \
+         pixels on a side; no_upscale forbids enlarging it",
+        path.display()
+    )]
+    TooSmall {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        step: u32,
+    },
     /// The file's size or format no longer matches what the scan recorded.
     #[error("Error while decoding {}: file changed since the scan: {reason}", path.display())]
     Changed { path: PathBuf, reason: String },
@@ -53,13 +66,14 @@ pub enum Error {
 }
 
 impl Error {
-    /// Short machine-readable reason code used in reports: `io`, `decode`, `too_large`, `changed`,
-    /// `panic`, `invalid_argument`, `no_images`.
+    /// Short machine-readable reason code used in reports: `io`, `decode`, `too_large`, `too_small`,
+    /// `changed`, `panic`, `invalid_argument`, `no_images`.
     pub fn code(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",
             Error::Decode { .. } => "decode",
             Error::TooLarge { .. } => "too_large",
+            Error::TooSmall { .. } => "too_small",
             Error::Changed { .. } => "changed",
             Error::Panic { .. } => "panic",
             Error::Skipped(skip) => skip.code,
@@ -74,6 +88,7 @@ impl Error {
             Error::Io { path, .. }
             | Error::Decode { path, .. }
             | Error::TooLarge { path, .. }
+            | Error::TooSmall { path, .. }
             | Error::Changed { path, .. }
             | Error::Panic { path, .. }
             | Error::NoImages { path, .. } => Some(path),

@@ -73,6 +73,10 @@ pub struct LoaderOptions {
     pub min_bucket_side: Option<u32>,
     /// Largest bucket side; `None` = `2 * resolution`.
     pub max_bucket_side: Option<u32>,
+    /// Never enlarge an image (kohya-ss `bucket_no_upscale`): an image smaller than its bucket gets
+    /// the largest step-aligned bucket it covers instead, see [`BucketConfig::no_upscale_bucket`];
+    /// one narrower or shorter than `bucket_step` is skipped with code `too_small`. Default false.
+    pub no_upscale: bool,
     /// Where the bucket-sized window is cut from the resized image. Default [`CropMode::Center`].
     pub crop: CropMode,
     /// Probability in `[0, 1]` of a horizontal flip per sample. Default 0.
@@ -117,6 +121,7 @@ impl Default for LoaderOptions {
             bucket_step: 64,
             min_bucket_side: None,
             max_bucket_side: None,
+            no_upscale: false,
             crop: CropMode::Center,
             flip_prob: 0.0,
             shuffle: true,
@@ -356,8 +361,10 @@ impl Loader {
     }
 
     /// Validate `opts` and the subsets, scan each subset's folder (see [`scan::scan`]) and assign
-    /// every image to the bucket nearest its upright aspect ratio (see [`assign`]). Images are listed
-    /// subset by subset, each subset sorted by path.
+    /// every image to the bucket nearest its upright aspect ratio (see [`assign`]); with
+    /// [`LoaderOptions::no_upscale`], to [`BucketConfig::no_upscale_bucket`] instead (those buckets
+    /// join the list, and images too small for any bucket are skipped with code `too_small`).
+    /// Images are listed subset by subset, each subset sorted by path.
     ///
     /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`] or [`Subset::validate`],
     /// or for an empty subset list; [`Error::NoImages`] if a subset's folder is not a directory,
@@ -374,13 +381,16 @@ impl Loader {
         for subset in &subsets {
             subset.validate()?;
         }
-        let buckets = opts.bucket_config()?.buckets();
+        let bucket_config = opts.bucket_config()?;
+        let mut buckets = bucket_config.buckets();
+        // Bucket of each image, by value (with no_upscale, not necessarily in `buckets` yet).
+        let mut image_bucket = Vec::new();
         let mut images = Vec::new();
         let mut subset_of = Vec::new();
         let mut found = 0;
         let mut scan_skipped = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
-            let scanned = scan::scan(
+            let mut scanned = scan::scan(
                 &subset.root,
                 &ScanOptions {
                     caption_extensions: subset
@@ -392,6 +402,32 @@ impl Loader {
                     captions: subset.captions.take(),
                 },
             )?;
+            let mut kept = Vec::with_capacity(scanned.images.len());
+            for entry in std::mem::take(&mut scanned.images) {
+                let (w, h) = entry.header.upright_size();
+                let bucket = if opts.no_upscale {
+                    bucket_config.no_upscale_bucket(&buckets, w, h)
+                } else {
+                    Some(buckets[assign(&buckets, w, h)])
+                };
+                match bucket {
+                    Some(b) => {
+                        image_bucket.push(b);
+                        kept.push(entry);
+                    }
+                    None => scanned.skipped.push(Skip::new(
+                        &entry.path,
+                        &Error::TooSmall {
+                            path: entry.path.clone(),
+                            width: w,
+                            height: h,
+                            step: opts.bucket_step,
+                        },
+                    )),
+                }
+            }
+            scanned.images = kept;
+            scanned.skipped.sort_by(|a, b| a.path.cmp(&b.path));
             if let (OnError::Raise, Some(first)) = (opts.on_error, scanned.skipped.first()) {
                 return Err(Error::Skipped(first.clone()));
             }
@@ -410,13 +446,13 @@ impl Loader {
             images.extend(scanned.images);
         }
         scan_skipped.sort_by(|a, b| a.path.cmp(&b.path));
-        let bucket_of: Vec<usize> = images
-            .iter()
-            .map(|e| {
-                let (w, h) = e.header.upright_size();
-                assign(&buckets, w, h)
-            })
-            .collect();
+        if opts.no_upscale {
+            buckets.extend_from_slice(&image_bucket);
+            crate::bucket::sort_by_aspect(&mut buckets);
+        }
+        let index: std::collections::HashMap<Bucket, usize> =
+            buckets.iter().enumerate().map(|(i, b)| (*b, i)).collect();
+        let bucket_of: Vec<usize> = image_bucket.iter().map(|b| index[b]).collect();
         let sample_image: Vec<usize> = (0..images.len())
             .flat_map(|i| std::iter::repeat_n(i, subsets[subset_of[i]].num_repeats))
             .collect();
@@ -502,7 +538,8 @@ impl Loader {
         &self.inner.opts
     }
 
-    /// The candidate buckets (also the empty ones), sorted by aspect ratio; batches refer to these.
+    /// The candidate buckets (also the empty ones), plus with `no_upscale` the images' own smaller
+    /// buckets, sorted by aspect ratio; batches refer to these.
     pub fn buckets(&self) -> &[Bucket] {
         &self.inner.buckets
     }
@@ -1959,6 +1996,67 @@ mod tests {
         )
         .unwrap_err();
         assert!(bad.to_string().contains("rank"), "{bad}");
+    }
+
+    #[test]
+    fn no_upscale_never_enlarges_and_skips_images_smaller_than_a_step() {
+        let dir = tempfile::tempdir().unwrap();
+        // Resolution 64, step 16: the usual buckets have sides 32..=128.
+        for (name, w, h) in [
+            ("big.png", 300, 290),
+            ("small.png", 40, 50),
+            ("thin.png", 8, 100),
+            ("wide.png", 200, 20),
+        ] {
+            write_image(&dir.path().join(name), w, h, F::Png);
+        }
+        let loader = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                no_upscale: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let report = loader.report();
+        assert_eq!((report.found, report.loaded), (4, 3));
+        assert_eq!(report.skipped.len(), 1);
+        let skip = &report.skipped[0];
+        assert_eq!(skip.code, "too_small");
+        assert!(skip.message.contains("thin.png") && skip.message.contains("8x100"));
+        let mut got: Vec<(String, (u32, u32))> = collect(loader.iter_epoch(0, 0))
+            .into_iter()
+            .flat_map(|b| b.samples)
+            .map(|s| {
+                let name = s.path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, s.target_size)
+            })
+            .collect();
+        got.sort();
+        // (h, w): big covers its usual square bucket; small and wide round down to whole steps
+        // (wide is under min_side 32 high and capped at max_side 128, so not in the usual list).
+        assert_eq!(
+            got,
+            [
+                ("big.png".into(), (64, 64)),
+                ("small.png".into(), (48, 32)),
+                ("wide.png".into(), (16, 128)),
+            ]
+        );
+        assert!(loader.buckets().contains(&Bucket {
+            width: 128,
+            height: 16
+        }));
+        let strict = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                no_upscale: true,
+                on_error: OnError::Raise,
+                ..opts()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(strict.code(), "too_small");
     }
 
     #[test]

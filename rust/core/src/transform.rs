@@ -276,6 +276,9 @@ pub struct Transformer {
     resizer: Resizer,
     /// The resized window, RGB8 interleaved, `bw * bh * 3` bytes.
     scratch: Vec<u8>,
+    /// Between the two passes of [`Transformer::resize_window`]: `bh` high, the source columns
+    /// the horizontal filter reaches.
+    columns: Vec<u8>,
     lut_f32: [f32; 256],
     lut_f16: [u16; 256],
     lut_bf16: [u16; 256],
@@ -289,6 +292,7 @@ impl Transformer {
             filter,
             resizer: Resizer::new(),
             scratch: Vec::new(),
+            columns: Vec::new(),
             lut_f32,
             lut_f16: lut_f32.map(|x| half::f16::from_f32(x).to_bits()),
             lut_bf16: lut_f32.map(|x| half::bf16::from_f32(x).to_bits()),
@@ -400,9 +404,7 @@ impl Transformer {
         // Clamp against rounding past the image edge (the window fits the resized image exactly).
         let right = (f64::from(p.crop_left + bw) * sx).min(f64::from(img.width));
         let bottom = (f64::from(p.crop_top + bh) * sy).min(f64::from(img.height));
-        let options = ResizeOptions::new()
-            .resize_alg(self.filter.algorithm())
-            .crop(left, top, right - left, bottom - top);
+        let alg = self.filter.algorithm();
 
         let len = 3 * bw as usize * bh as usize;
         if self.scratch.len() != len {
@@ -413,10 +415,58 @@ impl Transformer {
         };
         let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
+        if self.filter == FilterType::Nearest {
+            let options =
+                ResizeOptions::new()
+                    .resize_alg(alg)
+                    .crop(left, top, right - left, bottom - top);
+            let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
+                .map_err(|e| internal(&e))?;
+            return self
+                .resizer
+                .resize(&src, &mut dst, &options)
+                .map_err(|e| internal(&e));
+        }
+        // Two single-pass calls, vertical then horizontal (the order fast_image_resize itself uses
+        // for u8), never one call that needs both: fast_image_resize 6.1 then sizes its buffer
+        // between the passes from the first and last output pixels' source ranges, but filters
+        // whose weights are exactly 0 at whole-pixel distances (Lanczos, Catmull-Rom) get trimmed,
+        // non-monotonic ranges, and its horizontal pass reads past that buffer (out of bounds;
+        // found by tests/fuzz.rs: a 24x40 image into a 16x120 window, Catmull-Rom). Each single
+        // pass reads only within its source; the columns kept cover every horizontal tap, so the
+        // result is the same as one call's.
+        let scale_x = (right - left) / f64::from(bw);
+        // Widest support is Lanczos3's 3 source pixels, scaled when downsampling; 1 spare column.
+        let margin = (3.0 * scale_x.max(1.0)).ceil() + 1.0;
+        let x0 = (left - margin).floor().max(0.0) as u32;
+        let x1 = ((right + margin).ceil() as u32).min(img.width).max(x0 + 1);
+        let cols_len = 3 * (x1 - x0) as usize * bh as usize;
+        if self.columns.len() != cols_len {
+            self.columns.resize(cols_len, 0);
+        }
+        let vertical = ResizeOptions::new().resize_alg(alg).crop(
+            f64::from(x0),
+            top,
+            f64::from(x1 - x0),
+            bottom - top,
+        );
+        let mut columns = Image::from_slice_u8(x1 - x0, bh, &mut self.columns, PixelType::U8x3)
+            .map_err(|e| internal(&e))?;
+        self.resizer
+            .resize(&src, &mut columns, &vertical)
+            .map_err(|e| internal(&e))?;
+        let columns =
+            ImageRef::new(x1 - x0, bh, &self.columns, PixelType::U8x3).map_err(|e| internal(&e))?;
+        let horizontal = ResizeOptions::new().resize_alg(alg).crop(
+            left - f64::from(x0),
+            0.0,
+            right - left,
+            f64::from(bh),
+        );
         let mut dst = Image::from_slice_u8(bw, bh, &mut self.scratch, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
         self.resizer
-            .resize(&src, &mut dst, &options)
+            .resize(&columns, &mut dst, &horizontal)
             .map_err(|e| internal(&e))
     }
 }
@@ -503,6 +553,35 @@ mod tests {
             crop_top: top,
             flip,
             bucket,
+        }
+    }
+
+    #[test]
+    fn small_images_into_extreme_windows_stay_in_bounds() {
+        // Regression (tests/fuzz.rs): a 24x40 image placed in a 16x120 window upsamples a
+        // fractional crop 3x; one fast_image_resize call doing both passes read past its buffer.
+        // A solid image must come out solid, whatever the filter, crop and flip.
+        for filter in [
+            FilterType::Lanczos3,
+            FilterType::CatmullRom,
+            FilterType::Bilinear,
+            FilterType::Box,
+            FilterType::Nearest,
+        ] {
+            let mut t = Transformer::new(filter);
+            for (w, h) in [(24, 40), (1, 1), (3, 50), (50, 3), (7, 7)] {
+                let img = image(w, h, |_, _| [200, 100, 50]);
+                for bucket in [(16, 120), (120, 16), (8, 8), (64, 32)] {
+                    for (r, flip) in [(0.0, false), (0.5, true), (0.999, false)] {
+                        let p = Placement::new((w, h), bucket, CropMode::Random, r, r, flip);
+                        let [red, green, blue] = planes_u8(&mut t, &img, &p);
+                        let what = format!("{filter:?} {w}x{h} -> {bucket:?} at {r}");
+                        assert!(red.iter().all(|&v| v == 200), "{what}");
+                        assert!(green.iter().all(|&v| v == 100), "{what}");
+                        assert!(blue.iter().all(|&v| v == 50), "{what}");
+                    }
+                }
+            }
         }
     }
 

@@ -53,6 +53,7 @@ fn to_pyerr(err: Error) -> PyErr {
         Error::InvalidArgument(_) | Error::NoImages { .. } => PyValueError::new_err(msg),
         Error::Decode { .. }
         | Error::TooLarge { .. }
+        | Error::TooSmall { .. }
         | Error::Changed { .. }
         | Error::Panic { .. }
         | Error::Skipped(_) => DecodeError::new_err(msg),
@@ -132,7 +133,7 @@ impl NativeLoader {
     #[pyo3(signature = (
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
-        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad"
+        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -159,6 +160,7 @@ impl NativeLoader {
         rank: usize,
         world_size: usize,
         remainder: &str,
+        no_upscale: bool,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -166,6 +168,7 @@ impl NativeLoader {
             bucket_step,
             min_bucket_side,
             max_bucket_side,
+            no_upscale,
             crop: parse("crop", crop)?,
             flip_prob,
             shuffle,
