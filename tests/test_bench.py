@@ -193,3 +193,37 @@ def test_default_sweep_grid_covers_the_cores_and_one_more() -> None:
 
 def test_sweep_only_options_need_sweep(small_set: Path) -> None:
     assert bench.main([str(small_set), "--plot", "x.png"]) == 2
+
+
+def _point(threads: int, prefetch: int, ips: float, cpu: float, decode: float, wait: float) -> dict:
+    ms = dict.fromkeys(sweep.STAGES, 0.0) | {"decode": decode, "resize": decode / 3}
+    return {
+        "threads": threads,
+        "prefetch": prefetch,
+        "median_images_per_s": ips,
+        "median_cpu_ms_per_image": cpu,
+        "worker_ms_per_image": ms,
+        "worker_idle_pct": 1.0,
+        "queue_wait_pct": wait,
+    }
+
+
+def test_explain_names_the_bound_contention_oversubscription_and_the_step() -> None:
+    points = [
+        _point(1, 1, 100, 5, 4, 2.5),
+        _point(1, 2, 101, 5, 4, 1.0),
+        _point(2, 1, 150, 5, 12, 0.5),
+        _point(2, 2, 190, 5, 12, 0.5),
+        _point(3, 2, 170, 5, 14, 0.5),
+    ]
+    best, lines = sweep.explain(points, cores=2, step_ms=30, load=4.0)
+    assert (best["threads"], best["prefetch"]) == (2, 2)
+    text = "\n".join(lines)
+    assert lines[0].startswith("best: 2 threads, prefetch 2: 190.0 img/s")
+    assert "suggested" not in text  # nothing else within 3%
+    assert "decode-bound: 75% of worker time in decode (resize 25%)" in text
+    assert "contention: at 2 threads, prefetch 2" in text
+    assert "load average 4.0 on 2 cores" in text
+    assert "oversubscription costs" in text
+    assert "from 2 on" in text
+    assert "1 thread, prefetch 2 already keeps queue wait at 1.0%" in text
