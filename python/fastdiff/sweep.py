@@ -318,7 +318,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax1.set_xlabel("num_threads")
     ax1.set_ylabel("images/s (median)")
     ax1.set_xticks(sorted({p["threads"] for p in points}))
-    ax1.set_ylim(bottom=0)
+    ax1.set_ylim(0, 1.12 * max(p["median_images_per_s"] for p in points))
     ax1.legend()
     ax1.set_title("throughput")
 
@@ -342,7 +342,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax2.invert_yaxis()
     ax2.set_xlabel("worker ms per image (summed over threads)")
     ax2.set_xlim(right=max(left) * 1.45)
-    ax2.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(STAGES) + 1, fontsize=8)
     ax2.set_title("where worker time goes")
     fig.suptitle(
         f"fastdiff sweep: {Path(cfg['root']).name}, {cfg['images']} images, resolution {cfg['resolution']}, "
