@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastdiff import bench
+from fastdiff import bench, sweep
 
 N_IMAGES = 6
 RESOLUTION = 256
@@ -119,3 +119,111 @@ def test_limited_root_keeps_the_first_images_and_their_captions(small_set: Path)
         assert root == small_set
     with pytest.raises(ValueError, match="limit"), bench.limited_root(small_set, 0):
         pass
+
+
+def test_loader_stats_add_up_and_count_the_images(small_set: Path) -> None:
+    from fastdiff import DataLoader
+
+    loader = DataLoader(small_set, resolution=RESOLUTION, batch_size=2, num_threads=2, prefetch=2)
+    assert loader.stats() is None
+    images = sum(batch["pixel_values"].shape[0] for batch in loader)
+    s = loader.stats()
+    assert s is not None
+    assert s["samples"] == images == N_IMAGES
+    assert s["batches"] == len(loader)
+    assert s["threads"] == 2
+    assert s["failed"] == 0
+    stages = [s[f"{name}_s"] for name in sweep.STAGES]
+    assert all(math.isfinite(x) and x >= 0 for x in stages)
+    assert s["decode_s"] > 0
+    assert s["write_s"] > 0
+    # The stages are the workers' time on samples; "other" is only what falls between them.
+    assert sum(stages) == pytest.approx(s["busy_s"], rel=1e-6)
+    assert s["other_s"] <= 0.2 * s["busy_s"]
+    # Every worker is either busy or idle for the epoch (it starts a little after it and ends with it).
+    assert s["busy_s"] + s["idle_s"] <= 2 * s["wall_s"] * 1.05 + 0.01
+    assert 0 <= s["queue_wait_s"] <= s["wall_s"]
+
+    # A second epoch has its own figures; an epoch in progress reports its figures so far.
+    it = iter(loader)
+    next(it)
+    partial = loader.stats()
+    assert partial is not None
+    assert 0 < partial["batches"] == 1
+    it.close()  # type: ignore[attr-defined]
+    after = loader.stats()
+    assert after is not None
+    assert after["batches"] == 1
+
+
+def test_sweep_writes_every_grid_point_a_plot_and_a_best_choice(
+    small_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    argv = [str(small_set), "--sweep", "--resolution", str(RESOLUTION), "--batch-size", "2", "--rounds", "2"]
+    argv += ["--warmup", "0", "--sweep-threads", "1,2", "--sweep-prefetch", "1,3", "--step-ms", "1"]
+    assert bench.main([*argv, "--json", str(out), "--plot", str(png)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "best: " in printed
+    assert "-bound" in printed or "no single stage" in printed
+    result = json.loads(out.read_text())
+    grid = {(p["threads"], p["prefetch"]) for p in result["points"]}
+    assert grid == {(1, 1), (1, 3), (2, 1), (2, 3)}
+    for p in result["points"]:
+        assert p["images"] == N_IMAGES
+        assert len(p["runs_images_per_s"]) == 2
+        assert p["median_images_per_s"] > 0
+        assert set(p["worker_ms_per_image"]) == set(sweep.STAGES)
+        assert all(v >= 0 for v in p["worker_ms_per_image"].values())
+        assert 0 <= p["queue_wait_pct"] <= 100
+        assert 0 <= p["worker_idle_pct"] <= 100
+    best = result["best"]
+    assert (best["threads"], best["prefetch"]) in grid
+    assert best["median_images_per_s"] == max(p["median_images_per_s"] for p in result["points"])
+    assert result["verdict"][0].startswith("best: ")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_sweep_grid_covers_the_cores_and_one_more() -> None:
+    assert sweep.default_threads(1) == [1, 2]
+    assert sweep.default_threads(2) == [1, 2, 3]
+    assert sweep.default_threads(16) == [1, 2, 4, 8, 16, 17]
+
+
+def test_sweep_only_options_need_sweep(small_set: Path) -> None:
+    assert bench.main([str(small_set), "--plot", "x.png"]) == 2
+
+
+def _point(threads: int, prefetch: int, ips: float, cpu: float, decode: float, wait: float) -> dict:
+    ms = dict.fromkeys(sweep.STAGES, 0.0) | {"decode": decode, "resize": decode / 3}
+    return {
+        "threads": threads,
+        "prefetch": prefetch,
+        "median_images_per_s": ips,
+        "median_cpu_ms_per_image": cpu,
+        "worker_ms_per_image": ms,
+        "worker_idle_pct": 1.0,
+        "queue_wait_pct": wait,
+    }
+
+
+def test_explain_names_the_bound_contention_oversubscription_and_the_step() -> None:
+    points = [
+        _point(1, 1, 100, 5, 4, 2.5),
+        _point(1, 2, 101, 5, 4, 1.0),
+        _point(2, 1, 150, 5, 12, 0.5),
+        _point(2, 2, 190, 5, 12, 0.5),
+        _point(3, 2, 170, 5, 14, 0.5),
+    ]
+    best, lines = sweep.explain(points, cores=2, step_ms=30, load=4.0)
+    assert (best["threads"], best["prefetch"]) == (2, 2)
+    text = "\n".join(lines)
+    assert lines[0].startswith("best: 2 threads, prefetch 2: 190.0 img/s")
+    assert "suggested" not in text  # nothing else within 3%
+    assert "decode-bound: 75% of worker time in decode (resize 25%)" in text
+    assert "contention: at 2 threads, prefetch 2" in text
+    assert "load average 4.0 on 2 cores" in text
+    assert "oversubscription costs" in text
+    assert "from 2 on" in text
+    assert "1 thread, prefetch 2 already keeps queue wait at 1.0%" in text

@@ -13,6 +13,7 @@ only these medians and ratios are meaningful, never one absolute time.
 
 This module measures; it must not change how either loader works. ``benches/side_by_side.py`` runs the
 wider comparison (datago, PIL draft mode, a decode-only ceiling), each contender in its own process.
+``fastdiff bench DIR --sweep`` (:mod:`fastdiff.sweep`) instead tunes fastdiff's threads and prefetch.
 """
 
 from __future__ import annotations
@@ -490,12 +491,85 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed rounds; each times one epoch of fastdiff, then one of the baseline (3)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs per side (1)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N images (sorted; --sweep: 200)"
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results here")
+    sweep = parser.add_argument_group(
+        "sweep", "--sweep: fastdiff alone over threads x prefetch; prints the best setting and why"
+    )
+    sweep.add_argument("--sweep", action="store_true", help="tune num_threads and prefetch instead")
+    sweep.add_argument(
+        "--sweep-threads",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help="thread counts to try (1..cores and cores+1; --threads N tries only N)",
+    )
+    sweep.add_argument(
+        "--sweep-prefetch", type=_int_list, default=None, metavar="N,N,...", help="prefetch depths (1,2,4,8)"
+    )
+    sweep.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="simulated training step: the consumer sleeps this long per batch (0)",
+    )
+    sweep.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write a PNG plot here")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Body of ``fastdiff bench --sweep``: measure the grid, print table and verdict, write JSON/PNG."""
+    from fastdiff import sweep
+
+    threads = args.sweep_threads or ([args.threads] if args.threads else None)
+    limit = 200 if args.limit is None else args.limit
+    result = sweep.sweep(
+        args.root,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        threads=threads,
+        prefetch=args.sweep_prefetch or sweep.DEFAULT_PREFETCH,
+        rounds=args.rounds,
+        warmup_epochs=args.warmup,
+        limit=limit,
+        step_ms=args.step_ms,
+        log=sys.stderr,
+    )
+    m, c = result["machine"], result["config"]
+    print(
+        f"fastdiff bench --sweep: {args.root}  {c['images']} images  resolution {c['resolution']}  "
+        f"batch {c['batch_size']}  step {c['step_ms']:g} ms  {m['cpus']} CPUs ({m['cpu_model']})  "
+        f"median of {c['rounds']} rounds  ({c['seconds']:.0f} s)"
+    )
+    print(sweep.format_table(result["points"], result["best"]))
+    print("worker ms/img: worker-thread milliseconds per image in each stage, summed over threads;")
+    print("idle%: worker time with no sample to load; wait%: consumer time waiting for a batch.")
+    print()
+    print("\n".join(result["verdict"]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        sweep.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Body of ``fastdiff bench``: measure, print the table, optionally write JSON; returns 0."""
+    if args.sweep:
+        return run_sweep(args)
+    if args.plot or args.step_ms or args.sweep_threads or args.sweep_prefetch:
+        print("fastdiff bench: --plot, --step-ms and --sweep-* need --sweep", file=sys.stderr)
+        return 2
     result = bench(
         args.root,
         resolution=args.resolution,

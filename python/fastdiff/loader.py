@@ -202,6 +202,10 @@ class DataLoader:
         self._resume_batch = 0
         # (epoch, plan position) of the iteration in progress; None when none is.
         self._position: tuple[int, int] | None = None
+        # The native iterator of the iteration running or last run, for stats(); held only while its
+        # generator runs, then replaced by its final figures.
+        self._stats_source: _fastdiff.NativeEpochIter | None = None
+        self._last_stats: dict[str, float] | None = None
         # What must match for a saved state to apply here (not threads, prefetch, rank or on_error).
         self._state_options: dict[str, Any] = {
             "resolution": resolution,
@@ -361,6 +365,29 @@ class DataLoader:
         """
         return self._native.report()
 
+    def stats(self) -> dict[str, float] | None:
+        """Where the time of the epoch in progress (or else the last one) went; ``None`` before any.
+
+        Always measured (a few clock reads per image). Counts: ``samples`` (images loaded; with the
+        epoch run to the end, every image it yielded), ``failed``, ``batches`` (yielded), ``threads``.
+        Times in **seconds**, the per-stage ones summed over worker threads, so two threads busy for
+        one second count 2 s:
+
+        - ``read_s`` (reading files), ``probe_s`` (header check), ``decode_s`` (decode incl. DCT
+          scaling, EXIF rotation, alpha), ``resize_s`` (resampling), ``write_s`` (crop, flip,
+          normalise and the CHW write into the batch), ``other_s`` (the rest); together ``busy_s``.
+        - ``idle_s``: worker time with nothing to do (every started batch done or taken: raise
+          ``prefetch`` if this is large while the consumer waits).
+        - ``queue_wait_s``: time the consumer (the loop over this loader) waited for a batch; near
+          ``wall_s`` means the training step is starved by the loader, near 0 that the loader keeps up.
+        - ``wall_s``: from the start of the epoch to its end (or to now).
+
+        Per image: ``1000 * decode_s / samples`` is decode's worker-milliseconds per image.
+        """
+        if self._stats_source is not None:
+            return self._stats_source.stats()
+        return None if self._last_stats is None else dict(self._last_stats)
+
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._resume_batch
         self._epoch, self._resume_batch = epoch + 1, 0
@@ -371,6 +398,7 @@ class DataLoader:
     def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int) -> Iterator[Batch]:
         view = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None
         total = len(self)
+        self._stats_source = it
         try:
             for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg in it:
                 # Plan position after this batch (batches whose samples all failed are skipped over).
@@ -396,6 +424,8 @@ class DataLoader:
             self._position = None
         finally:
             it.close()
+            if self._stats_source is it:
+                self._last_stats, self._stats_source = it.stats(), None
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod sampler;
 pub mod scan;
+pub mod stats;
 pub mod transform;
 
 pub use error::{Error, Result, Skip};

@@ -12,7 +12,8 @@
 //! prefetch depth or scheduling.
 //!
 //! The stages of one sample (read, header check, decode, transform) are separate steps of one
-//! private function, `load_sample`, so they can be timed independently.
+//! private function, `load_sample`, timed independently into the epoch's [`LoadStats`]
+//! ([`EpochIter::stats`]), with the workers' idle time and the consumer's wait for batches.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -33,6 +34,8 @@ use crate::error::{Error, Result, Skip};
 use crate::rng::{self, Stream};
 use crate::sampler::{self, BatchPlan, Remainder, Sampling};
 use crate::scan::{self, ImageEntry, ScanOptions};
+pub use crate::stats::{LoadStats, StatsHandle};
+use crate::stats::{Stage, Stopwatch};
 use crate::transform::{CropMode, FilterType, OutSlot, OutputDtype, Placement, Transformer};
 
 /// What to do when a sample cannot be loaded while iterating.
@@ -677,6 +680,7 @@ impl Loader {
             plan,
             inner,
             source,
+            stats: StatsHandle::start(),
         };
         if start_batch > it.plan.len() {
             it.start_error = Some(Error::InvalidArgument(format!(
@@ -708,12 +712,16 @@ impl Loader {
                 jobs: jobs_rx.clone(),
                 done: done_tx.clone(),
                 stop: Arc::clone(&it.stop),
+                stats: it.stats.clone(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("fastdiff-load-{i}"))
                 .spawn(move || worker_loop(ctx));
             match spawned {
-                Ok(handle) => it.workers.push(handle),
+                Ok(handle) => {
+                    it.workers.push(handle);
+                    it.stats.add_thread();
+                }
                 // Fewer threads only make it slower; with none at all, report why.
                 Err(e) if it.workers.is_empty() => {
                     it.start_error = Some(Error::io(
@@ -755,6 +763,7 @@ pub struct EpochIter {
     start_error: Option<Error>,
     /// Where batch memory comes from; `None`: the loader's pool.
     source: Option<Box<dyn BufferSource>>,
+    stats: StatsHandle,
 }
 
 impl std::fmt::Debug for EpochIter {
@@ -779,8 +788,19 @@ impl EpochIter {
         }
     }
 
+    /// Where this epoch's time went so far (final once the iterator has ended); see [`LoadStats`].
+    pub fn stats(&self) -> LoadStats {
+        self.stats.snapshot()
+    }
+
+    /// A handle to this epoch's counters that stays readable after the iterator is dropped.
+    pub fn stats_handle(&self) -> StatsHandle {
+        self.stats.clone()
+    }
+
     /// Wait up to `timeout` for the next batch to be ready; `true` when [`Iterator::next`] will not
-    /// block (the batch is complete, or the epoch is over or failed).
+    /// block (the batch is complete, or the epoch is over or failed). Time spent here counts as
+    /// queue wait.
     ///
     /// Lets a caller that must stay responsive (Python checking for Ctrl-C between waits) wait in
     /// slices instead of blocking in `next` for a whole slow batch.
@@ -788,16 +808,22 @@ impl EpochIter {
         let Some(front) = self.in_flight.front() else {
             return true;
         };
-        let deadline = std::time::Instant::now() + timeout;
+        let start = std::time::Instant::now();
+        let deadline = start + timeout;
+        let mut ready = true;
         while front.pending.load(Ordering::Acquire) != 0 {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.done.recv_timeout(left) {
                 Ok(()) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return false,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return true,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    ready = false;
+                    break;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
-        true
+        self.stats.add_queue_wait(start.elapsed());
+        ready
     }
 
     /// Start the next batch of the plan if there is one; returns whether it did.
@@ -847,6 +873,7 @@ impl EpochIter {
 
     /// End the epoch: stop the workers, let idle ones see the closed channel, and join them all.
     fn finish(&mut self) {
+        self.stats.end();
         self.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
         self.in_flight.clear();
@@ -918,6 +945,7 @@ impl Iterator for EpochIter {
                 self.finish();
                 return None;
             };
+            let waiting = std::time::Instant::now();
             while front.pending.load(Ordering::Acquire) != 0 {
                 if self.done.recv().is_err() {
                     self.finish();
@@ -927,12 +955,16 @@ impl Iterator for EpochIter {
                     }));
                 }
             }
+            self.stats.add_queue_wait(waiting.elapsed());
             self.in_flight.pop_front();
             self.next_yield += 1;
             // Keep `prefetch` batches in flight: this one is consumed, so start the next.
             self.start_next();
             match self.assemble(&front) {
-                Ok(Some(batch)) => return Some(Ok(batch)),
+                Ok(Some(batch)) => {
+                    self.stats.add_batch();
+                    return Some(Ok(batch));
+                }
                 Ok(None) => continue,
                 Err(err) => {
                     self.finish();
@@ -1031,6 +1063,7 @@ struct WorkerCtx {
     jobs: Receiver<Job>,
     done: Sender<()>,
     stop: Arc<AtomicBool>,
+    stats: StatsHandle,
 }
 
 /// Per-thread decoder and resizer, created on the first job.
@@ -1041,14 +1074,21 @@ struct Tools {
 
 fn worker_loop(ctx: WorkerCtx) {
     let mut tools: Option<Tools> = None;
+    let mut waiting = std::time::Instant::now();
     while let Ok(job) = ctx.jobs.recv() {
+        let started = std::time::Instant::now();
+        ctx.stats.add_idle(started - waiting);
         if ctx.stop.load(Ordering::Relaxed) {
             break;
         }
         let entry = &ctx.inner.images[job.image];
+        let mut watch = Stopwatch::start();
         let result = guarded(&entry.path, || {
-            load_sample(&ctx.inner, ctx.epoch, &job, entry, &mut tools)
+            load_sample(&ctx.inner, ctx.epoch, &job, entry, &mut tools, &mut watch)
         });
+        waiting = std::time::Instant::now();
+        ctx.stats
+            .add_sample(&watch, waiting - started, result.is_ok());
         if matches!(result, Err(Error::Panic { .. })) {
             // The decoder or resizer may have been left half-way through an operation.
             tools = None;
@@ -1083,16 +1123,19 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// Load one sample into its slot: read, check the header against the scan, decode (DCT-downscaled
 /// where the format allows, to no less than the resized size), resize + crop + flip + layout.
+/// `watch` gets each stage's time.
 fn load_sample(
     inner: &Inner,
     epoch: u64,
     job: &Job,
     entry: &ImageEntry,
     tools: &mut Option<Tools>,
+    watch: &mut Stopwatch,
 ) -> Result<SampleMeta> {
     let o = &inner.opts;
     let path = &entry.path;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    watch.lap(Stage::Read);
 
     let now = decode::probe_bytes(&bytes, path)?;
     let was = &entry.header;
@@ -1112,6 +1155,8 @@ fn load_sample(
             ),
         });
     }
+
+    watch.lap(Stage::Probe);
 
     let bucket = job.batch.bucket;
     // Keyed by sample, not image: each repeat of an image gets its own crop, flip and caption.
@@ -1141,6 +1186,7 @@ fn load_sample(
         background: o.background,
         max_pixels: o.max_pixels,
     };
+    watch.skip();
     let img = tools.decoder.decode(
         &bytes,
         path,
@@ -1148,12 +1194,16 @@ fn load_sample(
         placement.resized,
         &decode_opts,
     )?;
+    watch.lap(Stage::Decode);
     // SAFETY: this job is the only one for (batch, slot), and the consumer takes the buffer only
     // after `finish` has been called for every slot, which happens after this borrow ends.
     let out = unsafe { job.batch.slot_mut(job.slot) };
     tools
         .transformer
         .apply(&img, &placement, (bucket.width, bucket.height), out)?;
+    watch.lap(Stage::Write);
+    let resize = tools.transformer.take_resize_time();
+    watch.move_time(Stage::Write, Stage::Resize, resize);
 
     Ok(SampleMeta {
         index: job.image,

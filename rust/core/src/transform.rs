@@ -282,6 +282,8 @@ pub struct Transformer {
     lut_f32: [f32; 256],
     lut_f16: [u16; 256],
     lut_bf16: [u16; 256],
+    /// Time spent resampling since the last [`Transformer::take_resize_time`].
+    resize_time: std::time::Duration,
 }
 
 impl Transformer {
@@ -296,12 +298,19 @@ impl Transformer {
             lut_f32,
             lut_f16: lut_f32.map(|x| half::f16::from_f32(x).to_bits()),
             lut_bf16: lut_f32.map(|x| half::bf16::from_f32(x).to_bits()),
+            resize_time: std::time::Duration::ZERO,
         }
     }
 
     /// The filter given to [`Transformer::new`].
     pub fn filter(&self) -> FilterType {
         self.filter
+    }
+
+    /// Time [`Transformer::apply`] spent resampling since the last call (the rest of `apply` is the
+    /// crop, flip and normalised write); resets it to zero.
+    pub fn take_resize_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.resize_time)
     }
 
     /// Resize-to-cover + crop + optional horizontal flip + layout/normalise one sample into `out`.
@@ -373,7 +382,9 @@ impl Transformer {
                 p.crop_top as usize,
             )
         } else {
+            let t = std::time::Instant::now();
             self.resize_window(img, p, bucket)?;
+            self.resize_time += t.elapsed();
             (&self.scratch[..], bw as usize, 0, 0)
         };
         let win = Window {

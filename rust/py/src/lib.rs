@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
 use fastdiff_core::pipeline::{
-    Batch, BufferSource, EpochIter, Loader, LoaderOptions, PixelBuffer, Report,
+    Batch, BufferSource, EpochIter, LoadStats, Loader, LoaderOptions, PixelBuffer, Report,
+    StatsHandle,
 };
 use fastdiff_core::transform::OutputDtype;
 use fastdiff_core::Error;
@@ -239,6 +240,7 @@ impl NativeLoader {
             .map(|factory| Box::new(PyBufferSource { factory }) as Box<dyn BufferSource>);
         let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
         NativeEpochIter {
+            stats: it.stats_handle(),
             inner: Mutex::new(Some(it)),
         }
     }
@@ -248,6 +250,8 @@ impl NativeLoader {
 #[pyclass(module = "fastdiff._fastdiff")]
 struct NativeEpochIter {
     inner: Mutex<Option<EpochIter>>,
+    /// Readable after the iterator is closed.
+    stats: StatsHandle,
 }
 
 #[pymethods]
@@ -306,6 +310,17 @@ impl NativeEpochIter {
             let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             guard.as_ref().map_or(0, EpochIter::remaining)
         })
+    }
+
+    /// Where this epoch's time went so far (final once the iterator is exhausted or closed).
+    ///
+    /// Returns:
+    ///     A dict of counts (`samples` loaded, `failed`, `batches` yielded, worker `threads`) and
+    ///     times in seconds: per stage summed over worker threads (`read_s`, `probe_s`, `decode_s`,
+    ///     `resize_s`, `write_s`, `other_s`; they add up to `busy_s`), `idle_s` (workers waiting for
+    ///     work), `queue_wait_s` (the consumer waiting for a batch) and `wall_s` (the epoch so far).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        stats_dict(py, &self.stats.snapshot())
     }
 
     /// Stop the worker threads and wait for them (also done when the iterator is dropped).
@@ -475,6 +490,29 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         subsets.append(item)?;
     }
     d.set_item("subsets", subsets)?;
+    Ok(d)
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &LoadStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("samples", s.samples)?;
+    d.set_item("failed", s.failed)?;
+    d.set_item("batches", s.batches)?;
+    d.set_item("threads", s.threads)?;
+    for (k, v) in [
+        ("read_s", s.read_s),
+        ("probe_s", s.probe_s),
+        ("decode_s", s.decode_s),
+        ("resize_s", s.resize_s),
+        ("write_s", s.write_s),
+        ("other_s", s.other_s),
+        ("busy_s", s.busy_s),
+        ("idle_s", s.idle_s),
+        ("queue_wait_s", s.queue_wait_s),
+        ("wall_s", s.wall_s),
+    ] {
+        d.set_item(k, v)?;
+    }
     Ok(d)
 }
 
