@@ -10,6 +10,7 @@ from pathlib import Path
 import fastdiff
 import numpy as np
 import pytest
+import torch
 from fastdiff import cli
 from PIL import Image
 
@@ -58,6 +59,7 @@ batch_size = 2
   image_dir = "reg"
   is_reg = true
   shuffle_caption = false
+  weight = 0.25
 """,
     )
     loader = fastdiff.DataLoader.from_config(config, seed=1, num_threads=2)
@@ -74,11 +76,17 @@ batch_size = 2
     counts: collections.Counter[str] = collections.Counter()
     orders = set()
     for batch in loader:
-        for path, caption, reg in zip(
-            batch["paths"], batch["captions"], batch["is_reg"].tolist(), strict=True
+        assert batch["loss_weights"].dtype == torch.float32
+        for path, caption, reg, weight in zip(
+            batch["paths"],
+            batch["captions"],
+            batch["is_reg"].tolist(),
+            batch["loss_weights"].tolist(),
+            strict=True,
         ):
             counts[Path(path).parent.name + "/" + Path(path).name] += 1
             assert reg == (Path(path).parent.name == "reg")
+            assert weight == (0.25 if reg else 1.0)
             if reg:
                 assert caption == "a dog"
             else:
@@ -136,6 +144,10 @@ def test_scan_command_shows_repeats_and_buckets_per_subset(
         ("[dataset]\n", "'dataset'"),
         ("[[datasets]]\n", "no \\[\\[datasets.subsets"),
         ("[[datasets]\n", "invalid TOML"),
+        (
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\nweight = 2\nloss_weight = 2\n",
+            "one of 'weight' and 'loss_weight'",
+        ),
     ],
 )
 def test_toml_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -148,6 +160,8 @@ def test_dict_config_and_out_of_range_subset_option(tmp_path: Path) -> None:
     cfg = {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "a"), "caption_dropout_rate": 1.5}]}]}
     with pytest.raises(ValueError, match="caption_dropout_rate"):
         fastdiff.DataLoader.from_config(cfg, **SMALL)
+    with pytest.raises(ValueError, match="loss_weight must be a finite number >= 0, got -1"):
+        fastdiff.DataLoader(subsets=[fastdiff.Subset(tmp_path / "a", loss_weight=-1)], **SMALL)
     with pytest.raises(ValueError, match="exactly one of root and subsets"):
         fastdiff.DataLoader(tmp_path / "a", subsets=[fastdiff.Subset(tmp_path / "a")])
 

@@ -514,3 +514,19 @@ def test_amp_lora_on_cuda(sd15: Path, images: Path, tmp_path: Path, mixed_precis
     assert all(math.isfinite(v) for v in result.losses)
     assert result.skipped_steps == 0
     assert {p.dtype for p in sd.lora_layers(result.unet).values()} == {torch.float32}
+
+
+def test_subset_loss_weights_multiply_each_samples_loss_with_min_snr() -> None:
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([10, 900])
+    target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    noised = loop.Noised(noisy=torch.zeros_like(target), timesteps=timesteps, target=target)
+    pred = torch.zeros_like(target)
+    snr_w = loop.min_snr_weights(scheduler, timesteps, 5.0)
+    # Per-sample MSEs are 1 and 4; the reg sample (second) has loss_weight 0.25.
+    got = loop.diffusion_loss_from(scheduler, noised, pred, 5.0, torch.tensor([1.0, 0.25]))
+    assert got.item() == pytest.approx((snr_w[0] * 1 + snr_w[1] * 0.25 * 4).item() / 2)
+    # All-ones weights are exactly the unweighted loss.
+    plain = loop.diffusion_loss_from(scheduler, noised, pred, None)
+    ones = loop.diffusion_loss_from(scheduler, noised, pred, None, torch.ones(2))
+    assert ones.item() == plain.item() == 2.5

@@ -74,7 +74,7 @@ def test_buffer_factory_memory_gets_the_same_batches(folder: Path) -> None:
 
     native = dl._native.iter_epoch(0, 0, factory)
     got = []
-    for pixels, captions, _, _, target_sizes, _, _ in native:
+    for pixels, captions, _, _, target_sizes, _, _, _ in native:
         assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8
         (h, w), b = target_sizes[0], len(captions)
         got.append(pixels[: b * 3 * h * w * 4].view(torch.float32).view(b, 3, h, w))

@@ -24,6 +24,7 @@ _Batch = tuple[
     list[tuple[int, int]],  # target_sizes (h, w)
     list[str],  # paths
     list[bool],  # is_reg
+    list[int],  # subsets: each sample's subset index
 ]
 
 class NativeSubset:

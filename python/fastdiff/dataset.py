@@ -8,6 +8,7 @@ must not touch images: scanning, sampling and the caption operations happen in `
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -56,6 +57,10 @@ class Subset:
             own crop, flip and caption draw, and counts in ``len(loader)``.
         is_reg: Regularisation (class) images for DreamBooth prior preservation; their samples have
             ``batch["is_reg"]`` set.
+        loss_weight: Weight (≥ 0) of this subset's samples in the training loss, yielded per sample as
+            ``batch["loss_weights"]``; ``fastdiff train`` multiplies each sample's loss by it. On a
+            regularisation subset it is DreamBooth's ``prior_loss_weight`` (Ruiz et al. 2023; kohya-ss
+            ``prior_loss_weight``). TOML also accepts ``weight``.
         caption_extension: Caption file extension with its dot (``".txt"``); ``None`` = the loader's
             ``caption_extensions``. Ignored when captions come from a metadata file.
         keep_tokens: Tags at the start of the caption that never move or drop out.
@@ -79,6 +84,7 @@ class Subset:
     image_dir: str | os.PathLike[str]
     num_repeats: int = 1
     is_reg: bool = False
+    loss_weight: float = 1.0
     caption_extension: str | None = None
     keep_tokens: int = 0
     shuffle_caption: bool = False
@@ -105,6 +111,8 @@ class Subset:
             FileNotFoundError: The metadata file or a file it references does not exist.
         """
         root = os.path.normpath(os.fspath(self.image_dir))
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise ValueError(f"{root}: loss_weight must be a finite number >= 0, got {self.loss_weight}")
         metadata = _find_metadata(root, self.metadata_file)
         captions = None
         per_line = self.caption_per_line
@@ -132,6 +140,8 @@ SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
     "image_dir": str,
     "num_repeats": int,
     "is_reg": bool,
+    "loss_weight": (int, float),
+    "weight": (int, float),  # alias of loss_weight
     "caption_extension": str,
     "keep_tokens": int,
     "shuffle_caption": bool,
@@ -315,6 +325,10 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         if "image_dir" not in raw:
             raise ValueError(f"{where}: 'image_dir' is required")
         entry = {**subset_defaults, **raw}
+        if "weight" in entry:
+            if "loss_weight" in entry:
+                raise ValueError(f"{where}: give one of 'weight' and 'loss_weight', not both")
+            entry["loss_weight"] = entry.pop("weight")
         for key in ("image_dir", "metadata_file"):
             if key in entry:
                 entry[key] = os.fspath(base / entry[key])

@@ -67,6 +67,7 @@ class DataLoader:
     - ``target_sizes``: ``list[tuple[int, int]]``, the bucket's ``(h, w)``.
     - ``paths``: ``list[str]``, the files.
     - ``is_reg``: bool tensor ``[B]``, whether each sample is a regularisation (class) image.
+    - ``loss_weights``: float32 tensor ``[B]``, each sample's subset ``loss_weight`` (1.0 by default).
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
@@ -195,6 +196,7 @@ class DataLoader:
             pin_memory = False
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self._loss_weights = [float(s.loss_weight) for s in subsets]
         self.root = os.fspath(subsets[0].image_dir)
         self.rank, self.world_size = rank, world_size
         self._epoch = 0
@@ -397,10 +399,11 @@ class DataLoader:
 
     def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int) -> Iterator[Batch]:
         view = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None
+        weights = self._loss_weights
         total = len(self)
         self._stats_source = it
         try:
-            for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg in it:
+            for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg, subsets in it:
                 # Plan position after this batch (batches whose samples all failed are skipped over).
                 self._position = (epoch, total - len(it))
                 if isinstance(pixels, torch.Tensor):
@@ -420,6 +423,7 @@ class DataLoader:
                     "target_sizes": target_sizes,
                     "paths": paths,
                     "is_reg": torch.tensor(is_reg, dtype=torch.bool),
+                    "loss_weights": torch.tensor([weights[s] for s in subsets], dtype=torch.float32),
                 }
             self._position = None
         finally:

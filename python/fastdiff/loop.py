@@ -227,9 +227,17 @@ def diffusion_loss_from(
     noised: Noised,
     prediction: torch.Tensor,
     snr_gamma: float | None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The MSE of ``prediction`` to ``noised.target``, min-SNR-γ weighted when ``snr_gamma`` is set."""
+    """The MSE of ``prediction`` to ``noised.target``, min-SNR-γ weighted when ``snr_gamma`` is set.
+
+    ``sample_weights`` (float ``[B]``, the loader's ``loss_weights``) multiply each sample's loss as
+    well; all ones (every subset at the default ``loss_weight``) leaves the loss as without them.
+    """
     weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, noised.timesteps, snr_gamma)
+    if sample_weights is not None and not bool(torch.all(sample_weights == 1)):
+        sample_weights = sample_weights.to(prediction.device, torch.float32)
+        weights = sample_weights if weights is None else weights * sample_weights
     return weighted_mse(prediction, noised.target, weights)
 
 

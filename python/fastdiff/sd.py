@@ -395,7 +395,9 @@ class PipelineTask:
             prediction = self.unet(
                 noised.noisy, noised.timesteps, encoder_hidden_states=hidden, **kwargs
             ).sample
-        return diffusion_loss_from(self.noise_scheduler, noised, prediction, self.config.snr_gamma)
+        return diffusion_loss_from(
+            self.noise_scheduler, noised, prediction, self.config.snr_gamma, batch.get("loss_weights")
+        )
 
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed)."""

@@ -598,6 +598,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoising loss of one batch of the from-scratch model (Ho et al. 2020, algorithm 1).
 
@@ -617,6 +618,8 @@ def diffusion_loss(
         snr_gamma: Min-SNR γ, or ``None`` for the unweighted MSE.
         noise_offset: Offset-noise strength (0: off).
         input_perturbation: Input-perturbation strength (0: off).
+        sample_weights: Per-sample loss weights, float ``[B]`` (the loader's ``loss_weights``), or
+            ``None``.
 
     Returns:
         The loss, a float32 scalar tensor (not finite if the batch or model is not).
@@ -631,7 +634,7 @@ def diffusion_loss(
     with torch.autocast(pixels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         hidden = text_encoder(input_ids).last_hidden_state
         prediction = unet(noised.noisy, noised.timesteps, encoder_hidden_states=hidden).sample
-    return diffusion_loss_from(noise_scheduler, noised, prediction, snr_gamma)
+    return diffusion_loss_from(noise_scheduler, noised, prediction, snr_gamma, sample_weights)
 
 
 class TinyTask:
@@ -680,6 +683,7 @@ class TinyTask:
             snr_gamma=self.config.snr_gamma,
             noise_offset=self.config.noise_offset,
             input_perturbation=self.config.input_perturbation,
+            sample_weights=batch.get("loss_weights"),
         )
 
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:

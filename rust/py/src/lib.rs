@@ -260,7 +260,8 @@ impl NativeEpochIter {
         slf
     }
 
-    /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg).
+    /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg,
+    /// subsets), `subsets` being each sample's subset index.
     ///
     /// `pixels` is a C-contiguous numpy array [B, 3, H, W]: uint8 for dtype "uint8", float32 for
     /// "float32", and uint16 bit patterns for "float16"/"bfloat16" (viewed as such by the caller).
@@ -432,6 +433,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
             .map(|s| s.path.to_string_lossy().into_owned()),
     )?;
     let is_reg = PyList::new(py, batch.samples.iter().map(|s| s.is_reg))?;
+    let subsets = PyList::new(py, batch.samples.iter().map(|s| s.subset))?;
     PyTuple::new(
         py,
         [
@@ -442,6 +444,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
             target_sizes.into_any(),
             paths.into_any(),
             is_reg.into_any(),
+            subsets.into_any(),
         ],
     )
 }
