@@ -193,6 +193,34 @@ def test_same_seed_same_batches_any_thread_count(wallpapers: Path, tmp_path: Pat
     assert first != second  # successive iterations are successive epochs, reshuffled
 
 
+def test_files_failing_at_decode_keep_len_exact_and_ranks_in_step(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"g{i}.jpg")
+    for i in range(3):  # valid headers, broken data: found by the scan, fail while decoding
+        data = (tmp_path / f"g{i}.jpg").read_bytes()
+        (tmp_path / f"bad{i}.jpg").write_bytes(data[: len(data) // 3])
+    for world_size, batch_size in [(1, 2), (2, 1), (2, 3)]:
+        lengths, steps, skipped = set(), set(), set()
+        for rank in range(world_size):
+            dl = fastdiff.DataLoader(
+                tmp_path,
+                resolution=64,
+                bucket_step=16,
+                batch_size=batch_size,
+                rank=rank,
+                world_size=world_size,
+                seed=3,
+            )
+            batches = list(dl)
+            lengths.add(len(dl))
+            steps.add(len(batches))
+            assert all(not Path(p).name.startswith("bad") for b in batches for p in b["paths"])
+            skipped |= {Path(s["path"]).name for s in dl.report["skipped"]}
+        assert len(lengths) == 1 and steps == lengths, (world_size, batch_size, lengths, steps)
+        assert skipped == {"bad0.jpg", "bad1.jpg", "bad2.jpg"}
+
+
 def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -210,7 +238,9 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
     loader = fastdiff.DataLoader(tmp_path, resolution=64, batch_size=2, bucket_step=16)
     seen = [p for b in loader for p in b["paths"]]
     report = loader.report
-    assert sorted(Path(p).name for p in seen) == ["good0.png", "good1.png", "good2.png"]
+    # truncated.jpg passes the header scan and fails at decode: a good image of its bucket stands in.
+    assert len(seen) == 4
+    assert sorted({Path(p).name for p in seen}) == ["good0.png", "good1.png", "good2.png"]
     assert report["found"] == 7 and report["loaded"] == 3
     skipped = {Path(s["path"]).name: s for s in report["skipped"]}
     assert set(skipped) == {"truncated.jpg", "noise.jpg", "empty.png", "page.png"}

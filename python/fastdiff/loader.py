@@ -120,7 +120,9 @@ class DataLoader:
             reused for a later batch (no allocation or zero-fill per batch).
         caption_extensions: Caption file extensions tried in order, each with its leading dot.
         background: RGB colour (0–255) that transparent pixels are composited onto.
-        on_error: ``"skip"`` records an undecodable file in :attr:`report` and goes on; ``"raise"``
+        on_error: ``"skip"`` records an undecodable file in :attr:`report` and loads a stand-in in its
+            place: another sample of the same bucket, drawn with the seed (up to 7 tries), so batches
+            keep their size, ``len(loader)`` stays exact and ranks stay in step; ``"raise"``
             raises :class:`fastdiff.DecodeError` naming the file.
         filter: Resize filter: ``"lanczos3"`` (default), ``"catmullrom"``, ``"bilinear"``, ``"box"``
             or ``"nearest"``.

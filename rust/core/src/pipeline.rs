@@ -332,6 +332,8 @@ struct Inner {
     sample_image: Vec<usize>,
     /// Bucket index per sample.
     sample_bucket: Vec<usize>,
+    /// Sample indices per bucket: where a failed sample's stand-in is drawn from.
+    bucket_samples: Vec<Vec<usize>>,
     num_batches: usize,
     found: usize,
     scan_skipped: Vec<Skip>,
@@ -461,6 +463,10 @@ impl Loader {
             .collect();
         let sample_bucket: Vec<usize> = sample_image.iter().map(|&i| bucket_of[i]).collect();
         let num_batches = sampler::num_batches(&sample_bucket, buckets.len(), &opts.sampling());
+        let mut bucket_samples = vec![Vec::new(); buckets.len()];
+        for (sample, &b) in sample_bucket.iter().enumerate() {
+            bucket_samples[b].push(sample);
+        }
         let largest = buckets
             .iter()
             .map(|b| b.width as usize * b.height as usize)
@@ -482,6 +488,7 @@ impl Loader {
                 subset_of,
                 sample_image,
                 sample_bucket,
+                bucket_samples,
                 num_batches,
                 found,
                 scan_skipped,
@@ -884,6 +891,16 @@ impl EpochIter {
         }
     }
 
+    /// Add a failed image to the report (once per loader, whatever the epoch).
+    fn record_failure(&self, index: usize, err: &Error) {
+        let mut failed = self.inner.failed();
+        if failed.images.insert(index) {
+            failed
+                .skips
+                .push(Skip::new(&self.inner.images[index].path, err));
+        }
+    }
+
     /// Turn a completed batch into what the iterator yields: `Ok(None)` if all its samples failed
     /// and were skipped.
     fn assemble(&self, state: &BatchState) -> Result<Option<Batch>> {
@@ -898,7 +915,11 @@ impl EpochIter {
         let mut samples = Vec::with_capacity(outcomes.len());
         let mut keep = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
-            match outcome.expect("every slot of a completed batch has an outcome") {
+            let outcome = outcome.expect("every slot of a completed batch has an outcome");
+            for (index, err) in outcome.substituted {
+                self.record_failure(index, &err);
+            }
+            match outcome.result {
                 Ok(meta) => {
                     samples.push(meta);
                     keep.push(true);
@@ -907,12 +928,7 @@ impl EpochIter {
                     if self.inner.opts.on_error == OnError::Raise {
                         return Err(err);
                     }
-                    let mut failed = self.inner.failed();
-                    if failed.images.insert(index) {
-                        failed
-                            .skips
-                            .push(Skip::new(&self.inner.images[index].path, &err));
-                    }
+                    self.record_failure(index, &err);
                     keep.push(false);
                 }
             }
@@ -997,7 +1013,12 @@ struct BatchState {
     pending: AtomicUsize,
 }
 
-type SampleOutcome = std::result::Result<SampleMeta, (usize, Error)>;
+/// What became of one slot: the sample loaded into it (possibly a stand-in), or the image index and
+/// error of the last failed attempt; plus the failures that stand-ins replaced.
+struct SampleOutcome {
+    result: std::result::Result<SampleMeta, (usize, Error)>,
+    substituted: Vec<(usize, Error)>,
+}
 
 // SAFETY: `base` points into the memory owned or borrowed by `pixels`, which lives as long as the
 // `BatchState` (moving the buffer into the Mutex does not move that memory). It is only used through
@@ -1081,25 +1102,77 @@ fn worker_loop(ctx: WorkerCtx) {
         if ctx.stop.load(Ordering::Relaxed) {
             break;
         }
-        let entry = &ctx.inner.images[job.image];
-        let mut watch = Stopwatch::start();
-        let result = guarded(&entry.path, || {
-            load_sample(&ctx.inner, ctx.epoch, &job, entry, &mut tools, &mut watch)
-        });
+        let outcome = load_with_stand_ins(&ctx, &job, &mut tools, started);
         waiting = std::time::Instant::now();
-        ctx.stats
-            .add_sample(&watch, waiting - started, result.is_ok());
-        if matches!(result, Err(Error::Panic { .. })) {
-            // The decoder or resizer may have been left half-way through an operation.
-            tools = None;
-        }
-        if job
-            .batch
-            .finish(job.slot, result.map_err(|e| (job.image, e)))
-        {
+        if job.batch.finish(job.slot, outcome) {
             // The consumer may be gone (epoch ended); nothing waits for this then.
             let _ = ctx.done.send(());
         }
+    }
+}
+
+/// Attempts per slot: the planned sample, then stand-ins from its bucket.
+const MAX_ATTEMPTS: u64 = 8;
+
+/// Load `job`'s sample into its slot. With [`OnError::Skip`], a sample that fails is replaced by a
+/// stand-in drawn from the same bucket (seeded by (seed, epoch, sample, attempt), so the same for
+/// every thread count), up to [`MAX_ATTEMPTS`] tries: batches keep their planned size, so
+/// `num_batches` stays exact and every rank keeps the same number of samples per step. The failures
+/// are reported with the outcome. With [`OnError::Raise`] the first failure is the outcome.
+fn load_with_stand_ins(
+    ctx: &WorkerCtx,
+    job: &Job,
+    tools: &mut Option<Tools>,
+    mut started: std::time::Instant,
+) -> SampleOutcome {
+    let inner = &ctx.inner;
+    let mut substituted = Vec::new();
+    let mut attempt_job = Job {
+        batch: Arc::clone(&job.batch),
+        slot: job.slot,
+        sample: job.sample,
+        image: job.image,
+    };
+    let mut attempt = 1;
+    loop {
+        let entry = &inner.images[attempt_job.image];
+        let mut watch = Stopwatch::start();
+        let result = guarded(&entry.path, || {
+            load_sample(inner, ctx.epoch, &attempt_job, entry, tools, &mut watch)
+        });
+        let now = std::time::Instant::now();
+        ctx.stats.add_sample(&watch, now - started, result.is_ok());
+        started = now;
+        if matches!(result, Err(Error::Panic { .. })) {
+            // The decoder or resizer may have been left half-way through an operation.
+            *tools = None;
+        }
+        let err = match result {
+            Ok(meta) => {
+                return SampleOutcome {
+                    result: Ok(meta),
+                    substituted,
+                }
+            }
+            Err(err) => err,
+        };
+        if inner.opts.on_error == OnError::Raise || attempt == MAX_ATTEMPTS {
+            return SampleOutcome {
+                result: Err((attempt_job.image, err)),
+                substituted,
+            };
+        }
+        substituted.push((attempt_job.image, err));
+        let pool = &inner.bucket_samples[inner.sample_bucket[job.sample]];
+        let draw = rng::uniform(
+            inner.opts.seed,
+            ctx.epoch,
+            Stream::Substitute,
+            job.sample as u64 * MAX_ATTEMPTS + attempt,
+        );
+        attempt_job.sample = pool[((draw * pool.len() as f64) as usize).min(pool.len() - 1)];
+        attempt_job.image = inner.sample_image[attempt_job.sample];
+        attempt += 1;
     }
 }
 
@@ -1600,21 +1673,30 @@ mod tests {
     }
 
     #[test]
-    fn failed_samples_are_skipped_compacted_and_reported_once() {
+    fn failed_samples_get_stand_ins_from_their_bucket_and_are_reported_once() {
         let (dir, files) = colour_dataset(6);
         let bad = dir.path().join("c02b.png");
         write_truncated_png(&bad);
-        let o = LoaderOptions {
-            batch_size: 8,
-            shuffle: false,
-            dtype: OutputDtype::U8,
-            ..opts()
+        let run = |num_threads, epoch| {
+            let o = LoaderOptions {
+                batch_size: 8,
+                shuffle: false,
+                dtype: OutputDtype::U8,
+                num_threads,
+                ..opts()
+            };
+            let loader = Loader::new(dir.path(), o).unwrap();
+            (collect(loader.iter_epoch(epoch, 0)), loader)
         };
-        let loader = Loader::new(dir.path(), o).unwrap();
-        assert_eq!(loader.report().skipped, vec![]);
-        assert_eq!(loader.images().len(), 7);
         for epoch in 0..2 {
-            let batches = collect(loader.iter_epoch(epoch, 0));
+            let (batches, loader) = run(2, epoch);
+            assert_eq!(
+                loader.report().skipped.len(),
+                1,
+                "recorded once, epoch {epoch}"
+            );
+            // Same stand-ins whatever the thread count.
+            assert_eq!(batches, run(1, epoch).0);
             let mut paths = Vec::new();
             for b in &batches {
                 assert_eq!(
@@ -1627,10 +1709,12 @@ mod tests {
                     paths.push(meta.path.clone());
                 }
             }
+            // The planned 7 samples: the bad one replaced by a good image of its bucket.
+            assert_eq!(paths.len(), 7);
             paths.sort();
+            paths.dedup();
             assert_eq!(paths, files.iter().map(|f| f.0.clone()).collect::<Vec<_>>());
             let r = loader.report();
-            assert_eq!(r.skipped.len(), 1, "recorded once, epoch {epoch}");
             assert_eq!(r.skipped[0].path, bad);
             assert_eq!(r.skipped[0].code, "decode");
             assert_eq!((r.found, r.loaded), (7, 6));
@@ -1640,9 +1724,30 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_that_loses_every_sample_is_not_yielded() {
+    fn stand_ins_keep_every_batch_full_and_num_batches_exact() {
         let (dir, _) = colour_dataset(2);
         write_truncated_png(&dir.path().join("z.png"));
+        let o = LoaderOptions {
+            batch_size: 1,
+            shuffle: false,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        assert_eq!(loader.num_batches(), 3);
+        let batches = collect(loader.iter_epoch(0, 0));
+        assert_eq!(batches.len(), 3);
+        assert!(batches.iter().all(|b| b.samples.len() == 1));
+        assert_eq!(loader.report().skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_that_loses_every_sample_is_not_yielded() {
+        // The broken image is alone in its (4:1) bucket: no stand-in can be found.
+        let (dir, _) = colour_dataset(2);
+        let z = dir.path().join("z.png");
+        write_image(&z, 128, 32, F::Png);
+        let bytes = std::fs::read(&z).unwrap();
+        std::fs::write(&z, &bytes[..bytes.len() / 2]).unwrap();
         let o = LoaderOptions {
             batch_size: 1,
             shuffle: false,
@@ -1712,7 +1817,18 @@ mod tests {
         let gone = dir.path().join("c02.png");
         std::fs::remove_file(&gone).unwrap();
         let batches = collect(loader.iter_epoch(0, 0));
-        assert_eq!(batches.iter().map(|b| b.samples.len()).sum::<usize>(), 2);
+        // Both failed slots got stand-ins from the two intact images (all four share a bucket).
+        let mut paths: Vec<&Path> = batches
+            .iter()
+            .flat_map(|b| b.samples.iter().map(|s| s.path.as_path()))
+            .collect();
+        assert_eq!(paths.len(), 4);
+        paths.sort();
+        paths.dedup();
+        assert_eq!(
+            paths,
+            [dir.path().join("c00.png"), dir.path().join("c03.png")]
+        );
         let r = loader.report();
         let codes: Vec<(&Path, &str)> = r
             .skipped

@@ -24,6 +24,8 @@ pub enum Stream {
     CaptionDropout = 7,
     /// Tag shuffle and tag dropout of one sample's caption (caption.rs).
     Tags = 8,
+    /// Which sample of the same bucket stands in for one that failed to load (pipeline.rs).
+    Substitute = 9,
 }
 
 fn mix(mut z: u64) -> u64 {
