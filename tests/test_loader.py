@@ -284,3 +284,19 @@ def test_bad_arguments_name_the_argument(tmp_path: Path, kwargs: dict, name: str
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match=name):
         fastdiff.DataLoader(tmp_path, **kwargs)
+
+
+def test_negative_sizes_are_value_errors_naming_the_argument(tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    for name in ("batch_size", "resolution", "seed", "prefetch"):
+        with pytest.raises(ValueError, match=f"{name} must not be negative, got -1"):
+            fastdiff.DataLoader(tmp_path, **{name: -1})
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastdiff import cli
+
+    assert cli.main(["scan", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdiff scan: error: no images found in ") and "missing" in err
+    assert "Traceback" not in err and err.count("\n") == 1

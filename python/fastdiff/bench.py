@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -342,10 +343,14 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import PIL
-    import torchvision
-
     import fastdiff
+
+    def version(distribution: str) -> str | None:
+        # Read from the installed metadata: the baseline's packages are optional (`dev` extra).
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     return {
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -354,8 +359,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "fastdiff": fastdiff.__version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
+        "torchvision": version("torchvision"),
+        "pillow": version("pillow"),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiff`` command and its subcommands."""
     from fastdiff import bench, demo, train
 
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="fastdiff", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     scan_p = sub.add_parser("scan", help="scan a folder: formats, sizes, buckets, captions, skipped files")
     _add_scan_arguments(scan_p)
@@ -120,8 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastdiff`` console script; returns the exit status."""
+    from fastdiff._fastdiff import FastdiffError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, FastdiffError) as e:
+        # Bad input (a missing folder, an unknown config key, a broken file with on_error="raise"):
+        # the message names the file or key; a traceback would only hide it. Set FASTDIFF_TRACEBACK=1
+        # to get one.
+        if os.environ.get("FASTDIFF_TRACEBACK"):
+            raise
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ class Subset:
         is_reg: Regularisation (class) images for DreamBooth prior preservation; their samples have
             ``batch["is_reg"]`` set.
         loss_weight: Weight (≥ 0) of this subset's samples in the training loss, yielded per sample as
-            ``batch["loss_weights"]``; ``fastdiff train`` multiplies each sample's loss by it. On a
+            ``batch["loss_weights"]``; :func:`fastdiff.train.train` multiplies each sample's loss by
+            it (given a loader built from the dataset config). On a
             regularisation subset it is DreamBooth's ``prior_loss_weight`` (Ruiz et al. 2023; kohya-ss
             ``prior_loss_weight``). TOML also accepts ``weight``.
         caption_extension: Caption file extension with its dot (``".txt"``); ``None`` = the loader's

@@ -172,6 +172,19 @@ class DataLoader:
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        unsigned = {
+            "resolution": resolution,
+            "batch_size": batch_size,
+            "bucket_step": bucket_step,
+            "min_bucket_side": min_bucket_side,
+            "max_bucket_side": max_bucket_side,
+            "seed": seed,
+            "prefetch": prefetch,
+            "max_pixels": max_pixels,
+        }
+        for name, value in unsigned.items():
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         if isinstance(caption_extensions, str):
