@@ -180,26 +180,11 @@ fn encode(
     out.into_inner()
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut c = (data.len() as u32).to_be_bytes().to_vec();
     c.extend_from_slice(kind);
     c.extend_from_slice(data);
-    c.extend_from_slice(&crc32(&c[4..]).to_be_bytes());
+    c.extend_from_slice(&crc32fast::hash(&c[4..]).to_be_bytes());
     c
 }
 
