@@ -1666,8 +1666,9 @@ mod tests {
     }
 
     /// A PNG whose header is intact but whose pixel data is cut off: passes the scan, fails to decode.
-    fn write_truncated_png(path: &Path) {
-        write_image(path, 40, 40, F::Png);
+    /// A `w` x `h` PNG cut in half: its header scans, its pixel data does not decode.
+    fn write_truncated_png(path: &Path, w: u32, h: u32) {
+        write_image(path, w, h, F::Png);
         let bytes = std::fs::read(path).unwrap();
         std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
     }
@@ -1676,7 +1677,7 @@ mod tests {
     fn failed_samples_get_stand_ins_from_their_bucket_and_are_reported_once() {
         let (dir, files) = colour_dataset(6);
         let bad = dir.path().join("c02b.png");
-        write_truncated_png(&bad);
+        write_truncated_png(&bad, 40, 40);
         let run = |num_threads, epoch| {
             let o = LoaderOptions {
                 batch_size: 8,
@@ -1726,7 +1727,7 @@ mod tests {
     #[test]
     fn stand_ins_keep_every_batch_full_and_num_batches_exact() {
         let (dir, _) = colour_dataset(2);
-        write_truncated_png(&dir.path().join("z.png"));
+        write_truncated_png(&dir.path().join("z.png"), 40, 40);
         let o = LoaderOptions {
             batch_size: 1,
             shuffle: false,
@@ -1744,10 +1745,7 @@ mod tests {
     fn a_batch_that_loses_every_sample_is_not_yielded() {
         // The broken image is alone in its (4:1) bucket: no stand-in can be found.
         let (dir, _) = colour_dataset(2);
-        let z = dir.path().join("z.png");
-        write_image(&z, 128, 32, F::Png);
-        let bytes = std::fs::read(&z).unwrap();
-        std::fs::write(&z, &bytes[..bytes.len() / 2]).unwrap();
+        write_truncated_png(&dir.path().join("z.png"), 128, 32);
         let o = LoaderOptions {
             batch_size: 1,
             shuffle: false,
@@ -1764,7 +1762,7 @@ mod tests {
     fn raise_yields_the_error_then_ends() {
         let (dir, _) = colour_dataset(5);
         let bad = dir.path().join("c00b.png");
-        write_truncated_png(&bad);
+        write_truncated_png(&bad, 40, 40);
         let o = LoaderOptions {
             batch_size: 2,
             shuffle: false,
