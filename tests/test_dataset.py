@@ -118,6 +118,10 @@ def test_scan_command_shows_repeats_and_buckets_per_subset(
     assert f"subset {tmp_path / 'a'} (train, x5): 3 images (64x64: 3)" in out
     assert f"subset {tmp_path / 'b'} (reg, x1): 1 images (48x80: 1)" in out
     assert "buckets smaller than one batch" in out and "   48 x 80    1" in out
+    assert out.startswith("subsets: 2 (listed below)\n")
+    # A flag given on the command line wins over the config's value.
+    assert cli.main(["scan", str(config), "--batch-size", "4"]) == 0
+    assert "batches per epoch: 5" in capsys.readouterr().out  # 15 square -> 4 batches, 1 wide -> 1
 
 
 @pytest.mark.parametrize(

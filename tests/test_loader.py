@@ -293,6 +293,14 @@ def test_negative_sizes_are_value_errors_naming_the_argument(tmp_path: Path) -> 
             fastdiff.DataLoader(tmp_path, **{name: -1})
 
 
+def test_resolution_off_the_bucket_step_warns_with_the_square_bucket(tmp_path: Path) -> None:
+    Image.new("RGB", (200, 200)).save(tmp_path / "a.png")
+    with pytest.warns(UserWarning, match="resolution 100 is not a multiple of bucket_step 64: .* 64x64"):
+        loader = fastdiff.DataLoader(tmp_path, resolution=100, min_bucket_side=64)
+    assert sorted(loader.buckets) == [(64, 64), (64, 128), (128, 64)]  # sides of 64, area <= 100^2
+    assert next(iter(loader))["pixel_values"].shape == (1, 3, 64, 64)
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fastdiff import cli
 

@@ -16,11 +16,12 @@ from typing import Any
 
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", help="folder of images (searched recursively), or a dataset config .toml")
-    p.add_argument("--resolution", type=int, default=512, help="bucket resolution in pixels (default 512)")
-    p.add_argument("--bucket-step", type=int, default=64, help="bucket side multiple in pixels (default 64)")
+    # None: the DataLoader's default for a folder, the config's value for a .toml (a flag given wins).
+    p.add_argument("--resolution", type=int, default=None, help="bucket resolution in pixels (default 512)")
+    p.add_argument("--bucket-step", type=int, default=None, help="bucket side multiple, px (default 64)")
     p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
     p.add_argument("--max-bucket-side", type=int, default=None, help="default 2*resolution")
-    p.add_argument("--batch-size", type=int, default=1, help="for the batches-per-epoch count (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="for the batches-per-epoch count (default 1)")
     p.add_argument("--no-upscale", action="store_true", help="never enlarge images (kohya bucket_no_upscale)")
     p.add_argument(
         "--max-pixels",
@@ -37,8 +38,9 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
 
 def format_report(report: dict[str, Any], batches: int) -> str:
     """Human-readable summary of a :attr:`fastdiff.DataLoader.report` dict."""
+    subsets = report["subsets"]
     lines = [
-        f"root: {report['root']}",
+        f"root: {report['root']}" if len(subsets) <= 1 else f"subsets: {len(subsets)} (listed below)",
         f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}",
         "formats: " + ", ".join(f"{k} {v}" for k, v in sorted(report["formats"].items())),
         f"size range (h x w): {report['min_size'][0]}x{report['min_size'][1]}"
@@ -49,9 +51,9 @@ def format_report(report: dict[str, Any], batches: int) -> str:
         "images per bucket (h x w: count):",
     ]
     lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["images_per_bucket"]]
-    if len(report["subsets"]) > 1 or report["samples"] != report["loaded"]:
+    if len(subsets) > 1 or report["samples"] != report["loaded"]:
         lines.append(f"samples per epoch (repeats counted): {report['samples']}")
-        for sub in report["subsets"]:
+        for sub in subsets:
             kind = "reg" if sub["is_reg"] else "train"
             per = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sub["images_per_bucket"])
             lines.append(
@@ -69,24 +71,22 @@ def format_report(report: dict[str, Any], batches: int) -> str:
 def _run_scan(args: argparse.Namespace) -> int:
     from fastdiff import DataLoader
 
-    extra: dict[str, Any] = {}
+    given = {
+        "resolution": args.resolution,
+        "bucket_step": args.bucket_step,
+        "min_bucket_side": args.min_bucket_side,
+        "max_bucket_side": args.max_bucket_side,
+        "batch_size": args.batch_size,
+        "max_pixels": args.max_pixels,
+    }
+    extra: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if args.no_upscale:
         extra["no_upscale"] = True
-    if args.max_pixels is not None:
-        extra["max_pixels"] = args.max_pixels
     if args.root.endswith(".toml"):
-        # The config's own resolution and batch options apply, not the flags' defaults.
+        # The config's own options apply, except those given as flags.
         loader = DataLoader.from_config(args.root, **extra)
     else:
-        loader = DataLoader(
-            args.root,
-            resolution=args.resolution,
-            bucket_step=args.bucket_step,
-            min_bucket_side=args.min_bucket_side,
-            max_bucket_side=args.max_bucket_side,
-            batch_size=args.batch_size,
-            **extra,
-        )
+        loader = DataLoader(args.root, **extra)
     report = loader.report
     if args.json:
         report["batches_per_epoch"] = len(loader)

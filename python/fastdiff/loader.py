@@ -88,7 +88,9 @@ class DataLoader:
         root: Folder of images (searched recursively); the same as ``subsets=[Subset(root)]``.
         subsets: The dataset as :class:`fastdiff.Subset` folders with their own repeats and caption
             handling (instead of ``root``); see also :meth:`from_config`.
-        resolution: Training resolution in pixels; bucket areas are at most ``resolution²``.
+        resolution: Training resolution in pixels; bucket areas are at most ``resolution²``. One that
+            is not a multiple of ``bucket_step`` warns (``UserWarning``): the square bucket is then
+            ``resolution`` rounded down to a multiple of ``bucket_step``.
         batch_size: Images per batch (≥ 1).
         bucket_step: Bucket sides are multiples of this, in pixels (64 for SD/SDXL latents).
         min_bucket_side: Smallest bucket side in pixels; default ``resolution // 2``.
@@ -185,6 +187,14 @@ class DataLoader:
         for name, value in unsigned.items():
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
+        if bucket_step and resolution % bucket_step:
+            square = resolution // bucket_step * bucket_step
+            warnings.warn(
+                f"resolution {resolution} is not a multiple of bucket_step {bucket_step}: "
+                f"the square bucket is {square}x{square}",
+                UserWarning,
+                stacklevel=2,
+            )
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         if isinstance(caption_extensions, str):
