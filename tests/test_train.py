@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 
+import fastdiff
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -103,7 +105,8 @@ def test_safetensors_weights_reload_equal_to_trained_and_differ_from_init(run: t
 
 def test_tokenizer_reloads_offline_and_knows_the_caption_words(run: tr.TrainResult, small_set: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(run.output / "tokenizer")
-    captions = tr.read_captions(small_set)
+    captions = fastdiff.DataLoader(small_set).captions
+    assert len(captions) == N_IMAGES and all(captions)
     ids = tr.tokenize(tokenizer, captions)
     assert torch.equal(ids, tr.tokenize(run.tokenizer, captions))
     assert ids.shape == (N_IMAGES, tr.TrainConfig.max_caption_tokens)
@@ -171,6 +174,8 @@ def test_fp16_with_grad_scaler_on_cuda(small_set: Path, tmp_path: Path) -> None:
 class NanLoader:
     """A loader of the ``fastdiff.DataLoader`` form whose every batch is NaN: every loss is non-finite."""
 
+    captions = ("a cat", "a dog")  # its images' captions: the from-scratch vocabulary
+
     def __len__(self) -> int:
         return 1
 
@@ -191,7 +196,6 @@ class NanLoader:
 def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.txt").write_text("a cat\n")
     cfg = config(data, tmp_path / "out", max_steps=3, unet_channels=(16, 32))
     result = tr.train(cfg, loader=NanLoader())
     assert result.skipped_steps == 3
@@ -272,7 +276,55 @@ def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, t
 def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.txt").write_text("a cat\n")
     cfg = config(data, tmp_path / "out", max_steps=5, unet_channels=(16, 32), max_consecutive_skips=2)
     with pytest.raises(RuntimeError, match=r"2 consecutive steps .* a\.png, b\.png"):
         tr.train(cfg, loader=NanLoader())
+
+
+def write_dataset_config(root: Path) -> Path:
+    """A two-subset dataset config: captions from .txt files, and (a reg subset) from metadata.jsonl."""
+    (root / "a").mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 48), (80 * i, 40, 200)).save(root / "a" / f"{i}.png")
+        (root / "a" / f"{i}.txt").write_text(f"a blue square, tone {i}\n")
+    (root / "b").mkdir()
+    Image.new("RGB", (64, 32), (250, 250, 0)).save(root / "b" / "wide.png")
+    (root / "b" / "metadata.jsonl").write_text('{"file_name": "wide.png", "text": "a yellow zebra"}\n')
+    config = root / "dataset.toml"
+    config.write_text(
+        "[general]\nresolution = 32\nbatch_size = 2\nbucket_step = 16\n[[datasets]]\n"
+        "[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 2\n"
+        "[[datasets.subsets]]\nimage_dir = 'b'\nis_reg = true\n"
+    )
+    return config
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_trains_on_a_dataset_config(tmp_path: Path) -> None:
+    from fastdiff import cli
+
+    dataset = write_dataset_config(tmp_path)
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(dataset), "--output", str(out), "--max-steps", "2", "--device", "cpu"]
+    argv += ["--unet-channels", "16", "32", "--num-threads", "1", "--checkpoint-every", "0"]
+    assert cli.main(argv) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["resolution"], saved["batch_size"], saved["bucket_step"]) == (32, 2, 16)  # the config's
+    assert (saved["crop"], saved["flip_prob"]) == ("center", 0.0)  # neither sets them: the defaults
+    assert len((out / "loss.csv").read_text().splitlines()) == 3
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    # The vocabulary holds the words of both caption sources (metadata.jsonl included).
+    ids = tr.tokenize(tokenizer, ["a yellow zebra", "a blue square, tone 2"])
+    assert not (ids == tokenizer.unk_token_id).any()
+
+
+def test_run_settings_win_over_the_dataset_config_and_seeds_must_agree(tmp_path: Path) -> None:
+    dataset = write_dataset_config(tmp_path)
+    cfg = tr.with_dataset_options(tr.TrainConfig(data=dataset, output=tmp_path, batch_size=3))
+    assert (cfg.resolution, cfg.batch_size, cfg.bucket_step, cfg.crop) == (32, 3, 16, "center")
+    loader = tr.make_loader(cfg)
+    assert (loader.state_dict()["options"]["batch_size"], len(loader)) == (3, 3)  # 6 square: 2, 1 wide: 1
+    assert loader.captions == [f"a blue square, tone {i}" for i in range(3)] + ["a yellow zebra"]
+    dataset.write_text(dataset.read_text().replace("[general]\n", "[general]\nseed = 5\n"))
+    with pytest.raises(ValueError, match=r"seed = 5 differs from the run's seed 0"):
+        tr.with_dataset_options(tr.TrainConfig(data=dataset, output=tmp_path))

@@ -87,6 +87,9 @@ class NativeLoader:
     @property
     def dataset_digest(self) -> str:
         """Fingerprint of the scanned dataset (relative paths, headers, subset options): 16 hex digits."""
+    @property
+    def captions(self) -> list[str]:
+        """Caption of each accepted image, in path order, before the caption operations ("" if none)."""
     def report(self) -> dict[str, Any]: ...
     def iter_epoch(
         self,

@@ -376,6 +376,15 @@ class DataLoader:
         return self._native.buckets
 
     @property
+    def captions(self) -> list[str]:
+        """The caption of each image the scan accepted, one string per image (repeats not counted), in
+        path order: the text of its caption file or ``metadata.jsonl`` entry as decoded (BOM, UTF-16
+        and Windows-1252 handled; ``\\r`` and surrounding whitespace stripped; a multi-caption entry
+        joined by newlines), before the subsets' tag shuffle, tag dropout and caption dropout; ``""``
+        for an image without one. For building a vocabulary or choosing preview prompts."""
+        return self._native.captions
+
+    @property
     def report(self) -> dict[str, Any]:
         """What the scan and the loading so far found.
 

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+    from fastdiff.loader import DataLoader
+
 __all__ = ["TrainConfig", "TrainResult", "autocast_dtype", "sample", "train"]
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
@@ -60,8 +62,18 @@ VAE_DTYPES = ("fp32", "bf16")
 DEFAULT_PREVIEW_PROMPTS = 4
 #: Special tokens of the word-level tokenizer, in id order (``<pad>`` is id 0).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-#: Caption file extensions read for the vocabulary, as the loader's default ``caption_extensions``.
-CAPTION_EXTENSIONS = (".txt", ".caption")
+#: Loader fields of :class:`TrainConfig` that a dataset config's ``[general]`` / ``[[datasets]]`` fill.
+DATASET_FIELDS = (
+    "resolution",
+    "batch_size",
+    "bucket_step",
+    "min_bucket_side",
+    "max_bucket_side",
+    "crop",
+    "flip_prob",
+)
+#: Values of the loader fields that neither the run nor its dataset config set.
+LOADER_DEFAULTS = {"batch_size": 8, "crop": "center", "flip_prob": 0.0}
 #: Channels per attention head in the UNet and the text encoder.
 HEAD_DIM = 16
 #: Group count of the UNet's GroupNorm layers; every UNet channel count must be a multiple.
@@ -82,7 +94,12 @@ class TrainConfig:
     Fields that default to ``None`` take a value that depends on the path (listed per field).
 
     Attributes:
-        data: Folder of images and caption files (searched recursively by the loader).
+        data: Folder of images and caption files (searched recursively by the loader), or a dataset
+            config ``.toml`` (subsets, repeats, caption options; :func:`fastdiff.load_config`). The
+            config's loader options fill the fields below left at ``None`` (``resolution``,
+            ``batch_size``, ``bucket_step``, ``min/max_bucket_side``, ``crop``, ``flip_prob``): a value
+            set here wins, as with :meth:`fastdiff.DataLoader.from_config`. A config ``seed`` must
+            equal ``seed``.
         output: Folder that receives ``loss.csv`` (``step,loss``), ``loss.png``, ``train_config.json``,
             ``checkpoint-STEP/`` folders, ``previews/`` and the weights: from scratch ``unet/``,
             ``text_encoder/``, ``tokenizer/``, ``scheduler/``; full fine-tune the whole pipeline
@@ -99,9 +116,11 @@ class TrainConfig:
             and UNet's downsampling, checked).
         min_bucket_side: Smallest bucket side in pixels (``None``: the loader's default).
         max_bucket_side: Largest bucket side in pixels (``None``: the loader's default).
-        crop: Loader crop mode, ``"center"`` or ``"random"``.
-        flip_prob: Probability of a horizontal flip per sample.
-        batch_size: Images per batch (the last batch of a bucket may be smaller).
+        crop: Loader crop mode, ``"center"`` or ``"random"`` (``None``: the dataset config's, else
+            ``"center"``).
+        flip_prob: Probability of a horizontal flip per sample (``None``: the dataset config's, else 0).
+        batch_size: Images per batch; the last batch of a bucket may be smaller (``None``: the dataset
+            config's, else 8).
         max_steps: Optimizer steps to run (skipped non-finite steps count too).
         learning_rate: Peak AdamW learning rate. Default 1e-3 from scratch, 1e-4 for LoRA, 1e-5 for a
             full fine-tune.
@@ -141,7 +160,8 @@ class TrainConfig:
             continue from; the run then goes on to ``max_steps`` and appends to its own ``output``.
         preview_every: Sample ``preview_prompts`` into ``OUTPUT/previews/step-N.png`` every this many
             steps and after the last (0: never).
-        preview_prompts: Preview prompts; empty: the first 4 captions of ``data`` (sorted by file).
+        preview_prompts: Preview prompts; empty: the first 4 distinct captions of ``data`` (in file
+            order; the first line of a multi-caption entry).
         preview_steps: Denoising steps of a preview (the pipeline's scheduler, or DDIM from scratch).
         preview_guidance_scale: Classifier-free guidance scale of the previews.
         max_caption_tokens: *From scratch*: token sequence length, special tokens included.
@@ -171,9 +191,9 @@ class TrainConfig:
     bucket_step: int | None = None
     min_bucket_side: int | None = None
     max_bucket_side: int | None = None
-    crop: str = "center"
-    flip_prob: float = 0.0
-    batch_size: int = 8
+    crop: str | None = None
+    flip_prob: float | None = None
+    batch_size: int | None = None
     max_steps: int = 500
     learning_rate: float | None = None
     lr_scheduler: str = "constant"
@@ -221,12 +241,12 @@ class TrainConfig:
             ValueError: A field is out of range, or a from-scratch field is set with ``model`` (or a
                 pipeline field without it); the message names it.
         """
-        positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "max_consecutive_skips")
+        positive = ("max_steps", "gradient_accumulation_steps", "max_consecutive_skips")
         positive += ("preview_steps", "layers_per_block", "text_layers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("resolution", "bucket_step", "num_threads", "torch_threads"):
+        for name in ("resolution", "bucket_step", "batch_size", "num_threads", "torch_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         non_negative = ("lr_warmup_steps", "checkpoint_every", "preview_every", "lora_rank")
@@ -238,7 +258,7 @@ class TrainConfig:
             "mixed_precision": MIXED_PRECISION,
             "vae_dtype": VAE_DTYPES,
             "lr_scheduler": LR_SCHEDULERS,
-            "crop": ("center", "random"),
+            "crop": ("center", "random", None),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -382,22 +402,45 @@ class TrainResult:
         return self.output / "loss.png"
 
 
-def read_captions(root: Path, extensions: Sequence[str] = CAPTION_EXTENSIONS) -> list[str]:
-    """Read every caption file under ``root``, recursively, sorted by path.
+def is_dataset_config(data: Path) -> bool:
+    """Whether ``data`` names a dataset config (a ``.toml`` file) rather than a folder of images."""
+    return data.suffix.lower() == ".toml" and not data.is_dir()
 
-    Args:
-        root: Dataset folder.
-        extensions: Caption file extensions with their leading dot (compared case-insensitively).
 
-    Returns:
-        The stripped contents of each caption file (UTF-8).
+def with_dataset_options(config: TrainConfig) -> TrainConfig:
+    """``config`` with the loader fields it leaves at ``None`` taken from its dataset config.
+
+    Fields filled (when ``config.data`` is a ``.toml`` that sets them in ``[general]`` or
+    ``[[datasets]]``): :data:`DATASET_FIELDS`; then ``batch_size``, ``crop`` and ``flip_prob`` still
+    at ``None`` get :data:`LOADER_DEFAULTS`. A folder ``data`` only gets the defaults.
 
     Raises:
-        UnicodeDecodeError: A caption file is not valid UTF-8.
+        ValueError: The dataset config is invalid (as :func:`fastdiff.load_config`), or it sets a
+            ``seed`` other than ``config.seed``.
     """
-    suffixes = {e.lower() for e in extensions}
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    return [p.read_text(encoding="utf-8").strip() for p in files]
+    from fastdiff.dataset import load_config
+
+    if is_dataset_config(config.data):
+        options, _ = load_config(config.data)
+        if options.get("seed", config.seed) != config.seed:
+            raise ValueError(
+                f"{config.data}: seed = {options['seed']} differs from the run's seed {config.seed} "
+                "(--seed); set it in one place"
+            )
+        config = config.resolved(**{k: options[k] for k in DATASET_FIELDS if k in options})
+    return config.resolved(**LOADER_DEFAULTS)
+
+
+def dataset_captions(config: TrainConfig, loader: BatchLoader) -> list[str]:
+    """The caption of each training image, in file order (``""`` where an image has none).
+
+    Args:
+        config: The run's settings.
+        loader: The run's loader: its ``captions`` (:attr:`fastdiff.DataLoader.captions`) if it has
+            them, else those of a :func:`make_loader` of ``config`` (a header scan of ``data``).
+    """
+    captions = getattr(loader, "captions", None)
+    return list(captions) if captions is not None else make_loader(config).captions
 
 
 def build_tokenizer(captions: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
@@ -550,33 +593,38 @@ def build_noise_scheduler(
     )
 
 
-def make_loader(config: TrainConfig) -> BatchLoader:
+def make_loader(config: TrainConfig) -> DataLoader:
     """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch.
 
     Args:
-        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``).
+        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``);
+            a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`, the fields
+            set here winning over its values; fields left at ``None`` take the loader's defaults.
 
     Returns:
         The loader.
+
+    Raises:
+        ValueError: As :class:`fastdiff.DataLoader`.
     """
     # Imported here: the package's __init__ may import the CLI, which imports this module.
     from fastdiff import DataLoader
 
-    return DataLoader(
-        config.data,
-        resolution=config.resolution,
-        batch_size=config.batch_size,
-        bucket_step=config.bucket_step,
-        min_bucket_side=config.min_bucket_side,
-        max_bucket_side=config.max_bucket_side,
-        crop=config.crop,
-        flip_prob=config.flip_prob,
-        shuffle=True,
-        seed=config.seed,
-        num_threads=config.num_threads,
-        dtype=torch.float32,
-        caption_extensions=CAPTION_EXTENSIONS,
-    )
+    options = {
+        "resolution": config.resolution,
+        "batch_size": config.batch_size,
+        "bucket_step": config.bucket_step,
+        "min_bucket_side": config.min_bucket_side,
+        "max_bucket_side": config.max_bucket_side,
+        "crop": config.crop,
+        "flip_prob": config.flip_prob,
+        "seed": config.seed,
+        "num_threads": config.num_threads,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if is_dataset_config(config.data):
+        return DataLoader.from_config(config.data, dtype=torch.float32, **options)
+    return DataLoader(config.data, shuffle=True, dtype=torch.float32, **options)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -640,9 +688,9 @@ def diffusion_loss(
 class TinyTask:
     """The from-scratch model as a :class:`fastdiff.loop.Task`: UNet and text encoder, both trained."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device, captions: Sequence[str]) -> None:
         self.config = config
-        self.tokenizer = build_tokenizer(read_captions(config.data), config.max_caption_tokens)
+        self.tokenizer = build_tokenizer(captions, config.max_caption_tokens)
         self.unet, self.text_encoder = build_tiny_models(
             self.tokenizer,
             resolution=config.resolution,
@@ -731,7 +779,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     Args:
         config: The run's settings.
         loader: Batches to train on; ``None`` builds :func:`make_loader` from the resolved config. The
-            from-scratch vocabulary is read from the caption files under ``config.data`` either way.
+            from-scratch vocabulary and the default preview prompts come from
+            :func:`dataset_captions`.
 
     Returns:
         Losses, counters, timings and the trained models.
@@ -748,10 +797,13 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     autocast_dtype(config.mixed_precision, device)  # fail before loading anything
+    config = with_dataset_options(config)
     pipeline = None
     if config.model is None:
         config = config.resolved(resolution=64, bucket_step=16, learning_rate=1e-3, prediction_type="epsilon")
-        task: Any = TinyTask(config, device)
+        batches = make_loader(config) if loader is None else loader
+        captions = dataset_captions(config, batches)
+        task: Any = TinyTask(config, device, captions)
         checkpoint_files = None
     else:
         from fastdiff import sd
@@ -760,12 +812,14 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files
-    batches = make_loader(config) if loader is None else loader
+        batches = make_loader(config) if loader is None else loader
+        captions = dataset_captions(config, batches) if config.preview_every else []
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
-        prompts = tuple(dict.fromkeys(read_captions(config.data)))[:DEFAULT_PREVIEW_PROMPTS]
+        first_lines = (c.split("\n", 1)[0] for c in captions if c)
+        prompts = tuple(dict.fromkeys(first_lines))[:DEFAULT_PREVIEW_PROMPTS]
 
     config.output.mkdir(parents=True, exist_ok=True)
     (config.output / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
@@ -920,7 +974,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig
     a = parser.add_argument
     a("--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)")
-    a("--data", type=Path, help="folder of images and caption files (required, here or in --config)")
+    a("--data", type=Path, help="folder of images and captions, or a dataset config .toml (required)")
     a("--output", type=Path, help="folder for weights, loss.csv, loss.png, checkpoints (required)")
     a(
         "--model",
@@ -933,9 +987,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bucket-step", type=int, help="bucket side multiple, pixels (default: 16, or 64 for a model)")
     a("--min-bucket-side", type=int, help="default: the loader's")
     a("--max-bucket-side", type=int, help="default: the loader's")
-    a("--crop", choices=("center", "random"), help=f"default {d.crop}")
-    a("--flip-prob", type=float, help="horizontal flip probability")
-    a("--batch-size", type=int, help=f"default {d.batch_size}")
+    a(
+        "--crop",
+        choices=("center", "random"),
+        help=f"default: the dataset config's, else {LOADER_DEFAULTS['crop']}",
+    )
+    a("--flip-prob", type=float, help="horizontal flip probability (default: the dataset config's, else 0)")
+    a("--batch-size", type=int, help=f"default: the dataset config's, else {LOADER_DEFAULTS['batch_size']}")
     a("--max-steps", "--steps", dest="max_steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     a("--learning-rate", type=float, help="peak AdamW learning rate (default: 1e-3, 1e-4 LoRA, 1e-5 full)")
     a("--lr-scheduler", choices=LR_SCHEDULERS, help=f"default {d.lr_scheduler}")

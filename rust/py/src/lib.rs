@@ -216,6 +216,17 @@ impl NativeLoader {
             .collect()
     }
 
+    /// Caption of each image the scan accepted, in path order, as read from its file or metadata
+    /// (before the subsets' caption operations); "" for an image without one.
+    #[getter]
+    fn captions(&self) -> Vec<String> {
+        self.inner
+            .images()
+            .iter()
+            .map(|e| e.caption.clone())
+            .collect()
+    }
+
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         report_dict(py, &self.inner.report())
