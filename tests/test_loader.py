@@ -200,6 +200,11 @@ def test_files_failing_at_decode_keep_len_exact_and_ranks_in_step(tmp_path: Path
     for i in range(3):  # valid headers, broken data: found by the scan, fail while decoding
         data = (tmp_path / f"g{i}.jpg").read_bytes()
         (tmp_path / f"bad{i}.jpg").write_bytes(data[: len(data) // 3])
+    # Alone in its 4:1 bucket: the stand-in comes from another bucket.
+    Image.fromarray(rng.integers(0, 255, (32, 128, 3), dtype=np.uint8)).save(tmp_path / "pano.jpg")
+    data = (tmp_path / "pano.jpg").read_bytes()
+    (tmp_path / "bad_pano.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "pano.jpg").unlink()
     for world_size, batch_size in [(1, 2), (2, 1), (2, 3)]:
         lengths, steps, skipped = set(), set(), set()
         for rank in range(world_size):
@@ -218,7 +223,7 @@ def test_files_failing_at_decode_keep_len_exact_and_ranks_in_step(tmp_path: Path
             assert all(not Path(p).name.startswith("bad") for b in batches for p in b["paths"])
             skipped |= {Path(s["path"]).name for s in dl.report["skipped"]}
         assert len(lengths) == 1 and steps == lengths, (world_size, batch_size, lengths, steps)
-        assert skipped == {"bad0.jpg", "bad1.jpg", "bad2.jpg"}
+        assert skipped == {"bad0.jpg", "bad1.jpg", "bad2.jpg", "bad_pano.jpg"}
 
 
 def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:

@@ -123,9 +123,11 @@ class DataLoader:
         caption_extensions: Caption file extensions tried in order, each with its leading dot.
         background: RGB colour (0–255) that transparent pixels are composited onto.
         on_error: ``"skip"`` records an undecodable file in :attr:`report` and loads a stand-in in its
-            place: another sample of the same bucket, drawn with the seed (up to 7 tries), so batches
-            keep their size, ``len(loader)`` stays exact and ranks stay in step; ``"raise"``
-            raises :class:`fastdiff.DecodeError` naming the file.
+            place: another sample of the same bucket, drawn with the seed (up to 7 draws), else (a
+            sample alone in its bucket, or a bucket of broken files) the next sample of the dataset
+            that loads, cropped to this bucket. So batches keep their size, ``len(loader)`` stays
+            exact and ranks stay in step, unless no file of the dataset loads. ``"raise"`` raises
+            :class:`fastdiff.DecodeError` naming the file.
         filter: Resize filter: ``"lanczos3"`` (default), ``"catmullrom"``, ``"bilinear"``, ``"box"``
             or ``"nearest"``.
         max_pixels: Decompression-bomb guard (≥ 1): an image whose header declares more than this

@@ -1111,14 +1111,14 @@ fn worker_loop(ctx: WorkerCtx) {
     }
 }
 
-/// Attempts per slot: the planned sample, then stand-ins from its bucket.
-const MAX_ATTEMPTS: u64 = 8;
+/// Seeded draws from a failed sample's bucket before the sweep of the whole dataset.
+const BUCKET_DRAWS: u64 = 7;
 
-/// Load `job`'s sample into its slot. With [`OnError::Skip`], a sample that fails is replaced by a
-/// stand-in drawn from the same bucket (seeded by (seed, epoch, sample, attempt), so the same for
-/// every thread count), up to [`MAX_ATTEMPTS`] tries: batches keep their planned size, so
-/// `num_batches` stays exact and every rank keeps the same number of samples per step. The failures
-/// are reported with the outcome. With [`OnError::Raise`] the first failure is the outcome.
+/// Load `job`'s sample into its slot. With [`OnError::Skip`], a sample that fails is replaced by the
+/// first of its [`stand_in_candidates`] that loads: batches keep their planned size, so
+/// `num_batches` stays exact and every rank keeps the same number of samples per step, unless no
+/// image of the dataset loads. The failures are reported with the outcome. With [`OnError::Raise`]
+/// the first failure is the outcome.
 fn load_with_stand_ins(
     ctx: &WorkerCtx,
     job: &Job,
@@ -1126,14 +1126,14 @@ fn load_with_stand_ins(
     mut started: std::time::Instant,
 ) -> SampleOutcome {
     let inner = &ctx.inner;
-    let mut substituted = Vec::new();
+    let mut substituted: Vec<(usize, Error)> = Vec::new();
+    let mut candidates = stand_in_candidates(inner, ctx.epoch, job.sample);
     let mut attempt_job = Job {
         batch: Arc::clone(&job.batch),
         slot: job.slot,
         sample: job.sample,
         image: job.image,
     };
-    let mut attempt = 1;
     loop {
         let entry = &inner.images[attempt_job.image];
         let mut watch = Stopwatch::start();
@@ -1156,24 +1156,59 @@ fn load_with_stand_ins(
             }
             Err(err) => err,
         };
-        if inner.opts.on_error == OnError::Raise || attempt == MAX_ATTEMPTS {
+        if inner.opts.on_error == OnError::Raise {
             return SampleOutcome {
                 result: Err((attempt_job.image, err)),
                 substituted,
             };
         }
         substituted.push((attempt_job.image, err));
-        let pool = &inner.bucket_samples[inner.sample_bucket[job.sample]];
-        let draw = rng::uniform(
-            inner.opts.seed,
-            ctx.epoch,
-            Stream::Substitute,
-            job.sample as u64 * MAX_ATTEMPTS + attempt,
-        );
-        attempt_job.sample = pool[((draw * pool.len() as f64) as usize).min(pool.len() - 1)];
-        attempt_job.image = inner.sample_image[attempt_job.sample];
-        attempt += 1;
+        // Images known to fail are passed over: they would fail again, so the stand-in chosen is
+        // the same whatever other threads have found so far.
+        let next = candidates.find(|&sample| {
+            let image = inner.sample_image[sample];
+            !substituted.iter().any(|(failed, _)| *failed == image)
+                && !inner.failed().images.contains(&image)
+        });
+        let Some(sample) = next else {
+            let last = substituted.pop().expect("a failure was just pushed");
+            return SampleOutcome {
+                result: Err(last),
+                substituted,
+            };
+        };
+        attempt_job.sample = sample;
+        attempt_job.image = inner.sample_image[sample];
     }
+}
+
+/// The stand-ins tried, in order, when `sample` fails to load: up to [`BUCKET_DRAWS`] seeded draws
+/// from its own bucket (when the bucket has other samples), so a stand-in usually has the same
+/// aspect ratio; then every sample of the dataset once, from a seeded offset, so that a sample
+/// alone in its bucket, or a bucket whose images all fail, still gets one (resized and cropped to
+/// this bucket like any sample). A pure function of (seed, epoch, sample): the same for every
+/// thread count and prefetch depth.
+fn stand_in_candidates(
+    inner: &Inner,
+    epoch: u64,
+    sample: usize,
+) -> impl Iterator<Item = usize> + '_ {
+    let key = move |k: u64| {
+        rng::uniform(
+            inner.opts.seed,
+            epoch,
+            Stream::Substitute,
+            sample as u64 * (BUCKET_DRAWS + 1) + k,
+        )
+    };
+    let pick = |u: f64, n: usize| ((u * n as f64) as usize).min(n - 1);
+    let pool = &inner.bucket_samples[inner.sample_bucket[sample]];
+    let draws = if pool.len() > 1 { BUCKET_DRAWS } else { 0 };
+    let n = inner.sample_image.len();
+    let start = pick(key(0), n);
+    (1..=draws)
+        .map(move |k| pool[pick(key(k), pool.len())])
+        .chain((0..n).map(move |i| (start + i) % n))
 }
 
 /// Run `f`, turning a panic inside it into [`Error::Panic`] naming `path` (with the panic message),
@@ -1742,20 +1777,63 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_that_loses_every_sample_is_not_yielded() {
-        // The broken image is alone in its (4:1) bucket: no stand-in can be found.
-        let (dir, _) = colour_dataset(2);
+    fn a_sample_alone_in_its_bucket_gets_a_stand_in_from_another_bucket() {
+        // The broken image is alone in its (4:1) bucket: the stand-in comes from the square bucket,
+        // resized and cropped to 4:1.
+        let (dir, files) = colour_dataset(2);
         write_truncated_png(&dir.path().join("z.png"), 128, 32);
         let o = LoaderOptions {
             batch_size: 1,
+            shuffle: false,
+            dtype: OutputDtype::U8,
+            ..opts()
+        };
+        let loader = Loader::new(dir.path(), o).unwrap();
+        assert_eq!(loader.num_batches(), 3);
+        let batches = collect(loader.iter_epoch(0, 0));
+        assert_eq!(batches.len(), 3);
+        let wide = batches
+            .iter()
+            .find(|b| b.bucket.width > b.bucket.height)
+            .expect("the 4:1 batch is yielded");
+        let meta = &wide.samples[0];
+        assert_eq!(meta.target_size, (wide.bucket.height, wide.bucket.width));
+        let c = files.iter().find(|(p, _)| *p == meta.path).unwrap().1;
+        assert_solid_u8(wide, 0, c);
+        assert_eq!(loader.report().skipped.len(), 1);
+        assert_eq!(batches, collect(loader.iter_epoch(0, 0)));
+    }
+
+    #[test]
+    fn a_bucket_whose_images_all_fail_keeps_its_batches() {
+        let (dir, _) = colour_dataset(3);
+        for name in ["z0.png", "z1.png"] {
+            write_truncated_png(&dir.path().join(name), 128, 32);
+        }
+        let o = LoaderOptions {
+            batch_size: 2,
             shuffle: false,
             ..opts()
         };
         let loader = Loader::new(dir.path(), o).unwrap();
         assert_eq!(loader.num_batches(), 3);
         let batches = collect(loader.iter_epoch(0, 0));
-        assert_eq!(batches.len(), 2);
-        assert_eq!(loader.report().skipped.len(), 1);
+        let sizes: Vec<usize> = batches.iter().map(|b| b.samples.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 5);
+        assert_eq!(batches.len(), 3);
+        assert_eq!(loader.report().skipped.len(), 2);
+    }
+
+    #[test]
+    fn a_dataset_whose_images_all_fail_yields_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.png", "b.png"] {
+            write_truncated_png(&dir.path().join(name), 40, 40);
+        }
+        let loader = Loader::new(dir.path(), opts()).unwrap();
+        assert!(collect(loader.iter_epoch(0, 0)).is_empty());
+        let r = loader.report();
+        assert_eq!((r.found, r.loaded, r.skipped.len()), (2, 0, 2));
     }
 
     #[test]
