@@ -63,8 +63,10 @@ fn stats_add_up_to_the_workers_time_and_count_the_samples() {
         (total - s.busy_s).abs() <= 1e-6 * s.busy_s.max(1.0),
         "{s:?}"
     );
-    // The named stages are nearly all of the workers' time on samples.
-    assert!(s.other_s <= 0.2 * s.busy_s, "{s:?}");
+    // The named stages are most of the workers' time on samples. The rest (thread start-up, the
+    // decoder's set-up, preemption between stages) is a few ms, but on a loaded 2-core machine a
+    // debug build can be descheduled for tens of ms: hence the absolute slack.
+    assert!(s.other_s <= 0.2 * s.busy_s + 0.05, "{s:?}");
     // Each worker is busy or idle for (about) the whole epoch, never more.
     let worker_time = s.busy_s + s.idle_s;
     assert!(worker_time <= 2.0 * s.wall_s * 1.05 + 0.01, "{s:?}");
