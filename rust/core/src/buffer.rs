@@ -72,15 +72,23 @@ impl BufferPool {
     }
 
     /// A recycled allocation, or a new uninitialised one; of at least `bytes` bytes (a batch larger
-    /// than the pool's size gets its own allocation, which is recycled like the others).
-    fn take(&self, bytes: usize) -> Vec<Block> {
-        let recycled = if bytes <= self.bytes {
-            self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()
-        } else {
-            None
-        };
+    /// than the pool's size gets its own allocation, which is recycled like the others). Errors
+    /// ([`Error::InvalidArgument`]) when the allocator refuses the memory, instead of aborting.
+    fn take(&self, bytes: usize) -> Result<Vec<Block>> {
+        if bytes <= self.bytes {
+            if let Some(block) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                return Ok(block);
+            }
+        }
+        let want = bytes.max(self.bytes);
         // Capacity only: the memory stays uninitialised until the transform writes it (no zero-fill).
-        recycled.unwrap_or_else(|| Vec::with_capacity(bytes.max(self.bytes).div_ceil(ALIGN)))
+        let mut block = Vec::new();
+        block.try_reserve_exact(want.div_ceil(ALIGN)).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot allocate {want} bytes for a batch ({e}): lower batch_size or resolution"
+            ))
+        })?;
+        Ok(block)
     }
 
     fn give_back(&self, block: Vec<Block>) {
@@ -133,12 +141,16 @@ impl std::fmt::Debug for PixelBuffer {
 }
 
 impl PixelBuffer {
-    /// A buffer for `len` values of `dtype` from `pool`.
-    pub(crate) fn from_pool(pool: &Arc<BufferPool>, dtype: OutputDtype, len: usize) -> Self {
-        let mut block = pool.take(len * dtype.bytes_per_value());
+    /// A buffer for `len` values of `dtype` from `pool`; errors if the memory cannot be allocated.
+    pub(crate) fn from_pool(
+        pool: &Arc<BufferPool>,
+        dtype: OutputDtype,
+        len: usize,
+    ) -> Result<Self> {
+        let mut block = pool.take(len * dtype.bytes_per_value())?;
         let capacity = block.capacity() * ALIGN;
         let ptr = NonNull::new(block.as_mut_ptr().cast::<u8>()).expect("Vec pointers are non-null");
-        PixelBuffer {
+        Ok(PixelBuffer {
             ptr,
             capacity,
             dtype,
@@ -147,7 +159,7 @@ impl PixelBuffer {
                 pool: Arc::clone(pool),
                 block,
             }),
-        }
+        })
     }
 
     /// A buffer for `len` values of `dtype` in memory from `source`; errors if the source fails or
@@ -308,7 +320,7 @@ mod tests {
     use super::*;
 
     fn filled(pool: &Arc<BufferPool>, values: &[u8]) -> PixelBuffer {
-        let buf = PixelBuffer::from_pool(pool, OutputDtype::U8, values.len());
+        let buf = PixelBuffer::from_pool(pool, OutputDtype::U8, values.len()).unwrap();
         // SAFETY: within capacity, no other reference.
         unsafe { buf.bytes_mut(0, values.len()) }.copy_from_slice(values);
         buf
@@ -333,6 +345,16 @@ mod tests {
         assert_eq!(pool.free_count(), 0);
         drop(b);
         assert_eq!(pool.free_count(), 1);
+    }
+
+    #[test]
+    fn an_allocation_the_allocator_refuses_is_an_error() {
+        let pool = BufferPool::new(64, 1);
+        let err = PixelBuffer::from_pool(&pool, OutputDtype::F32, usize::MAX / 8).unwrap_err();
+        assert!(
+            err.to_string().contains("lower batch_size or resolution"),
+            "{err}"
+        );
     }
 
     #[test]

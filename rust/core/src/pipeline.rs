@@ -467,16 +467,27 @@ impl Loader {
         for (sample, &b) in sample_bucket.iter().enumerate() {
             bucket_samples[b].push(sample);
         }
-        let largest = buckets
-            .iter()
-            .map(|b| b.width as usize * b.height as usize)
+        // Pool allocations fit the largest batch this dataset can make: no more samples than
+        // `batch_size` or than its fullest bucket holds, of its largest bucket that has samples.
+        let fullest = bucket_samples.iter().map(Vec::len).max().unwrap_or(0);
+        let largest = (buckets.iter().zip(&bucket_samples))
+            .filter(|(_, samples)| !samples.is_empty())
+            .map(|(b, _)| b.width as usize * b.height as usize)
             .max()
             .unwrap_or(0);
+        let batch_bytes = [opts.batch_size.min(fullest), 3, largest]
+            .into_iter()
+            .try_fold(opts.dtype.bytes_per_value(), usize::checked_mul)
+            .filter(|&b| isize::try_from(b).is_ok())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "a batch of {} images of up to {largest} pixels is too large to allocate: lower \
+                     batch_size or resolution",
+                    opts.batch_size.min(fullest)
+                ))
+            })?;
         // The consumer holds a batch or two while `prefetch` more are loading.
-        let pool = BufferPool::new(
-            opts.batch_size * 3 * largest * opts.dtype.bytes_per_value(),
-            opts.prefetch + 2,
-        );
+        let pool = BufferPool::new(batch_bytes, opts.prefetch + 2);
         Ok(Loader {
             inner: Arc::new(Inner {
                 opts,
@@ -844,14 +855,13 @@ impl EpochIter {
         let dtype = self.inner.opts.dtype;
         let pixels = match &mut self.source {
             None => PixelBuffer::from_pool(&self.inner.pool, dtype, n * per_sample),
-            Some(source) => {
-                match PixelBuffer::from_source(source.as_mut(), dtype, n * per_sample) {
-                    Ok(p) => p,
-                    Err(err) => {
-                        self.start_error = Some(err);
-                        return false;
-                    }
-                }
+            Some(source) => PixelBuffer::from_source(source.as_mut(), dtype, n * per_sample),
+        };
+        let pixels = match pixels {
+            Ok(p) => p,
+            Err(err) => {
+                self.start_error = Some(err);
+                return false;
             }
         };
         let state = Arc::new(BatchState {
