@@ -152,11 +152,29 @@ def test_scan_command_shows_repeats_and_buckets_per_subset(
             "[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\nweight = 2\nloss_weight = 2\n",
             "one of 'weight' and 'loss_weight'",
         ),
+        (
+            "[general]\nbucket_step = 64\nbucket_reso_steps = 32\n[[datasets]]\n[[datasets.subsets]]\n"
+            "image_dir='a'\n",
+            r"\[general\]: give one of 'bucket_reso_steps' and 'bucket_step'",
+        ),
     ],
 )
 def test_toml_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fastdiff.load_config(write_toml(tmp_path / "bad.toml", text))
+
+
+def test_a_subset_value_overrides_a_default_given_under_an_alias(tmp_path: Path) -> None:
+    kwargs, subsets = fastdiff.load_config(
+        {
+            "general": {"weight": 0.5, "bucket_reso_steps": 32},
+            "datasets": [
+                {"bucket_step": 16, "subsets": [{"image_dir": "a", "loss_weight": 2.0}, {"image_dir": "b"}]}
+            ],
+        }
+    )
+    assert kwargs["bucket_step"] == 16
+    assert [s.loss_weight for s in subsets] == [2.0, 0.5]
 
 
 def test_dict_config_and_out_of_range_subset_option(tmp_path: Path) -> None:

@@ -255,6 +255,22 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> 
             raise ValueError(f"{where}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
 
 
+#: Every alias a config table accepts, with the name it stands for.
+ALIASES = {**KOHYA_ALIASES, "weight": "loss_weight"}
+
+
+def _canonical(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``table`` with aliases renamed to the names they stand for (both in one table: an error)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            alias = key if key != name else next(a for a, n in ALIASES.items() if n == name and a in table)
+            raise ValueError(f"{where}: give one of {alias!r} and {name!r}, not both")
+        out[name] = value
+    return out
+
+
 def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], list[Subset]]:
     """Read and validate a dataset config (a TOML file path, or the same structure as a dict).
 
@@ -311,8 +327,12 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
     if not isinstance(dataset, dict):
         raise ValueError(f"{source}: [[datasets]] must be a table")
     _check(dataset, {**defaults_keys, "subsets": list}, f"{source} [[datasets]]")
-    merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
-    loader = {KOHYA_ALIASES.get(k, k): v for k, v in merged.items() if k in loader_keys}
+    # Aliases are resolved per table, so a subset's `loss_weight` overrides a `weight` default.
+    merged = {
+        **_canonical(general, f"{source} [general]"),
+        **_canonical({k: v for k, v in dataset.items() if k != "subsets"}, f"{source} [[datasets]]"),
+    }
+    loader = {k: v for k, v in merged.items() if k in LOADER_KEYS}
     subset_defaults = {k: v for k, v in merged.items() if k in SUBSET_KEYS and k not in LOADER_KEYS}
     raw_subsets = dataset.get("subsets", [])
     if not raw_subsets:
@@ -325,11 +345,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         _check(raw, SUBSET_KEYS, where)
         if "image_dir" not in raw:
             raise ValueError(f"{where}: 'image_dir' is required")
-        entry = {**subset_defaults, **raw}
-        if "weight" in entry:
-            if "loss_weight" in entry:
-                raise ValueError(f"{where}: give one of 'weight' and 'loss_weight', not both")
-            entry["loss_weight"] = entry.pop("weight")
+        entry = {**subset_defaults, **_canonical(raw, where)}
         for key in ("image_dir", "metadata_file"):
             if key in entry:
                 entry[key] = os.fspath(base / entry[key])
