@@ -296,6 +296,19 @@ def test_negative_sizes_are_value_errors_naming_the_argument(tmp_path: Path) -> 
     for name in ("batch_size", "resolution", "seed", "prefetch"):
         with pytest.raises(ValueError, match=f"{name} must not be negative, got -1"):
             fastdiff.DataLoader(tmp_path, **{name: -1})
+    # Out of range for the native types: ValueErrors naming the argument, not OverflowErrors.
+    bad = [
+        ({"root": tmp_path, "batch_size": True}, "batch_size must be an int, got True"),
+        ({"root": tmp_path, "resolution": 64.0}, "resolution must be an int"),
+        ({"root": tmp_path, "seed": 2**64}, "seed must be < 2"),
+        ({"root": tmp_path, "background": (300, 0, 0)}, "background must be three ints in 0..255"),
+        ({"subsets": [fastdiff.Subset(tmp_path, keep_tokens=-1)]}, "keep_tokens must be an int >= 0"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fastdiff.DataLoader(**kwargs)
+    loader = fastdiff.DataLoader(tmp_path, resolution=np.int64(64), background=np.array([1, 2, 3]).tolist())
+    assert len(loader) == 1
 
 
 def test_resolution_off_the_bucket_step_warns_with_the_square_bucket(tmp_path: Path) -> None:

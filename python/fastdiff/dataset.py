@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 from collections.abc import Mapping
@@ -112,6 +113,10 @@ class Subset:
             FileNotFoundError: The metadata file or a file it references does not exist.
         """
         root = os.path.normpath(os.fspath(self.image_dir))
+        for name in ("num_repeats", "keep_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{root}: {name} must be an int >= 0, got {value!r}")
         if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
             raise ValueError(f"{root}: loss_weight must be a finite number >= 0, got {self.loss_weight}")
         metadata = _find_metadata(root, self.metadata_file)

@@ -8,6 +8,7 @@ itself: that all happens in ``rust/core``.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -187,8 +188,16 @@ class DataLoader:
             "max_pixels": max_pixels,
         }
         for name, value in unsigned.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
+        if seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {seed}")
+        if len(background) != 3 or not all(
+            isinstance(c, numbers.Integral) and 0 <= c <= 255 for c in background
+        ):
+            raise ValueError(f"background must be three ints in 0..255 (R, G, B), got {background!r}")
         if bucket_step and resolution % bucket_step:
             square = resolution // bucket_step * bucket_step
             warnings.warn(
