@@ -580,6 +580,7 @@ def test_case14_names_links_hidden_and_unreadable_files(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / "sub dir").mkdir(parents=True)
     names = ["UPPER.JPG", "Mixed.Jpeg", "photo.JFIF", "with space.png", "sub dir/ünïcødé 写真.webp"]
+    names.append(os.fsdecode(b"caf\xe9 latin-1.png"))  # not UTF-8: Python's surrogateescape name
     for i, name in enumerate(names):
         im = Image.fromarray(gradient(64, 64, seed=i))
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".webp": "WEBP"}
@@ -594,6 +595,7 @@ def test_case14_names_links_hidden_and_unreadable_files(tmp_path: Path) -> None:
     loader, got = load(root)
     loaded = {Path(s["path"]).relative_to(root).as_posix() for s in got.values()}
     assert loaded == {*names, "link.png"}  # any case, spaces, non-ASCII, symlinked files
+    assert all(os.path.exists(s["path"]) for s in got.values())
     assert (got["link.png"]["pixels"] == got["with space.png"]["pixels"]).all()
     skipped = skips(loader)
     assert list(skipped) == ["dangling.jpg"] and skipped["dangling.jpg"]["code"] == "io"

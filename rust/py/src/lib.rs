@@ -441,7 +441,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
         batch
             .samples
             .iter()
-            .map(|s| s.path.to_string_lossy().into_owned()),
+            .map(|s| s.path.as_os_str()),
     )?;
     let is_reg = PyList::new(py, batch.samples.iter().map(|s| s.is_reg))?;
     let subsets = PyList::new(py, batch.samples.iter().map(|s| s.subset))?;
@@ -462,13 +462,13 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
 
 fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("root", r.root.to_string_lossy())?;
+    d.set_item("root", r.root.as_os_str())?;
     d.set_item("found", r.found)?;
     d.set_item("loaded", r.loaded)?;
     let skipped = PyList::empty(py);
     for s in &r.skipped {
         let item = PyDict::new(py);
-        item.set_item("path", s.path.to_string_lossy())?;
+        item.set_item("path", s.path.as_os_str())?;
         item.set_item("code", s.code)?;
         item.set_item("message", &s.message)?;
         skipped.append(item)?;
@@ -496,7 +496,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     let subsets = PyList::empty(py);
     for s in &r.subsets {
         let item = PyDict::new(py);
-        item.set_item("root", s.root.to_string_lossy())?;
+        item.set_item("root", s.root.as_os_str())?;
         item.set_item("is_reg", s.is_reg)?;
         item.set_item("num_repeats", s.num_repeats)?;
         item.set_item("images", s.images)?;
