@@ -171,6 +171,22 @@ def test_lora_trains_only_the_adapters_and_diffusers_loads_them_to_the_same_unet
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_initialisation_is_a_function_of_the_seed(sd15: Path, images: Path, tmp_path: Path) -> None:
+    def downs(seed: int) -> dict[str, torch.Tensor]:
+        task = sd.PipelineTask.from_config(
+            config(sd15, images, tmp_path, lora_rank=4, seed=seed), torch.device("cpu")
+        )
+        return {k: v for k, v in task.unet.state_dict().items() if ".lora_A." in k}
+
+    torch.manual_seed(123)  # the caller's generator state neither matters nor changes
+    state = torch.get_rng_state()
+    first, again, other = downs(0), downs(0), downs(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
@@ -202,7 +218,16 @@ def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
         "trainable.safetensors",
         "training_state.pt",
     ]
-    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint-2"))
+    # The checkpoint's adapter (for users) is the EMA weights; its trainable file (for resuming) the raw.
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    adapter, raw = (
+        load_file(checkpoint / "pytorch_lora_weights.safetensors"),
+        load_file(checkpoint / "trainable.safetensors"),
+    )
+    ups = [k for k in adapter if k.endswith(".lora.up.weight")]  # diffusers' names of peft's lora_B
+    assert ups and all(k.replace(".lora.up.", ".lora_B.default.") in raw for k in ups)
+    assert not any(torch.equal(adapter[k], raw[k.replace(".lora.up.", ".lora_B.default.")]) for k in ups)
+    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=checkpoint))
     assert resumed.first_step == 3
     assert resumed.losses == full.losses[2:]  # exact, not approximate
     assert read_csv(tmp_path / "resumed" / "loss.csv") == [
@@ -328,6 +353,19 @@ def test_sdxl_uses_both_encoders_and_add_time_ids_from_the_loader(
     assert seen["time_ids"].tolist() == expected
     assert seen["hidden"].shape[-1] == 64  # 32 + 32: both encoders' penultimate states
     assert seen["text_embeds"].shape == (len(batch["captions"]), 32)
+    # A dropped caption is SDXL's unconditional input, zeros (force_zeros_for_empty_prompt); an
+    # empty caption that was not dropped is encoded as "".
+    assert task.zero_dropped_captions
+    b = len(batch["captions"])
+    dropped = [i == 0 for i in range(b)]
+    batch = {**batch, "captions": [""] * b, "captions_dropped": dropped}
+    handle = task.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    task.loss(batch, generator=torch.Generator().manual_seed(0), amp_dtype=torch.bfloat16)
+    handle.remove()
+    assert not seen["hidden"][0].any() and not seen["text_embeds"][0].any()
+    assert all(
+        seen["hidden"][i].abs().sum() > 0 and seen["text_embeds"][i].abs().sum() > 0 for i in range(1, b)
+    )
     # The frozen base weights went to bf16, the adapters stay float32 for AdamW.
     assert {p.dtype for p in task.trainable().values()} == {torch.float32}
 
@@ -512,11 +550,16 @@ def test_amp_lora_on_cuda(sd15: Path, images: Path, tmp_path: Path, mixed_precis
     cfg = config(
         sd15, images, tmp_path, lora_rank=4, mixed_precision=mixed_precision, device="cuda", max_steps=4
     )
-    result = tr.train(cfg)
+    result = tr.train(replace(cfg, ema_decay=0.9, checkpoint_every=2))
     assert result.device.type == "cuda"
     assert all(math.isfinite(v) for v in result.losses)
     assert result.skipped_steps == 0
     assert {p.dtype for p in sd.lora_layers(result.unet).values()} == {torch.float32}
+    # Resuming puts the EMA averages (loaded on the CPU) back on the GPU.
+    resumed = tr.train(
+        replace(cfg, ema_decay=0.9, output=tmp_path / "resumed", resume=tmp_path / "checkpoint-2")
+    )
+    assert resumed.first_step == 3 and all(math.isfinite(v) for v in resumed.losses)
 
 
 def test_subset_loss_weights_multiply_each_samples_loss_with_min_snr() -> None:

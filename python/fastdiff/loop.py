@@ -241,10 +241,18 @@ def diffusion_loss_from(
     return weighted_mse(prediction, noised.target, weights)
 
 
-def drop_captions(captions: Sequence[str], probability: float, rng: random.Random) -> list[str]:
+def drop_captions(
+    captions: Sequence[str], probability: float, rng: random.Random
+) -> tuple[list[str], list[bool]]:
     """Replace each caption by ``""`` with ``probability`` (classifier-free guidance training, Ho &
-    Salimans 2022, arXiv:2207.12598); one ``rng.random()`` draw per caption."""
-    return ["" if rng.random() < probability else c for c in captions]
+    Salimans 2022, arXiv:2207.12598); one ``rng.random()`` draw per caption.
+
+    Returns:
+        (captions, dropped): the new captions, and which of them were dropped (a task may give those
+        another unconditional embedding than that of ``""``, as SDXL's zeros).
+    """
+    dropped = [rng.random() < probability for _ in captions]
+    return ["" if d else c for c, d in zip(captions, dropped, strict=True)], dropped
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -534,7 +542,8 @@ def run(
         config: The run's resolved settings (see :class:`fastdiff.train.TrainConfig`).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
-        checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter).
+        checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter), from
+            the EMA weights when EMA is on, as the final output.
 
     Returns:
         Losses and counters.
@@ -575,6 +584,7 @@ def run(
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+            ema.to(device)  # the loaded averages are on the CPU (map_location), the weights on `device`
         set_rng_state(state["rng"], noise_gen, caption_rng)
         step, skipped, consecutive, overflow = (
             int(state[k]) for k in ("step", "skipped", "consecutive", "overflow")
@@ -591,6 +601,20 @@ def run(
     task.train_mode(True)
     start = time.perf_counter()
     data_seconds = 0.0
+
+    def user_files(folder: Path) -> None:
+        # The files a user loads from a checkpoint hold what the run's output would: the EMA weights.
+        # (The raw weights that resuming needs are in the checkpoint's trainable file.)
+        if checkpoint_files is None:
+            return
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            checkpoint_files(folder)
+        finally:
+            if ema is not None:
+                ema.restore(params)
 
     def preview(at: int) -> None:
         if not preview_prompts:
@@ -626,7 +650,9 @@ def run(
                     batch["pixel_values"] = (pixels.pin_memory() if pin else pixels).to(
                         device, non_blocking=pin
                     )
-                    batch["captions"] = drop_captions(batch["captions"], config.caption_dropout, caption_rng)
+                    batch["captions"], batch["captions_dropped"] = drop_captions(
+                        batch["captions"], config.caption_dropout, caption_rng
+                    )
                     loss = task.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
                     value = loss.item()
                     values.append(value)
@@ -685,7 +711,7 @@ def run(
                         "ema": ema.state_dict() if ema is not None else None,
                         "rng": rng_state(noise_gen, caption_rng),
                     }
-                    checkpointer.save(step, state, checkpoint_files)
+                    checkpointer.save(step, state, user_files)
                 if config.preview_every and step % config.preview_every == 0:
                     preview(step)
         if config.preview_every and step % config.preview_every != 0:

@@ -178,6 +178,33 @@ def encode_prompts(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def zero_dropped(
+    hidden: torch.Tensor, pooled: torch.Tensor | None, dropped: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conditioning with the rows of dropped captions set to zero.
+
+    SDXL's unconditional input is all-zero embeddings: its pipeline zeroes the negative prompt's
+    hidden states and pooled output (``force_zeros_for_empty_prompt``), as Stability's
+    generative-models training zeroes the embeddings of dropped captions (``ucg_rate``). Training the
+    dropped captions on the embeddings of ``""`` instead would teach a different unconditional
+    prediction from the one guidance uses.
+
+    Args:
+        hidden: ``[B, L, D]`` text hidden states.
+        pooled: ``[B, P]`` pooled text embeddings, or ``None``.
+        dropped: ``B`` flags.
+
+    Returns:
+        ``(hidden, pooled)`` with the dropped rows zero (a multiplication, so gradients still flow to
+        the kept rows).
+    """
+    keep = torch.tensor([not d for d in dropped], dtype=hidden.dtype, device=hidden.device)
+    hidden = hidden * keep[:, None, None]
+    if pooled is not None:
+        pooled = pooled * keep.to(pooled.dtype)[:, None]
+    return hidden, pooled
+
+
 def add_time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
     """SDXL's micro-conditioning: ``original_size + crop_top_left + target_size`` per sample.
 
@@ -239,6 +266,9 @@ class PipelineTask:
         config: The run's config with the model-dependent defaults filled in.
         pipeline: The diffusers pipeline; its ``unet`` (and text encoders) are the trained modules.
         sdxl: Whether it is SDXL (two text encoders, ``add_time_ids``).
+        zero_dropped_captions: Whether a dropped caption (``caption_dropout``) is conditioned on zero
+            embeddings rather than those of ``""``: SDXL pipelines with ``force_zeros_for_empty_prompt``
+            (the default), whose classifier-free guidance uses zeros as the unconditional input.
         noise_scheduler: The DDPM training schedule made from the pipeline scheduler's config, with
             the run's ``prediction_type``.
     """
@@ -256,6 +286,9 @@ class PipelineTask:
         self.text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if sdxl else [])
         self.tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if sdxl else [])
         self.vae = pipeline.vae
+        self.zero_dropped_captions = sdxl and bool(
+            getattr(pipeline.config, "force_zeros_for_empty_prompt", False)
+        )
         self.lora = config.lora_rank > 0
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.amp = amp
@@ -277,26 +310,30 @@ class PipelineTask:
             from peft import LoraConfig
 
             alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=alpha,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_target_modules),
+            # peft draws the gaussian A matrices from torch's global generator: seed it from the run
+            # (and leave the caller's state alone), so that `seed` fixes the initialisation.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.unet.add_adapter(
+                    LoraConfig(
+                        r=config.lora_rank,
+                        lora_alpha=alpha,
+                        init_lora_weights="gaussian",
+                        target_modules=list(config.lora_target_modules),
+                    )
                 )
-            )
-            if config.train_text_encoder:
-                from peft import inject_adapter_in_model
+                if config.train_text_encoder:
+                    from peft import inject_adapter_in_model
 
-                # peft directly, not transformers' `add_adapter`: transformers 5 requires peft >= 0.22 there.
-                self.text_lora_config = LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=alpha,
-                    init_lora_weights="gaussian",
-                    target_modules=list(TEXT_ENCODER_LORA_TARGETS),
-                )
-                for encoder in self.text_encoders:
-                    inject_adapter_in_model(self.text_lora_config, encoder, adapter_name=ADAPTER)
+                    # peft directly, not transformers' `add_adapter` (transformers 5 wants peft >= 0.22).
+                    self.text_lora_config = LoraConfig(
+                        r=config.lora_rank,
+                        lora_alpha=alpha,
+                        init_lora_weights="gaussian",
+                        target_modules=list(TEXT_ENCODER_LORA_TARGETS),
+                    )
+                    for encoder in self.text_encoders:
+                        inject_adapter_in_model(self.text_lora_config, encoder, adapter_name=ADAPTER)
         else:
             for module in trained:
                 module.requires_grad_(True)
@@ -304,7 +341,9 @@ class PipelineTask:
             self.unet.enable_gradient_checkpointing()
             if config.train_text_encoder:
                 for encoder in self.text_encoders:
-                    encoder.gradient_checkpointing_enable()
+                    # transformers 5 renamed it (the old name warns); 4.x has only the old one.
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()
 
         pipeline.to(device)
         if config.vae_dtype == "bf16":
@@ -385,6 +424,9 @@ class PipelineTask:
             hidden, pooled = encode_prompts(
                 self.text_encoders, self.tokenizers, batch["captions"], sdxl=self.sdxl
             )
+            dropped = batch.get("captions_dropped")
+            if self.zero_dropped_captions and dropped is not None and any(dropped):
+                hidden, pooled = zero_dropped(hidden, pooled, dropped)
         kwargs: dict[str, Any] = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {

@@ -136,7 +136,8 @@ class TrainConfig:
         vae_dtype: ``"fp32"`` or ``"bf16"``: dtype of the frozen VAE (pipeline only). fp16 is refused:
             SD 1.x's and SDXL's VAEs overflow to NaN in fp16.
         caption_dropout: Probability of replacing a caption by ``""`` so the model also learns the
-            unconditional prediction that classifier-free guidance needs.
+            unconditional prediction that classifier-free guidance needs (SDXL: by zero embeddings,
+            the unconditional input of its pipeline, see :func:`fastdiff.sd.zero_dropped`).
         prediction_type: ``"epsilon"``, the noise ε (Ho et al. 2020), or ``"v_prediction"``,
             ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (Salimans & Ho 2022), whose MSE weighs the
             nearly-pure-noise timesteps ``1 / ᾱ_t`` times more than epsilon's does. Default: epsilon
