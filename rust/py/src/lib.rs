@@ -436,13 +436,7 @@ fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
     let original_sizes = PyList::new(py, batch.samples.iter().map(|s| s.original_size))?;
     let crop_top_lefts = PyList::new(py, batch.samples.iter().map(|s| s.crop_top_left))?;
     let target_sizes = PyList::new(py, batch.samples.iter().map(|s| s.target_size))?;
-    let paths = PyList::new(
-        py,
-        batch
-            .samples
-            .iter()
-            .map(|s| s.path.as_os_str()),
-    )?;
+    let paths = PyList::new(py, batch.samples.iter().map(|s| s.path.as_os_str()))?;
     let is_reg = PyList::new(py, batch.samples.iter().map(|s| s.is_reg))?;
     let subsets = PyList::new(py, batch.samples.iter().map(|s| s.subset))?;
     PyTuple::new(
