@@ -93,11 +93,18 @@ def test_buffer_factory_errors_reach_the_caller(folder: Path) -> None:
     with pytest.raises(ValueError, match=r"buffer_factory failed: RuntimeError: cannot pin \d+ bytes"):
         next(dl._native.iter_epoch(0, 0, no_memory))
 
-    def too_small(nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes // 2, dtype=torch.uint8)
-
-    with pytest.raises(ValueError, match=r"buffer_factory\(\d+\) returned \d+ bytes"):
-        next(dl._native.iter_epoch(0, 0, too_small))
+    # Worker threads write through the pointer: anything but enough contiguous host bytes is refused.
+    bad = {
+        "too small": (lambda n: torch.empty(n // 2, dtype=torch.uint8), r"got \d+ bytes"),
+        "numpy": (lambda n: np.empty(n, dtype=np.uint8), "got a ndarray"),
+        "float32": (lambda n: torch.empty(n, dtype=torch.float32), "dtype torch.float32"),
+        "2-D": (lambda n: torch.empty(1, n, dtype=torch.uint8), "2 dimensions"),
+        "strided": (lambda n: torch.empty(2 * n, dtype=torch.uint8)[::2], "contiguous false"),
+    }
+    for factory, detail in bad.values():
+        message = r"buffer_factory\(\d+\) must return a 1-D contiguous uint8 CPU torch.Tensor .*" + detail
+        with pytest.raises(ValueError, match=message):
+            next(dl._native.iter_epoch(0, 0, factory))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")

@@ -100,9 +100,12 @@ class NativeLoader:
         """Start one epoch's worker threads from batch ``start_batch`` on.
 
         ``buffer_factory(nbytes)``, if given, is called once per batch in plan order and must return a
-        contiguous 1-D ``torch.uint8`` tensor of at least ``nbytes`` bytes, 64-byte aligned; the batch is
-        written into it and ``__next__`` returns that tensor (viewed by the caller as ``[B, 3, H, W]``)
-        instead of a numpy array. An error from it is raised by ``__next__`` as ``ValueError``.
+        contiguous 1-D ``torch.uint8`` CPU tensor (pinned or not) of at least ``nbytes`` bytes, 64-byte
+        aligned (checked; anything else is a ``ValueError``), whose memory nothing else uses until the
+        batch is dropped: a new tensor per call, never one handed out before (not checked: worker
+        threads write into it). The batch is written into it and ``__next__`` returns that tensor
+        (viewed by the caller as ``[B, 3, H, W]``) instead of a numpy array. An error from it is
+        raised by ``__next__`` as ``ValueError``.
         """
 
 class BatchMemory:

@@ -23,11 +23,17 @@ use crate::transform::OutputDtype;
 pub const ALIGN: usize = 64;
 
 /// Supplies the memory for batches, one call per batch, in plan order.
-pub trait BufferSource: Send {
-    /// Writable memory of at least `bytes` bytes, aligned to [`ALIGN`] bytes, valid (and not
-    /// accessed by anyone else) for as long as the returned owner lives. The pipeline writes the
-    /// batch into it from worker threads and hands the owner back with the batch
-    /// ([`PixelBuffer::into_owner`]).
+///
+/// # Safety
+///
+/// The pipeline writes through the returned pointer from worker threads and later reads it, trusting
+/// it without any check but its alignment. An implementation must return, for each call, a pointer
+/// to at least `bytes` writable bytes that stay valid while the returned owner lives and that
+/// nothing else reads or writes until the owner is handed back with the batch
+/// ([`PixelBuffer::into_owner`]) — in particular, not memory already given out for another batch.
+pub unsafe trait BufferSource: Send {
+    /// Writable memory of at least `bytes` bytes, aligned to [`ALIGN`] bytes (checked), and its
+    /// owner; see the trait's safety contract.
     fn buffer(&mut self, bytes: usize) -> Result<(NonNull<u8>, Box<dyn Any + Send>)>;
 }
 
@@ -377,7 +383,8 @@ mod tests {
 
     struct Misaligned(Vec<Block>);
 
-    impl BufferSource for Misaligned {
+    // SAFETY: test source; only its misalignment is exercised, the pipeline rejects it unwritten.
+    unsafe impl BufferSource for Misaligned {
         fn buffer(&mut self, _bytes: usize) -> Result<(NonNull<u8>, Box<dyn Any + Send>)> {
             // SAFETY: 1 byte into a live allocation of at least one block.
             let p = unsafe { self.0.as_mut_ptr().cast::<u8>().add(1) };

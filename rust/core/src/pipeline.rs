@@ -41,7 +41,8 @@ use crate::transform::{CropMode, FilterType, OutSlot, OutputDtype, Placement, Tr
 /// What to do when a sample cannot be loaded while iterating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnError {
-    /// Leave the sample out of its batch and record it in the report (once per file). Default.
+    /// Record the file in the report (once per file) and load a stand-in in its place (see
+    /// [`Loader::iter_epoch`]). Default.
     #[default]
     Skip,
     /// Yield the error from the iterator, then end the epoch.
@@ -354,6 +355,15 @@ impl Inner {
     fn failed(&self) -> MutexGuard<'_, Failed> {
         // The lock is never held across anything that can panic; recover the data if it was.
         self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a failed image to the report (once per loader, whatever the epoch), as soon as a worker
+    /// meets it: other workers then pass it over as a stand-in.
+    fn record_failure(&self, index: usize, err: &Error) {
+        let mut failed = self.failed();
+        if failed.images.insert(index) {
+            failed.skips.push(Skip::new(&self.images[index].path, err));
+        }
     }
 }
 
@@ -699,6 +709,7 @@ impl Loader {
             inner,
             source,
             stats: StatsHandle::start(),
+            pid: std::process::id(),
         };
         if start_batch > it.plan.len() {
             it.start_error = Some(Error::InvalidArgument(format!(
@@ -782,6 +793,8 @@ pub struct EpochIter {
     /// Where batch memory comes from; `None`: the loader's pool.
     source: Option<Box<dyn BufferSource>>,
     stats: StatsHandle,
+    /// The process that started the workers: after a `fork` the child has none of them.
+    pid: u32,
 }
 
 impl std::fmt::Debug for EpochIter {
@@ -826,6 +839,9 @@ impl EpochIter {
         let Some(front) = self.in_flight.front() else {
             return true;
         };
+        if self.forked() {
+            return true; // `next` says why
+        }
         let start = std::time::Instant::now();
         let deadline = start + timeout;
         let mut ready = true;
@@ -894,6 +910,12 @@ impl EpochIter {
         self.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
         self.in_flight.clear();
+        if self.forked() {
+            // The handles name threads of the parent process: joining (or detaching) them here
+            // would wait forever or act on thread ids that mean nothing in this process.
+            self.workers.drain(..).for_each(std::mem::forget);
+            return;
+        }
         for handle in self.workers.drain(..) {
             // A worker panic outside the per-sample guard has already been reported by the
             // panic hook; there is nothing more to do with it here.
@@ -901,14 +923,9 @@ impl EpochIter {
         }
     }
 
-    /// Add a failed image to the report (once per loader, whatever the epoch).
-    fn record_failure(&self, index: usize, err: &Error) {
-        let mut failed = self.inner.failed();
-        if failed.images.insert(index) {
-            failed
-                .skips
-                .push(Skip::new(&self.inner.images[index].path, err));
-        }
+    /// Whether this is a forked child of the process that started the epoch.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// Turn a completed batch into what the iterator yields: `Ok(None)` if all its samples failed
@@ -925,22 +942,14 @@ impl EpochIter {
         let mut samples = Vec::with_capacity(outcomes.len());
         let mut keep = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
-            let outcome = outcome.expect("every slot of a completed batch has an outcome");
-            for (index, err) in outcome.substituted {
-                self.record_failure(index, &err);
-            }
-            match outcome.result {
+            match outcome.expect("every slot of a completed batch has an outcome") {
                 Ok(meta) => {
                     samples.push(meta);
                     keep.push(true);
                 }
-                Err((index, err)) => {
-                    if self.inner.opts.on_error == OnError::Raise {
-                        return Err(err);
-                    }
-                    self.record_failure(index, &err);
-                    keep.push(false);
-                }
+                // With `Skip` the worker has recorded the failure in the report.
+                Err(err) if self.inner.opts.on_error == OnError::Raise => return Err(err),
+                Err(_) => keep.push(false),
             }
         }
         if samples.is_empty() {
@@ -964,6 +973,14 @@ impl Iterator for EpochIter {
         if let Some(err) = self.start_error.take() {
             self.finish();
             return Some(Err(err));
+        }
+        if self.forked() && self.jobs.is_some() {
+            self.finish();
+            return Some(Err(Error::InvalidArgument(
+                "this epoch was started in another process: after a fork its worker threads do not \
+                 exist here; start a new epoch (iterate the loader again) in this process"
+                    .into(),
+            )));
         }
         loop {
             let Some(front) = self.in_flight.front().cloned() else {
@@ -1023,12 +1040,9 @@ struct BatchState {
     pending: AtomicUsize,
 }
 
-/// What became of one slot: the sample loaded into it (possibly a stand-in), or the image index and
-/// error of the last failed attempt; plus the failures that stand-ins replaced.
-struct SampleOutcome {
-    result: std::result::Result<SampleMeta, (usize, Error)>,
-    substituted: Vec<(usize, Error)>,
-}
+/// What became of one slot: the sample loaded into it (possibly a stand-in), or the error of the
+/// last failed attempt.
+type SampleOutcome = Result<SampleMeta>;
 
 // SAFETY: `base` points into the memory owned or borrowed by `pixels`, which lives as long as the
 // `BatchState` (moving the buffer into the Mutex does not move that memory). It is only used through
@@ -1127,8 +1141,8 @@ const BUCKET_DRAWS: u64 = 7;
 /// Load `job`'s sample into its slot. With [`OnError::Skip`], a sample that fails is replaced by the
 /// first of its [`stand_in_candidates`] that loads: batches keep their planned size, so
 /// `num_batches` stays exact and every rank keeps the same number of samples per step, unless no
-/// image of the dataset loads. The failures are reported with the outcome. With [`OnError::Raise`]
-/// the first failure is the outcome.
+/// image of the dataset loads. Each failure is recorded in the report when it happens. With
+/// [`OnError::Raise`] the first failure is the outcome.
 fn load_with_stand_ins(
     ctx: &WorkerCtx,
     job: &Job,
@@ -1136,7 +1150,6 @@ fn load_with_stand_ins(
     mut started: std::time::Instant,
 ) -> SampleOutcome {
     let inner = &ctx.inner;
-    let mut substituted: Vec<(usize, Error)> = Vec::new();
     let mut candidates = stand_in_candidates(inner, ctx.epoch, job.sample);
     let mut attempt_job = Job {
         batch: Arc::clone(&job.batch),
@@ -1158,34 +1171,23 @@ fn load_with_stand_ins(
             *tools = None;
         }
         let err = match result {
-            Ok(meta) => {
-                return SampleOutcome {
-                    result: Ok(meta),
-                    substituted,
-                }
-            }
+            Ok(meta) => return Ok(meta),
             Err(err) => err,
         };
         if inner.opts.on_error == OnError::Raise {
-            return SampleOutcome {
-                result: Err((attempt_job.image, err)),
-                substituted,
-            };
+            return Err(err);
         }
-        substituted.push((attempt_job.image, err));
-        // Images known to fail are passed over: they would fail again, so the stand-in chosen is
-        // the same whatever other threads have found so far.
-        let next = candidates.find(|&sample| {
-            let image = inner.sample_image[sample];
-            !substituted.iter().any(|(failed, _)| *failed == image)
-                && !inner.failed().images.contains(&image)
-        });
+        inner.record_failure(attempt_job.image, &err);
+        if ctx.stop.load(Ordering::Relaxed) {
+            // The epoch is being dropped: nobody will see this slot, so end the search here.
+            return Err(err);
+        }
+        // Images known to fail (this one included) are passed over: they would fail again, so the
+        // stand-in chosen is the same whatever other threads have found so far.
+        let next =
+            candidates.find(|&sample| !inner.failed().images.contains(&inner.sample_image[sample]));
         let Some(sample) = next else {
-            let last = substituted.pop().expect("a failure was just pushed");
-            return SampleOutcome {
-                result: Err(last),
-                substituted,
-            };
+            return Err(err);
         };
         attempt_job.sample = sample;
         attempt_job.image = inner.sample_image[sample];
@@ -1518,7 +1520,8 @@ mod tests {
         }
     }
 
-    impl BufferSource for CountingSource {
+    // SAFETY: each call returns a fresh allocation of at least `bytes` bytes, owned by the `Aligned`.
+    unsafe impl BufferSource for CountingSource {
         fn buffer(
             &mut self,
             bytes: usize,

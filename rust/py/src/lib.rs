@@ -235,10 +235,11 @@ impl NativeLoader {
     /// Start the worker threads for one epoch, from batch `start_batch` on.
     ///
     /// `buffer_factory`, if given, is called as `buffer_factory(nbytes)` once per batch (on the
-    /// thread iterating, in plan order) and must return a contiguous 1-D `torch.uint8` tensor of at
-    /// least `nbytes` bytes aligned to 64 bytes (torch's allocators align far more); the batch is
-    /// written into it and `__next__` returns that tensor in place of the numpy array. The loader
-    /// uses it to fill pinned tensors.
+    /// thread iterating, in plan order) and must return a contiguous 1-D `torch.uint8` CPU tensor of
+    /// at least `nbytes` bytes aligned to 64 bytes (torch's allocators align far more), new for each
+    /// call (its memory used by nothing else until the batch is dropped); the batch is written into
+    /// it and `__next__` returns that tensor in place of the numpy array. The loader uses it to fill
+    /// pinned tensors.
     #[pyo3(signature = (epoch, start_batch = 0, buffer_factory = None))]
     fn iter_epoch(
         &self,
@@ -356,20 +357,46 @@ struct PyBufferSource {
     factory: Py<PyAny>,
 }
 
-impl BufferSource for PyBufferSource {
+// SAFETY: every tensor is checked to be a CPU `torch.Tensor` (host memory, e.g. pinned) of uint8,
+// one-dimensional and contiguous, with at least `bytes` bytes from its data pointer to the end of
+// its storage; the tensor is the owner, so the memory lives as long as the batch. That nothing else
+// uses the memory meanwhile is the factory's documented contract (`fastdiff.DataLoader` allocates a
+// new tensor per batch).
+unsafe impl BufferSource for PyBufferSource {
     fn buffer(
         &mut self,
         bytes: usize,
     ) -> Result<(std::ptr::NonNull<u8>, Box<dyn std::any::Any + Send>), Error> {
         Python::attach(|py| {
+            let torch = py.import("torch")?;
             let tensor = self.factory.bind(py).call1((bytes,))?;
-            let nbytes: usize = tensor.getattr("nbytes")?.extract()?;
+            let fail = |what: String| {
+                Err(PyValueError::new_err(format!(
+                    "buffer_factory({bytes}) must return a 1-D contiguous uint8 CPU torch.Tensor of at \
+                     least {bytes} bytes; got {what}"
+                )))
+            };
+            if !tensor.is_instance(&torch.getattr("Tensor")?)? {
+                return fail(format!("a {}", tensor.get_type().name()?));
+            }
+            let device: String = tensor.getattr("device")?.getattr("type")?.extract()?;
+            let uint8 = tensor.getattr("dtype")?.eq(torch.getattr("uint8")?)?;
+            let dim: usize = tensor.call_method0("dim")?.extract()?;
             let contiguous: bool = tensor.call_method0("is_contiguous")?.extract()?;
-            if nbytes < bytes || !contiguous {
-                return Err(PyValueError::new_err(format!(
-                    "buffer_factory({bytes}) returned {nbytes} bytes{}",
-                    if contiguous { "" } else { ", not contiguous" }
-                )));
+            if device != "cpu" || !uint8 || dim != 1 || !contiguous {
+                return fail(format!(
+                    "device {device}, dtype {}, {dim} dimensions, contiguous {contiguous}",
+                    tensor.getattr("dtype")?
+                ));
+            }
+            let nbytes: usize = tensor.getattr("nbytes")?.extract()?;
+            let storage: usize = tensor
+                .call_method0("untyped_storage")?
+                .call_method0("nbytes")?
+                .extract()?;
+            let offset: usize = tensor.call_method0("storage_offset")?.extract()?;
+            if nbytes < bytes || storage.saturating_sub(offset) < bytes {
+                return fail(format!("{nbytes} bytes"));
             }
             let address: usize = tensor.call_method0("data_ptr")?.extract()?;
             let ptr = std::ptr::NonNull::new(address as *mut u8)
