@@ -104,8 +104,8 @@ class NativeLoader:
         aligned (checked; anything else is a ``ValueError``), whose memory nothing else uses until the
         batch is dropped: a new tensor per call, never one handed out before (not checked: worker
         threads write into it). The batch is written into it and ``__next__`` returns that tensor
-        (viewed by the caller as ``[B, 3, H, W]``) instead of a numpy array. An error from it is
-        raised by ``__next__`` as ``ValueError``.
+        (viewed by the caller as ``[B, 3, H, W]``) instead of a numpy array. An exception raised in
+        it is re-raised by ``__next__`` as itself (``KeyboardInterrupt`` included).
         """
 
 class BatchMemory:

@@ -1126,7 +1126,15 @@ fn worker_loop(ctx: WorkerCtx) {
         if ctx.stop.load(Ordering::Relaxed) {
             break;
         }
-        let outcome = load_with_stand_ins(&ctx, &job, &mut tools, started);
+        // Each load is guarded already; this guard covers the stand-in search around them, so that
+        // whatever panics the slot still gets an outcome and the consumer never waits forever.
+        let path = &ctx.inner.images[job.image].path;
+        let outcome = guarded(path, || {
+            load_with_stand_ins(&ctx, &job, &mut tools, started)
+        });
+        if matches!(outcome, Err(Error::Panic { .. })) {
+            tools = None;
+        }
         waiting = std::time::Instant::now();
         if job.batch.finish(job.slot, outcome) {
             // The consumer may be gone (epoch ended); nothing waits for this then.

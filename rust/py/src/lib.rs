@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
@@ -248,12 +248,18 @@ impl NativeLoader {
         start_batch: usize,
         buffer_factory: Option<Py<PyAny>>,
     ) -> NativeEpochIter {
-        let source = buffer_factory
-            .map(|factory| Box::new(PyBufferSource { factory }) as Box<dyn BufferSource>);
+        let factory_error = Arc::new(Mutex::new(None));
+        let source = buffer_factory.map(|factory| {
+            Box::new(PyBufferSource {
+                factory,
+                error: Arc::clone(&factory_error),
+            }) as Box<dyn BufferSource>
+        });
         let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
         NativeEpochIter {
             stats: it.stats_handle(),
             inner: Mutex::new(Some(it)),
+            factory_error,
         }
     }
 }
@@ -264,6 +270,9 @@ struct NativeEpochIter {
     inner: Mutex<Option<EpochIter>>,
     /// Readable after the iterator is closed.
     stats: StatsHandle,
+    /// The exception of a failed `buffer_factory` call, raised as itself (a `KeyboardInterrupt`
+    /// stays one) rather than as the core's error.
+    factory_error: Arc<Mutex<Option<PyErr>>>,
 }
 
 #[pymethods]
@@ -309,7 +318,12 @@ impl NativeEpochIter {
             None => Ok(None),
             Some(Err(e)) => {
                 self.close(py);
-                Err(to_pyerr(e))
+                let factory_error = self
+                    .factory_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                Err(factory_error.unwrap_or_else(|| to_pyerr(e)))
             }
             Some(Ok(batch)) => batch_tuple(py, batch).map(Some),
         }
@@ -355,6 +369,8 @@ struct BatchMemory {
 /// Calls a Python `buffer_factory(nbytes)` for each batch's memory (see `NativeLoader.iter_epoch`).
 struct PyBufferSource {
     factory: Py<PyAny>,
+    /// Where a failed call's exception is left for `NativeEpochIter.__next__` to raise.
+    error: Arc<Mutex<Option<PyErr>>>,
 }
 
 // SAFETY: every tensor is checked to be a CPU `torch.Tensor` (host memory, e.g. pinned) of uint8,
@@ -406,7 +422,11 @@ unsafe impl BufferSource for PyBufferSource {
                 Box::new(tensor.unbind()) as Box<dyn std::any::Any + Send>,
             ))
         })
-        .map_err(|e: PyErr| Error::InvalidArgument(format!("buffer_factory failed: {e}")))
+        .map_err(|e: PyErr| {
+            let error = Error::InvalidArgument(format!("buffer_factory failed: {e}"));
+            *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            error
+        })
     }
 }
 
