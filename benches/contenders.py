@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastdiff.bench import Throughput, list_images, measure_fastdiff, measure_torchvision, time_images
+from fastdiff.bench.common import Throughput, list_images, time_images
+from fastdiff.bench.throughput import measure_fastdiff, measure_torchvision
 
 #: DCT scale factors libjpeg-turbo accelerates with SIMD, smallest first.
 DCT_SCALES = ((1, 8), (1, 4), (1, 2))

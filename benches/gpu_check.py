@@ -10,7 +10,7 @@ usage: python benches/gpu_check.py [PHOTOS] [--json benches/results/gpu-check.js
    the fraction of wall time the loop spends blocked in ``next(loader)`` (target < 2%). The 64×64×4
    latents are an average-pooled stand-in for the VAE (the data path is the loader's, the UNet step is
    real); text states are random ``[B, 77, 768]``.
-3. **Fine-tuning loop** (issue 6): ``fastdiff.train`` on tiny SD-1.5-shaped and SDXL-shaped pipelines
+3. **Fine-tuning loop** (issue 6): ``fastdiff.training.run.train`` on tiny SD-1.5- and SDXL-shaped pipelines
    (``tests/tiny_sd.py``) with bf16 and fp16 AMP, fed by the loader from the photos: steps/s, peak GPU
    memory, and the data-wait share of the loop.
 
@@ -136,9 +136,10 @@ def data_stall(root: Path, device: torch.device, steps: int, smoke: bool) -> dic
 
 
 def finetune_loops(root: Path, steps: int, smoke: bool) -> list[dict[str, object]]:
-    """``fastdiff.train`` on tiny SD-1.5- and SDXL-shaped pipelines with bf16 and fp16 (CUDA only)."""
+    """``fastdiff.training.run.train`` on tiny SD-1.5- and SDXL-shaped pipelines, bf16 and fp16 (CUDA)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from fastdiff import train as tr
+    from fastdiff.training.config import TrainConfig
+    from fastdiff.training.run import train
     from tiny_sd import build_sd15, build_sdxl
 
     rows = []
@@ -149,7 +150,7 @@ def finetune_loops(root: Path, steps: int, smoke: bool) -> list[dict[str, object
             for mp in precisions:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                config = tr.TrainConfig(
+                config = TrainConfig(
                     model=model,
                     data=root,
                     output=Path(tmp, f"out-{name}-{mp}"),
@@ -161,7 +162,7 @@ def finetune_loops(root: Path, steps: int, smoke: bool) -> list[dict[str, object
                     checkpoint_every=0,
                     preview_every=0,
                 )
-                result = tr.train(config)
+                result = train(config)
                 rows.append(
                     {
                         "model": name,

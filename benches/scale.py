@@ -80,7 +80,7 @@ def time_scan(root: Path, resolution: int, batch_size: int) -> dict[str, float]:
 def run_epochs(root: Path, args: argparse.Namespace) -> list[dict[str, float]]:
     import fastdiff
     import torch
-    from fastdiff.bench import limited_root
+    from fastdiff.bench.common import limited_root
 
     rows = []
     with limited_root(root, args.limit) as data:

@@ -22,16 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastdiff.bench import (
-    Throughput,
-    bucket_note,
-    describe,
-    format_table,
-    limited_root,
-    list_images,
-    machine_info,
-    summarize,
-)
+from fastdiff.bench.common import Throughput, describe, limited_root, list_images, machine_info
+from fastdiff.bench.throughput import bucket_note, format_table, summarize
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("fastdiff", "torchvision", "torchvision-draft", "datago", "ceiling", "ceiling-scaled")

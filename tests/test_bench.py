@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastdiff import bench, sweep
+from fastdiff import cli
+from fastdiff.bench import common, sweep, throughput
 
 N_IMAGES = 6
 RESOLUTION = 256
@@ -23,7 +24,7 @@ RESOLUTION = 256
 @pytest.fixture
 def small_set(wallpapers: Path, tmp_path: Path) -> Path:
     """The 6 smallest wallpaper files (WebP and JPEG, 256-400 px) with their captions, in their own folder."""
-    images = sorted(bench.list_images(wallpapers), key=lambda p: (p.stat().st_size, p.name))[:N_IMAGES]
+    images = sorted(common.list_images(wallpapers), key=lambda p: (p.stat().st_size, p.name))[:N_IMAGES]
     dest = tmp_path / "small"
     dest.mkdir()
     for image in images:
@@ -32,7 +33,7 @@ def small_set(wallpapers: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def check(t: bench.Throughput, images: int) -> None:
+def check(t: common.Throughput, images: int) -> None:
     assert t.images == images
     assert t.seconds > 0
     assert math.isfinite(t.images_per_second)
@@ -42,13 +43,13 @@ def check(t: bench.Throughput, images: int) -> None:
 
 
 def test_measure_fastdiff_counts_every_image(small_set: Path) -> None:
-    t = bench.measure_fastdiff(small_set, resolution=RESOLUTION, batch_size=4, epochs=2, warmup_epochs=1)
+    t = throughput.measure_fastdiff(small_set, resolution=RESOLUTION, batch_size=4, epochs=2, warmup_epochs=1)
     check(t, 2 * N_IMAGES)
 
 
 @pytest.mark.parametrize("draft", [False, True])
 def test_measure_torchvision_counts_every_image(small_set: Path, draft: bool) -> None:
-    t = bench.measure_torchvision(
+    t = throughput.measure_torchvision(
         small_set, resolution=RESOLUTION, batch_size=4, draft=draft, epochs=2, warmup_epochs=1
     )
     check(t, 2 * N_IMAGES)
@@ -57,22 +58,22 @@ def test_measure_torchvision_counts_every_image(small_set: Path, draft: bool) ->
 def test_bench_command_prints_table_and_writes_json(
     small_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "bench.json"
+    out = tmp_path / "throughput.json"
     argv = [str(small_set), "--resolution", str(RESOLUTION), "--batch-size", "2", "--rounds", "2"]
-    assert bench.main([*argv, "--warmup", "0", "--limit", "4", "--json", str(out)]) == 0
+    assert throughput.main([*argv, "--warmup", "0", "--limit", "4", "--json", str(out)]) == 0
 
     printed = capsys.readouterr().out
-    assert bench.FASTDIFF in printed
-    assert bench.TORCHVISION in printed
+    assert throughput.FASTDIFF in printed
+    assert throughput.TORCHVISION in printed
     result = json.loads(out.read_text())
     assert result["config"]["limit"] == 4
-    assert set(result["results"]) == {bench.FASTDIFF, bench.TORCHVISION}
+    assert set(result["results"]) == {throughput.FASTDIFF, throughput.TORCHVISION}
     for side in result["results"].values():
         assert side["images_per_epoch"] == [4]
         assert len(side["runs_images_per_s"]) == 2
         assert side["median_images_per_s"] > 0
         assert side["median_cpu_ms_per_image"] >= 0
-    assert result["results"][bench.TORCHVISION]["ratio_to_baseline"] == 1.0
+    assert result["results"][throughput.TORCHVISION]["ratio_to_baseline"] == 1.0
     assert result["machine"]["cpus"] >= 1
 
 
@@ -84,14 +85,14 @@ def test_process_tree_cpu_counts_worker_processes() -> None:
         "print('done', flush=True)\n"
         "sys.stdin.read()\n"
     )
-    before = bench.process_tree_cpu_seconds()
+    before = common.process_tree_cpu_seconds()
     child = subprocess.Popen(
         [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None
         assert child.stdout.readline() == "done\n"
-        after = bench.process_tree_cpu_seconds()
+        after = common.process_tree_cpu_seconds()
     finally:
         child.communicate("")
     assert before is not None
@@ -103,21 +104,21 @@ def test_list_images_matches_the_scan_rules(tmp_path: Path) -> None:
     for name in ["a.JPG", "sub/b.png", "c.jfif", ".hidden.jpg", "._d.jpg", ".dir/e.jpg", "f.txt", "g.gif"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert bench.list_images(tmp_path) == [tmp_path / "a.JPG", tmp_path / "c.jfif", tmp_path / "sub/b.png"]
+    assert common.list_images(tmp_path) == [tmp_path / "a.JPG", tmp_path / "c.jfif", tmp_path / "sub/b.png"]
 
 
 def test_limited_root_keeps_the_first_images_and_their_captions(small_set: Path) -> None:
-    first = bench.list_images(small_set)[:3]
-    with bench.limited_root(small_set, 3) as root:
-        assert [p.name for p in bench.list_images(root)] == [p.name for p in first]
+    first = common.list_images(small_set)[:3]
+    with common.limited_root(small_set, 3) as root:
+        assert [p.name for p in common.list_images(root)] == [p.name for p in first]
         assert all(
-            bench.read_caption(p) == bench.read_caption(q) != ""
-            for p, q in zip(first, bench.list_images(root), strict=True)
+            common.read_caption(p) == common.read_caption(q) != ""
+            for p, q in zip(first, common.list_images(root), strict=True)
         )
     assert not root.exists()
-    with bench.limited_root(small_set, None) as root:
+    with common.limited_root(small_set, None) as root:
         assert root == small_set
-    with pytest.raises(ValueError, match="limit"), bench.limited_root(small_set, 0):
+    with pytest.raises(ValueError, match="limit"), common.limited_root(small_set, 0):
         pass
 
 
@@ -162,9 +163,13 @@ def test_sweep_writes_every_grid_point_a_plot_and_a_best_choice(
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     argv = [str(small_set), "--sweep", "--resolution", str(RESOLUTION), "--batch-size", "2", "--rounds", "2"]
     argv += ["--warmup", "0", "--sweep-threads", "1,2", "--sweep-prefetch", "1,3", "--step-ms", "1"]
-    assert bench.main([*argv, "--json", str(out), "--plot", str(png)]) == 0
+    assert throughput.main([*argv, "--json", str(out), "--plot", str(png)]) == 0
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == (
+        "fastdiff bench: note: `fastdiff tune DIR` is the new spelling of `--sweep`"
+    )
+    printed = captured.out
     assert "best: " in printed
     assert "-bound" in printed or "no single stage" in printed
     result = json.loads(out.read_text())
@@ -185,6 +190,22 @@ def test_sweep_writes_every_grid_point_a_plot_and_a_best_choice(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tune_runs_the_sweep_under_its_own_name(
+    small_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tune.json"
+    argv = ["tune", str(small_set), "--resolution", str(RESOLUTION), "--batch-size", "2", "--rounds", "1"]
+    argv += ["--warmup", "0", "--threads", "1", "--prefetch", "1,2", "--json", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"fastdiff tune: {small_set}  {N_IMAGES} images")
+    assert "best: " in captured.out
+    assert "new spelling" not in captured.err
+    result = json.loads(out.read_text())
+    assert {(p["threads"], p["prefetch"]) for p in result["points"]} == {(1, 1), (1, 2)}
+    assert result["config"]["limit"] == sweep.DEFAULT_LIMIT
+
+
 def test_default_sweep_grid_covers_the_cores_and_one_more() -> None:
     assert sweep.default_threads(1) == [1, 2]
     assert sweep.default_threads(2) == [1, 2, 3]
@@ -192,7 +213,7 @@ def test_default_sweep_grid_covers_the_cores_and_one_more() -> None:
 
 
 def test_sweep_only_options_need_sweep(small_set: Path) -> None:
-    assert bench.main([str(small_set), "--plot", "x.png"]) == 2
+    assert throughput.main([str(small_set), "--plot", "x.png"]) == 2
 
 
 def _point(threads: int, prefetch: int, ips: float, cpu: float, decode: float, wait: float) -> dict:

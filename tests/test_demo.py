@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -13,7 +16,7 @@ from pathlib import Path
 import fastdiff
 import pytest
 import torch
-from fastdiff import demo
+from fastdiff.training import demo
 from PIL import Image
 
 
@@ -108,3 +111,85 @@ def test_full_default_demo_within_ten_minutes(tmp_path: Path, capsys: pytest.Cap
     assert seconds < 600, f"demo took {seconds:.0f} s"
     with capsys.disabled():
         print(f"\nfull demo: {seconds:.1f} s")
+
+
+#: A ``sitecustomize`` that makes ``tokenizers`` look not installed: it takes the place of the path-based
+#: finder and refuses that one name, so ``importlib.util.find_spec`` returns ``None`` and an import
+#: raises ``ModuleNotFoundError``, exactly as in a venv without the package.
+HIDE_TOKENIZERS = """
+import sys
+from importlib.machinery import PathFinder
+
+
+class HideTokenizers:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "tokenizers" or name.startswith("tokenizers."):
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+    @classmethod
+    def invalidate_caches(cls):
+        PathFinder.invalidate_caches()
+
+
+sys.meta_path[sys.meta_path.index(PathFinder)] = HideTokenizers
+"""
+
+#: Times ``fastdiff.cli.main`` alone (the interpreter and ``import fastdiff``, torch included, excluded).
+TIMED_MAIN = """
+import sys, time
+from fastdiff.cli import main
+start = time.perf_counter()
+status = main(sys.argv[1:])
+print(f"main: {time.perf_counter() - start:.3f} s", file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def test_demo_without_the_train_extra_says_so_in_one_line_at_once(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_TOKENIZERS)
+    # The hiding site first, then where this fastdiff was imported from (a source tree or site-packages).
+    package_root = str(Path(fastdiff.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), package_root])}
+    out = tmp_path / "out"
+    hidden = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('tokenizers'))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert hidden.stdout.strip() == "None"  # the finder works: the package looks missing
+
+    start = time.perf_counter()
+    cli = subprocess.run(
+        [sys.executable, "-m", "fastdiff", "demo", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    assert cli.returncode == 2
+    assert cli.stderr.splitlines() == [
+        "fastdiff demo: error: needs the train extra: pip install 'fastdiff[train]' (missing: tokenizers)"
+    ]
+    assert cli.stdout == ""
+    assert not out.exists()  # nothing was started
+
+    timed = subprocess.run(
+        [sys.executable, "-c", TIMED_MAIN, "demo", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert timed.returncode == 2
+    own = float(timed.stderr.splitlines()[-1].split()[1])
+    print(
+        f"\nfastdiff demo without tokenizers: exit 2 after {seconds:.2f} s (interpreter and torch import "
+        f"included), {own:.3f} s in main"
+    )
+    assert own < 1.0
+    assert seconds < 30  # a bare interpreter start plus `import torch` on a loaded 2-core machine

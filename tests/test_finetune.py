@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from fastdiff import cli, loop, sd
-from fastdiff import train as tr
+from fastdiff import cli
+from fastdiff.training import loop, objective, sd
+from fastdiff.training.config import TrainConfig, config_from_args, config_from_mapping, read_train_toml
+from fastdiff.training.protocols import BatchLoader
+from fastdiff.training.run import make_loader, train
+from fastdiff.types import Batch
 from safetensors.torch import load_file, save_file
 from tiny_sd import build_sd15, build_sdxl
 
@@ -61,9 +65,9 @@ def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
-def config(model: Path, data: Path, output: Path, **overrides: object) -> tr.TrainConfig:
+def config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:
     """3 CPU steps at resolution 32 (latents 16x16), batches of 2, one loader thread."""
-    base = tr.TrainConfig(
+    base = TrainConfig(
         data=data,
         output=output,
         model=model,
@@ -93,7 +97,7 @@ def test_full_finetune_changes_the_unet_only_and_saves_a_loadable_pipeline(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
     # bf16 autocast and a bf16 VAE (frozen text encoder held in bf16 too): what is saved is float32.
-    result = tr.train(config(sd15, images, tmp_path, lora_rank=0, mixed_precision="bf16", vae_dtype="bf16"))
+    result = train(config(sd15, images, tmp_path, lora_rank=0, mixed_precision="bf16", vae_dtype="bf16"))
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     rows = read_csv(tmp_path / "loss.csv")
     assert rows[0] == ["step", "loss"] and [r[0] for r in rows[1:]] == ["1", "2", "3"]
@@ -147,7 +151,7 @@ def test_lora_via_cli_writes_an_adapter_that_load_lora_weights_reads_and_that_ch
 def test_lora_trains_only_the_adapters_and_diffusers_loads_them_to_the_same_unet(
     sd15: Path, images: Path, tmp_path: Path
 ) -> None:
-    result = tr.train(config(sd15, images, tmp_path, lora_rank=4, lora_alpha=8.0, max_steps=2))
+    result = train(config(sd15, images, tmp_path, lora_rank=4, lora_alpha=8.0, max_steps=2))
     trained = result.pipeline
     assert all(math.isfinite(v) for v in result.losses)
     # Only adapter weights moved: every base weight of the trained pipeline is the source's.
@@ -210,7 +214,7 @@ def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
         lr_scheduler="cosine",
         lr_warmup_steps=1,
     )
-    full = tr.train(cfg)
+    full = train(cfg)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoint-2").iterdir()) == [
         "loader.json",
         "pytorch_lora_weights.safetensors",
@@ -227,7 +231,7 @@ def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
     ups = [k for k in adapter if k.endswith(".lora.up.weight")]  # diffusers' names of peft's lora_B
     assert ups and all(k.replace(".lora.up.", ".lora_B.default.") in raw for k in ups)
     assert not any(torch.equal(adapter[k], raw[k.replace(".lora.up.", ".lora_B.default.")]) for k in ups)
-    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=checkpoint))
+    resumed = train(replace(cfg, output=tmp_path / "resumed", resume=checkpoint))
     assert resumed.first_step == 3
     assert resumed.losses == full.losses[2:]  # exact, not approximate
     assert read_csv(tmp_path / "resumed" / "loss.csv") == [
@@ -239,18 +243,18 @@ def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
     # Resuming into the run's own output (folder of checkpoints: the latest is taken) keeps rows 1-2.
-    again = tr.train(replace(cfg, resume=tmp_path / "full"))
+    again = train(replace(cfg, resume=tmp_path / "full"))
     assert again.losses == full.losses[2:]
     assert [r[0] for r in read_csv(tmp_path / "full" / "loss.csv")] == ["step", "1", "2", "3"]
 
     with pytest.raises(ValueError, match="lora_rank"):
-        tr.train(replace(cfg, output=tmp_path / "x", lora_rank=8, resume=tmp_path / "full" / "checkpoint-2"))
+        train(replace(cfg, output=tmp_path / "x", lora_rank=8, resume=tmp_path / "full" / "checkpoint-2"))
 
 
 class PoisonLoader:
     """Wraps a loader; the batches of the given steps (1-based, one batch per step) become NaN."""
 
-    def __init__(self, inner: tr.BatchLoader, bad_steps: set[int]) -> None:
+    def __init__(self, inner: BatchLoader, bad_steps: set[int]) -> None:
         self.inner, self.bad_steps, self.count = inner, bad_steps, 0
 
     def __len__(self) -> int:
@@ -259,7 +263,7 @@ class PoisonLoader:
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tr.Batch]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.inner:
             self.count += 1
             if self.count in self.bad_steps:
@@ -271,10 +275,10 @@ def test_nan_batch_is_skipped_counted_logged_and_leaves_the_weights_unchanged(
     sd15: Path, images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     one = config(sd15, images, tmp_path / "one", max_steps=1)
-    reference = tr.train(one)
+    reference = train(one)
     two = replace(one, output=tmp_path / "two", max_steps=2)
     with caplog.at_level(logging.WARNING, logger="fastdiff.train"):
-        poisoned = tr.train(two, loader=PoisonLoader(tr.make_loader(poisoned_config(two)), {2}))
+        poisoned = train(two, loader=PoisonLoader(make_loader(poisoned_config(two)), {2}))
     assert poisoned.skipped_steps == 1
     assert poisoned.losses[0] == reference.losses[0] and math.isnan(poisoned.losses[1])
     assert read_csv(tmp_path / "two" / "loss.csv")[2] == ["2", "nan"]
@@ -284,11 +288,11 @@ def test_nan_batch_is_skipped_counted_logged_and_leaves_the_weights_unchanged(
 
     stop = replace(one, output=tmp_path / "stop", max_steps=5, max_consecutive_skips=2)
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
-        tr.train(stop, loader=PoisonLoader(tr.make_loader(poisoned_config(stop)), {1, 2, 3}))
+        train(stop, loader=PoisonLoader(make_loader(poisoned_config(stop)), {1, 2, 3}))
 
 
-def poisoned_config(cfg: tr.TrainConfig) -> tr.TrainConfig:
-    """``cfg`` with the pipeline defaults :func:`fastdiff.train.make_loader` needs already filled in."""
+def poisoned_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the pipeline defaults that :func:`fastdiff.training.run.make_loader` needs filled in."""
     return cfg.resolved(resolution=32, bucket_step=8)
 
 
@@ -304,7 +308,7 @@ def test_min_snr_weights_match_hang_et_al_2023(prediction_type: str) -> None:
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     # Hang et al. 2023: w = min(SNR, γ) / SNR on the ε loss; min(SNR, γ) / (SNR + 1) on the v loss.
     expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
-    weights = loop.min_snr_weights(scheduler, timesteps, gamma)
+    weights = objective.min_snr_weights(scheduler, timesteps, gamma)
     assert weights.dtype == torch.float32
     torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=0)
     assert snr[0] > gamma and snr[-1] < gamma  # both branches of the min are exercised
@@ -314,16 +318,16 @@ def test_min_snr_weights_match_hang_et_al_2023(prediction_type: str) -> None:
 
 def test_min_snr_weight_is_finite_at_zero_terminal_snr() -> None:
     scheduler = DDPMScheduler(rescale_betas_zero_snr=True)
-    weights = loop.min_snr_weights(scheduler, torch.tensor([999]), 5.0)
+    weights = objective.min_snr_weights(scheduler, torch.tensor([999]), 5.0)
     assert weights.tolist() == [1.0]
 
 
 def test_weighted_mse_weights_each_samples_mean() -> None:
     pred, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    assert loop.weighted_mse(pred, target, torch.tensor([1.0, 0.5])).item() == pytest.approx(
+    assert objective.weighted_mse(pred, target, torch.tensor([1.0, 0.5])).item() == pytest.approx(
         (1 + 0.5 * 4) / 2
     )
-    assert loop.weighted_mse(pred, target, None).item() == pytest.approx(2.5)
+    assert objective.weighted_mse(pred, target, None).item() == pytest.approx(2.5)
 
 
 def test_sdxl_uses_both_encoders_and_add_time_ids_from_the_loader(
@@ -332,7 +336,7 @@ def test_sdxl_uses_both_encoders_and_add_time_ids_from_the_loader(
     cfg = config(sdxl, images, tmp_path, lora_rank=4, mixed_precision="bf16", flip_prob=0.5, crop="random")
     task = sd.PipelineTask.from_config(cfg, torch.device("cpu"))
     assert task.sdxl and task.config.prediction_type == "epsilon"
-    batch = next(iter(tr.make_loader(task.config)))
+    batch = next(iter(make_loader(task.config)))
     seen: dict[str, torch.Tensor] = {}
 
     def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -370,7 +374,7 @@ def test_sdxl_uses_both_encoders_and_add_time_ids_from_the_loader(
     assert {p.dtype for p in task.trainable().values()} == {torch.float32}
 
     # Adapters on both text encoders too: all three land in the file, and diffusers reads it back.
-    result = tr.train(replace(cfg, max_steps=2, train_text_encoder=True))
+    result = train(replace(cfg, max_steps=2, train_text_encoder=True))
     assert all(math.isfinite(v) for v in result.losses)
     saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert {k.split(".", 1)[0] for k in saved} == {"unet", "text_encoder", "text_encoder_2"}
@@ -403,7 +407,7 @@ def test_sdxl_full_finetune_with_previews(sdxl: Path, images: Path, tmp_path: Pa
         ema_decay=0.5,
         gradient_checkpointing=True,
     )
-    result = tr.train(cfg)
+    result = train(cfg)
     assert all(math.isfinite(v) for v in result.losses)
     assert (tmp_path / "previews" / "step-000002.png").is_file()
     assert (tmp_path / "text_encoder_2" / "model.safetensors").is_file()
@@ -441,7 +445,7 @@ def test_model_path_errors_are_clear(tmp_path: Path, sd15: Path) -> None:
 
 def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
     def lrs(name: str) -> list[float]:
-        cfg = tr.TrainConfig(
+        cfg = TrainConfig(
             data=Path(), output=Path(), learning_rate=1.0, lr_scheduler=name, lr_warmup_steps=2, max_steps=6
         )
         optimizer = loop.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
@@ -460,18 +464,18 @@ def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
 
 def test_8bit_adam_without_bitsandbytes_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
-    cfg = tr.TrainConfig(data=Path(), output=Path(), learning_rate=1e-4, use_8bit_adam=True)
+    cfg = TrainConfig(data=Path(), output=Path(), learning_rate=1e-4, use_8bit_adam=True)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         loop.make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
 
 
 def test_from_scratch_fields_are_refused_with_a_model() -> None:
     with pytest.raises(ValueError, match="unet_channels"):
-        tr.TrainConfig(data=Path(), output=Path(), model=Path("m"), unet_channels=(16, 32))
+        TrainConfig(data=Path(), output=Path(), model=Path("m"), unet_channels=(16, 32))
     with pytest.raises(ValueError, match="lora_rank"):
-        tr.TrainConfig(data=Path(), output=Path(), lora_rank=4)
+        TrainConfig(data=Path(), output=Path(), lora_rank=4)
     with pytest.raises(ValueError, match="vae_dtype"):
-        tr.TrainConfig(data=Path(), output=Path(), model=Path("m"), vae_dtype="fp16")
+        TrainConfig(data=Path(), output=Path(), model=Path("m"), vae_dtype="fp16")
 
 
 def toml_value(value: object) -> str:
@@ -505,7 +509,7 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
     }
     values = {
         f.name: non_default.get(f.name, f.default)
-        for f in fields(tr.TrainConfig)
+        for f in fields(TrainConfig)
         if f.name not in ("data", "output")
     }
     assert all(v is not None for v in values.values())
@@ -514,15 +518,15 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
     ]
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
-    parsed = tr.read_train_toml(path)
-    assert set(parsed) == {f.name for f in fields(tr.TrainConfig)}
+    parsed = read_train_toml(path)
+    assert set(parsed) == {f.name for f in fields(TrainConfig)}
     assert parsed["data"] == tmp_path / "d" and parsed["lora_target_modules"] == list(
         values["lora_target_modules"]
     )
 
     (tmp_path / "bad.toml").write_text('data = "d"\nmax-step = 3\n')
     with pytest.raises(ValueError, match="'max-step'"):
-        tr.read_train_toml(tmp_path / "bad.toml")
+        read_train_toml(tmp_path / "bad.toml")
 
 
 def test_cli_flags_win_over_the_toml_file(tmp_path: Path) -> None:
@@ -531,15 +535,15 @@ def test_cli_flags_win_over_the_toml_file(tmp_path: Path) -> None:
     )
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--config", str(tmp_path / "run.toml"), "--max-steps", "2"])
-    cfg = tr.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.max_steps, cfg.lora_rank, cfg.data, cfg.model) == (2, 4, tmp_path / "data", tmp_path / "m")
     with pytest.raises(ValueError, match="--output is required"):
-        tr.config_from_args(parser.parse_args(["train", "--data", "d"]))
+        config_from_args(parser.parse_args(["train", "--data", "d"]))
 
 
 def test_example_config_is_valid() -> None:
     path = REPO / "examples" / "sd15_lora.toml"
-    cfg = tr.config_from_mapping(tr.read_train_toml(path))
+    cfg = config_from_mapping(read_train_toml(path))
     assert cfg.model is not None and cfg.lora_rank > 0 and cfg.max_steps > 0
 
 
@@ -550,13 +554,13 @@ def test_amp_lora_on_cuda(sd15: Path, images: Path, tmp_path: Path, mixed_precis
     cfg = config(
         sd15, images, tmp_path, lora_rank=4, mixed_precision=mixed_precision, device="cuda", max_steps=4
     )
-    result = tr.train(replace(cfg, ema_decay=0.9, checkpoint_every=2))
+    result = train(replace(cfg, ema_decay=0.9, checkpoint_every=2))
     assert result.device.type == "cuda"
     assert all(math.isfinite(v) for v in result.losses)
     assert result.skipped_steps == 0
     assert {p.dtype for p in sd.lora_layers(result.unet).values()} == {torch.float32}
     # Resuming puts the EMA averages (loaded on the CPU) back on the GPU.
-    resumed = tr.train(
+    resumed = train(
         replace(cfg, ema_decay=0.9, output=tmp_path / "resumed", resume=tmp_path / "checkpoint-2")
     )
     assert resumed.first_step == 3 and all(math.isfinite(v) for v in resumed.losses)
@@ -566,13 +570,13 @@ def test_subset_loss_weights_multiply_each_samples_loss_with_min_snr() -> None:
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     timesteps = torch.tensor([10, 900])
     target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    noised = loop.Noised(noisy=torch.zeros_like(target), timesteps=timesteps, target=target)
+    noised = objective.Noised(noisy=torch.zeros_like(target), timesteps=timesteps, target=target)
     pred = torch.zeros_like(target)
-    snr_w = loop.min_snr_weights(scheduler, timesteps, 5.0)
+    snr_w = objective.min_snr_weights(scheduler, timesteps, 5.0)
     # Per-sample MSEs are 1 and 4; the reg sample (second) has loss_weight 0.25.
-    got = loop.diffusion_loss_from(scheduler, noised, pred, 5.0, torch.tensor([1.0, 0.25]))
+    got = objective.diffusion_loss_from(scheduler, noised, pred, 5.0, torch.tensor([1.0, 0.25]))
     assert got.item() == pytest.approx((snr_w[0] * 1 + snr_w[1] * 0.25 * 4).item() / 2)
     # All-ones weights are exactly the unweighted loss.
-    plain = loop.diffusion_loss_from(scheduler, noised, pred, None)
-    ones = loop.diffusion_loss_from(scheduler, noised, pred, None, torch.ones(2))
+    plain = objective.diffusion_loss_from(scheduler, noised, pred, None)
+    ones = objective.diffusion_loss_from(scheduler, noised, pred, None, torch.ones(2))
     assert ones.item() == plain.item() == 2.5

@@ -15,7 +15,11 @@ import fastdiff
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from fastdiff import train as tr
+from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_args
+from fastdiff.training.loop import autocast_dtype
+from fastdiff.training.run import TrainResult, make_loader, train, with_dataset_options
+from fastdiff.training.tiny import TinyModels, build_tiny_models, sample, tokenize
+from fastdiff.types import Batch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -38,22 +42,20 @@ def small_set(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return dest
 
 
-def config(data: Path, output: Path, **overrides: object) -> tr.TrainConfig:
+def config(data: Path, output: Path, **overrides: object) -> TrainConfig:
     """A CPU run small enough for a test: batches of 4 at resolution 64."""
-    base = tr.TrainConfig(
-        data=data, output=output, resolution=64, batch_size=4, max_steps=STEPS, device="cpu"
-    )
+    base = TrainConfig(data=data, output=output, resolution=64, batch_size=4, max_steps=STEPS, device="cpu")
     return replace(base, **overrides)
 
 
 @pytest.fixture(scope="module")
-def run(small_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tr.TrainResult:
+def run(small_set: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """One short training run, shared by the tests that inspect its outputs."""
-    return tr.train(config(small_set, tmp_path_factory.mktemp("run")))
+    return train(config(small_set, tmp_path_factory.mktemp("run")))
 
 
-def initial_models(result: tr.TrainResult, cfg: tr.TrainConfig) -> tr.TinyModels:
-    return tr.build_tiny_models(
+def initial_models(result: TrainResult, cfg: TrainConfig) -> TinyModels:
+    return build_tiny_models(
         result.tokenizer,
         resolution=cfg.resolution,
         unet_channels=cfg.unet_channels,
@@ -71,7 +73,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(tensor.cpu(), sb[name].cpu()), name
 
 
-def test_loss_is_finite_and_logged_to_csv_and_png(run: tr.TrainResult) -> None:
+def test_loss_is_finite_and_logged_to_csv_and_png(run: TrainResult) -> None:
     assert len(run.losses) == STEPS
     assert all(math.isfinite(v) for v in run.losses)
     assert run.skipped_steps == 0
@@ -85,7 +87,7 @@ def test_loss_is_finite_and_logged_to_csv_and_png(run: tr.TrainResult) -> None:
         assert im.width > 100 and im.height > 100
 
 
-def test_safetensors_weights_reload_equal_to_trained_and_differ_from_init(run: tr.TrainResult) -> None:
+def test_safetensors_weights_reload_equal_to_trained_and_differ_from_init(run: TrainResult) -> None:
     assert (run.output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (run.output / "text_encoder" / "model.safetensors").is_file()
     unet = UNet2DConditionModel.from_pretrained(run.output / "unet")
@@ -103,22 +105,22 @@ def test_safetensors_weights_reload_equal_to_trained_and_differ_from_init(run: t
         assert changed, f"{type(trained).__name__}: no weight changed"
 
 
-def test_tokenizer_reloads_offline_and_knows_the_caption_words(run: tr.TrainResult, small_set: Path) -> None:
+def test_tokenizer_reloads_offline_and_knows_the_caption_words(run: TrainResult, small_set: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(run.output / "tokenizer")
     captions = fastdiff.DataLoader(small_set).captions
     assert len(captions) == N_IMAGES and all(captions)
-    ids = tr.tokenize(tokenizer, captions)
-    assert torch.equal(ids, tr.tokenize(run.tokenizer, captions))
-    assert ids.shape == (N_IMAGES, tr.TrainConfig.max_caption_tokens)
+    ids = tokenize(tokenizer, captions)
+    assert torch.equal(ids, tokenize(run.tokenizer, captions))
+    assert ids.shape == (N_IMAGES, TrainConfig.max_caption_tokens)
     assert (ids[:, 0] == tokenizer.bos_token_id).all()
     assert not (ids == tokenizer.unk_token_id).any()
-    assert (tr.tokenize(tokenizer, ["a zebra"]) == tokenizer.unk_token_id).sum() == 1
+    assert (tokenize(tokenizer, ["a zebra"]) == tokenizer.unk_token_id).sum() == 1
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_sample_returns_images_of_requested_shape(run: tr.TrainResult, sampler: str) -> None:
+def test_sample_returns_images_of_requested_shape(run: TrainResult, sampler: str) -> None:
     def draw() -> torch.Tensor:
-        return tr.sample(
+        return sample(
             run.unet,
             run.text_encoder,
             run.tokenizer,
@@ -141,16 +143,14 @@ def test_sample_returns_images_of_requested_shape(run: tr.TrainResult, sampler: 
 
 
 def test_bf16_mixed_precision_on_cpu(small_set: Path, tmp_path: Path) -> None:
-    result = tr.train(
-        config(small_set, tmp_path, max_steps=3, mixed_precision="bf16", unet_channels=(16, 32))
-    )
+    result = train(config(small_set, tmp_path, max_steps=3, mixed_precision="bf16", unet_channels=(16, 32)))
     assert len(result.losses) == 3
     assert all(math.isfinite(v) for v in result.losses)
     assert result.unet.dtype == torch.float32
 
 
 def test_v_prediction_trains_and_is_saved_in_the_scheduler_config(small_set: Path, tmp_path: Path) -> None:
-    result = tr.train(
+    result = train(
         config(small_set, tmp_path, max_steps=3, prediction_type="v_prediction", unet_channels=(16, 32))
     )
     assert all(math.isfinite(v) for v in result.losses)
@@ -159,13 +159,13 @@ def test_v_prediction_trains_and_is_saved_in_the_scheduler_config(small_set: Pat
 
 def test_fp16_needs_cuda() -> None:
     with pytest.raises(ValueError, match="fp16"):
-        tr.autocast_dtype("fp16", torch.device("cpu"))
+        autocast_dtype("fp16", torch.device("cpu"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_with_grad_scaler_on_cuda(small_set: Path, tmp_path: Path) -> None:
-    result = tr.train(config(small_set, tmp_path, max_steps=4, mixed_precision="fp16", device="cuda"))
+    result = train(config(small_set, tmp_path, max_steps=4, mixed_precision="fp16", device="cuda"))
     assert result.device.type == "cuda"
     assert len(result.losses) == 4
     assert all(math.isfinite(v) for v in result.losses)
@@ -182,7 +182,7 @@ class NanLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tr.Batch]:
+    def __iter__(self) -> Iterator[Batch]:
         yield {
             "pixel_values": torch.full((2, 3, 32, 48), float("nan")),
             "captions": ["a cat", "a dog"],
@@ -197,7 +197,7 @@ def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None
     data = tmp_path / "data"
     data.mkdir()
     cfg = config(data, tmp_path / "out", max_steps=3, unet_channels=(16, 32))
-    result = tr.train(cfg, loader=NanLoader())
+    result = train(cfg, loader=NanLoader())
     assert result.skipped_steps == 3
     assert all(math.isnan(v) for v in result.losses)
     assert (tmp_path / "out" / "loss.csv").read_text().splitlines() == [
@@ -213,15 +213,15 @@ def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None
 
 def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    tr.add_train_arguments(parser)
-    defaults = tr.config_from_args(parser.parse_args(["--data", "d", "--output", "o"]))
-    assert defaults == tr.TrainConfig(data=Path("d"), output=Path("o"))
+    add_train_arguments(parser)
+    defaults = config_from_args(parser.parse_args(["--data", "d", "--output", "o"]))
+    assert defaults == TrainConfig(data=Path("d"), output=Path("o"))
     argv = ["--data", "d", "--output", "o", "--unet-channels", "16", "32", "--mixed-precision", "bf16"]
     args = parser.parse_args([*argv, "--steps", "7", "--min-bucket-side", "32", "--num-threads", "1"])
-    cfg = tr.config_from_args(args)
+    cfg = config_from_args(args)
     assert (cfg.unet_channels, cfg.mixed_precision, cfg.max_steps) == ((16, 32), "bf16", 7)
     assert (cfg.min_bucket_side, cfg.num_threads) == (32, 1)
-    assert set(vars(args)) == {f.name for f in fields(tr.TrainConfig)} | {"config"}
+    assert set(vars(args)) == {f.name for f in fields(TrainConfig)} | {"config"}
 
 
 @pytest.mark.parametrize(
@@ -235,7 +235,7 @@ def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
 )
 def test_config_rejects_invalid_values(override: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        tr.TrainConfig(data=Path(), output=Path(), **override)
+        TrainConfig(data=Path(), output=Path(), **override)
 
 
 @pytest.fixture
@@ -264,8 +264,8 @@ def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, t
         flip_prob=0.5,
         num_threads=1,
     )
-    full = tr.train(cfg)
-    resumed = tr.train(replace(cfg, output=tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint-2"))
+    full = train(cfg)
+    resumed = train(replace(cfg, output=tmp_path / "resumed", resume=tmp_path / "full" / "checkpoint-2"))
     assert resumed.first_step == 3
     assert resumed.losses == full.losses[2:]
     assert_same_weights(resumed.unet, full.unet)
@@ -278,7 +278,7 @@ def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> N
     data.mkdir()
     cfg = config(data, tmp_path / "out", max_steps=5, unet_channels=(16, 32), max_consecutive_skips=2)
     with pytest.raises(RuntimeError, match=r"2 consecutive steps .* a\.png, b\.png"):
-        tr.train(cfg, loader=NanLoader())
+        train(cfg, loader=NanLoader())
 
 
 def write_dataset_config(root: Path) -> Path:
@@ -314,17 +314,17 @@ def test_cli_trains_on_a_dataset_config(tmp_path: Path) -> None:
     assert len((out / "loss.csv").read_text().splitlines()) == 3
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     # The vocabulary holds the words of both caption sources (metadata.jsonl included).
-    ids = tr.tokenize(tokenizer, ["a yellow zebra", "a blue square, tone 2"])
+    ids = tokenize(tokenizer, ["a yellow zebra", "a blue square, tone 2"])
     assert not (ids == tokenizer.unk_token_id).any()
 
 
 def test_run_settings_win_over_the_dataset_config_and_seeds_must_agree(tmp_path: Path) -> None:
     dataset = write_dataset_config(tmp_path)
-    cfg = tr.with_dataset_options(tr.TrainConfig(data=dataset, output=tmp_path, batch_size=3))
+    cfg = with_dataset_options(TrainConfig(data=dataset, output=tmp_path, batch_size=3))
     assert (cfg.resolution, cfg.batch_size, cfg.bucket_step, cfg.crop) == (32, 3, 16, "center")
-    loader = tr.make_loader(cfg)
+    loader = make_loader(cfg)
     assert (loader.state_dict()["options"]["batch_size"], len(loader)) == (3, 3)  # 6 square: 2, 1 wide: 1
     assert loader.captions == [f"a blue square, tone {i}" for i in range(3)] + ["a yellow zebra"]
     dataset.write_text(dataset.read_text().replace("[general]\n", "[general]\nseed = 5\n"))
     with pytest.raises(ValueError, match=r"seed = 5 differs from the run's seed 0"):
-        tr.with_dataset_options(tr.TrainConfig(data=dataset, output=tmp_path))
+        with_dataset_options(TrainConfig(data=dataset, output=tmp_path))

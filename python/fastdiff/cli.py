@@ -1,17 +1,38 @@
-"""The ``fastdiff`` command: ``scan | bench | train | demo``.
+"""The ``fastdiff`` command: ``scan | bench | tune | train | demo``.
 
-Each subcommand's arguments and body live in its own module (``bench``, ``train``, ``demo``); this file
-only registers them, plus ``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`.
+Each subcommand's arguments and body live in its own module (``bench.throughput``, ``bench.sweep``,
+``training.config`` / ``training.run``, ``training.demo``); this file only registers them, plus
+``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`, and checks before a command
+starts that the optional packages it needs are installed (:func:`missing_extra`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from fastdiff._fastdiff import FastdiffError
+from fastdiff.bench import sweep, throughput
+from fastdiff.training import config, demo, run
+
+#: Import names of the ``train`` extra's packages (pyproject ``[project.optional-dependencies]``).
+TRAIN_MODULES = (
+    "diffusers",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "safetensors",
+    "tqdm",
+    "matplotlib",
+    "PIL",
+)
+#: Import names of what the ``dev`` extra adds that ``fastdiff bench``'s baseline needs.
+BENCH_MODULES = ("torchvision", "PIL")
 
 
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,8 +119,6 @@ def _run_scan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiff`` command and its subcommands."""
-    from fastdiff import bench, demo, train
-
     description = __doc__.splitlines()[0].replace("``", "")
     parser = argparse.ArgumentParser(prog="fastdiff", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,24 +126,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_arguments(scan_p)
     scan_p.set_defaults(func=_run_scan)
     bench_p = sub.add_parser("bench", help="images/s of fastdiff vs the torchvision+PIL DataLoader")
-    bench.add_bench_arguments(bench_p)
-    bench_p.set_defaults(func=bench.run_bench)
+    throughput.add_bench_arguments(bench_p)
+    bench_p.set_defaults(func=throughput.run_bench)
+    tune_p = sub.add_parser("tune", help="which num_threads and prefetch to use on this machine, and why")
+    sweep.add_tune_arguments(tune_p)
+    tune_p.set_defaults(func=sweep.run_tune)
     train_p = sub.add_parser(
         "train", help="fine-tune Stable Diffusion (--model), or train a tiny text-to-image model from scratch"
     )
-    train.add_train_arguments(train_p)
-    train_p.set_defaults(func=train.run_train)
+    config.add_train_arguments(train_p)
+    train_p.set_defaults(func=run.run_train)
     demo_p = sub.add_parser("demo", help="make a synthetic captioned set, train on it, draw samples")
     demo.add_demo_arguments(demo_p)
     demo_p.set_defaults(func=demo.run_demo)
     return parser
 
 
+def needed_modules(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(extra, import name)`` of each optional package that the parsed command will import."""
+    if args.command in ("train", "demo"):
+        return [("train", m) for m in TRAIN_MODULES]
+    needs = [("train", "matplotlib")] if getattr(args, "plot", None) is not None else []
+    if args.command == "bench" and not args.sweep:
+        needs += [("dev", m) for m in BENCH_MODULES]
+    return needs
+
+
+def _importable(name: str) -> bool:
+    # find_spec locates a top-level package without importing it (diffusers alone takes seconds).
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_extra(args: argparse.Namespace) -> str | None:
+    """The one-line error for a command whose optional packages are not installed, else ``None``.
+
+    Returns:
+        ``"fastdiff demo: error: needs the train extra: pip install 'fastdiff[train]' (missing:
+        tokenizers)"``: the first extra with a missing package, naming every missing one of it.
+    """
+    missing: dict[str, list[str]] = {}
+    for extra, module in needed_modules(args):
+        if not _importable(module):
+            missing.setdefault(extra, []).append(module)
+    for extra, modules in missing.items():
+        return (
+            f"fastdiff {args.command}: error: needs the {extra} extra: pip install 'fastdiff[{extra}]' "
+            f"(missing: {', '.join(modules)})"
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastdiff`` console script; returns the exit status."""
-    from fastdiff._fastdiff import FastdiffError
-
     args = build_parser().parse_args(argv)
+    # Before any work: without this a command would die minutes in, at its first import of the extra.
+    error = missing_extra(args)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, FastdiffError) as e:

@@ -1,15 +1,17 @@
 """Stable Diffusion 1.x/2.x and SDXL fine-tuning pieces: local pipelines, prompts, latents, LoRA.
 
 :class:`PipelineTask` is the Stable Diffusion side of ``fastdiff train --model PATH`` (the loop itself,
-with AMP, EMA, min-SNR, the non-finite guard and checkpoints, is :func:`fastdiff.loop.run`). It loads a
-diffusers pipeline from a local folder or single file (never from the network), encodes captions with
-the pipeline's text encoder(s) — both of SDXL's, with the pooled embedding and the ``add_time_ids``
+with AMP, EMA, min-SNR, the non-finite guard and checkpoints, is :func:`fastdiff.training.loop.run`). It
+loads a diffusers pipeline from a local folder or single file (never from the network), encodes captions
+with the pipeline's text encoder(s) — both of SDXL's, with the pooled embedding and the ``add_time_ids``
 built from the loader's ``original_sizes``/``crop_top_lefts``/``target_sizes`` (Podell et al. 2023,
-"SDXL", arXiv:2307.01952, §2.2) — encodes ``pixel_values`` to VAE latents, and adds LoRA adapters
-(Hu et al. 2021, arXiv:2106.09685) with peft in the format diffusers' ``load_lora_weights`` reads.
+"SDXL", arXiv:2307.01952, §2.2) — encodes ``pixel_values`` to VAE latents, and adds LoRA adapters (Hu et
+al. 2021, arXiv:2106.09685) with peft in the format diffusers' ``load_lora_weights`` reads.
 
 This module must not download anything: every ``from_pretrained``/``from_single_file`` call passes
-``local_files_only=True``.
+``local_files_only=True``. diffusers and peft (the ``train`` extra) are imported where used:
+``fastdiff.cli`` imports the training modules to register their arguments, and must start fast and
+report a missing extra itself.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastdiff.loop import add_training_noise, diffusion_loss_from
+from fastdiff.training.config import TrainConfig
+from fastdiff.training.objective import add_training_noise, diffusion_loss_from
+from fastdiff.types import Batch
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-
-    from fastdiff.train import TrainConfig
-
-Batch = dict[str, Any]
 
 #: Pipeline classes (``model_index.json`` ``_class_name``) that can be fine-tuned, and their kind.
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -260,7 +260,7 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class PipelineTask:
-    """A Stable Diffusion pipeline as a :class:`fastdiff.loop.Task` (see :meth:`from_config`).
+    """A Stable Diffusion pipeline as a :class:`fastdiff.training.protocols.Task` (see :meth:`from_config`).
 
     Attributes:
         config: The run's config with the model-dependent defaults filled in.

@@ -1,4 +1,6 @@
-"""``fastdiff bench DIR --sweep``: which ``num_threads`` and ``prefetch`` to use on this machine, and why.
+"""``fastdiff tune DIR``: which ``num_threads`` and ``prefetch`` to use on this machine, and why.
+
+(``fastdiff bench DIR --sweep`` is its old spelling and still works.)
 
 Runs fastdiff alone over a grid of thread counts (1 … cores, and cores + 1 to show oversubscription)
 and prefetch depths (1, 2, 4, 8). Every grid point gets a fresh :class:`fastdiff.DataLoader` per round,
@@ -22,8 +24,11 @@ This module measures; it must not change how the loader works.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,12 +37,15 @@ from typing import Any, TextIO
 
 import torch
 
-from fastdiff import bench
+from fastdiff.bench.common import limited_root, list_images, machine_info, time_images
+from fastdiff.loader import DataLoader, _available_cores
 
 #: Stage keys of :meth:`fastdiff.DataLoader.stats` (each ``<name>_s``), in pipeline order.
 STAGES = ("read", "probe", "decode", "resize", "write", "other")
 #: Prefetch depths tried by default.
 DEFAULT_PREFETCH = (1, 2, 4, 8)
+#: Images a sweep uses when ``--limit`` is not given (the first ones, sorted).
+DEFAULT_LIMIT = 200
 #: Settings this close to the best (relative img/s) count as equally fast: the smallest is suggested.
 NOISE = 0.03
 #: Queue wait (percent of wall time) below which the training step is not waiting for data.
@@ -81,8 +89,6 @@ def run_point(
     The loader is the bench's (random crop, flip 0.5, float32 in [-1, 1]); the consumer sleeps
     ``step_s`` per batch.
     """
-    from fastdiff import DataLoader
-
     loader = DataLoader(
         root,
         resolution=resolution,
@@ -108,7 +114,7 @@ def run_point(
                 time.sleep(step_s)
         return images
 
-    t = bench.time_images(epoch)
+    t = time_images(epoch)
     stats = loader.stats()
     assert stats is not None  # an epoch has just run
     return Run(t.images, t.seconds, t.cpu_seconds, stats)
@@ -362,7 +368,7 @@ def sweep(
     prefetch: Sequence[int] = DEFAULT_PREFETCH,
     rounds: int = 3,
     warmup_epochs: int = 1,
-    limit: int | None = 200,
+    limit: int | None = DEFAULT_LIMIT,
     step_ms: float = 0.0,
     log: TextIO | None = None,
 ) -> dict[str, Any]:
@@ -375,8 +381,6 @@ def sweep(
         ValueError: An empty grid, a value below 1, ``rounds`` < 1, ``warmup_epochs`` < 0 or
             ``step_ms`` < 0, a bad ``limit``, or no images under ``root``.
     """
-    from fastdiff.loader import _available_cores
-
     cores = _available_cores()
     grid_t = sorted(set(threads if threads is not None else default_threads(cores)))
     grid_p = sorted(set(prefetch))
@@ -390,8 +394,8 @@ def sweep(
     runs: dict[tuple[int, int], list[Run]] = {g: [] for g in grid}
     started = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with bench.limited_root(root, limit) as data:
-        images = len(bench.list_images(data))
+    with limited_root(root, limit) as data:
+        images = len(list_images(data))
         for _ in range(warmup_epochs):
             run_point(data, threads=cores, prefetch=2, resolution=resolution, batch_size=batch_size)
         for r in range(rounds):
@@ -418,7 +422,7 @@ def sweep(
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     best, verdict = explain(points, cores, step_ms, load)
     return {
-        "machine": bench.machine_info(),
+        "machine": machine_info(),
         "config": {
             "root": os.fspath(root),
             "limit": limit,
@@ -437,3 +441,115 @@ def sweep(
         "best": best,
         "verdict": verdict,
     }
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_rounds_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--rounds`` (alias ``--epochs``) and ``--warmup``, shared with ``fastdiff bench``.
+
+    Args:
+        parser: Where to add them.
+        what: What one round times, for the help.
+    """
+    parser.add_argument(
+        "--rounds", "--epochs", dest="rounds", type=int, default=3, help=f"timed rounds; {what} (3)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs (1)")
+
+
+def add_grid_arguments(group: argparse._ActionsContainer, *, prefix: str) -> None:
+    """The grid and consumer options: ``{prefix}threads``, ``{prefix}prefetch``, ``--step-ms``, ``--plot``.
+
+    Args:
+        group: A parser or argument group.
+        prefix: ``"--"`` for ``fastdiff tune``; ``"--sweep-"`` for ``fastdiff bench --sweep``, whose
+            ``--threads`` is the bench's own.
+    """
+    group.add_argument(
+        f"{prefix}threads",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help="thread counts to try (default: 1..cores and cores+1)",
+    )
+    group.add_argument(
+        f"{prefix}prefetch",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help=f"prefetch depths to try (default: {','.join(map(str, DEFAULT_PREFETCH))})",
+    )
+    group.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="simulated training step: the consumer sleeps this long per batch (0)",
+    )
+    group.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write a PNG plot here")
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``fastdiff tune`` arguments on ``parser``."""
+    parser.add_argument("root", help="folder of images (searched recursively)")
+    parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
+    add_rounds_arguments(parser, what="each times one epoch of every grid point")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"use only the first N images (sorted; {DEFAULT_LIMIT})",
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results here")
+    add_grid_arguments(parser, prefix="--")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Body of ``fastdiff tune``: measure the grid, print table and verdict, write JSON/PNG; returns 0."""
+    result = sweep(
+        args.root,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        prefetch=args.prefetch or DEFAULT_PREFETCH,
+        rounds=args.rounds,
+        warmup_epochs=args.warmup,
+        limit=args.limit,
+        step_ms=args.step_ms,
+        log=sys.stderr,
+    )
+    m, c = result["machine"], result["config"]
+    print(
+        f"fastdiff tune: {args.root}  {c['images']} images  resolution {c['resolution']}  "
+        f"batch {c['batch_size']}  step {c['step_ms']:g} ms  {m['cpus']} CPUs ({m['cpu_model']})  "
+        f"median of {c['rounds']} rounds  ({c['seconds']:.0f} s)"
+    )
+    print(format_table(result["points"], result["best"]))
+    print("worker ms/img: worker-thread milliseconds per image in each stage, summed over threads;")
+    print("idle%: worker time with no sample to load; wait%: consumer time waiting for a batch.")
+    print()
+    print("\n".join(result["verdict"]))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastdiff.bench.sweep``: the same as ``fastdiff tune``."""
+    parser = argparse.ArgumentParser(prog="fastdiff tune", description=__doc__.splitlines()[0])
+    add_tune_arguments(parser)
+    return run_tune(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

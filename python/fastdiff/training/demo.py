@@ -2,7 +2,7 @@
 
 The demo draws a captioned data set ("a red circle on a blue background", …: every shape in every
 colour on every other background colour, in three aspect ratios, as JPEG and PNG) into ``OUT/data``,
-trains :func:`fastdiff.train.train` on it through :class:`fastdiff.DataLoader` (three aspect buckets),
+trains :func:`fastdiff.training.run.train` on it through :class:`fastdiff.DataLoader` (three aspect buckets),
 then samples a few captions. It writes ``OUT/loss.csv``, ``OUT/loss.png``, the weights,
 ``OUT/samples.png`` (one row per caption, labelled) and ``OUT/samples.txt`` (the captions, row by
 row), and checks that the mean loss of the last 10% of steps is below half the mean of the first 10%.
@@ -17,7 +17,7 @@ Settings, as measured on the shared 2-core CPU (where the default run took 4.4 m
   by ~1e-4) and samples had random colours. With v-prediction they differed by ~0.5 after 300 steps,
   and the samples take the captions' colours.
 - One torch thread and one loader thread: on a 2-core machine shared with other work, two OpenMP
-  threads made steps 2-25x slower than one (see :attr:`fastdiff.train.TrainConfig.torch_threads`).
+  threads made steps 2-25x slower than one (see :attr:`fastdiff.training.config.TrainConfig.torch_threads`).
 - Ancestral DDPM sampling, 100 steps, without guidance: cleaner than DDIM at this training length,
   and guidance of 3 erased most shapes.
 """
@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdiff.loop import save_sample_grid
-from fastdiff.train import MIXED_PRECISION, SAMPLERS, TrainConfig, TrainResult, sample, train
+from fastdiff.training.config import MIXED_PRECISION, SAMPLERS, TrainConfig
+from fastdiff.training.outputs import save_sample_grid
+from fastdiff.training.run import TrainResult, train
+from fastdiff.training.tiny import sample
 
 #: Fill colours (RGB, 0-255) of shapes and backgrounds, by caption word.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -76,7 +78,7 @@ class DemoConfig:
         batch_size: Images per batch.
         images_per_caption: Images drawn per caption (sizes cycle through :data:`SIZES`).
         samples_per_caption: Images sampled per caption in ``samples.png``.
-        sampler: ``"ddpm"`` or ``"ddim"`` (see :func:`fastdiff.train.sample`).
+        sampler: ``"ddpm"`` or ``"ddim"`` (see :func:`fastdiff.training.tiny.sample`).
         sample_steps: Denoising steps per sample.
         guidance_scale: Classifier-free guidance scale of the samples (1: none).
         mixed_precision: ``"no"``, ``"fp16"`` (CUDA) or ``"bf16"``.

@@ -13,93 +13,36 @@ only these medians and ratios are meaningful, never one absolute time.
 
 This module measures; it must not change how either loader works. ``benches/side_by_side.py`` runs the
 wider comparison (datago, PIL draft mode, a decode-only ceiling), each contender in its own process.
-``fastdiff bench DIR --sweep`` (:mod:`fastdiff.sweep`) instead tunes fastdiff's threads and prefetch.
+``fastdiff tune DIR`` (:mod:`fastdiff.bench.sweep`) instead tunes fastdiff's threads and prefetch.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import json
 import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import torch
 
-#: What fastdiff's scan picks up (compared lowercased); the baseline lists the same files.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp")
-#: Caption files tried in order, as fastdiff's default ``caption_extensions``.
-CAPTION_EXTENSIONS = (".txt", ".caption")
+from fastdiff.bench import sweep
+from fastdiff.bench.common import (
+    Throughput,
+    describe,
+    limited_root,
+    list_images,
+    machine_info,
+    read_caption,
+    time_images,
+)
+from fastdiff.loader import DataLoader
 
 FASTDIFF = "fastdiff"
 TORCHVISION = "torchvision+PIL"
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """One timed measurement: ``images`` delivered to the consumer in ``seconds`` of wall time.
-
-    ``cpu_seconds``: CPU time (user + system) that this process and its descendants (worker
-    processes) spent meanwhile, or ``None`` where ``/proc`` is not available. Unlike wall time it
-    hardly moves when other work shares the machine.
-    """
-
-    images: int
-    seconds: float
-    cpu_seconds: float | None = None
-
-    @property
-    def images_per_second(self) -> float:
-        """Throughput in images/s."""
-        return self.images / self.seconds
-
-    @property
-    def cpu_ms_per_image(self) -> float | None:
-        """CPU cost in CPU-milliseconds per image, all threads and worker processes together."""
-        return None if self.cpu_seconds is None else 1000 * self.cpu_seconds / self.images
-
-
-def process_tree_cpu_seconds() -> float | None:
-    """CPU seconds (user + system) used so far by this process and every live descendant process.
-
-    Read from ``/proc`` (Linux); ``None`` elsewhere. A descendant that exits between two readings
-    takes its CPU time with it, so time only spans over which the worker processes stay alive.
-    """
-    if not Path("/proc/self/stat").exists():
-        return None
-    ticks = 0
-    pending = [os.getpid()]
-    while pending:
-        pid = pending.pop()
-        try:
-            # Fields after the parenthesised command name: state is the 1st, utime the 12th, stime the 13th.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                pending += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the process exited while being read: nothing of it is left to count
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def time_images(run: Callable[[], int]) -> Throughput:
-    """Time ``run()``, which returns how many images it delivered, in wall and CPU seconds."""
-    cpu0 = process_tree_cpu_seconds()
-    t0 = time.perf_counter()
-    images = run()
-    seconds = time.perf_counter() - t0
-    cpu1 = process_tree_cpu_seconds()
-    return Throughput(images, seconds, None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
 
 
 class Contender(Protocol):
@@ -112,77 +55,12 @@ class Contender(Protocol):
     def close(self) -> None: ...
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """The image files fastdiff's scan finds under ``root``, sorted.
-
-    Recursive; extensions of :data:`IMAGE_EXTENSIONS` in any letter case; any file or folder whose name
-    starts with ``.`` (hidden files, macOS ``._*`` stubs) is left out, as fastdiff does.
-    """
-    base = Path(root)
-    found = []
-    for path in base.rglob("*"):
-        rel = path.relative_to(base)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(path)
-    return sorted(found)
-
-
-def read_caption(image: Path) -> str:
-    """The caption paired with ``image``: the first sibling ``STEM{ext}`` of :data:`CAPTION_EXTENSIONS`."""
-    for ext in CAPTION_EXTENSIONS:
-        candidate = image.with_suffix(ext)
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip()
-    return ""
-
-
-@contextlib.contextmanager
-def limited_root(root: str | os.PathLike[str], limit: int | None) -> Iterator[Path]:
-    """Yield a folder holding the first ``limit`` images of ``root`` (sorted) with their captions.
-
-    ``limit=None`` yields ``root`` itself. Otherwise the files are hard-linked into a temporary folder
-    (copied where linking is impossible, e.g. across file systems), removed on exit. Links rather than
-    symlinks, so that every loader sees plain files.
-
-    Raises:
-        ValueError: ``limit`` is below 1 or ``root`` holds no images.
-    """
-    if limit is None:
-        yield Path(root)
-        return
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    images = list_images(root)[:limit]
-    if not images:
-        raise ValueError(f"no images in {root}")
-    with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
-        for image in images:
-            # Flatten nested folders into unique names; the stem keeps image and caption paired.
-            stem = "__".join(image.relative_to(root).with_suffix("").parts)
-            for src in [image] + [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS]:
-                if src.is_file():
-                    _link_or_copy(src, Path(tmp, stem + src.suffix))
-        yield Path(tmp)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 class FastdiffContender:
     """fastdiff's DataLoader at the bench settings: random crop, flip 0.5, float32 in [-1, 1]."""
 
     def __init__(
         self, root: str | os.PathLike[str], *, resolution: int, batch_size: int, threads: int | None
     ):
-        # Imported here: the package's __init__ may import the CLI, which imports this module.
-        from fastdiff import DataLoader
-
         self.name = FASTDIFF
         self.loader = DataLoader(
             root,
@@ -335,35 +213,6 @@ def measure_torchvision(
     return _measure(contender, epochs, warmup_epochs)
 
 
-def machine_info() -> dict[str, Any]:
-    """What a bench result depends on: CPUs, CPU model, OS and library versions."""
-    model = "unknown"
-    with contextlib.suppress(FileNotFoundError):  # /proc/cpuinfo exists on Linux only
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import fastdiff
-
-    def version(distribution: str) -> str | None:
-        # Read from the installed metadata: the baseline's packages are optional (`dev` extra).
-        try:
-            return importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "fastdiff": fastdiff.__version__,
-        "torch": torch.__version__,
-        "torchvision": version("torchvision"),
-        "pillow": version("pillow"),
-    }
-
-
 def summarize(runs: dict[str, list[Throughput]], baseline: str) -> dict[str, dict[str, Any]]:
     """Per contender: images per epoch, each run's images/s and CPU ms/image, their medians, and the
     ratio of the median images/s to ``baseline``'s (CPU figures are ``None`` where unmeasured)."""
@@ -468,12 +317,6 @@ def bench(
     }
 
 
-def describe(t: Throughput) -> str:
-    """One log line's worth of a measurement: images, seconds, images/s, CPU ms/image."""
-    cpu = "" if t.cpu_ms_per_image is None else f", {t.cpu_ms_per_image:6.1f} CPU ms/img"
-    return f"{t.images:6d} images in {t.seconds:7.2f} s = {t.images_per_second:7.1f} img/s{cpu}"
-
-
 def _logged(contender: Contender, label: str, log: TextIO | None) -> Throughput:
     t = contender.run_epoch()
     if log is not None:
@@ -482,96 +325,37 @@ def _logged(contender: Contender, label: str, log: TextIO | None) -> Throughput:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``fastdiff bench`` arguments on ``parser``."""
+    """Register the ``fastdiff bench`` arguments on ``parser``, with the ``--sweep`` group of the old
+    spelling of ``fastdiff tune``."""
     parser.add_argument("root", help="folder of images (searched recursively)")
     parser.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (512)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
     parser.add_argument("--threads", type=int, default=None, help="fastdiff worker threads (all cores)")
+    sweep.add_rounds_arguments(parser, what="each times one epoch of fastdiff, then one of the baseline")
     parser.add_argument(
-        "--rounds",
-        "--epochs",
-        dest="rounds",
+        "--limit",
         type=int,
-        default=3,
-        help="timed rounds; each times one epoch of fastdiff, then one of the baseline (3)",
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs per side (1)")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N images (sorted; --sweep: 200)"
+        default=None,
+        help=f"use only the first N images (sorted; --sweep: {sweep.DEFAULT_LIMIT})",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results here")
-    sweep = parser.add_argument_group(
-        "sweep", "--sweep: fastdiff alone over threads x prefetch; prints the best setting and why"
-    )
-    sweep.add_argument("--sweep", action="store_true", help="tune num_threads and prefetch instead")
-    sweep.add_argument(
-        "--sweep-threads",
-        type=_int_list,
-        default=None,
-        metavar="N,N,...",
-        help="thread counts to try (1..cores and cores+1; --threads N tries only N)",
-    )
-    sweep.add_argument(
-        "--sweep-prefetch", type=_int_list, default=None, metavar="N,N,...", help="prefetch depths (1,2,4,8)"
-    )
-    sweep.add_argument(
-        "--step-ms",
-        type=float,
-        default=0.0,
-        help="simulated training step: the consumer sleeps this long per batch (0)",
-    )
-    sweep.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write a PNG plot here")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def run_sweep(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff bench --sweep``: measure the grid, print table and verdict, write JSON/PNG."""
-    from fastdiff import sweep
-
-    threads = args.sweep_threads or ([args.threads] if args.threads else None)
-    limit = 200 if args.limit is None else args.limit
-    result = sweep.sweep(
-        args.root,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        threads=threads,
-        prefetch=args.sweep_prefetch or sweep.DEFAULT_PREFETCH,
-        rounds=args.rounds,
-        warmup_epochs=args.warmup,
-        limit=limit,
-        step_ms=args.step_ms,
-        log=sys.stderr,
-    )
-    m, c = result["machine"], result["config"]
-    print(
-        f"fastdiff bench --sweep: {args.root}  {c['images']} images  resolution {c['resolution']}  "
-        f"batch {c['batch_size']}  step {c['step_ms']:g} ms  {m['cpus']} CPUs ({m['cpu_model']})  "
-        f"median of {c['rounds']} rounds  ({c['seconds']:.0f} s)"
-    )
-    print(sweep.format_table(result["points"], result["best"]))
-    print("worker ms/img: worker-thread milliseconds per image in each stage, summed over threads;")
-    print("idle%: worker time with no sample to load; wait%: consumer time waiting for a batch.")
-    print()
-    print("\n".join(result["verdict"]))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        sweep.plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    group = parser.add_argument_group("sweep", "--sweep: the old spelling of `fastdiff tune DIR`")
+    group.add_argument("--sweep", action="store_true", help="tune num_threads and prefetch instead")
+    sweep.add_grid_arguments(group, prefix="--sweep-")
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff bench``: measure, print the table, optionally write JSON; returns 0."""
+    """Body of ``fastdiff bench``: measure, print the table, optionally write JSON; returns 0.
+
+    With ``--sweep`` it runs ``fastdiff tune`` (:func:`fastdiff.bench.sweep.run_tune`) after a note
+    that ``tune`` is the new spelling; ``--plot``, ``--step-ms`` and ``--sweep-*`` without it: 2.
+    """
     if args.sweep:
-        return run_sweep(args)
+        print("fastdiff bench: note: `fastdiff tune DIR` is the new spelling of `--sweep`", file=sys.stderr)
+        threads = args.sweep_threads or ([args.threads] if args.threads else None)
+        limit = sweep.DEFAULT_LIMIT if args.limit is None else args.limit
+        tune = {**vars(args), "threads": threads, "prefetch": args.sweep_prefetch, "limit": limit}
+        return sweep.run_tune(argparse.Namespace(**tune))
     if args.plot or args.step_ms or args.sweep_threads or args.sweep_prefetch:
         print("fastdiff bench: --plot, --step-ms and --sweep-* need --sweep", file=sys.stderr)
         return 2
@@ -599,7 +383,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastdiff.bench``: the same as ``fastdiff bench``."""
+    """``python -m fastdiff.bench.throughput``: the same as ``fastdiff bench``."""
     parser = argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))

@@ -1,0 +1,20 @@
+"""Training: ``fastdiff train`` and ``fastdiff demo``, in layers that import downwards only.
+
+A batch's route through a run, file by file:
+
+1. ``config`` — :class:`TrainConfig`, the one definition of every setting (its fields' metadata make
+   the ``fastdiff train`` flags, the TOML keys and the checks).
+2. ``run`` — :func:`train` resolves the settings, builds the :class:`fastdiff.DataLoader` and the model
+   side, and hands both to the loop; afterwards it plots the loss and saves the weights.
+3. ``loop`` — the step loop: batches to the device, caption dropout, autocast, accumulation, clipping,
+   the non-finite guard, EMA; when to log, preview and checkpoint.
+4. ``tiny`` / ``sd`` — the model side (a :class:`protocols.Task`): the from-scratch pixel-space model,
+   or a Stable Diffusion pipeline (VAE latents, text encoders, LoRA); each computes a batch's loss
+   with ``objective`` (noising, target, min-SNR weights, MSE).
+5. ``checkpoint`` / ``outputs`` — the files: ``checkpoint-STEP/`` with every RNG state, ``loss.csv``,
+   ``loss.png``, preview and sample grids.
+
+``protocols`` holds what the mechanics (``loop``, ``objective``, ``checkpoint``, ``outputs``) need of
+the rest (loader, task, settings), so they never import ``config`` or ``run``. ``demo`` draws a
+synthetic data set and runs :func:`train` on it.
+"""

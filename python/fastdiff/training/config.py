@@ -1,0 +1,616 @@
+"""The settings of a training run: :class:`TrainConfig`, the one definition of each ``fastdiff train``
+option, and what derives from it: the command's flags (``--help`` grouped by :data:`GROUPS`), the keys of
+a ``--config`` TOML file, the range and choice checks, and the class's attribute docs.
+
+Each field carries its documentation and its CLI shape as metadata (see :func:`setting`); nothing else
+restates them, so a new setting is one field. This is the application's vocabulary: the training
+mechanics (``loop``, ``objective``, ``checkpoint``, ``outputs``) never import it; they read what they
+need through :class:`fastdiff.training.protocols.LoopSettings`, which this class satisfies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+#: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
+MIXED_PRECISION = ("no", "fp16", "bf16")
+#: Samplers of :func:`fastdiff.training.tiny.sample`: deterministic DDIM or ancestral DDPM.
+SAMPLERS = ("ddim", "ddpm")
+#: Values of ``--prediction-type``: the network's target (diffusers ``prediction_type`` names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: Values of ``--lr-scheduler`` (diffusers ``get_scheduler`` names; warmup via ``--lr-warmup-steps``).
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+#: Values of ``--vae-dtype``: the frozen VAE's dtype (fp16 is refused: SD's VAEs overflow in it).
+VAE_DTYPES = ("fp32", "bf16")
+#: Values of ``--crop`` (the loader's crop modes).
+CROPS = ("center", "random")
+#: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
+DEFAULT_PREVIEW_PROMPTS = 4
+#: Loader fields of :class:`TrainConfig` that a dataset config's ``[general]`` / ``[[datasets]]`` fill.
+DATASET_FIELDS = (
+    "resolution",
+    "batch_size",
+    "bucket_step",
+    "min_bucket_side",
+    "max_bucket_side",
+    "crop",
+    "flip_prob",
+)
+#: Values of the loader fields that neither the run nor its dataset config set.
+LOADER_DEFAULTS = {"batch_size": 8, "crop": "center", "flip_prob": 0.0}
+#: Channels per attention head in the tiny UNet and text encoder.
+HEAD_DIM = 16
+#: Group count of the tiny UNet's GroupNorm layers; every UNet channel count must be a multiple.
+NORM_GROUPS = 8
+#: Settings that must be the same in a resumed run as in the run that wrote the checkpoint.
+RESUME_MUST_MATCH = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "train_text_encoder",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "use_8bit_adam",
+    "ema_decay",
+    "lr_scheduler",
+)
+#: ``fastdiff train --help`` sections: every field names one of these as its ``group``.
+GROUPS = {
+    "data": "the images and captions, and how the loader batches them",
+    "model": "what is trained: a Stable Diffusion pipeline (--model), else the tiny from-scratch model",
+    "optimisation": "objective, optimizer, schedule and the non-finite guard",
+    "precision": "dtypes, memory, device and threads",
+    "checkpoints": "where the run writes, saving and resuming",
+    "logging": "preview grids (loss.csv and loss.png are always written)",
+}
+#: Prefix of the help of the settings that only the tiny from-scratch model uses.
+FROM_SCRATCH = "From scratch only: "
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    group: str,
+    help: str,
+    flags: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    from_scratch: bool = False,
+    min: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A :class:`TrainConfig` field with its documentation and CLI shape as metadata.
+
+    Args:
+        default: The value when neither a flag nor the TOML file sets it; ``MISSING``: required.
+        group: Key of :data:`GROUPS`: the ``--help`` section.
+        help: What it does, in plain text: the flag's help and the attribute's doc.
+        flags: Extra flag spellings beside ``--field-name`` (``("--steps",)``).
+        choices: The allowed values (``None`` is allowed too when the default is ``None``).
+        from_scratch: Only the tiny from-scratch model uses it: setting it with ``model`` is an error
+            (its help gets the :data:`FROM_SCRATCH` prefix).
+        min: Inclusive lower bound (``None`` passes when the default is ``None``).
+        gt: Exclusive lower bound.
+        lt: Exclusive upper bound.
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {tuple(GROUPS)}, got {group!r}")
+    if from_scratch:
+        help = FROM_SCRATCH + help
+    metadata = {
+        "group": group,
+        "help": help,
+        "flags": flags,
+        "choices": choices,
+        "from_scratch": from_scratch,
+    }
+    metadata |= {"min": min, "gt": gt, "lt": lt}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; each field is the ``fastdiff train`` flag of the same name
+    (``--max-steps`` for ``max_steps``) and a key of the ``--config`` TOML file.
+
+    Without ``model`` the run trains the tiny from-scratch model (:mod:`fastdiff.training.tiny`:
+    pixel space, joint text encoder, word-level tokenizer); with ``model`` it fine-tunes a Stable
+    Diffusion 1.x/2.x or SDXL pipeline in latent space (:mod:`fastdiff.training.sd`), fully
+    (``lora_rank = 0``) or with LoRA. Settings marked *from scratch* apply only without ``model``;
+    setting one with ``model`` is an error. Settings that default to ``None`` take a value that
+    depends on the path (listed per setting). The attributes below are the fields' ``help``
+    metadata, which ``fastdiff train --help`` prints too.
+    """
+
+    data: Path = setting(  # noqa: RUF009 (a dataclasses.field)
+        group="data",
+        help="Folder of images and caption files (searched recursively), or a dataset config .toml "
+        "(subsets, repeats, caption options; fastdiff.load_config). The config's loader options fill "
+        "the loader settings left unset (resolution, batch size, bucket sides, crop, flip): a value set "
+        "here wins. A config seed must equal --seed. Required.",
+    )
+    output: Path = setting(  # noqa: RUF009 (a dataclasses.field)
+        group="checkpoints",
+        help="Folder (created if missing) for loss.csv (step,loss), loss.png, train_config.json, "
+        "checkpoint-STEP/ folders, previews/ and the weights: from scratch unet/, text_encoder/, "
+        "tokenizer/, scheduler/; a full fine-tune the whole pipeline (save_pretrained); LoRA "
+        "pytorch_lora_weights.safetensors. Required.",
+    )
+    model: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
+        None,
+        group="model",
+        help="Stable Diffusion 1.x/2.x/SDXL pipeline folder (diffusers layout) or single-file checkpoint "
+        "(.safetensors/.ckpt) to fine-tune; unset: train the tiny model from scratch.",
+    )
+    model_config: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
+        None,
+        group="model",
+        help="For a single-file --model (required there): a local diffusers pipeline folder of the same "
+        "architecture whose configs from_single_file uses (nothing is downloaded).",
+    )
+    resolution: int | None = setting(
+        None,
+        group="data",
+        min=1,
+        help="Bucket resolution in pixels: every batch has H * W <= resolution**2. Default: 64 from "
+        "scratch; the UNet's sample_size times the VAE's downsampling for a pipeline (512 for SD 1.5, "
+        "1024 for SDXL).",
+    )
+    bucket_step: int | None = setting(
+        None,
+        group="data",
+        min=1,
+        help="Bucket sides are multiples of this (pixels). Default 16 from scratch (a multiple of "
+        "2 ** (len(unet_channels) - 1)), 64 for a pipeline (a multiple of the VAE's and UNet's "
+        "downsampling, checked).",
+    )
+    min_bucket_side: int | None = setting(
+        None, group="data", help="Smallest bucket side in pixels (default: the loader's)."
+    )
+    max_bucket_side: int | None = setting(
+        None, group="data", help="Largest bucket side in pixels (default: the loader's)."
+    )
+    crop: str | None = setting(
+        None,
+        group="data",
+        choices=CROPS,
+        help=f"Loader crop mode (default: the dataset config's, else {LOADER_DEFAULTS['crop']}).",
+    )
+    flip_prob: float | None = setting(
+        None,
+        group="data",
+        help="Probability of a horizontal flip per sample (default: the dataset config's, else 0).",
+    )
+    batch_size: int | None = setting(
+        None,
+        group="data",
+        min=1,
+        help="Images per batch; the last batch of a bucket may be smaller (default: the dataset "
+        f"config's, else {LOADER_DEFAULTS['batch_size']}).",
+    )
+    max_steps: int = setting(
+        500,
+        group="optimisation",
+        flags=("--steps",),
+        min=1,
+        help="Optimizer steps to run (skipped non-finite steps count too).",
+    )
+    learning_rate: float | None = setting(
+        None,
+        group="optimisation",
+        gt=0,
+        help="Peak AdamW learning rate. Default 1e-3 from scratch, 1e-4 for LoRA, 1e-5 for a full fine-tune.",
+    )
+    lr_scheduler: str = setting(
+        "constant",
+        group="optimisation",
+        choices=LR_SCHEDULERS,
+        help="Learning-rate schedule (diffusers get_scheduler; decay reaches 0 at max_steps).",
+    )
+    lr_warmup_steps: int = setting(
+        0, group="optimisation", min=0, help="Steps of linear warmup from 0 to the learning rate."
+    )
+    weight_decay: float = setting(1e-2, group="optimisation", min=0, help="AdamW decoupled weight decay.")
+    use_8bit_adam: bool = setting(
+        False, group="optimisation", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."
+    )
+    max_grad_norm: float = setting(
+        1.0, group="optimisation", gt=0, help="Gradients are clipped to this global L2 norm."
+    )
+    gradient_accumulation_steps: int = setting(
+        1, group="optimisation", min=1, help="Batches whose gradients are summed into one optimizer step."
+    )
+    mixed_precision: str = setting(
+        "no",
+        group="precision",
+        choices=MIXED_PRECISION,
+        help="Autocast dtype of the forward passes: no (float32), fp16 (CUDA only, with a gradient "
+        "scaler) or bf16; trained weights stay float32.",
+    )
+    vae_dtype: str = setting(
+        "fp32",
+        group="precision",
+        choices=VAE_DTYPES,
+        help="Dtype of the frozen VAE (pipeline only). fp16 is refused: SD 1.x's and SDXL's VAEs "
+        "overflow to NaN in fp16.",
+    )
+    caption_dropout: float = setting(
+        0.1,
+        group="optimisation",
+        min=0,
+        lt=1,
+        help="Probability of replacing a caption by '' so the model also learns the unconditional "
+        "prediction that classifier-free guidance needs (SDXL: by zero embeddings, the unconditional "
+        "input of its pipeline).",
+    )
+    prediction_type: str | None = setting(
+        None,
+        group="model",
+        choices=PREDICTION_TYPES,
+        help="The network's target: epsilon, the noise (Ho et al. 2020), or v_prediction, "
+        "v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (Salimans & Ho 2022), whose MSE weighs the nearly-pure-"
+        "noise timesteps 1 / a_t times more than epsilon's does. Default: epsilon from scratch, the "
+        "pipeline scheduler's prediction_type for a pipeline.",
+    )
+    snr_gamma: float | None = setting(
+        None,
+        group="optimisation",
+        gt=0,
+        help="Gamma of min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); unset: off.",
+    )
+    noise_offset: float = setting(
+        0.0, group="optimisation", min=0, help="Offset-noise strength (0: off; Guttenberg 2023)."
+    )
+    input_perturbation: float = setting(
+        0.0, group="optimisation", min=0, help="Input-perturbation strength (0: off; Ning et al. 2023)."
+    )
+    ema_decay: float = setting(
+        0.0,
+        group="optimisation",
+        min=0,
+        lt=1,
+        help="Decay of an exponential moving average of the trained weights (diffusers EMAModel; e.g. "
+        "0.9999); 0 turns EMA off. With EMA the saved weights and previews are the EMA weights.",
+    )
+    lora_rank: int = setting(
+        0,
+        group="model",
+        min=0,
+        help="LoRA rank r (Hu et al. 2021) of the adapters peft adds to the UNet (and the text "
+        "encoders with --train-text-encoder); 0 fine-tunes every weight. Pipeline only.",
+    )
+    lora_alpha: float | None = setting(
+        None,
+        group="model",
+        gt=0,
+        help="LoRA scale numerator (the update is alpha / r * B A); default: the rank.",
+    )
+    lora_target_modules: tuple[str, ...] = setting(
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        group="model",
+        help="UNet module names that get adapters (diffusers attention projections).",
+    )
+    train_text_encoder: bool = setting(
+        False,
+        group="model",
+        help="Also train the pipeline's text encoder(s) (LoRA on their attention projections, or all "
+        "weights with --lora-rank 0). The tiny model always trains its own.",
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        group="precision",
+        help="Recompute activations in the backward pass to save memory (pipeline).",
+    )
+    max_consecutive_skips: int = setting(
+        20, group="optimisation", min=1, help="The run stops after this many non-finite steps in a row."
+    )
+    checkpoint_every: int = setting(
+        500,
+        group="checkpoints",
+        min=0,
+        help="Save OUTPUT/checkpoint-STEP/ every this many steps (0: never).",
+    )
+    resume: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
+        None,
+        group="checkpoints",
+        help="A checkpoint-STEP folder (or a folder holding some: the highest step is taken) to "
+        "continue from; the run then goes on to max_steps and appends to its own output.",
+    )
+    preview_every: int = setting(
+        0,
+        group="logging",
+        min=0,
+        help="Sample the preview prompts into OUTPUT/previews/step-N.png every this many steps and "
+        "after the last (0: never).",
+    )
+    preview_prompts: tuple[str, ...] = setting(
+        (),
+        group="logging",
+        help=f"Preview prompts; default: the first {DEFAULT_PREVIEW_PROMPTS} distinct captions of the "
+        "data (in file order; the first line of a multi-caption entry).",
+    )
+    preview_steps: int = setting(
+        25,
+        group="logging",
+        min=1,
+        help="Denoising steps of a preview (the pipeline's scheduler, or DDIM from scratch).",
+    )
+    preview_guidance_scale: float = setting(
+        5.0, group="logging", help="Classifier-free guidance scale of the previews."
+    )
+    max_caption_tokens: int = setting(
+        32,
+        group="model",
+        min=3,
+        from_scratch=True,
+        help="Token sequence length, special tokens included (<bos>, a word, <eos>).",
+    )
+    unet_channels: tuple[int, ...] = setting(
+        (32, 64, 64),
+        group="model",
+        from_scratch=True,
+        help=f"UNet block_out_channels, one resolution level each (multiples of "
+        f"{NORM_GROUPS}; the last a multiple of {HEAD_DIM}); attention only on the lowest level and the "
+        "mid block.",
+    )
+    layers_per_block: int = setting(
+        1, group="model", min=1, from_scratch=True, help="ResNet layers per UNet level."
+    )
+    text_hidden_size: int = setting(
+        64,
+        group="model",
+        min=1,
+        from_scratch=True,
+        help=f"Text encoder width (a multiple of {HEAD_DIM}), also the UNet's cross-attention width.",
+    )
+    text_layers: int = setting(
+        2, group="model", min=1, from_scratch=True, help="Text encoder transformer layers."
+    )
+    num_train_timesteps: int = setting(
+        1000, group="model", min=2, from_scratch=True, help="Diffusion timesteps T of the DDPM schedule."
+    )
+    beta_schedule: str = setting(
+        "squaredcos_cap_v2",
+        group="model",
+        from_scratch=True,
+        help="diffusers beta_schedule; the default is the cosine schedule of Nichol & Dhariwal 2021.",
+    )
+    seed: int = setting(
+        0,
+        group="optimisation",
+        help="Seed of the initialisation, the loader's shuffle/crops/flips, noise and caption dropout.",
+    )
+    num_threads: int | None = setting(
+        None, group="precision", min=1, help="Loader decode threads (default: every core)."
+    )
+    torch_threads: int | None = setting(
+        None,
+        group="precision",
+        min=1,
+        help="torch intra-op (OpenMP) threads, set process-wide with torch.set_num_threads (default: "
+        "leave torch's setting). On a small CPU shared with other work, 1 can be several times faster "
+        "than all cores: every op waits at an OpenMP barrier for all its threads.",
+    )
+    device: str = setting(
+        "auto", group="precision", help="auto (CUDA when available, else CPU) or a torch device string."
+    )
+
+    def __post_init__(self) -> None:
+        """Check each field's range and choices (from its metadata), then the cross-field rules.
+
+        Raises:
+            ValueError: A field is out of range, or a from-scratch field is set with ``model`` (or a
+                pipeline field without it); the message names it.
+        """
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.model is None:
+            self._check_from_scratch()
+        else:
+            for f in fields(self):
+                if f.metadata["from_scratch"] and getattr(self, f.name) != f.default:
+                    raise ValueError(f"{f.name} applies only to the from-scratch model (no `model`)")
+
+    def _check_from_scratch(self) -> None:
+        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing"):
+            if getattr(self, name):
+                raise ValueError(f"{name} needs a Stable Diffusion `model` to fine-tune")
+        if not self.unet_channels or any(c < 1 or c % NORM_GROUPS for c in self.unet_channels):
+            raise ValueError(f"unet_channels must be multiples of {NORM_GROUPS}, got {self.unet_channels}")
+        if self.unet_channels[-1] % HEAD_DIM or self.text_hidden_size % HEAD_DIM:
+            raise ValueError(f"unet_channels[-1] and text_hidden_size must be multiples of {HEAD_DIM}")
+        downsampling = 2 ** (len(self.unet_channels) - 1)
+        if self.bucket_step is not None and self.bucket_step % downsampling:
+            raise ValueError(
+                f"bucket_step ({self.bucket_step}) must be a multiple of the UNet's downsampling factor "
+                f"{downsampling} (2 ** (len(unet_channels) - 1))"
+            )
+
+    def resolved(self, **defaults: Any) -> TrainConfig:
+        """This config with every ``None`` of ``defaults``' keys replaced by the given value."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (paths as strings, tuples as lists): ``train_config.json``."""
+        return {k: _json_value(v) for k, v in asdict(self).items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_field(f: Field[Any], value: Any) -> None:
+    """Raise ``ValueError`` naming ``f`` when ``value`` breaks its metadata's choices or bounds."""
+    m = f.metadata
+    optional = f.default is None
+    if value is None and optional:
+        return
+    if m["choices"] is not None and value not in m["choices"]:
+        allowed = (*m["choices"], None) if optional else m["choices"]
+        hint = " (fp16 makes SD's VAE overflow to NaN)" if f.name == "vae_dtype" else ""
+        raise ValueError(f"{f.name} must be one of {allowed}{hint}, got {value!r}")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    low, above, below = m["min"], m["gt"], m["lt"]
+    broken = (
+        (low is not None and value < low)
+        or (above is not None and value <= above)
+        or (below is not None and value >= below)
+    )
+    if broken:
+        if below is not None:
+            rule = f"in [{low}, {below})"
+        else:
+            rule = f">= {low}" if low is not None else f"> {above}"
+        raise ValueError(f"{f.name} must be {rule}{' or None' if optional else ''}, got {value}")
+
+
+def _attributes_doc() -> str:
+    """The ``Attributes:`` section of :class:`TrainConfig`'s docstring, from the fields' ``help``."""
+    lines = ["", "    Attributes:"]
+    for f in fields(TrainConfig):
+        lines.append(f"        {f.name}: {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+if TrainConfig.__doc__ is not None:  # None under python -OO
+    TrainConfig.__doc__ += _attributes_doc()
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """``(element type, is a tuple)`` of a field's annotation: ``Path | None`` → ``(Path, False)``,
+    ``tuple[int, ...]`` → ``(int, True)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+#: ``{field name: (element type, is a tuple)}`` of every :class:`TrainConfig` field.
+FIELD_TYPES = {name: _base_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+
+
+#: Placeholders of the flags' values in ``--help``, by element type.
+METAVARS: dict[type, str] = {int: "N", float: "X", Path: "PATH"}
+
+
+def _flag_help(f: Field[Any]) -> str:
+    help = f.metadata["help"]
+    if f.default is not MISSING and f.default is not None and f.default != ():
+        if isinstance(f.default, bool):
+            shown = "on" if f.default else "off"
+        elif isinstance(f.default, tuple):
+            shown = " ".join(str(v) for v in f.default)
+        else:
+            shown = str(f.default)
+        help += f" (default: {shown})"
+    return help.replace("%", "%%")  # argparse %-formats help strings
+
+
+def flag_name(name: str) -> str:
+    """The ``fastdiff train`` flag of a field: ``max_steps`` → ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per :class:`TrainConfig` field, in the field's ``--help`` group.
+
+    Types come from the annotations (``bool`` → ``--x/--no-x``; a tuple → one or more values), help,
+    choices and extra spellings from the metadata. Every flag defaults to ``None`` here ("not
+    given"): :func:`config_from_args` fills in the TOML file's value, else the field's default.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    parser.add_argument(
+        "--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)"
+    )
+    groups = {name: parser.add_argument_group(name, description) for name, description in GROUPS.items()}
+    for f in fields(TrainConfig):
+        kind, many = FIELD_TYPES[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": _flag_help(f)}
+        if f.metadata["choices"] is not None:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            if kind is not str:
+                kwargs["type"] = kind
+                kwargs["metavar"] = METAVARS[kind]
+            if many:
+                kwargs["nargs"] = "+"
+        groups[f.metadata["group"]].add_argument(flag_name(f.name), *f.metadata["flags"], **kwargs)
+
+
+def read_train_toml(path: Path) -> dict[str, Any]:
+    """The settings of a ``fastdiff train --config`` TOML file, as :class:`TrainConfig` field values.
+
+    Keys are the flag names without ``--`` (``max-steps``; ``max_steps`` also works) at the top level;
+    relative paths are taken relative to the TOML file's folder, as in dataset configs.
+
+    Returns:
+        ``{field name: value}`` of the keys present.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
+        ImportError: Python 3.10 without the ``tomli`` package.
+    """
+    from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
+
+    raw = _load_toml(Path(path))
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_TYPES:
+            raise ValueError(f"{path}: unknown key {key!r} (keys are `fastdiff train` flag names)")
+        if FIELD_TYPES[name][0] is Path and isinstance(value, str):
+            value = Path(path).parent / value
+        values[name] = value
+    return values
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from field values as argparse or TOML give them (lists, strings for paths).
+
+    Raises:
+        ValueError: ``data`` or ``output`` is missing, or as :class:`TrainConfig`.
+    """
+    values = dict(values)
+    for name in ("data", "output"):
+        if values.get(name) is None:
+            raise ValueError(f"{flag_name(name)} is required (as a flag or a key of --config)")
+    for name, (kind, many) in FIELD_TYPES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if many:
+            values[name] = (value,) if isinstance(value, str | int) else tuple(value)
+        elif kind is Path:
+            values[name] = Path(value)
+    return TrainConfig(**values)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``fastdiff train`` arguments: flags given win over the
+    ``--config`` file's keys, which win over the defaults.
+
+    Raises:
+        ValueError: As :func:`read_train_toml` and :func:`config_from_mapping`.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None and k in FIELD_TYPES}
+    from_file = read_train_toml(args.config) if getattr(args, "config", None) is not None else {}
+    return config_from_mapping({**from_file, **given})

@@ -1,0 +1,366 @@
+"""The training step loop shared by ``fastdiff train``'s two model paths (from scratch, and Stable Diffusion).
+
+What a step *computes* belongs to a :class:`~fastdiff.training.protocols.Task` (the tiny pixel-space
+model in :mod:`fastdiff.training.tiny`, Stable Diffusion 1.x/2.x/SDXL in :mod:`fastdiff.training.sd`);
+this module does everything around it, once, for both: caption dropout, AdamW (optionally 8-bit), LR
+schedule with warmup, gradient accumulation, mixed precision with a gradient scaler, gradient
+clipping, the non-finite guard, EMA, and when to log, preview and checkpoint (the files themselves are
+:mod:`~fastdiff.training.outputs` and :mod:`~fastdiff.training.checkpoint`). It must not know about
+UNets, VAEs or tokenizers, nor about the application's config: it reads a
+:class:`~fastdiff.training.protocols.LoopSettings`.
+
+diffusers, tqdm (the ``train`` extra) and bitsandbytes are imported where used: ``fastdiff.cli`` imports
+the training modules to register their arguments, and must start fast and report a missing extra itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
+from fastdiff.training.objective import drop_captions
+from fastdiff.training.outputs import LossLog, save_sample_grid
+from fastdiff.training.protocols import BatchLoader, LoopSettings, Task
+from fastdiff.types import Batch
+
+log = logging.getLogger("fastdiff.train")
+#: Images per prompt in a preview grid (seeds ``seed``, ``seed + 1``, ...).
+PREVIEW_SEEDS = 2
+
+
+@dataclass
+class LoopResult:
+    """What :func:`run` did.
+
+    Attributes:
+        losses: Loss of every step this process ran, in order (``nan``/``inf`` where skipped); with
+            gradient accumulation the mean of the step's micro-batch losses.
+        first_step: Number of the first of them (1, or the checkpoint's step + 1 on resume).
+        skipped_steps: Steps (of the whole run, resumed ones included) whose loss or gradients were not
+            finite and that did not update the weights.
+        overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
+            (normal while it calibrates its scale; not counted in ``skipped_steps``).
+        seconds: Wall time of the loop in seconds.
+        data_seconds: Part of ``seconds`` spent waiting for the loader's next batch (each step's loss
+            is read back with ``.item()``, so on CUDA the GPU work of a step is inside its own time).
+    """
+
+    losses: list[float]
+    first_step: int
+    skipped_steps: int
+    overflow_steps: int
+    seconds: float
+    data_seconds: float = 0.0
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``mixed_precision`` (``"no"``, ``"fp16"``, ``"bf16"``) on ``device``.
+
+    Returns:
+        ``None`` for full float32, else ``torch.float16`` or ``torch.bfloat16``.
+
+    Raises:
+        ValueError: ``"fp16"`` on a non-CUDA device (its gradient scaler is for CUDA), or an unknown value.
+    """
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(f"mixed_precision 'fp16' needs a CUDA device, got {device}; use 'bf16' or 'no'")
+        return torch.float16
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], config: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) over ``params``; bitsandbytes' 8-bit AdamW with ``use_8bit_adam``.
+
+    Raises:
+        ValueError: ``learning_rate`` is unset (``None``: the run did not resolve its default).
+        ImportError: ``use_8bit_adam`` without bitsandbytes installed.
+    """
+    if config.learning_rate is None:
+        raise ValueError("learning_rate is unset: resolve the model's default before building the optimizer")
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: LoopSettings
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' ``get_scheduler``: linear warmup over ``lr_warmup_steps``, then constant, cosine or
+    linear decay to 0 at ``max_steps`` (stepped once per optimizer step)."""
+    from diffusers.optimization import get_scheduler
+
+    name = config.lr_scheduler
+    if name == "constant" and config.lr_warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(
+        name,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_steps,
+    )
+
+
+def epochs_of(loader: BatchLoader, first_epoch: int) -> Iterator[Batch]:
+    """Batches of ``loader`` over epochs ``first_epoch, first_epoch + 1, …`` (``set_epoch`` each time).
+
+    Raises:
+        RuntimeError: An epoch yielded no batches.
+    """
+    epoch = first_epoch
+    while True:
+        loader.set_epoch(epoch)
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise RuntimeError(f"epoch {epoch} of the loader yielded no batches")
+        epoch += 1
+
+
+def run(
+    task: Task,
+    loader: BatchLoader,
+    config: LoopSettings,
+    device: torch.device,
+    *,
+    preview_prompts: Sequence[str] = (),
+    resume_must_match: Sequence[str] = (),
+    checkpoint_files: Callable[[Path], None] | None = None,
+) -> LoopResult:
+    """Train ``task`` for ``config.max_steps`` optimizer steps on ``loader``'s batches.
+
+    One step: take ``gradient_accumulation_steps`` batches; drop captions with ``caption_dropout``;
+    for each, ``task.loss`` under autocast (``mixed_precision``) and backward of ``loss / accumulation``
+    (scaled by ``GradScaler`` for fp16); unscale, clip the global L2 gradient norm to
+    ``max_grad_norm``; optimizer step; LR scheduler step; EMA update (``ema_decay > 0``, diffusers
+    ``EMAModel`` over the trainable parameters).
+
+    Stability guard: when a micro-batch's loss is not finite, its backward is not run, the step's
+    gradients are discarded and the weights, optimizer and EMA are left untouched; the same when the
+    gradient norm is not finite (bf16/fp32; with fp16, ``GradScaler`` skips overflowing steps itself and
+    they are counted as ``overflow_steps``). The step is counted, logged with its batches' paths, and
+    still advances the step counter and the LR schedule. ``max_consecutive_skips`` skipped steps in a
+    row stop the run.
+
+    Checkpoints (every ``checkpoint_every`` steps, ``OUTPUT/checkpoint-STEP/``): the trainable
+    parameters (``trainable.safetensors``), optimizer, LR scheduler, EMA, GradScaler, counters and
+    every RNG state (``training_state.pt``), the loader's ``state_dict()`` (``loader.json``) and the
+    config (``train_config.json``), plus ``checkpoint_files(folder)``. ``config.resume`` restores all of
+    them, so the next step's loss equals an uninterrupted run's (bit-exact on CPU with the same torch
+    thread count), and appends to ``OUTPUT/loss.csv`` (rows after the checkpoint's step are dropped).
+
+    Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
+    ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed``, EMA weights when EMA is on,
+    under ``torch.random.fork_rng`` so that training randomness is unaffected; saved as
+    ``OUTPUT/previews/step-NNNNNN.png``.
+
+    After the last step, EMA weights (when on) are copied into the model before the caller saves it.
+
+    Args:
+        task: The model side.
+        loader: Batches (``pixel_values``, ``captions``, ``paths``, …).
+        config: The run's resolved settings (``learning_rate`` set).
+        device: Where the task's modules are.
+        preview_prompts: Prompts of the previews (none: no previews).
+        checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter), from
+            the EMA weights when EMA is on, as the final output.
+        resume_must_match: Settings (names in ``config.to_json()``) that ``config.resume``'s
+            checkpoint must share with this run.
+
+    Returns:
+        Losses and counters.
+
+    Raises:
+        RuntimeError: ``max_consecutive_skips`` steps in a row were skipped, or an epoch was empty.
+        ValueError: ``config.resume`` is a checkpoint of an incompatible run.
+        FileNotFoundError: ``config.resume`` holds no checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    amp_dtype = autocast_dtype(config.mixed_precision, device)
+    params_by_name = task.trainable()
+    params = list(params_by_name.values())
+    if not params:
+        raise ValueError("the task has no trainable parameters")
+    optimizer = make_optimizer(params, config)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    ema = None
+    if config.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=config.ema_decay)
+        ema.to(device)
+    noise_gen = torch.Generator(device).manual_seed(config.seed)
+    caption_rng = random.Random(config.seed)
+    pin = device.type == "cuda"
+    checkpointer = Checkpointer(config.output, config.to_json(), resume_must_match, task, loader)
+
+    step = skipped = consecutive = overflow = 0
+    first_epoch = 0
+    if config.resume is not None:
+        folder = find_checkpoint(config.resume)
+        state = checkpointer.load(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+            ema.to(device)  # the loaded averages are on the CPU (map_location), the weights on `device`
+        set_rng_state(state["rng"], noise_gen, caption_rng)
+        step, skipped, consecutive, overflow = (
+            int(state[k]) for k in ("step", "skipped", "consecutive", "overflow")
+        )
+        first_epoch = loader.epoch  # type: ignore[attr-defined]
+        log.info("resumed from %s at step %d", folder, step)
+
+    config.output.mkdir(parents=True, exist_ok=True)
+    first_step = step + 1
+    loss_log = LossLog(config.output / "loss.csv", first_step)
+    batches = epochs_of(loader, first_epoch)
+    accumulation = config.gradient_accumulation_steps
+    losses: list[float] = []
+    task.train_mode(True)
+    start = time.perf_counter()
+    data_seconds = 0.0
+
+    def user_files(folder: Path) -> None:
+        # The files a user loads from a checkpoint hold what the run's output would: the EMA weights.
+        # (The raw weights that resuming needs are in the checkpoint's trainable file.)
+        if checkpoint_files is None:
+            return
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            checkpoint_files(folder)
+        finally:
+            if ema is not None:
+                ema.restore(params)
+
+    def preview(at: int) -> None:
+        if not preview_prompts:
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if ema is not None:
+                ema.store(params)
+                ema.copy_to(params)
+            task.train_mode(False)
+            try:
+                seeds = [config.seed + i for i in range(PREVIEW_SEEDS)]
+                images = task.preview(preview_prompts, seeds=seeds, steps=config.preview_steps)
+            finally:
+                task.train_mode(True)
+                if ema is not None:
+                    ema.restore(params)
+        folder = config.output / "previews"
+        folder.mkdir(exist_ok=True)
+        save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
+
+    try:
+        with tqdm(total=config.max_steps, initial=step, desc="train", unit="step") as bar:
+            while step < config.max_steps:
+                step += 1
+                waited = time.perf_counter()
+                micro = [next(batches) for _ in range(accumulation)]
+                data_seconds += time.perf_counter() - waited
+                values: list[float] = []
+                finite = True
+                for batch in micro:
+                    batch = dict(batch)
+                    pixels = batch["pixel_values"]
+                    batch["pixel_values"] = (pixels.pin_memory() if pin else pixels).to(
+                        device, non_blocking=pin
+                    )
+                    batch["captions"], batch["captions_dropped"] = drop_captions(
+                        batch["captions"], config.caption_dropout, caption_rng
+                    )
+                    loss = task.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
+                    value = loss.item()
+                    values.append(value)
+                    if not math.isfinite(value):
+                        finite = False
+                        break
+                    scaler.scale(loss / accumulation).backward()
+                step_loss = float(np.mean(values)) if finite else values[-1]
+                reason = "" if finite else "loss"
+                if finite:
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grads_finite = bool(torch.isfinite(norm))
+                    if scaler.is_enabled():
+                        scale = scaler.get_scale()
+                        scaler.step(optimizer)  # skips the update itself when the gradients overflowed
+                        scaler.update()
+                        if not grads_finite or scaler.get_scale() < scale:
+                            overflow += 1
+                        elif ema is not None:
+                            ema.step(params)
+                    elif grads_finite:
+                        optimizer.step()
+                        if ema is not None:
+                            ema.step(params)
+                    else:
+                        reason = "gradient"
+                optimizer.zero_grad(set_to_none=True)
+                lr_scheduler.step()
+                if reason:
+                    skipped += 1
+                    consecutive += 1
+                    paths = [p for b in micro for p in b.get("paths", [])]
+                    log.warning("step %d skipped: non-finite %s (batch: %s)", step, reason, ", ".join(paths))
+                    if consecutive >= config.max_consecutive_skips:
+                        raise RuntimeError(
+                            f"{consecutive} consecutive steps (up to step {step}) had a non-finite {reason}; "
+                            f"stopping. Last batch: {', '.join(paths) or '?'}. Check those images, lower "
+                            "learning_rate, or use mixed_precision 'no' or 'bf16'."
+                        )
+                else:
+                    consecutive = 0
+                losses.append(step_loss)
+                loss_log.write(step, step_loss)
+                bar.set_postfix(loss=f"{step_loss:.4f}", skipped=skipped, refresh=False)
+                bar.update()
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    state = {
+                        "step": step,
+                        "skipped": skipped,
+                        "consecutive": consecutive,
+                        "overflow": overflow,
+                        "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "rng": rng_state(noise_gen, caption_rng),
+                    }
+                    checkpointer.save(step, state, user_files)
+                if config.preview_every and step % config.preview_every == 0:
+                    preview(step)
+        if config.preview_every and step % config.preview_every != 0:
+            preview(step)
+    finally:
+        loss_log.close()
+        batches.close()
+    seconds = time.perf_counter() - start
+    if ema is not None:
+        ema.copy_to(params)
+    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds)

@@ -1,0 +1,166 @@
+"""The diffusion training objective: forward noising (with noise offset and input perturbation), the
+regression target (ε or v), min-SNR-γ weights, the (weighted) MSE, and caption dropout.
+
+Pure functions of tensors and a diffusers noise schedule; shared by the tiny model
+(:mod:`fastdiff.training.tiny`) and Stable Diffusion (:mod:`fastdiff.training.sd`). It must not know
+about a run's settings, the loop or the models.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
+
+class Noised(NamedTuple):
+    """One forward-noising draw (see :func:`add_training_noise`)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def add_training_noise(
+    x0: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    *,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+) -> Noised:
+    """Noise clean samples at uniformly drawn timesteps and give the network's regression target.
+
+    Draws ε ~ N(0, I) and t ~ U{0..T-1} per sample (in that order, from ``generator``) and forms
+    ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` (DDPM, Ho et al. 2020, arXiv:2006.11239). Options:
+
+    - ``noise_offset``: ε += offset · n with n ~ N(0, 1) per sample and channel (shape ``[B, C, 1, 1]``),
+      which lets the model change an image's mean brightness (N. Guttenberg, "Diffusion with offset
+      noise", crosslabs.org, 2023).
+    - ``input_perturbation``: ``x_t`` is formed with ε + γ·n instead of ε while the target keeps ε
+      (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models",
+      arXiv:2301.11706).
+
+    Args:
+        x0: Clean samples (pixels in ``[-1, 1]`` or scaled VAE latents), float ``[B, C, H, W]``.
+        noise_scheduler: The training schedule (``num_train_timesteps``, ``prediction_type``).
+        generator: Source of every random draw, on ``x0``'s device.
+        noise_offset: Offset-noise strength (0: off).
+        input_perturbation: Input-perturbation strength γ (0: off).
+
+    Returns:
+        ``noisy`` (``x_t``, like ``x0``), ``timesteps`` (int64 ``[B]``) and ``target``: ε for
+        ``prediction_type="epsilon"``, ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` for ``"v_prediction"``
+        (Salimans & Ho 2022, arXiv:2202.00512).
+
+    Raises:
+        ValueError: Another ``prediction_type``.
+    """
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=device)
+    if noise_offset:
+        offset = torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+        noise = noise + noise_offset * offset
+    if input_perturbation:
+        extra = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        noisy = noise_scheduler.add_noise(x0, noise + input_perturbation * extra, timesteps)
+    else:
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return Noised(noisy, timesteps, target)
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", arXiv:2303.09556; the v-prediction form as in their code and diffusers' examples).
+
+    With ``SNR(t) = ᾱ_t / (1 - ᾱ_t)`` (diffusers' ``compute_snr``), the weight on the MSE of a
+    prediction is ``min(SNR, γ) / SNR`` for ε-prediction and ``min(SNR, γ) / (SNR + 1)`` for
+    v-prediction: both equal ``min(SNR, γ)`` as a weight on the x_0 error. For ε at ``SNR = 0``
+    (zero-terminal-SNR schedules) the weight is its limit, 1.
+
+    Args:
+        noise_scheduler: The training schedule (``alphas_cumprod``, ``prediction_type``).
+        timesteps: int64 ``[B]``.
+        gamma: γ > 0 (the paper uses 5).
+
+    Returns:
+        float32 ``[B]`` on ``timesteps``' device.
+
+    Raises:
+        ValueError: ``gamma <= 0`` or an unknown ``prediction_type``.
+    """
+    from diffusers.training_utils import compute_snr
+
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+
+
+def weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean squared error in float32; with ``weights`` (``[B]``) each sample's mean is weighted first.
+
+    Returns:
+        A float32 scalar: ``mean_b(w_b · mean(||pred_b - target_b||²))``, or the plain MSE.
+    """
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    return (per_sample * weights.float()).mean()
+
+
+def diffusion_loss_from(
+    noise_scheduler: DDPMScheduler,
+    noised: Noised,
+    prediction: torch.Tensor,
+    snr_gamma: float | None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The MSE of ``prediction`` to ``noised.target``, min-SNR-γ weighted when ``snr_gamma`` is set.
+
+    ``sample_weights`` (float ``[B]``, the loader's ``loss_weights``) multiply each sample's loss as
+    well; all ones (every subset at the default ``loss_weight``) leaves the loss as without them.
+    """
+    weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, noised.timesteps, snr_gamma)
+    if sample_weights is not None and not bool(torch.all(sample_weights == 1)):
+        sample_weights = sample_weights.to(prediction.device, torch.float32)
+        weights = sample_weights if weights is None else weights * sample_weights
+    return weighted_mse(prediction, noised.target, weights)
+
+
+def drop_captions(
+    captions: Sequence[str], probability: float, rng: random.Random
+) -> tuple[list[str], list[bool]]:
+    """Replace each caption by ``""`` with ``probability`` (classifier-free guidance training, Ho &
+    Salimans 2022, arXiv:2207.12598); one ``rng.random()`` draw per caption.
+
+    Returns:
+        (captions, dropped): the new captions, and which of them were dropped (a task may give those
+        another unconditional embedding than that of ``""``, as SDXL's zeros).
+    """
+    dropped = [rng.random() < probability for _ in captions]
+    return ["" if d else c for c, d in zip(captions, dropped, strict=True)], dropped

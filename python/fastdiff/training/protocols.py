@@ -1,0 +1,110 @@
+"""What the training mechanics need of the rest, as protocols: batches, a model, and the run's settings.
+
+The mechanics (``loop``, ``checkpoint``) are written against these, so they import neither the
+application (:class:`fastdiff.training.config.TrainConfig` satisfies :class:`LoopSettings`) nor a model
+(:class:`fastdiff.training.tiny.TinyTask` and :class:`fastdiff.training.sd.PipelineTask` satisfy
+:class:`Task`), nor a loader (:class:`fastdiff.DataLoader` satisfies :class:`BatchLoader`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fastdiff.types import Batch
+
+
+class BatchLoader(Protocol):
+    """What training needs of a loader: :class:`fastdiff.DataLoader` satisfies it.
+
+    Each iteration yields one epoch of batches in the ``fastdiff.DataLoader`` format (at least
+    ``pixel_values``: float tensor ``[B, 3, H, W]`` in ``[-1, 1]``, and ``captions``: ``list[str]``).
+    Checkpoints also need ``state_dict()`` / ``load_state_dict()`` and ``epoch`` (looked up when used).
+    """
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        ...
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch of batches."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch that the next iteration runs."""
+        ...
+
+
+class Task(Protocol):
+    """The model side of a run: what is trained, how a batch's loss is computed, how it is saved."""
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters the optimizer updates, by a stable name (checkpoint keys), in a fixed order."""
+        ...
+
+    def train_mode(self, on: bool) -> None:
+        """Put the trained modules in train (``True``) or eval mode."""
+        ...
+
+    def loss(
+        self, batch: Batch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """The (weighted) diffusion loss of ``batch``, a float32 scalar; noise drawn from ``generator``."""
+        ...
+
+    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+        """One image per (prompt, seed), prompt-major: float32 ``[P * S, 3, H, W]`` in ``[0, 1]``, CPU."""
+        ...
+
+    def save(self, output: Path) -> None:
+        """Write the trained weights (or adapter) into ``output``."""
+        ...
+
+
+class LoopSettings(Protocol):
+    """The settings :func:`fastdiff.training.loop.run` reads; their meaning is documented once, on the
+    fields of the same name of :class:`fastdiff.training.config.TrainConfig` (read-only here)."""
+
+    @property
+    def output(self) -> Path: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def learning_rate(self) -> float | None: ...
+    @property
+    def lr_scheduler(self) -> str: ...
+    @property
+    def lr_warmup_steps(self) -> int: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def use_8bit_adam(self) -> bool: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+    @property
+    def gradient_accumulation_steps(self) -> int: ...
+    @property
+    def mixed_precision(self) -> str: ...
+    @property
+    def caption_dropout(self) -> float: ...
+    @property
+    def ema_decay(self) -> float: ...
+    @property
+    def max_consecutive_skips(self) -> int: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def resume(self) -> Path | None: ...
+    @property
+    def preview_every(self) -> int: ...
+    @property
+    def preview_steps(self) -> int: ...
+
+    def to_json(self) -> dict[str, Any]:
+        """Every setting as JSON values: what a checkpoint's ``train_config.json`` holds."""
+        ...

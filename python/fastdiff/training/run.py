@@ -1,0 +1,273 @@
+"""``fastdiff train``: build the run from its :class:`~fastdiff.training.config.TrainConfig`, train,
+write the outputs.
+
+:func:`train` resolves the settings (the dataset config's loader options, the model's defaults), builds
+the loader (:class:`fastdiff.DataLoader`) and the model side (:class:`~fastdiff.training.tiny.TinyTask`
+from scratch, :class:`~fastdiff.training.sd.PipelineTask` for a Stable Diffusion ``model``), runs
+:func:`fastdiff.training.loop.run` (AMP, accumulation, clipping, EMA, min-SNR, non-finite guard,
+checkpoints and exact resume, previews, ``loss.csv``), then plots the loss and saves the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fastdiff.loader import DataLoader
+from fastdiff.training import loop
+from fastdiff.training.config import (
+    DATASET_FIELDS,
+    DEFAULT_PREVIEW_PROMPTS,
+    LOADER_DEFAULTS,
+    RESUME_MUST_MATCH,
+    TrainConfig,
+    config_from_args,
+)
+from fastdiff.training.loop import autocast_dtype
+from fastdiff.training.outputs import plot_loss, read_loss_csv
+from fastdiff.training.protocols import BatchLoader
+from fastdiff.training.sd import PipelineTask
+from fastdiff.training.tiny import TinyTask
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes:
+        output: The output folder (see :class:`TrainConfig`).
+        config: The run's settings with the path-dependent defaults filled in.
+        losses: Loss of every step this process ran, in order (``nan``/``inf`` where the step was
+            skipped); a resumed run starts at ``first_step``.
+        first_step: Step number of ``losses[0]``.
+        skipped_steps: Steps whose loss or gradients were not finite; they did not update the weights.
+        overflow_steps: fp16 steps skipped by the gradient scaler (see
+            :class:`fastdiff.training.loop.LoopResult`).
+        seconds: Wall time of the training loop in seconds (model building and saving excluded).
+        data_seconds: Part of ``seconds`` spent waiting for batches from the loader.
+        device: The torch device trained on.
+        unet: The trained UNet (on ``device``; EMA weights when EMA is on).
+        text_encoder: The (first) text encoder (on ``device``).
+        tokenizer: The (first) tokenizer.
+        noise_scheduler: The DDPM training noise schedule.
+        pipeline: The fine-tuned diffusers pipeline (``None`` from scratch); it holds ``unet`` and
+            ``text_encoder``, with LoRA adapters active.
+    """
+
+    output: Path
+    config: TrainConfig
+    losses: list[float]
+    first_step: int
+    skipped_steps: int
+    overflow_steps: int
+    seconds: float
+    data_seconds: float
+    device: torch.device
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: Any
+    noise_scheduler: DDPMScheduler
+    pipeline: Any = None
+
+    @property
+    def loss_csv(self) -> Path:
+        """``output/loss.csv``: columns ``step,loss``, one row per step, steps counted from 1."""
+        return self.output / "loss.csv"
+
+    @property
+    def loss_png(self) -> Path:
+        """``output/loss.png``: the loss curve."""
+        return self.output / "loss.png"
+
+
+def is_dataset_config(data: Path) -> bool:
+    """Whether ``data`` names a dataset config (a ``.toml`` file) rather than a folder of images."""
+    return data.suffix.lower() == ".toml" and not data.is_dir()
+
+
+def with_dataset_options(config: TrainConfig) -> TrainConfig:
+    """``config`` with the loader fields it leaves at ``None`` taken from its dataset config.
+
+    Fields filled (when ``config.data`` is a ``.toml`` that sets them in ``[general]`` or
+    ``[[datasets]]``): :data:`DATASET_FIELDS`; then ``batch_size``, ``crop`` and ``flip_prob`` still
+    at ``None`` get :data:`LOADER_DEFAULTS`. A folder ``data`` only gets the defaults.
+
+    Raises:
+        ValueError: The dataset config is invalid (as :func:`fastdiff.load_config`), or it sets a
+            ``seed`` other than ``config.seed``.
+    """
+    from fastdiff.dataset import load_config
+
+    if is_dataset_config(config.data):
+        options, _ = load_config(config.data)
+        if options.get("seed", config.seed) != config.seed:
+            raise ValueError(
+                f"{config.data}: seed = {options['seed']} differs from the run's seed {config.seed} "
+                "(--seed); set it in one place"
+            )
+        config = config.resolved(**{k: options[k] for k in DATASET_FIELDS if k in options})
+    return config.resolved(**LOADER_DEFAULTS)
+
+
+def dataset_captions(config: TrainConfig, loader: BatchLoader) -> list[str]:
+    """The caption of each training image, in file order (``""`` where an image has none).
+
+    Args:
+        config: The run's settings.
+        loader: The run's loader: its ``captions`` (:attr:`fastdiff.DataLoader.captions`) if it has
+            them, else those of a :func:`make_loader` of ``config`` (a header scan of ``data``).
+    """
+    captions = getattr(loader, "captions", None)
+    return list(captions) if captions is not None else make_loader(config).captions
+
+
+def make_loader(config: TrainConfig) -> DataLoader:
+    """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch.
+
+    Args:
+        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``);
+            a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`, the fields
+            set here winning over its values; fields left at ``None`` take the loader's defaults.
+
+    Returns:
+        The loader.
+
+    Raises:
+        ValueError: As :class:`fastdiff.DataLoader`.
+    """
+    options = {
+        "resolution": config.resolution,
+        "batch_size": config.batch_size,
+        "bucket_step": config.bucket_step,
+        "min_bucket_side": config.min_bucket_side,
+        "max_bucket_side": config.max_bucket_side,
+        "crop": config.crop,
+        "flip_prob": config.flip_prob,
+        "seed": config.seed,
+        "num_threads": config.num_threads,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if is_dataset_config(config.data):
+        return DataLoader.from_config(config.data, dtype=torch.float32, **options)
+    return DataLoader(config.data, shuffle=True, dtype=torch.float32, **options)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when ``torch.cuda.is_available()``, else CPU; anything else → ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
+    """Train the tiny model from scratch, or fine-tune the Stable Diffusion pipeline ``config.model``.
+
+    Each step takes a batch (any aspect bucket) from the loader, replaces captions by ``""`` with
+    probability ``caption_dropout`` and minimises the diffusion loss (the "simple" objective of Ho et
+    al. 2020, eq. 14, optionally min-SNR-γ weighted) with AdamW (Loshchilov & Hutter 2019) after
+    clipping the global gradient norm; see :func:`fastdiff.training.loop.run` for accumulation, mixed
+    precision, EMA, the non-finite guard, checkpoints, ``--resume`` and previews. Epochs restart the
+    loader with ``set_epoch`` until ``max_steps`` steps ran.
+
+    Files written to ``config.output``: ``loss.csv`` (``step,loss``, written as training goes),
+    ``loss.png`` (every step in ``loss.csv``), ``train_config.json`` (resolved settings), checkpoints,
+    previews, and the weights: from scratch ``unet/``, ``text_encoder/`` (``save_pretrained``,
+    safetensors), ``tokenizer/``, ``scheduler/``; a full fine-tune the whole pipeline; LoRA
+    ``pytorch_lora_weights.safetensors`` (what diffusers' ``load_lora_weights`` reads).
+
+    Args:
+        config: The run's settings.
+        loader: Batches to train on; ``None`` builds :func:`make_loader` from the resolved config. The
+            from-scratch vocabulary and the default preview prompts come from
+            :func:`dataset_captions`.
+
+    Returns:
+        Losses, counters, timings and the trained models.
+
+    Raises:
+        ValueError: The loader has no batches, the settings are invalid for the device or model, or
+            ``resume`` does not match the run.
+        FileNotFoundError: ``model`` or ``resume`` does not exist.
+        RuntimeError: Too many consecutive non-finite steps, or an epoch yielded no batches.
+    """
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    device = resolve_device(config.device)
+    autocast_dtype(config.mixed_precision, device)  # fail before loading anything
+    config = with_dataset_options(config)
+    pipeline = None
+    task: TinyTask | PipelineTask
+    checkpoint_files: Callable[[Path], None] | None = None
+    if config.model is None:
+        config = config.resolved(resolution=64, bucket_step=16, learning_rate=1e-3, prediction_type="epsilon")
+        batches = make_loader(config) if loader is None else loader
+        captions = dataset_captions(config, batches)
+        task = TinyTask(config, device, captions)
+    else:
+        task = PipelineTask.from_config(config, device)
+        config = task.config
+        pipeline = task.pipeline
+        checkpoint_files = task.checkpoint_files
+        batches = make_loader(config) if loader is None else loader
+        captions = dataset_captions(config, batches) if config.preview_every else []
+    if len(batches) == 0:
+        raise ValueError(f"no training batches in {config.data}")
+    prompts = config.preview_prompts
+    if config.preview_every and not prompts:
+        first_lines = (c.split("\n", 1)[0] for c in captions if c)
+        prompts = tuple(dict.fromkeys(first_lines))[:DEFAULT_PREVIEW_PROMPTS]
+
+    config.output.mkdir(parents=True, exist_ok=True)
+    (config.output / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    result = loop.run(
+        task,
+        batches,
+        config,
+        device,
+        preview_prompts=prompts,
+        checkpoint_files=checkpoint_files,
+        resume_must_match=RESUME_MUST_MATCH,
+    )
+    name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
+    title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
+    plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
+    task.save(config.output)
+    return TrainResult(
+        output=config.output,
+        config=config,
+        losses=result.losses,
+        first_step=result.first_step,
+        skipped_steps=result.skipped_steps,
+        overflow_steps=result.overflow_steps,
+        seconds=result.seconds,
+        data_seconds=result.data_seconds,
+        device=device,
+        unet=task.unet,
+        text_encoder=task.text_encoder,
+        tokenizer=task.tokenizer,
+        noise_scheduler=task.noise_scheduler,
+        pipeline=pipeline,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Body of ``fastdiff train``: train, print a summary; returns the exit status (0)."""
+    result = train(config_from_args(args))
+    last = result.losses[-1] if result.losses else float("nan")
+    waiting = 100 * result.data_seconds / max(result.seconds, 1e-9)
+    print(
+        f"trained steps {result.first_step}-{result.first_step + len(result.losses) - 1} on {result.device} "
+        f"in {result.seconds:.1f} s ({waiting:.0f}% waiting for data), last loss {last:.4f}, "
+        f"{result.skipped_steps} non-finite steps skipped; wrote {result.output}"
+    )
+    return 0
