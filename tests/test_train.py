@@ -15,7 +15,7 @@ import fastdiff
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_args
+from fastdiff.training.config import GROUPS, TrainConfig, add_train_arguments, config_from_args
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.run import TrainResult, make_loader, train, with_dataset_options
 from fastdiff.training.tiny import TinyModels, build_tiny_models, sample, tokenize
@@ -222,6 +222,20 @@ def test_every_config_field_is_a_cli_flag(tmp_path: Path) -> None:
     assert (cfg.unet_channels, cfg.mixed_precision, cfg.max_steps) == ((16, 32), "bf16", 7)
     assert (cfg.min_bucket_side, cfg.num_threads) == (32, 1)
     assert set(vars(args)) == {f.name for f in fields(TrainConfig)} | {"config"}
+
+
+def test_train_help_lists_every_flag_in_its_group_with_the_field_help() -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+    assert [t for t in groups if t in GROUPS] == list(GROUPS)
+    for f in fields(TrainConfig):
+        assert f.name in groups[f.metadata["group"]], f.name
+    text = " ".join(parser.format_help().split())
+    assert "--max-steps N, --steps N Optimizer steps to run" in text
+    assert "(default: 500)" in text
+    assert "From scratch only: UNet block_out_channels" in text
+    assert "unet_channels: From scratch only: UNet block_out_channels" in (TrainConfig.__doc__ or "")
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ The consumer does nothing with a batch unless ``--step-ms`` makes it sleep that 
 stand-in for a GPU training step, which leaves the CPU to the loader): with no step the consumer
 always waits, by construction, and the sweep measures the loader's ceiling.
 
-This module measures; it must not change how the loader works.
+This module measures; it must not change how the loader works. matplotlib (``--plot`` only) is
+imported where used, so that ``fastdiff.cli`` starts without it.
 """
 
 from __future__ import annotations
@@ -476,7 +477,8 @@ def add_grid_arguments(group: argparse._ActionsContainer, *, prefix: str) -> Non
         type=_int_list,
         default=None,
         metavar="N,N,...",
-        help="thread counts to try (default: 1..cores and cores+1)",
+        help="thread counts to try (default: 1..cores and cores+1"
+        + ("; --threads N tries only N)" if prefix == "--sweep-" else ")"),
     )
     group.add_argument(
         f"{prefix}prefetch",

@@ -14,6 +14,8 @@ only these medians and ratios are meaningful, never one absolute time.
 This module measures; it must not change how either loader works. ``benches/side_by_side.py`` runs the
 wider comparison (datago, PIL draft mode, a decode-only ceiling), each contender in its own process.
 ``fastdiff tune DIR`` (:mod:`fastdiff.bench.sweep`) instead tunes fastdiff's threads and prefetch.
+torchvision and Pillow (the baseline's, from the ``dev`` extra) are imported where used, so that
+``fastdiff.cli`` starts without them.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ CONFIG_FILE = "train_config.json"
 def rng_state(noise: torch.Generator, captions: random.Random) -> dict[str, Any]:
     """Every random state a step reads: torch (CPU and CUDA), numpy, Python, the noise generator and the
     caption-dropout RNG, as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # only a non-MT19937 global generator gives the dict form
+        raise TypeError("numpy's global RandomState is not MT19937; its state cannot be checkpointed")
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -18,6 +18,8 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 from pathlib import Path
 from typing import Any
 
+from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
+
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: Samplers of :func:`fastdiff.training.tiny.sample`: deterministic DDIM or ancestral DDPM.
@@ -113,8 +115,10 @@ def setting(
         "flags": flags,
         "choices": choices,
         "from_scratch": from_scratch,
+        "min": min,
+        "gt": gt,
+        "lt": lt,
     }
-    metadata |= {"min": min, "gt": gt, "lt": lt}
     return field(default=default, metadata=metadata)
 
 
@@ -569,8 +573,6 @@ def read_train_toml(path: Path) -> dict[str, Any]:
         ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
         ImportError: Python 3.10 without the ``tomli`` package.
     """
-    from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
-
     raw = _load_toml(Path(path))
     values: dict[str, Any] = {}
     for key, value in raw.items():

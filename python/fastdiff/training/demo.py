@@ -20,6 +20,9 @@ Settings, as measured on the shared 2-core CPU (where the default run took 4.4 m
   threads made steps 2-25x slower than one (see :attr:`fastdiff.training.config.TrainConfig.torch_threads`).
 - Ancestral DDPM sampling, 100 steps, without guidance: cleaner than DDIM at this training length,
   and guidance of 3 erased most shapes.
+
+Pillow (the ``train`` extra) is imported where used, so that ``fastdiff.cli`` starts without it and
+reports the missing extra itself.
 """
 
 from __future__ import annotations

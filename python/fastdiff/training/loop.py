@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +118,7 @@ def make_lr_scheduler(
     )
 
 
-def epochs_of(loader: BatchLoader, first_epoch: int) -> Iterator[Batch]:
+def epochs_of(loader: BatchLoader, first_epoch: int) -> Generator[Batch, None, None]:
     """Batches of ``loader`` over epochs ``first_epoch, first_epoch + 1, …`` (``set_epoch`` each time).
 
     Raises:

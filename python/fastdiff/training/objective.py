@@ -4,6 +4,9 @@ regression target (ε or v), min-SNR-γ weights, the (weighted) MSE, and caption
 Pure functions of tensors and a diffusers noise schedule; shared by the tiny model
 (:mod:`fastdiff.training.tiny`) and Stable Diffusion (:mod:`fastdiff.training.sd`). It must not know
 about a run's settings, the loop or the models.
+
+diffusers (the ``train`` extra) is imported where used: ``fastdiff.cli`` imports the training modules
+to register their arguments, and must start fast and report a missing extra itself.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastdiff.dataset import load_config
 from fastdiff.loader import DataLoader
 from fastdiff.training import loop
 from fastdiff.training.config import (
@@ -106,8 +107,6 @@ def with_dataset_options(config: TrainConfig) -> TrainConfig:
         ValueError: The dataset config is invalid (as :func:`fastdiff.load_config`), or it sets a
             ``seed`` other than ``config.seed``.
     """
-    from fastdiff.dataset import load_config
-
     if is_dataset_config(config.data):
         options, _ = load_config(config.data)
         if options.get("seed", config.seed) != config.seed:
@@ -145,7 +144,7 @@ def make_loader(config: TrainConfig) -> DataLoader:
     Raises:
         ValueError: As :class:`fastdiff.DataLoader`.
     """
-    options = {
+    options: dict[str, Any] = {
         "resolution": config.resolution,
         "batch_size": config.batch_size,
         "bucket_step": config.bucket_step,

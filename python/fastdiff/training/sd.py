@@ -29,7 +29,7 @@ from fastdiff.training.objective import add_training_noise, diffusion_loss_from
 from fastdiff.types import Batch
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
 #: Pipeline classes (``model_index.json`` ``_class_name``) that can be fine-tuned, and their kind.
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -225,7 +225,7 @@ def add_time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
-def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Sample VAE latents of ``pixels`` and scale them as the pipelines expect.
 
     ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``), then

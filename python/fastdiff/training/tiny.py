@@ -247,7 +247,14 @@ class TinyTask:
     both trained."""
 
     def __init__(self, config: TrainConfig, device: torch.device, captions: Sequence[str]) -> None:
-        self.config = config
+        """Build the tokenizer from ``captions`` and the two models from ``config`` on ``device``.
+
+        Raises:
+            ValueError: ``config.resolution`` or ``prediction_type`` is unset (the run fills them in).
+        """
+        if config.resolution is None or config.prediction_type is None:
+            raise ValueError("TinyTask needs a config with resolution and prediction_type set")
+        self.config, self.resolution = config, config.resolution
         self.tokenizer = build_tokenizer(captions, config.max_caption_tokens)
         self.unet, self.text_encoder = build_tiny_models(
             self.tokenizer,
@@ -300,8 +307,8 @@ class TinyTask:
                 self.tokenizer,
                 prompts,
                 noise_scheduler=self.noise_scheduler,
-                height=self.config.resolution,
-                width=self.config.resolution,
+                height=self.resolution,
+                width=self.resolution,
                 num_inference_steps=steps,
                 guidance_scale=self.config.preview_guidance_scale,
                 seed=seed,
