@@ -253,10 +253,9 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
           is_reg = true
 
     Each table takes the keys :data:`TABLE_KEYS` lists, from the schema in :mod:`fastdiff.options`
-    (the README's options table): in ``[general]`` / ``[[datasets]]``, the :class:`DataLoader`
-    options that have a TOML key and the :class:`Subset` fields as defaults of every subset (but
-    ``image_dir``; ``flip_prob`` and ``crop`` there are the loader's); in a subset, the fields of
-    :class:`Subset`. kohya-ss names (``bucket_reso_steps`` ...) are accepted as aliases.
+    (the TOML column of the README's options table): loader options in ``[general]`` /
+    ``[[datasets]]``; subset fields in a subset, most of them also there as defaults of every subset;
+    kohya-ss names (``bucket_reso_steps`` ...) as aliases.
 
     Returns:
         (loader keyword arguments, subsets).

@@ -4,6 +4,7 @@ README's options table, so that no option is described anywhere by hand but in t
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from collections.abc import Sequence
 
@@ -16,13 +17,14 @@ ARGS_MARKER = "(the options: see fastdiff.options)"
 def with_args(doc: str | None, options: Sequence[Option]) -> str | None:
     """``doc`` with its :data:`ARGS_MARKER` line replaced by the ``Args:`` entries of ``options``.
 
-    ``None`` stays ``None`` (docstrings stripped by ``python -OO``).
+    Under ``python -OO`` (docstrings stripped; a dataclass then makes up its own) ``doc`` is returned
+    as it is.
 
     Raises:
         ValueError: ``doc`` has no marker line.
     """
-    if doc is None:
-        return None
+    if doc is None or sys.flags.optimize >= 2:
+        return doc
     for line in doc.splitlines():
         if line.strip() == ARGS_MARKER:
             indent = line[: len(line) - len(line.lstrip())]
