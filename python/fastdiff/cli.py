@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-from fastdiff._fastdiff import FastdiffError
-from fastdiff.bench import sweep, throughput
-from fastdiff.training import config, demo, run
 
 #: Import names of the ``train`` extra's packages (pyproject ``[project.optional-dependencies]``).
 TRAIN_MODULES = (
@@ -35,96 +29,19 @@ TRAIN_MODULES = (
 BENCH_MODULES = ("torchvision", "PIL")
 
 
-def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", help="folder of images (searched recursively), or a dataset config .toml")
-    # None: the DataLoader's default for a folder, the config's value for a .toml (a flag given wins).
-    p.add_argument("--resolution", type=int, default=None, help="bucket resolution in pixels (default 512)")
-    p.add_argument("--bucket-step", type=int, default=None, help="bucket side multiple, px (default 64)")
-    p.add_argument("--min-bucket-side", type=int, default=None, help="default resolution/2")
-    p.add_argument("--max-bucket-side", type=int, default=None, help="default 2*resolution")
-    p.add_argument("--batch-size", type=int, default=None, help="for the batches-per-epoch count (default 1)")
-    p.add_argument("--no-upscale", action="store_true", help="never enlarge images (kohya bucket_no_upscale)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="refuse images with more pixels than this (default 178956970, Pillow's limit)",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print the full report as JSON (found, loaded, skipped: [{path, code, message}], ...)",
-    )
-
-
-def format_report(report: dict[str, Any], batches: int) -> str:
-    """Human-readable summary of a :attr:`fastdiff.DataLoader.report` dict."""
-    subsets = report["subsets"]
-    lines = [
-        f"root: {report['root']}" if len(subsets) <= 1 else f"subsets: {len(subsets)} (listed below)",
-        f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}",
-        "formats: " + ", ".join(f"{k} {v}" for k, v in sorted(report["formats"].items())),
-        f"size range (h x w): {report['min_size'][0]}x{report['min_size'][1]}"
-        f" .. {report['max_size'][0]}x{report['max_size'][1]}",
-        f"captions missing: {report['captions_missing']}"
-        f"  read as Windows-1252: {report['captions_fallback_encoding']}",
-        f"batches per epoch: {batches}",
-        "images per bucket (h x w: count):",
-    ]
-    lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["images_per_bucket"]]
-    if len(subsets) > 1 or report["samples"] != report["loaded"]:
-        lines.append(f"samples per epoch (repeats counted): {report['samples']}")
-        for sub in subsets:
-            kind = "reg" if sub["is_reg"] else "train"
-            per = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sub["images_per_bucket"])
-            lines.append(
-                f"  subset {sub['root']} ({kind}, x{sub['num_repeats']}): {sub['images']} images ({per})"
-            )
-    if report["small_buckets"]:
-        lines.append("buckets smaller than one batch (short batch, or none with drop_last):")
-        lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["small_buckets"]]
-    if report["skipped"]:
-        lines.append("skipped:")
-        lines += [f"  [{s['code']}] {s['message']}" for s in report["skipped"]]
-    return "\n".join(lines)
-
-
-def _run_scan(args: argparse.Namespace) -> int:
-    from fastdiff import DataLoader
-
-    given = {
-        "resolution": args.resolution,
-        "bucket_step": args.bucket_step,
-        "min_bucket_side": args.min_bucket_side,
-        "max_bucket_side": args.max_bucket_side,
-        "batch_size": args.batch_size,
-        "max_pixels": args.max_pixels,
-    }
-    extra: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if args.no_upscale:
-        extra["no_upscale"] = True
-    if args.root.endswith(".toml"):
-        # The config's own options apply, except those given as flags.
-        loader = DataLoader.from_config(args.root, **extra)
-    else:
-        loader = DataLoader(args.root, **extra)
-    report = loader.report
-    if args.json:
-        report["batches_per_epoch"] = len(loader)
-        print(json.dumps(report, indent=2, ensure_ascii=False))
-    else:
-        print(format_report(report, len(loader)))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiff`` command and its subcommands."""
+    # Here, not at the top: they import torch (seconds), which the extras check in main() must not wait for.
+    from fastdiff import scan
+    from fastdiff.bench import sweep, throughput
+    from fastdiff.training import config, demo, run
+
     description = __doc__.splitlines()[0].replace("``", "")
     parser = argparse.ArgumentParser(prog="fastdiff", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     scan_p = sub.add_parser("scan", help="scan a folder: formats, sizes, buckets, captions, skipped files")
-    _add_scan_arguments(scan_p)
-    scan_p.set_defaults(func=_run_scan)
+    scan.add_scan_arguments(scan_p)
+    scan_p.set_defaults(func=scan.run_scan)
     bench_p = sub.add_parser("bench", help="images/s of fastdiff vs the torchvision+PIL DataLoader")
     throughput.add_bench_arguments(bench_p)
     bench_p.set_defaults(func=throughput.run_bench)
@@ -142,12 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def needed_modules(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """``(extra, import name)`` of each optional package that the parsed command will import."""
-    if args.command in ("train", "demo"):
+def needed_modules(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """``(extra, import name)`` of each optional package that the command line will import.
+
+    Read from the raw arguments, before the parser is built: building it imports torch and the
+    subcommands' modules, seconds that a refusal must not wait for.
+    """
+    command = next((a for a in argv if not a.startswith("-")), None)
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    if flags & {"-h", "--help"}:
+        return []  # help needs no optional package
+    if command in ("train", "demo"):
         return [("train", m) for m in TRAIN_MODULES]
-    needs = [("train", "matplotlib")] if getattr(args, "plot", None) is not None else []
-    if args.command == "bench" and not args.sweep:
+    needs = [("train", "matplotlib")] if "--plot" in flags else []
+    if command == "bench" and "--sweep" not in flags:
         needs += [("dev", m) for m in BENCH_MODULES]
     return needs
 
@@ -160,7 +85,7 @@ def _importable(name: str) -> bool:
         return False
 
 
-def missing_extra(args: argparse.Namespace) -> str | None:
+def missing_extra(argv: Sequence[str]) -> str | None:
     """The one-line error for a command whose optional packages are not installed, else ``None``.
 
     Returns:
@@ -168,12 +93,13 @@ def missing_extra(args: argparse.Namespace) -> str | None:
         tokenizers)"``: the first extra with a missing package, naming every missing one of it.
     """
     missing: dict[str, list[str]] = {}
-    for extra, module in needed_modules(args):
+    command = next((a for a in argv if not a.startswith("-")), "")
+    for extra, module in needed_modules(argv):
         if not _importable(module):
             missing.setdefault(extra, []).append(module)
     for extra, modules in missing.items():
         return (
-            f"fastdiff {args.command}: error: needs the {extra} extra: pip install 'fastdiff[{extra}]' "
+            f"fastdiff {command}: error: needs the {extra} extra: pip install 'fastdiff[{extra}]' "
             f"(missing: {', '.join(modules)})"
         )
     return None
@@ -181,12 +107,15 @@ def missing_extra(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastdiff`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     # Before any work: without this a command would die minutes in, at its first import of the extra.
-    error = missing_extra(args)
+    error = missing_extra(argv)
     if error is not None:
         print(error, file=sys.stderr)
         return 2
+    from fastdiff._fastdiff import FastdiffError
+
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, FastdiffError) as e:

@@ -7,45 +7,51 @@ must not touch images: scanning, sampling and the caption operations happen in `
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import numbers
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastdiff import _fastdiff
+from fastdiff.docs import with_args
+from fastdiff.options import ALL_TABLES, LOADER_OPTIONS, SUBSET, SUBSET_OPTIONS, Table, saved
+from fastdiff.types import Crop
 
 METADATA_NAME = "metadata.jsonl"
 
-#: Keys of ``[general]`` / ``[[datasets]]`` that are :class:`fastdiff.DataLoader` arguments. The kohya
-#: names of the bucket options are accepted as aliases (``bucket_reso_steps`` ...).
-LOADER_KEYS: dict[str, type | tuple[type, ...]] = {
-    "resolution": int,
-    "batch_size": int,
-    "bucket_step": int,
-    "min_bucket_side": int,
-    "max_bucket_side": int,
-    "crop": str,
-    "flip_prob": (int, float),
-    "shuffle": bool,
-    "seed": int,
-    "drop_last": bool,
-    "remainder": str,
-    "filter": str,
-    "on_error": str,
-    "max_pixels": int,
-    "no_upscale": bool,
+#: The Python types a TOML value of each kind of option may have (bool is refused for numbers).
+_TOML_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "str": str,
+    "choice": str,
+    "path": str,
+    "ints": list,
+    "strs": list,
 }
-KOHYA_ALIASES = {
-    "bucket_reso_steps": "bucket_step",
-    "min_bucket_reso": "min_bucket_side",
-    "max_bucket_reso": "max_bucket_side",
-    "bucket_no_upscale": "no_upscale",
-}
+
+
+def _table_keys(table: Table) -> dict[str, type | tuple[type, ...]]:
+    keys: dict[str, type | tuple[type, ...]] = {}
+    for o in (*LOADER_OPTIONS, *SUBSET_OPTIONS):
+        if table in o.toml:
+            for key in (o.name, o.alias):
+                if key is not None:
+                    keys[key] = _TOML_TYPES[o.kind]
+    return keys
+
+
+#: The keys each table of a dataset TOML accepts (kohya aliases included), with their value types.
+TABLE_KEYS: dict[Table, dict[str, type | tuple[type, ...]]] = {t: _table_keys(t) for t in ALL_TABLES}
+#: The :class:`fastdiff.DataLoader` arguments a TOML may set (in ``[general]`` / ``[[datasets]]``).
+LOADER_KEYS = frozenset(o.name for o in LOADER_OPTIONS if o.toml)
+#: Every alias a config table accepts, with the name it stands for.
+ALIASES = {o.alias: o.name for o in (*LOADER_OPTIONS, *SUBSET_OPTIONS) if o.alias is not None}
 
 
 @dataclass(frozen=True)
@@ -53,32 +59,7 @@ class Subset:
     """One folder of a dataset and how its samples are made (kohya-ss sd-scripts subset semantics).
 
     Args:
-        image_dir: Folder of images, searched recursively.
-        num_repeats: Times each image appears per epoch (≥ 1); each repeat is its own sample with its
-            own crop, flip and caption draw, and counts in ``len(loader)``.
-        is_reg: Regularisation (class) images for DreamBooth prior preservation; their samples have
-            ``batch["is_reg"]`` set.
-        loss_weight: Weight (≥ 0) of this subset's samples in the training loss, yielded per sample as
-            ``batch["loss_weights"]``; :func:`fastdiff.train.train` multiplies each sample's loss by
-            it (given a loader built from the dataset config). On a
-            regularisation subset it is DreamBooth's ``prior_loss_weight`` (Ruiz et al. 2023; kohya-ss
-            ``prior_loss_weight``). TOML also accepts ``weight``.
-        caption_extension: Caption file extension with its dot (``".txt"``); ``None`` = the loader's
-            ``caption_extensions``. Ignored when captions come from a metadata file.
-        keep_tokens: Tags at the start of the caption that never move or drop out.
-        shuffle_caption: Shuffle the comma-separated tags after the first ``keep_tokens`` per sample.
-        caption_dropout_rate: Probability in ``[0, 1]`` that a sample's caption is ``""``.
-        caption_tag_dropout_rate: Probability in ``[0, 1]`` that each free tag is left out.
-        caption_separator: What separates tags (default ``","``); tags are re-joined with it plus a space.
-        caption_per_line: Each non-empty line of a caption is a variant; one is used per sample and epoch.
-            Set automatically when ``metadata.jsonl`` gives a list of captions for an image.
-        flip_prob: Flip probability for this subset; ``None`` = the loader's.
-        crop: ``"center"`` or ``"random"`` for this subset; ``None`` = the loader's.
-        metadata_file: HF imagefolder ``metadata.jsonl`` giving the captions: one JSON object per line with
-            ``file_name`` (relative to the file's folder, which must lie inside ``image_dir``) and
-            ``caption_column`` (a string, or a list of strings = several captions). ``None`` uses
-            ``image_dir/metadata.jsonl`` if it exists, else caption files.
-        caption_column: Metadata column holding the caption (default ``"text"``).
+        (the options: see fastdiff.options)
 
     All randomness (variant choice, dropout, tag shuffle) is a pure function of (seed, epoch, sample).
     """
@@ -95,30 +76,32 @@ class Subset:
     caption_separator: str = ","
     caption_per_line: bool = False
     flip_prob: float | None = None
-    crop: str | None = None
+    crop: Crop | None = None
     metadata_file: str | os.PathLike[str] | None = None
     caption_column: str = "text"
 
     def options(self) -> dict[str, Any]:
-        """Every option except the paths, for comparing loader states (JSON-compatible values)."""
+        """The options a loader's ``state_dict`` records (JSON-compatible values)."""
         # Folders are left out so that a dataset moved elsewhere still matches (the digest covers files).
-        paths = ("image_dir", "metadata_file")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in paths}
+        return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
     def native(self) -> _fastdiff.NativeSubset:
-        """The native subset: metadata read and checked, options validated by the core.
+        """The native subset: options checked, metadata read and checked.
 
         Raises:
-            ValueError: An option is out of range, or the metadata file is malformed or misnamed.
+            ValueError: An option has the wrong type or is out of range (the message names the folder
+                and the option), or the metadata file is malformed or misnamed.
             FileNotFoundError: The metadata file or a file it references does not exist.
         """
+        problem = SUBSET["image_dir"].problem(self.image_dir)
+        if problem is not None:
+            raise ValueError(problem)
         root = os.path.normpath(os.fspath(self.image_dir))
-        for name in ("num_repeats", "keep_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{root}: {name} must be an int >= 0, got {value!r}")
-        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
-            raise ValueError(f"{root}: loss_weight must be a finite number >= 0, got {self.loss_weight}")
+        values = {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS}
+        for o in SUBSET_OPTIONS:
+            problem = o.problem(values[o.name])
+            if problem is not None:
+                raise ValueError(f"{root}: {problem}")
         metadata = _find_metadata(root, self.metadata_file)
         captions = None
         per_line = self.caption_per_line
@@ -127,39 +110,14 @@ class Subset:
             per_line = per_line or several
         return _fastdiff.NativeSubset(
             root,
-            num_repeats=self.num_repeats,
-            is_reg=self.is_reg,
             caption_extensions=None if self.caption_extension is None else [self.caption_extension],
             captions=captions,
-            caption_per_line=per_line,
-            caption_dropout_rate=float(self.caption_dropout_rate),
-            keep_tokens=self.keep_tokens,
-            shuffle_caption=self.shuffle_caption,
-            caption_tag_dropout_rate=float(self.caption_tag_dropout_rate),
-            caption_separator=self.caption_separator,
-            flip_prob=None if self.flip_prob is None else float(self.flip_prob),
-            crop=self.crop,
+            caption_per_line=bool(per_line),
+            **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},
         )
 
 
-SUBSET_KEYS: dict[str, type | tuple[type, ...]] = {
-    "image_dir": str,
-    "num_repeats": int,
-    "is_reg": bool,
-    "loss_weight": (int, float),
-    "weight": (int, float),  # alias of loss_weight
-    "caption_extension": str,
-    "keep_tokens": int,
-    "shuffle_caption": bool,
-    "caption_dropout_rate": (int, float),
-    "caption_tag_dropout_rate": (int, float),
-    "caption_separator": str,
-    "caption_per_line": bool,
-    "flip_prob": (int, float),
-    "crop": str,
-    "metadata_file": str,
-    "caption_column": str,
-}
+Subset.__doc__ = with_args(Subset.__doc__, SUBSET_OPTIONS)
 
 
 def _find_metadata(root: str, given: str | os.PathLike[str] | None) -> Path | None:
@@ -260,10 +218,6 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> 
             raise ValueError(f"{where}: {key!r} has the wrong type ({type(value).__name__}: {value!r})")
 
 
-#: Every alias a config table accepts, with the name it stands for.
-ALIASES = {**KOHYA_ALIASES, "weight": "loss_weight"}
-
-
 def _canonical(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``table`` with aliases renamed to the names they stand for (both in one table: an error)."""
     out: dict[str, Any] = {}
@@ -298,12 +252,10 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
           image_dir = "reg/dog"
           is_reg = true
 
-    Loader options (``[general]`` / ``[[datasets]]``): ``resolution batch_size bucket_step
-    min_bucket_side max_bucket_side crop flip_prob shuffle seed drop_last remainder filter on_error
-    max_pixels no_upscale`` (kohya's ``bucket_reso_steps min_bucket_reso max_bucket_reso
-    bucket_no_upscale`` as aliases). Subset
-    options (in a subset, or in ``[general]`` / ``[[datasets]]`` as defaults): the fields of
-    :class:`Subset`.
+    Each table takes the keys :data:`TABLE_KEYS` lists, from the schema in :mod:`fastdiff.options`
+    (the TOML column of the README's options table): loader options in ``[general]`` /
+    ``[[datasets]]``; subset fields in a subset, most of them also there as defaults of every subset;
+    kohya-ss names (``bucket_reso_steps`` ...) as aliases.
 
     Returns:
         (loader keyword arguments, subsets).
@@ -319,10 +271,8 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         path = Path(config)
         data, source, base = _load_toml(path), os.fspath(path), path.parent
     _check(data, {"general": dict, "datasets": list}, source)
-    loader_keys = {**LOADER_KEYS, **{alias: LOADER_KEYS[name] for alias, name in KOHYA_ALIASES.items()}}
-    defaults_keys = {**loader_keys, **{k: v for k, v in SUBSET_KEYS.items() if k != "image_dir"}}
     general = data.get("general", {})
-    _check(general, defaults_keys, f"{source} [general]")
+    _check(general, TABLE_KEYS["[general]"], f"{source} [general]")
     datasets = data.get("datasets", [])
     if len(datasets) != 1:
         raise ValueError(
@@ -331,14 +281,14 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
     dataset = datasets[0]
     if not isinstance(dataset, dict):
         raise ValueError(f"{source}: [[datasets]] must be a table")
-    _check(dataset, {**defaults_keys, "subsets": list}, f"{source} [[datasets]]")
+    _check(dataset, {**TABLE_KEYS["[[datasets]]"], "subsets": list}, f"{source} [[datasets]]")
     # Aliases are resolved per table, so a subset's `loss_weight` overrides a `weight` default.
     merged = {
         **_canonical(general, f"{source} [general]"),
         **_canonical({k: v for k, v in dataset.items() if k != "subsets"}, f"{source} [[datasets]]"),
     }
     loader = {k: v for k, v in merged.items() if k in LOADER_KEYS}
-    subset_defaults = {k: v for k, v in merged.items() if k in SUBSET_KEYS and k not in LOADER_KEYS}
+    subset_defaults = {k: v for k, v in merged.items() if k not in LOADER_KEYS}
     raw_subsets = dataset.get("subsets", [])
     if not raw_subsets:
         raise ValueError(f"{source}: [[datasets]] has no [[datasets.subsets]]")
@@ -347,12 +297,13 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         where = f"{source} [[datasets.subsets]] #{i + 1}"
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: must be a table")
-        _check(raw, SUBSET_KEYS, where)
-        if "image_dir" not in raw:
-            raise ValueError(f"{where}: 'image_dir' is required")
+        _check(raw, TABLE_KEYS["[[datasets.subsets]]"], where)
+        for o in SUBSET_OPTIONS:
+            if o.default is dataclasses.MISSING and o.name not in raw:
+                raise ValueError(f"{where}: {o.name!r} is required")
         entry = {**subset_defaults, **_canonical(raw, where)}
-        for key in ("image_dir", "metadata_file"):
-            if key in entry:
-                entry[key] = os.fspath(base / entry[key])
+        for o in SUBSET_OPTIONS:
+            if o.kind == "path" and o.name in entry:
+                entry[o.name] = os.fspath(base / entry[o.name])
         subsets.append(Subset(**entry))
     return loader, subsets

@@ -8,28 +8,18 @@ itself: that all happens in ``rust/core``.
 from __future__ import annotations
 
 import copy
-import numbers
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
-
-#: Pillow's ``Image.MAX_IMAGE_PIXELS``: larger images are refused before decoding (decompression bombs).
-DEFAULT_MAX_PIXELS = 178_956_970
-
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.uint8: "uint8",
-}
-
-Batch = dict[str, Any]
+from fastdiff.docs import with_args
+from fastdiff.options import LOADER_OPTIONS, saved
+from fastdiff.types import Batch, Crop, Filter, LoadStats, OnError, Remainder, Report
 
 
 def _available_cores() -> int:
@@ -52,23 +42,14 @@ class DataLoader:
 
     Iterating runs one epoch: worker threads decode (JPEG via libjpeg-turbo with DCT downscaling when
     the bucket is much smaller), apply EXIF orientation, composite alpha onto ``background``, resize to
-    cover the bucket, crop (``"center"`` or ``"random"``), flip horizontally with probability
-    ``flip_prob`` and write the batch into one contiguous buffer. Batches come out in the sampler's
+    cover the bucket, crop as ``crop`` says, flip horizontally with probability ``flip_prob`` and
+    write the batch into one contiguous buffer. Batches come out in the sampler's
     order whatever ``num_threads`` is; all randomness is a pure function of ``(seed, epoch, image)``.
 
-    Each batch is a dict:
-
-    - ``pixel_values``: tensor ``[B, 3, H, W]`` of ``dtype``; float dtypes scaled to ``[-1, 1]``
-      (``x / 127.5 - 1``, as torchvision ``ToTensor`` + ``Normalize([0.5], [0.5])``), ``torch.uint8``
-      left as 0–255. ``H, W`` are the bucket's, constant within a batch.
-    - ``captions``: ``list[str]``.
-    - ``original_sizes``: ``list[tuple[int, int]]``, upright ``(h, w)`` of each file in pixels (SDXL).
-    - ``crop_top_lefts``: ``list[tuple[int, int]]``, ``(top, left)`` of the crop in the resized image,
-      measured from the right edge when the sample was flipped (as SDXL/kohya expect).
-    - ``target_sizes``: ``list[tuple[int, int]]``, the bucket's ``(h, w)``.
-    - ``paths``: ``list[str]``, the files.
-    - ``is_reg``: bool tensor ``[B]``, whether each sample is a regularisation (class) image.
-    - ``loss_weights``: float32 tensor ``[B]``, each sample's subset ``loss_weight`` (1.0 by default).
+    Each batch is a :class:`fastdiff.types.Batch` dict (its docstring gives every key's shape, dtype
+    and unit): ``pixel_values`` ``[B, 3, H, W]``, ``captions``, the SDXL micro-conditioning
+    ``original_sizes``, ``crop_top_lefts`` and ``target_sizes``, ``paths``, ``is_reg`` and
+    ``loss_weights``.
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
@@ -79,71 +60,19 @@ class DataLoader:
 
     Several ranks (``torchrun``): each rank takes its slice of every global batch of
     ``batch_size * world_size`` samples, so all ranks run ``len(loader)`` steps, use the same bucket at
-    each step and see disjoint samples. A bucket's last global batch, when shorter, is split evenly:
-    ``remainder="pad"`` repeats some of its samples so each rank gets ``ceil(n / world_size)``,
-    ``"drop"`` leaves out ``n % world_size`` of them (and the batch, if it has fewer than ``world_size``).
-    With ``drop_last`` every short global batch is dropped instead. ``report["small_buckets"]`` lists
-    buckets with less than one global batch.
+    each step and see disjoint samples. A bucket's last global batch, when shorter, is split evenly as
+    ``remainder`` says; with ``drop_last`` every short global batch is dropped instead.
+    ``report["small_buckets"]`` lists buckets with less than one global batch.
 
     Args:
         root: Folder of images (searched recursively); the same as ``subsets=[Subset(root)]``.
         subsets: The dataset as :class:`fastdiff.Subset` folders with their own repeats and caption
             handling (instead of ``root``); see also :meth:`from_config`.
-        resolution: Training resolution in pixels; bucket areas are at most ``resolution²``. One that
-            is not a multiple of ``bucket_step`` warns (``UserWarning``): the square bucket is then
-            ``resolution`` rounded down to a multiple of ``bucket_step``.
-        batch_size: Images per batch (≥ 1).
-        bucket_step: Bucket sides are multiples of this, in pixels (64 for SD/SDXL latents).
-        min_bucket_side: Smallest bucket side in pixels; default ``resolution // 2``.
-        max_bucket_side: Largest bucket side in pixels; default ``2 * resolution``.
-        no_upscale: Never enlarge an image (kohya-ss sd-scripts ``bucket_no_upscale``). An image that
-            covers its usual bucket keeps it (a 3072×3000 photo at resolution 1024 gets 1024×1024);
-            a smaller one gets the largest ``bucket_step``-aligned bucket it covers: its size scaled
-            down to area ``resolution²`` if larger, each side rounded down to a multiple of
-            ``bucket_step`` and capped at ``max_bucket_side`` (such buckets may be below
-            ``min_bucket_side`` and join :attr:`buckets`). An image narrower or shorter than
-            ``bucket_step`` fits no bucket: it is skipped with code ``"too_small"`` (with
-            ``on_error="raise"``, :class:`fastdiff.DecodeError` at construction). Default ``False``:
-            every image is resized to cover its bucket, enlarging small ones.
-        crop: ``"center"`` or ``"random"``.
-        flip_prob: Probability in ``[0, 1]`` of a horizontal flip per sample.
-        shuffle: Shuffle images within buckets and the order of batches, per epoch.
-        seed: Seed of every random choice.
-        drop_last: Drop each bucket's last batch when it is smaller than ``batch_size``.
-        num_threads: Worker threads; ``None`` uses every core.
-        prefetch: Batches in flight (being decoded or ready) ahead of the consumer (≥ 1); bounds memory
-            (each holds ``B·3·H·W`` values). Default: enough to keep every thread busy plus one batch
-            ready, ``max(2, ceil(num_threads / batch_size) + 1)``.
-        dtype: ``torch.float32``, ``torch.float16``, ``torch.bfloat16`` or ``torch.uint8``.
-        pin_memory: Write each batch straight into page-locked (pinned) host memory taken from torch's
-            pinned-memory allocator, so ``pixel_values.to("cuda", non_blocking=True)`` copies
-            asynchronously (as ``torch.utils.data.DataLoader(pin_memory=True)``, without its extra
-            copy). Without CUDA it warns and is ignored, as torch's DataLoader does. Otherwise batches
-            live in recycled memory: when the last tensor viewing a batch is freed, its buffer is
-            reused for a later batch (no allocation or zero-fill per batch).
-        caption_extensions: Caption file extensions tried in order, each with its leading dot.
-        background: RGB colour (0–255) that transparent pixels are composited onto.
-        on_error: ``"skip"`` records an undecodable file in :attr:`report` and loads a stand-in in its
-            place: another sample of the same bucket, drawn with the seed (up to 7 draws), else (a
-            sample alone in its bucket, or a bucket of broken files) the next sample of the dataset
-            that loads, cropped to this bucket. So batches keep their size, ``len(loader)`` stays
-            exact and ranks stay in step, unless no file of the dataset loads. ``"raise"`` raises
-            :class:`fastdiff.DecodeError` naming the file.
-        filter: Resize filter: ``"lanczos3"`` (default), ``"catmullrom"``, ``"bilinear"``, ``"box"``
-            or ``"nearest"``.
-        max_pixels: Decompression-bomb guard (≥ 1): an image whose header declares more than this
-            many pixels (``width * height``) is refused before any pixel memory is allocated, and
-            skipped with code ``"too_large"`` and a message giving its size (or raises
-            :class:`fastdiff.DecodeError` with ``on_error="raise"``). Default 178 956 970, Pillow's
-            ``Image.MAX_IMAGE_PIXELS``.
-        rank: This process's rank; default ``torch.distributed.get_rank()`` when initialised, else 0.
-        world_size: Number of ranks; default ``torch.distributed.get_world_size()`` when initialised,
-            else 1.
-        remainder: ``"pad"`` or ``"drop"``: how a short global batch is split across ranks (above).
+        (the options: see fastdiff.options)
 
     Raises:
-        ValueError: An argument is out of range (the message names it), or ``root`` is not a folder
-            holding images.
+        ValueError: An argument has the wrong type or is out of range (the message names it), or
+            ``root`` is not a folder holding images.
     """
 
     def __init__(
@@ -157,7 +86,7 @@ class DataLoader:
         min_bucket_side: int | None = None,
         max_bucket_side: int | None = None,
         no_upscale: bool = False,
-        crop: str = "center",
+        crop: Crop = "center",
         flip_prob: float = 0.0,
         shuffle: bool = True,
         seed: int = 0,
@@ -168,37 +97,22 @@ class DataLoader:
         pin_memory: bool = False,
         caption_extensions: Sequence[str] = (".txt", ".caption"),
         background: tuple[int, int, int] = (255, 255, 255),
-        on_error: str = "skip",
-        filter: str = "lanczos3",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        on_error: OnError = "skip",
+        filter: Filter = "lanczos3",
+        max_pixels: int = 178_956_970,
         rank: int | None = None,
         world_size: int | None = None,
-        remainder: str = "pad",
+        remainder: Remainder = "pad",
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-        unsigned = {
-            "resolution": resolution,
-            "batch_size": batch_size,
-            "bucket_step": bucket_step,
-            "min_bucket_side": min_bucket_side,
-            "max_bucket_side": max_bucket_side,
-            "seed": seed,
-            "prefetch": prefetch,
-            "max_pixels": max_pixels,
-        }
-        for name, value in unsigned.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must not be negative, got {value}")
-        if seed >= 2**64:
-            raise ValueError(f"seed must be < 2**64, got {seed}")
-        if len(background) != 3 or not all(
-            isinstance(c, numbers.Integral) and 0 <= c <= 255 for c in background
-        ):
-            raise ValueError(f"background must be three ints in 0..255 (R, G, B), got {background!r}")
-        if bucket_step and resolution % bucket_step:
+        # The signature spells the options out for users and type checkers; their checks, what the
+        # state records and the native arguments all come from the schema (fastdiff.options).
+        arguments = locals()
+        values = {o.name: arguments[o.name] for o in LOADER_OPTIONS}
+        for o in LOADER_OPTIONS:
+            problem = o.problem(values[o.name])
+            if problem is not None:
+                raise ValueError(problem)
+        if resolution % bucket_step:
             square = resolution // bucket_step * bucket_step
             warnings.warn(
                 f"resolution {resolution} is not a multiple of bucket_step {bucket_step}: "
@@ -206,23 +120,14 @@ class DataLoader:
                 UserWarning,
                 stacklevel=2,
             )
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
-        if isinstance(caption_extensions, str):
-            raise ValueError("caption_extensions must be a sequence of extensions, not one string")
-        threads = num_threads or _available_cores()
-        if prefetch is None:
-            prefetch = max(2, -(-threads // max(batch_size, 1)) + 1)
-        if (root is None) == (subsets is None):
+        if root is not None and subsets is None:
+            subsets = [Subset(root)]
+        elif root is not None or subsets is None:
             raise ValueError("give exactly one of root and subsets")
-        subsets = [Subset(root)] if subsets is None else list(subsets)
+        subsets = list(subsets)
         if not subsets:
             raise ValueError("subsets must hold at least one Subset")
-        rank, world_size = _distributed_defaults(rank, world_size)
-        if rank < 0 or world_size < 1:
-            raise ValueError(
-                f"rank must be >= 0 and world_size >= 1, got rank={rank}, world_size={world_size}"
-            )
+        natives = [s.native() for s in subsets]  # checks each subset's options
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "pin_memory=True but CUDA is not available: batches are not pinned",
@@ -230,6 +135,15 @@ class DataLoader:
                 stacklevel=2,
             )
             pin_memory = False
+        threads = num_threads or _available_cores()
+        rank, world_size = _distributed_defaults(rank, world_size)
+        values.update(
+            num_threads=threads,
+            prefetch=max(2, -(-threads // batch_size) + 1) if prefetch is None else prefetch,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin_memory,
+        )
         self.dtype = dtype
         self.pin_memory = pin_memory
         self._loss_weights = [float(s.loss_weight) for s in subsets]
@@ -243,55 +157,15 @@ class DataLoader:
         # The native iterator of the iteration running or last run, for stats(); held only while its
         # generator runs, then replaced by its final figures.
         self._stats_source: _fastdiff.NativeEpochIter | None = None
-        self._last_stats: dict[str, float] | None = None
-        # What must match for a saved state to apply here (not threads, prefetch, rank or on_error).
+        self._last_stats: LoadStats | None = None
+        # What must match for a saved state to apply here (the options whose schema entry says so).
         self._state_options: dict[str, Any] = {
-            "resolution": resolution,
-            "batch_size": batch_size,
-            "bucket_step": bucket_step,
-            "min_bucket_side": min_bucket_side,
-            "max_bucket_side": max_bucket_side,
-            "crop": crop,
-            "flip_prob": flip_prob,
-            "shuffle": shuffle,
-            "seed": seed,
-            "drop_last": drop_last,
-            "dtype": _DTYPES[dtype],
-            "caption_extensions": list(caption_extensions),
-            "background": list(background),
-            "filter": filter,
-            "max_pixels": max_pixels,
-            "world_size": world_size,
-            "remainder": remainder,
+            **saved(LOADER_OPTIONS, values),
             "subsets": [s.options() for s in subsets],
         }
-        if no_upscale:
-            # Only when set, so states saved before the option existed still load with the default.
-            self._state_options["no_upscale"] = True
         self._native = _fastdiff.NativeLoader(
-            [s.native() for s in subsets],
-            resolution=resolution,
-            batch_size=batch_size,
-            bucket_step=bucket_step,
-            min_bucket_side=min_bucket_side,
-            max_bucket_side=max_bucket_side,
-            crop=crop,
-            flip_prob=flip_prob,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            num_threads=threads,
-            prefetch=prefetch,
-            dtype=_DTYPES[dtype],
-            filter=filter,
-            caption_extensions=list(caption_extensions),
-            background=tuple(background),
-            on_error=on_error,
-            max_pixels=max_pixels,
-            rank=rank,
-            world_size=world_size,
-            remainder=remainder,
-            no_upscale=no_upscale,
+            natives,
+            **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
         )
 
     @classmethod
@@ -396,44 +270,24 @@ class DataLoader:
         return self._native.captions
 
     @property
-    def report(self) -> dict[str, Any]:
-        """What the scan and the loading so far found.
+    def report(self) -> Report:
+        """What the scan and the loading so far found: a :class:`fastdiff.types.Report` (its docstring
+        gives every key): ``found``, ``loaded``, ``skipped`` (path, code, message; ``loaded +
+        len(skipped) == found`` always), formats, sizes, images per bucket, samples, small buckets and
+        the same per subset. Files failing while decoding are added as they are met."""
+        return cast(Report, self._native.report())
 
-        Keys: ``root``; ``found`` (image files found), ``loaded`` and ``skipped`` (a list of dicts with
-        ``path``, ``code`` and ``message``; ``loaded + len(skipped) == found`` always, and files that
-        fail while decoding are added as they are met); ``formats`` (count per format);
-        ``min_size``/``max_size`` (upright ``(h, w)`` by area); ``captions_missing``;
-        ``captions_fallback_encoding`` (caption files that were not valid UTF-8/UTF-16 and were read as
-        Windows-1252); ``images_per_bucket`` (list of ``((h, w), count)``); ``samples`` (per epoch over
-        all ranks: loaded images times their subset's ``num_repeats``); ``small_buckets`` (``((h, w),
-        samples)`` of buckets with fewer samples than one global batch ``batch_size * world_size``: with
-        ``drop_last`` they yield nothing, otherwise one short batch split by ``remainder``); ``subsets``
-        (per subset: ``root``, ``is_reg``, ``num_repeats``, ``images``, ``images_per_bucket``).
-        """
-        return self._native.report()
-
-    def stats(self) -> dict[str, float] | None:
+    def stats(self) -> LoadStats | None:
         """Where the time of the epoch in progress (or else the last one) went; ``None`` before any.
 
-        Always measured (a few clock reads per image). Counts: ``samples`` (images loaded; with the
-        epoch run to the end, every image it yielded), ``failed``, ``batches`` (yielded), ``threads``.
-        Times in **seconds**, the per-stage ones summed over worker threads, so two threads busy for
-        one second count 2 s:
-
-        - ``read_s`` (reading files), ``probe_s`` (header check), ``decode_s`` (decode incl. DCT
-          scaling, EXIF rotation, alpha), ``resize_s`` (resampling), ``write_s`` (crop, flip,
-          normalise and the CHW write into the batch), ``other_s`` (the rest); together ``busy_s``.
-        - ``idle_s``: worker time with nothing to do (every started batch done or taken: raise
-          ``prefetch`` if this is large while the consumer waits).
-        - ``queue_wait_s``: time the consumer (the loop over this loader) waited for a batch; near
-          ``wall_s`` means the training step is starved by the loader, near 0 that the loader keeps up.
-        - ``wall_s``: from the start of the epoch to its end (or to now).
-
-        Per image: ``1000 * decode_s / samples`` is decode's worker-milliseconds per image.
+        Always measured (a few clock reads per image). A :class:`fastdiff.types.LoadStats` (its
+        docstring gives every key): counts of samples, failures, batches and threads, the workers'
+        seconds per stage (summed over threads), their idle time, the consumer's wait for batches
+        (``queue_wait_s``: near ``wall_s``, the loader starves the training step) and the wall time.
         """
         if self._stats_source is not None:
-            return self._stats_source.stats()
-        return None if self._last_stats is None else dict(self._last_stats)
+            return cast(LoadStats, self._stats_source.stats())
+        return None if self._last_stats is None else self._last_stats.copy()
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._resume_batch
@@ -474,7 +328,10 @@ class DataLoader:
         finally:
             it.close()
             if self._stats_source is it:
-                self._last_stats, self._stats_source = it.stats(), None
+                self._last_stats, self._stats_source = cast(LoadStats, it.stats()), None
+
+
+DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:

@@ -1,5 +1,168 @@
-"""Types shared across the package (placeholder until merge: the typed batch comes from another branch)."""
+"""The shapes of what fastdiff hands out: batches, scan reports, load stats, and the option value types.
 
-from typing import Any
+The lowest layer of the package: plain ``TypedDict`` and ``Literal`` definitions, importing nothing from
+fastdiff, so every other module (and users' type annotations) can name them. At run time a batch, a
+report or the stats are ordinary ``dict`` objects; these types only tell a type checker their keys.
+"""
 
-Batch = dict[str, Any]
+from __future__ import annotations
+
+import sys
+from typing import Literal, TypedDict
+
+import torch
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired
+else:  # typing_extensions comes with torch
+    from typing_extensions import NotRequired
+
+#: Where the bucket-sized window is cut from the resized image.
+Crop = Literal["center", "random"]
+#: What an unloadable file does while iterating: skipped (and reported) with a stand-in, or raised.
+OnError = Literal["skip", "raise"]
+#: Resampling filter of the resize.
+Filter = Literal["lanczos3", "catmullrom", "bilinear", "box", "nearest"]
+#: How a bucket's short last global batch is split across ranks.
+Remainder = Literal["pad", "drop"]
+
+
+class Batch(TypedDict):
+    """One batch of :class:`fastdiff.DataLoader`: ``B`` samples of one bucket ``(H, W)``.
+
+    Keys:
+        pixel_values: ``[B, 3, H, W]`` tensor of the loader's ``dtype``: float dtypes scaled to
+            ``[-1, 1]`` (``x / 127.5 - 1``), ``torch.uint8`` left as 0–255. Contiguous; pinned host
+            memory with ``pin_memory=True``.
+        captions: ``B`` strings, after the subsets' caption operations (``""`` when dropped or absent).
+        original_sizes: Upright ``(h, w)`` of each file, in pixels (SDXL micro-conditioning).
+        crop_top_lefts: ``(top, left)`` of each crop in the resized image, in pixels, measured from the
+            right edge when the sample was flipped (as SDXL and kohya-ss expect).
+        target_sizes: The bucket's ``(h, w)``, in pixels, once per sample.
+        paths: The files, as the scan found them.
+        is_reg: ``[B]`` bool tensor: whether each sample is a regularisation (class) image.
+        loss_weights: ``[B]`` float32 tensor: each sample's subset ``loss_weight`` (1.0 by default).
+        captions_dropped: Not from the loader: set by the training loop's caption dropout (for
+            classifier-free guidance), ``B`` flags of the captions it replaced by ``""``.
+    """
+
+    pixel_values: torch.Tensor
+    captions: list[str]
+    original_sizes: list[tuple[int, int]]
+    crop_top_lefts: list[tuple[int, int]]
+    target_sizes: list[tuple[int, int]]
+    paths: list[str]
+    is_reg: torch.Tensor
+    loss_weights: torch.Tensor
+    captions_dropped: NotRequired[list[bool]]
+
+
+class SkippedFile(TypedDict):
+    """A file the loader did not use.
+
+    Keys:
+        path: The file.
+        code: Why, machine-readable: ``"decode"``, ``"io"``, ``"changed"``, ``"too_large"``,
+            ``"too_small"`` or ``"panic"``.
+        message: Why, for people; it names the file.
+    """
+
+    path: str
+    code: str
+    message: str
+
+
+class SubsetReport(TypedDict):
+    """What the scan found in one subset folder.
+
+    Keys:
+        root: The subset folder.
+        is_reg: Whether it holds regularisation (class) images.
+        num_repeats: Samples per image and epoch.
+        images: Images accepted (repeats not counted).
+        images_per_bucket: ``((h, w), images)`` for each bucket holding some of them.
+    """
+
+    root: str
+    is_reg: bool
+    num_repeats: int
+    images: int
+    images_per_bucket: list[tuple[tuple[int, int], int]]
+
+
+class Report(TypedDict):
+    """What the scan and the loading so far found (:attr:`fastdiff.DataLoader.report`).
+
+    Keys:
+        root: The first subset's folder.
+        found: Image files found.
+        loaded: Files accepted; ``loaded + len(skipped) == found`` always.
+        skipped: Files left out, with the reason; files failing while decoding are added as they are met.
+        formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``).
+        min_size: Upright ``(h, w)`` in pixels of the smallest accepted image, by area.
+        max_size: The same of the largest.
+        captions_missing: Accepted images without a caption.
+        captions_fallback_encoding: Caption files that were not valid UTF-8/UTF-16 and were read as
+            Windows-1252.
+        images_per_bucket: ``((h, w), images)`` for each bucket holding some.
+        samples: Samples per epoch over all ranks: accepted images times their subset's ``num_repeats``.
+        small_buckets: ``((h, w), samples)`` of buckets with fewer samples than one global batch
+            (``batch_size * world_size``): with ``drop_last`` they yield nothing, otherwise one short
+            batch split by ``remainder``.
+        subsets: Per subset, in order.
+    """
+
+    root: str
+    found: int
+    loaded: int
+    skipped: list[SkippedFile]
+    formats: dict[str, int]
+    min_size: tuple[int, int]
+    max_size: tuple[int, int]
+    captions_missing: int
+    captions_fallback_encoding: int
+    images_per_bucket: list[tuple[tuple[int, int], int]]
+    samples: int
+    small_buckets: list[tuple[tuple[int, int], int]]
+    subsets: list[SubsetReport]
+
+
+class LoadStats(TypedDict):
+    """Where the time of an epoch went (:meth:`fastdiff.DataLoader.stats`).
+
+    Per-stage times are worker-thread **seconds** summed over threads (two threads busy for one second
+    count 2 s); ``1000 * decode_s / samples`` is decode's worker-milliseconds per image.
+
+    Keys:
+        samples: Images loaded (with the epoch run to the end, every image it yielded).
+        failed: Samples that failed to load (replaced by stand-ins or raised).
+        batches: Batches yielded.
+        threads: Worker threads.
+        read_s: Reading files.
+        probe_s: Header checks.
+        decode_s: Decoding, with DCT scaling, EXIF rotation and alpha.
+        resize_s: Resampling.
+        write_s: Crop, flip, normalisation and the CHW write into the batch.
+        other_s: The rest of the workers' busy time.
+        busy_s: The sum of the six above.
+        idle_s: Worker time with nothing to do (every started batch done or taken: raise ``prefetch``
+            if this is large while the consumer waits).
+        queue_wait_s: Time the consumer waited for a batch: near ``wall_s``, the training step is
+            starved by the loader; near 0, the loader keeps up.
+        wall_s: From the start of the epoch to its end (or to now).
+    """
+
+    samples: int
+    failed: int
+    batches: int
+    threads: int
+    read_s: float
+    probe_s: float
+    decode_s: float
+    resize_s: float
+    write_s: float
+    other_s: float
+    busy_s: float
+    idle_s: float
+    queue_wait_s: float
+    wall_s: float
