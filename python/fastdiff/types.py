@@ -7,15 +7,9 @@ report or the stats are ordinary ``dict`` objects; these types only tell a type 
 
 from __future__ import annotations
 
-import sys
 from typing import Literal, TypedDict
 
 import torch
-
-if sys.version_info >= (3, 11):
-    from typing import NotRequired
-else:  # typing_extensions comes with torch
-    from typing_extensions import NotRequired
 
 #: Where the bucket-sized window is cut from the resized image.
 Crop = Literal["center", "random"]
@@ -42,8 +36,6 @@ class Batch(TypedDict):
         paths: The files, as the scan found them.
         is_reg: ``[B]`` bool tensor: whether each sample is a regularisation (class) image.
         loss_weights: ``[B]`` float32 tensor: each sample's subset ``loss_weight`` (1.0 by default).
-        captions_dropped: Not from the loader: set by the training loop's caption dropout (for
-            classifier-free guidance), ``B`` flags of the captions it replaced by ``""``.
     """
 
     pixel_values: torch.Tensor
@@ -54,7 +46,6 @@ class Batch(TypedDict):
     paths: list[str]
     is_reg: torch.Tensor
     loss_weights: torch.Tensor
-    captions_dropped: NotRequired[list[bool]]
 
 
 class SkippedFile(TypedDict):

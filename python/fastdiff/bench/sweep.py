@@ -31,15 +31,16 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import torch
 
 from fastdiff.bench.common import limited_root, list_images, machine_info, time_images
 from fastdiff.loader import DataLoader, _available_cores
+from fastdiff.types import LoadStats
 
 #: Stage keys of :meth:`fastdiff.DataLoader.stats` (each ``<name>_s``), in pipeline order.
 STAGES = ("read", "probe", "decode", "resize", "write", "other")
@@ -69,7 +70,7 @@ class Run:
     images: int
     seconds: float
     cpu_seconds: float | None
-    stats: dict[str, float]
+    stats: LoadStats
 
     @property
     def images_per_second(self) -> float:
@@ -130,7 +131,8 @@ def summarize_point(threads: int, prefetch: int, runs: Sequence[Run]) -> dict[st
     """Medians over ``runs`` of one point: img/s, CPU ms/img, worker ms/img per stage, idle and wait %."""
 
     def per_image(run: Run, key: str) -> float:
-        return 1000 * run.stats[key] / max(run.stats["samples"], 1)
+        # Stage keys are built from STAGES, so the TypedDict is read as the plain mapping it is.
+        return 1000 * cast(Mapping[str, float], run.stats)[key] / max(run.stats["samples"], 1)
 
     stage_ms = {s: statistics.median(per_image(r, f"{s}_s") for r in runs) for s in STAGES}
     cpu = _median([None if r.cpu_seconds is None else 1000 * r.cpu_seconds / r.images for r in runs])

@@ -29,7 +29,7 @@ import torch
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
 from fastdiff.training.objective import drop_captions
 from fastdiff.training.outputs import LossLog, save_sample_grid
-from fastdiff.training.protocols import BatchLoader, LoopSettings, Task
+from fastdiff.training.protocols import BatchLoader, LoopSettings, Task, TrainBatch
 from fastdiff.types import Batch
 
 log = logging.getLogger("fastdiff.train")
@@ -285,8 +285,9 @@ def run(
                 data_seconds += time.perf_counter() - waited
                 values: list[float] = []
                 finite = True
-                for batch in micro:
-                    batch = dict(batch)
+                for loaded in micro:
+                    # A copy: the loader's batch keeps its own tensors and captions.
+                    batch = TrainBatch(**loaded)
                     pixels = batch["pixel_values"]
                     batch["pixel_values"] = (pixels.pin_memory() if pin else pixels).to(
                         device, non_blocking=pin

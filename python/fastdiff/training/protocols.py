@@ -38,6 +38,16 @@ class BatchLoader(Protocol):
         ...
 
 
+class TrainBatch(Batch, total=False):
+    """A loader :class:`~fastdiff.types.Batch` as the loop hands it to :meth:`Task.loss`.
+
+    Keys (besides the batch's own): ``captions_dropped``, ``B`` flags of the captions that caption
+    dropout replaced by ``""`` (for classifier-free guidance); ``pixel_values`` is on the run's device.
+    """
+
+    captions_dropped: list[bool]
+
+
 class Task(Protocol):
     """The model side of a run: what is trained, how a batch's loss is computed, how it is saved."""
 
@@ -50,7 +60,7 @@ class Task(Protocol):
         ...
 
     def loss(
-        self, batch: Batch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+        self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
     ) -> torch.Tensor:
         """The (weighted) diffusion loss of ``batch``, a float32 scalar; noise drawn from ``generator``."""
         ...

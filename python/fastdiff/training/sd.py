@@ -26,6 +26,7 @@ import torch
 
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.objective import add_training_noise, diffusion_loss_from
+from fastdiff.training.protocols import TrainBatch
 from fastdiff.types import Batch
 
 if TYPE_CHECKING:
@@ -408,7 +409,7 @@ class PipelineTask:
             encoder.train(on and not self._frozen_text)
 
     def loss(
-        self, batch: Batch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+        self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
     ) -> torch.Tensor:
         """Latent diffusion loss of a batch: VAE latents, noise, UNet prediction, (weighted) MSE."""
         latents = encode_latents(self.vae, batch["pixel_values"], generator)

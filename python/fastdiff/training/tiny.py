@@ -23,7 +23,7 @@ import torch
 
 from fastdiff.training.config import HEAD_DIM, NORM_GROUPS, SAMPLERS, TrainConfig
 from fastdiff.training.objective import add_training_noise, diffusion_loss_from
-from fastdiff.types import Batch
+from fastdiff.training.protocols import TrainBatch
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -282,7 +282,7 @@ class TinyTask:
         self.text_encoder.train(on)
 
     def loss(
-        self, batch: Batch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+        self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
     ) -> torch.Tensor:
         input_ids = tokenize(self.tokenizer, batch["captions"]).to(self.device, non_blocking=True)
         return diffusion_loss(
