@@ -9,7 +9,7 @@ WHEEL_STAMP := $(VENV)/.fastdiff-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
 
-.PHONY: setup develop demo test test-rust test-python lint fmt corpus bench fuzz clean
+.PHONY: setup develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench fuzz clean
 
 setup: $(WHEEL_STAMP)
 
@@ -46,19 +46,40 @@ develop: $(VENV)/.deps
 demo: setup
 	$(BIN)/fastdiff demo --output demo-out
 
-test: setup test-rust test-python
+# The CI gates (.ci/run), in order, each under a header with its time: the cheap checks first, so that a
+# lint error does not wait for the release build. Sub-makes keep the order under `make -j` too.
+TEST_GATES := lint typecheck test-rust test-python
+test:
+	@for gate in $(TEST_GATES); do \
+	  echo "==== make $$gate"; start=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$gate || { echo "==== make $$gate: FAILED"; exit 1; }; \
+	  echo "==== make $$gate: ok in $$(( $$(date +%s) - start )) s"; done
+
+# The edit loop: no lint, no type checks, the wheel rebuilt only when the sources are newer than its stamp;
+# the core's Rust tests, then pytest stopping at the first failure, last run's failures first.
+test-fast: setup
+	cargo test -p fastdiff-core
+	$(call run_pytest,-x --ff)
 
 test-rust: $(VENV)/.sysdeps
 	cargo test --workspace --exclude fastdiff-py
 
+# pytest's exit code 5 means it collected no test: a broken test path or marker, never a pass.
+run_pytest = $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: pytest collected no test"; exit $$rc; }
 test-python: setup
-	$(BIN)/python -m pytest -q
+	$(call run_pytest,)
 
 lint: $(VENV)/.deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy on the package (settings: pyproject's [tool.mypy]), then the hand-written _fastdiff.pyi against the
+# native module of the installed wheel (stubtest imports it: hence `setup`).
+typecheck: setup
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest --mypy-config-file pyproject.toml fastdiff._fastdiff
 
 fmt: $(VENV)/.deps
 	cargo fmt --all
