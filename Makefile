@@ -9,7 +9,7 @@ WHEEL_STAMP := $(VENV)/.fastdiff-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
 
-.PHONY: setup develop demo test test-rust test-python lint fmt bench fuzz clean
+.PHONY: setup develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench fuzz clean
 
 setup: $(WHEEL_STAMP)
 
@@ -46,13 +46,28 @@ develop: $(VENV)/.deps
 demo: setup
 	$(BIN)/fastdiff demo --output demo-out
 
-test: setup test-rust test-python
+# The CI gates (.ci/run), in order, each under a header with its time: the cheap checks first, so that a
+# lint error does not wait for the release build. Sub-makes keep the order under `make -j` too.
+TEST_GATES := lint typecheck test-rust test-python
+test:
+	@for gate in $(TEST_GATES); do \
+	  echo "==== make $$gate"; start=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$gate || { echo "==== make $$gate: FAILED"; exit 1; }; \
+	  echo "==== make $$gate: ok in $$(( $$(date +%s) - start )) s"; done
+
+# The edit loop: no lint, no type checks, the wheel rebuilt only when the sources are newer than its stamp;
+# the core's Rust tests, then pytest stopping at the first failure, last run's failures first.
+test-fast: setup
+	cargo test -p fastdiff-core
+	$(call run_pytest,-x --ff)
 
 test-rust: $(VENV)/.sysdeps
 	cargo test --workspace --exclude fastdiff-py
 
+# pytest's exit code 5 means it collected no test: a broken test path or marker, never a pass.
+run_pytest = $(BIN)/python -m pytest -q $(1) || { rc=$$?; [ $$rc -ne 5 ] || echo "error: pytest collected no test"; exit $$rc; }
 test-python: setup
-	$(BIN)/python -m pytest -q
+	$(call run_pytest,)
 
 lint: $(VENV)/.deps
 	cargo fmt --all -- --check
@@ -60,24 +75,32 @@ lint: $(VENV)/.deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy on the package (settings: pyproject's [tool.mypy]), then the hand-written _fastdiff.pyi against the
+# native module of the installed wheel (stubtest imports it: hence `setup`).
+typecheck: setup
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest --mypy-config-file pyproject.toml fastdiff._fastdiff
+
 fmt: $(VENV)/.deps
 	cargo fmt --all
 	$(BIN)/ruff format .
 
-# Side-by-side throughput (issue 3's table), each corpus made once from the wallpapers: 1000 photos @ 512
-# batch 8, 200 12 MP phone JPEGs @ 1024 batch 4, the mixed-format wallpapers @ 512; with the bench-only
-# peers (datago; PyTurboJPEG 1.x over Debian's libturbojpeg for the decode ceiling). About an hour on
-# 2 cores; `make bench BENCH_CORPORA=photos` runs one row.
+# The real-image corpora of the benches (scripts/corpus.py; the tests make theirs themselves), each made
+# once from Debian's wallpapers: 1000 photos, 200 12 MP phone JPEGs. `make corpus BENCH_CORPORA=photos`
+# makes one.
 CORPUS ?= $(or $(FASTDIFF_CACHE),$(HOME)/.cache/fastdiff/corpus)
-SHARED ?= ../shared
 BENCH_CORPORA ?= photos large wallpapers
-bench: setup
+corpus: $(VENV)/.deps
+	$(BIN)/python scripts/corpus.py wallpapers $(CORPUS)/wallpapers
+	$(if $(filter photos,$(BENCH_CORPORA)),$(BIN)/python scripts/corpus.py photos $(CORPUS)/wallpapers $(CORPUS)/photos --n 1000)
+	$(if $(filter large,$(BENCH_CORPORA)),$(BIN)/python scripts/corpus.py large $(CORPUS)/wallpapers $(CORPUS)/large --n 200)
+
+# Side-by-side throughput (issue 3's table): the photos @ 512 batch 8, the phone JPEGs @ 1024 batch 4, the
+# mixed-format wallpapers @ 512; with the bench-only peers (datago; PyTurboJPEG 1.x over Debian's
+# libturbojpeg for the decode ceiling). About an hour on 2 cores; `make bench BENCH_CORPORA=photos` runs one row.
+bench: setup corpus
 	@dpkg -s libturbojpeg0 >/dev/null 2>&1 || $(SUDO) apt-get install -y -qq libturbojpeg0
 	$(BIN)/pip install -q "datago" "PyTurboJPEG<2"
-	bash $(SHARED)/corpus/fetch_wallpapers.sh $(CORPUS)/wallpapers
-	@for kind in photos large; do n=$$([ $$kind = photos ] && echo 1000 || echo 200); \
-	  [ -f $(CORPUS)/$$kind/.complete ] || { $(BIN)/python $(SHARED)/corpus/make_photos.py \
-	  $(CORPUS)/wallpapers $(CORPUS)/$$kind --kind $$kind --n $$n && touch $(CORPUS)/$$kind/.complete; } || exit 1; done
 	@for c in $(BENCH_CORPORA); do case $$c in \
 	  photos) args="--resolution 512 --batch-size 8 --rounds 5";; \
 	  large) args="--resolution 1024 --batch-size 4 --rounds 3";; \

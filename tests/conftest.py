@@ -1,45 +1,32 @@
-"""Shared fixtures: the real-image corpora, fetched once per machine and cached outside the checkout."""
+"""Shared fixtures: the real-image corpora, made once per machine by scripts/corpus.py and cached outside
+the checkout (``$FASTDIFF_CACHE``, else ``~/.cache/fastdiff/corpus``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import corpus  # scripts/corpus.py: pyproject's [tool.pytest.ini_options] puts scripts/ on the path
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-#: The workplace's shared folder (corpus scripts), beside the checkout unless FASTDIFF_SHARED says otherwise.
-SHARED = Path(os.environ.get("FASTDIFF_SHARED", REPO.parent / "shared"))
-#: Where fetched and derived corpora are cached between runs.
-CACHE = Path(os.environ.get("FASTDIFF_CACHE", Path.home() / ".cache" / "fastdiff" / "corpus"))
+CACHE = corpus.cache_dir()
 
 
-def _corpus_script(name: str) -> Path:
-    script = SHARED / "corpus" / name
-    if not script.exists():
-        pytest.fail(f"{script} is missing: set FASTDIFF_SHARED to the folder holding corpus/{name}")
-    return script
+def _made(make: Callable[[], Path]) -> Path:
+    """``make()``, with a corpus that cannot be made here failing the test in one line, not a traceback."""
+    try:
+        return make()
+    except corpus.CorpusError as e:
+        pytest.fail(f"cannot make the test corpus: {e}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def wallpapers() -> Path:
     """~140 real wallpapers (JPEG, PNG, RGBA, grayscale, WebP) with .txt captions (Debian packages)."""
-    dest = CACHE / "wallpapers"
-    subprocess.run(["bash", str(_corpus_script("fetch_wallpapers.sh")), str(dest)], check=True)
-    return dest
+    return _made(lambda: corpus.wallpapers(CACHE / "wallpapers"))
 
 
 @pytest.fixture(scope="session")
 def large_photos(wallpapers: Path) -> Path:
-    """12 MP phone-style JPEGs (4032x3024), a quarter stored rotated with EXIF orientation 3/6/8."""
-    dest = CACHE / "large16"
-    if not (dest / ".complete").exists():
-        script = _corpus_script("make_photos.py")
-        subprocess.run(
-            [sys.executable, str(script), str(wallpapers), str(dest), "--kind", "large", "--n", "16"],
-            check=True,
-        )
-        (dest / ".complete").write_text("16\n")
-    return dest
+    """16 phone-style JPEGs of 12 MP (4032x3024), 4 of them stored rotated with EXIF orientation 3/6/8."""
+    return _made(lambda: corpus.derived(wallpapers, CACHE / "large16", "large", 16))
