@@ -286,14 +286,13 @@ def run(
                 values: list[float] = []
                 finite = True
                 for loaded in micro:
+                    captions, dropped = drop_captions(loaded["captions"], config.caption_dropout, caption_rng)
                     # A copy: the loader's batch keeps its own tensors and captions.
-                    batch = TrainBatch(**loaded)
+                    batch = TrainBatch(**loaded, captions_dropped=dropped)
+                    batch["captions"] = captions
                     pixels = batch["pixel_values"]
                     batch["pixel_values"] = (pixels.pin_memory() if pin else pixels).to(
                         device, non_blocking=pin
-                    )
-                    batch["captions"], batch["captions_dropped"] = drop_captions(
-                        batch["captions"], config.caption_dropout, caption_rng
                     )
                     loss = task.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
                     value = loss.item()

@@ -318,7 +318,8 @@ class PipelineTask:
                 self.unet.add_adapter(
                     LoraConfig(
                         r=config.lora_rank,
-                        lora_alpha=alpha,
+                        # peft annotates an int, but scales by lora_alpha / r in floats: 8.5 is valid.
+                        lora_alpha=alpha,  # type: ignore[arg-type]
                         init_lora_weights="gaussian",
                         target_modules=list(config.lora_target_modules),
                     )
@@ -329,7 +330,8 @@ class PipelineTask:
                     # peft directly, not transformers' `add_adapter` (transformers 5 wants peft >= 0.22).
                     self.text_lora_config = LoraConfig(
                         r=config.lora_rank,
-                        lora_alpha=alpha,
+                        # peft annotates an int, but scales by lora_alpha / r in floats: 8.5 is valid.
+                        lora_alpha=alpha,  # type: ignore[arg-type]
                         init_lora_weights="gaussian",
                         target_modules=list(TEXT_ENCODER_LORA_TARGETS),
                     )

@@ -266,7 +266,8 @@ class TinyTask:
             seed=config.seed,
         )
         self.unet.to(device)
-        self.text_encoder.to(device)
+        # transformers types `PreTrainedModel.to` through a decorator that loses its signature.
+        self.text_encoder.to(device)  # type: ignore[arg-type]
         self.noise_scheduler = build_noise_scheduler(
             config.num_train_timesteps, config.beta_schedule, config.prediction_type
         )
