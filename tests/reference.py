@@ -13,10 +13,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+#: EXIF orientations that swap width and height.
+TRANSPOSING = (5, 6, 7, 8)
 
-def upright_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The file as Pillow sees it upright, RGB, transparency composited onto ``background``."""
+
+def upright_rgb(
+    path: str | Path,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_cover: tuple[int, int] | None = None,
+) -> Image.Image:
+    """The file as Pillow sees it upright, RGB, transparency composited onto ``background``.
+
+    ``draft_cover``: upright ``(w, h)`` the image will be resized to; a JPEG is then decoded at the
+    smallest DCT scale (1/8, 1/4, 1/2) that still covers it (Pillow's ``Image.draft``, libjpeg's own
+    scaled IDCT), as a DCT-scaling loader decodes it.
+    """
     with Image.open(path) as im:
+        if draft_cover is not None:
+            w, h = draft_cover
+            im.draft("RGB", (h, w) if im.getexif().get(0x0112, 1) in TRANSPOSING else (w, h))
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I"):
             im = im.point(lambda v: v / 256).convert("L")
@@ -40,11 +55,20 @@ def reference_sample(
     crop_top_left: tuple[int, int],
     flipped: bool = False,
     background: tuple[int, int, int] = (255, 255, 255),
+    dct_scaled: bool = False,
 ) -> np.ndarray:
-    """uint8 array [3, H, W] that fastdiff should produce for ``path`` (Pillow Lanczos resize)."""
-    im = upright_rgb(path, background)
+    """uint8 array [3, H, W] that fastdiff should produce for ``path`` (Pillow Lanczos resize).
+
+    ``dct_scaled``: decode a JPEG at the DCT scale a DCT-scaling loader uses (see :func:`upright_rgb`)
+    instead of at full size.
+    """
     bh, bw = target_size
-    rw, rh = resized_size(im.width, im.height, bh, bw)
+    with Image.open(path) as raw:
+        w, h = raw.size
+        if raw.getexif().get(0x0112, 1) in TRANSPOSING:
+            w, h = h, w
+    rw, rh = resized_size(w, h, bh, bw)
+    im = upright_rgb(path, background, draft_cover=(rw, rh) if dct_scaled else None)
     im = im.resize((rw, rh), Image.Resampling.LANCZOS)
     top, left = crop_top_left
     if flipped:

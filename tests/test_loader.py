@@ -127,15 +127,20 @@ def test_exif_rotated_phone_photos_come_out_upright(large_photos: Path, tmp_path
         assert batch["original_sizes"][0] == (up.height, up.width)
         h, w = batch["target_sizes"][0]
         assert (h > w) == (up.height > up.width)  # bucket chosen from the upright size
-        ref = reference_sample(path, (h, w), batch["crop_top_lefts"][0])
-        # Measured 0.11-0.15 levels (12 MP decoded at a DCT scale, then Lanczos, vs full decode + Lanczos).
+        # fastdiff decodes a 12 MP JPEG at a DCT scale (1/4 here) before its Lanczos resize: against
+        # Pillow doing the same (Image.draft), measured 0.02-0.24 levels on the rotated photos.
+        ref = reference_sample(path, (h, w), batch["crop_top_lefts"][0], dct_scaled=True)
         assert mean_abs_diff(got, ref) <= 0.6, path
+        # Against a full-size decode: 0.07-0.87, the most on a painting's canvas weave, whose moiré
+        # the scaled IDCT renders differently (1.01 on another crop of it).
+        full = reference_sample(path, (h, w), batch["crop_top_lefts"][0])
+        assert mean_abs_diff(got, full) <= 1.5, path
         # Sideways or upside-down output would be far from the upright reference.
         with Image.open(path) as raw:
             stored = np.asarray(raw.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)).transpose(
                 2, 0, 1
             )
-        assert mean_abs_diff(got, stored) > 3 * mean_abs_diff(got, ref)
+        assert mean_abs_diff(got, stored) > 3 * mean_abs_diff(got, full)
 
 
 def test_random_crop_and_flip_match_pillow(wallpapers: Path, tmp_path: Path) -> None:
