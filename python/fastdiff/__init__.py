@@ -5,8 +5,17 @@ decodes, resizes, crops and flips whole batches in native threads with the GIL r
 :class:`DataLoader` hands those batches to torch without copying.
 """
 
-from fastdiff._fastdiff import DecodeError, FastdiffError, __version__
+from fastdiff._fastdiff import DecodeError, FastdiffError, ImageTooSmallError, InternalError, __version__
 from fastdiff.dataset import Subset, load_config
 from fastdiff.loader import DataLoader
 
-__all__ = ["DataLoader", "DecodeError", "FastdiffError", "Subset", "__version__", "load_config"]
+__all__ = [
+    "DataLoader",
+    "DecodeError",
+    "FastdiffError",
+    "ImageTooSmallError",
+    "InternalError",
+    "Subset",
+    "__version__",
+    "load_config",
+]
