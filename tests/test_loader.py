@@ -324,7 +324,7 @@ def test_resolution_off_the_bucket_step_warns_with_the_square_bucket(tmp_path: P
     assert next(iter(loader))["pixel_values"].shape == (1, 3, 64, 64)
 
 
-def test_a_batch_too_large_to_allocate_is_a_value_error_not_an_abort(tmp_path: Path) -> None:
+def test_a_batch_too_large_to_allocate_is_a_memory_error_not_an_abort(tmp_path: Path) -> None:
     Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "a.png")
     # Batch memory is sized by what the data can fill: one image, batches of one.
     loader = fastdiff.DataLoader(tmp_path, resolution=64, batch_size=10**9, dtype=torch.uint8)
@@ -332,7 +332,7 @@ def test_a_batch_too_large_to_allocate_is_a_value_error_not_an_abort(tmp_path: P
     assert pixels.shape == (1, 3, 64, 64) and pixels[0, :, 0, 0].tolist() == [10, 20, 30]
     # A 10^7-pixel-square bucket: 1.2 PB of float32, beyond any address space.
     loader = fastdiff.DataLoader(tmp_path, resolution=10**7)
-    with pytest.raises(ValueError, match=r"cannot allocate .* lower batch_size or resolution"):
+    with pytest.raises(MemoryError, match=r"cannot allocate .* lower batch_size or resolution"):
         next(iter(loader))
 
 

@@ -54,7 +54,7 @@ def _child_loads(folder: str, inherited: fastdiff.DataLoader, running: Iterator,
     try:
         next(running)
         continued = "continued"
-    except ValueError as e:
+    except fastdiff.InternalError as e:
         continued = "refused" if "started in another process" in str(e) else repr(e)
     fresh = fastdiff.DataLoader(folder, batch_size=2, num_threads=2, **SMALL)
     n_fresh = sum(len(b["paths"]) for b in fresh)

@@ -530,7 +530,7 @@ def test_case12_tiny_and_extreme_images_never_get_an_empty_bucket_or_crop(tmp_pa
     # (h, w): 70x700 rounded down to whole steps, the long side capped at max_bucket_side 512.
     assert got["tall.png"]["target_size"] == (512, 64)
     assert got["wide.png"]["target_size"] == (64, 512)
-    with pytest.raises(fastdiff.DecodeError, match=r"narrow\.png.*no_upscale"):
+    with pytest.raises(fastdiff.ImageTooSmallError, match=r"narrow\.png.*no_upscale"):
         fastdiff.DataLoader(tmp_path, resolution=256, bucket_step=64, no_upscale=True, on_error="raise")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fastdiff._fastdiff import DecodeError, FastdiffError, __version__
+from fastdiff._fastdiff import DecodeError, FastdiffError, ImageTooSmallError, InternalError, __version__
 
 if TYPE_CHECKING:
     from fastdiff.dataset import Subset, load_config
@@ -36,6 +36,8 @@ __all__ = [
     "DataLoader",
     "DecodeError",
     "FastdiffError",
+    "ImageTooSmallError",
+    "InternalError",
     "LoadStats",
     "Report",
     "Subset",

@@ -1,10 +1,23 @@
 """Type stubs of the private native module (hand-written; the public API is ``fastdiff.DataLoader``)."""
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import torch
+from typing_extensions import Self
+
+__all__ = [
+    "BatchMemory",
+    "DecodeError",
+    "FastdiffError",
+    "ImageTooSmallError",
+    "InternalError",
+    "NativeEpochIter",
+    "NativeLoader",
+    "NativeSubset",
+    "__version__",
+]
 
 __version__: str
 
@@ -12,7 +25,24 @@ class FastdiffError(Exception):
     """Base class of every error fastdiff raises itself."""
 
 class DecodeError(FastdiffError):
-    """An image file could not be read as an image; the message names the file and the cause."""
+    """An image file could not be read as an image: corrupt, truncated, unsupported, over
+    ``max_pixels``, or changed since the scan. The message names the file and the cause."""
+
+class ImageTooSmallError(FastdiffError):
+    """With ``no_upscale``, an image is narrower or shorter than one bucket step, so no bucket fits it
+    without enlarging it. Raised with ``on_error="raise"``; otherwise the file is skipped with code
+    ``"too_small"``. The file itself is fine (not a :class:`DecodeError`); the message names it and
+    its size."""
+
+class InternalError(FastdiffError):
+    """fastdiff itself failed, not the file or the arguments: a panic caught while loading a file
+    (a bug: please report the message, which names the file it met), a broken internal invariant,
+    or an epoch iterator used in a forked child of the process that started it (iterate the loader
+    again in the child instead).
+
+    Allocations the machine refuses (a batch buffer, a JPEG decoder handle) are :class:`MemoryError`,
+    not this.
+    """
 
 _Batch = tuple[
     # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16, viewing recycled memory
@@ -27,6 +57,7 @@ _Batch = tuple[
     list[int],  # subsets: each sample's subset index
 ]
 
+@final
 class NativeSubset:
     """One folder of a dataset with its options (see ``fastdiff.Subset``).
 
@@ -34,8 +65,8 @@ class NativeSubset:
         ValueError: an option is out of range (the message names the folder and the option).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         root: str,
         *,
         num_repeats: int = 1,
@@ -50,11 +81,22 @@ class NativeSubset:
         caption_separator: str = ",",
         flip_prob: float | None = None,
         crop: str | None = None,
-    ) -> None: ...
+    ) -> Self: ...
 
+@final
 class NativeLoader:
-    def __init__(
-        self,
+    """A scanned, bucketed dataset and its loading options (see ``fastdiff.DataLoader``).
+
+    Raises:
+        ValueError: an option is out of range (the message names it), or a folder holds no usable
+            image.
+        DecodeError, ImageTooSmallError, OSError: with ``on_error="raise"``, the first file the scan
+            had to skip, by its reason (unreadable as an image; too small under ``no_upscale``;
+            not readable).
+    """
+
+    def __new__(
+        cls,
         subsets: list[NativeSubset],
         *,
         resolution: int,
@@ -79,7 +121,7 @@ class NativeLoader:
         world_size: int = 1,
         remainder: str = "pad",
         no_upscale: bool = False,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def num_batches(self) -> int: ...
     @property
@@ -108,12 +150,25 @@ class NativeLoader:
         it is re-raised by ``__next__`` as itself (``KeyboardInterrupt`` included).
         """
 
+@final
 class BatchMemory:
     """Owner of a batch's pool memory (the numpy array's base); freeing it recycles the memory."""
 
+@final
 class NativeEpochIter(Iterator[_Batch]):
     def __iter__(self) -> NativeEpochIter: ...
-    def __next__(self) -> _Batch: ...
+    def __next__(self) -> _Batch:
+        """The next batch; waits with the GIL released.
+
+        Raises:
+            DecodeError: with ``on_error="raise"``, a sample's file could not be decoded (or changed
+                since the scan).
+            OSError: with ``on_error="raise"``, a sample's file could not be read.
+            MemoryError: the batch's memory could not be allocated.
+            InternalError: a panic while loading a sample, or the epoch was started in another
+                process (this is a forked child).
+            ValueError: ``buffer_factory`` returned something other than enough contiguous bytes.
+        """
     def __len__(self) -> int: ...
     def stats(self) -> dict[str, float]:
         """Where this epoch's time went so far (final once the iterator is exhausted or closed).

@@ -5,6 +5,9 @@
 //! kohya-ss sd-scripts (`library/model_util.py`, `make_bucket_resolutions`): every bucket has about the
 //! pixel area of `resolution²` (never more), sides are multiples of `step`, and sides stay within
 //! `[min_side, max_side]`.
+//!
+//! Geometry only: it knows image sizes, never files or pixels, and must not depend on the order
+//! images are seen in (the assignment of an image is a function of its size alone).
 
 use crate::error::{Error, Result};
 

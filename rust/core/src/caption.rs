@@ -5,6 +5,9 @@
 //! and — for files that are not valid UTF-8 — the Windows-1252 code page most legacy Windows tools
 //! write (where byte 0x92 is the typographic apostrophe `’`). Falling back is flagged so the report can
 //! count captions whose encoding was guessed.
+//!
+//! Reads and transforms text only; it must not fail a sample over a caption it can decode some way,
+//! and its random operations are keyed by [`crate::rng`] like every other choice.
 
 use std::path::Path;
 
@@ -200,6 +203,7 @@ impl CaptionOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::SkipCode;
 
     fn utf16(s: &str, big_endian: bool) -> Vec<u8> {
         let mut out = if big_endian {
@@ -284,7 +288,7 @@ mod tests {
 
         let missing = dir.path().join("missing.txt");
         let err = read_caption(&missing).unwrap_err();
-        assert_eq!(err.code(), "io");
+        assert_eq!(err.code(), SkipCode::Io);
         assert_eq!(err.path(), Some(missing.as_path()));
         assert!(err.to_string().contains("missing.txt"), "{err}");
     }

@@ -3,14 +3,79 @@
 //! Every message names the file and the cause ("Error while decoding PATH: cause"), so that a skip in
 //! a report or an exception in Python is actionable without a debugger. `rust/py` maps these variants
 //! to Python exceptions in one place.
+//!
+//! An error says whose fault it is (see [`Error`]): a variant must not blame the file or the caller
+//! for a failure of fastdiff or of the machine. Skip codes are [`SkipCode`]s, compared as values,
+//! never as strings.
 
 use std::path::{Path, PathBuf};
 
 /// Result alias used across the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Machine-readable reason of an error, as reports give it (see [`SkipCode::as_str`]).
+///
+/// Every [`Error`] has one because any failure of a sample can become a skip of its file; the
+/// codes a report can hold are `io`, `decode`, `too_large`, `too_small`, `changed`, `panic`,
+/// `resource` and `internal`. `invalid_argument` and `no_images` only label errors that are raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SkipCode {
+    /// `io`: the file could not be opened or read.
+    Io,
+    /// `decode`: the bytes are not a decodable image of a supported format.
+    Decode,
+    /// `too_large`: more pixels than the configured limit.
+    TooLarge,
+    /// `too_small`: with `no_upscale`, smaller than one bucket step on a side.
+    TooSmall,
+    /// `changed`: the file changed since the scan.
+    Changed,
+    /// `panic`: a panic (a bug in fastdiff or a library) while loading the file.
+    Panic,
+    /// `resource`: memory or a library handle could not be had.
+    Resource,
+    /// `internal`: a broken invariant of fastdiff.
+    Internal,
+    /// `invalid_argument`: a caller-supplied option is out of range.
+    InvalidArgument,
+    /// `no_images`: the dataset root holds no usable image.
+    NoImages,
+}
+
+impl SkipCode {
+    /// The code as reports and Python give it: `"io"`, `"decode"`, `"too_large"`, `"too_small"`,
+    /// `"changed"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SkipCode::Io => "io",
+            SkipCode::Decode => "decode",
+            SkipCode::TooLarge => "too_large",
+            SkipCode::TooSmall => "too_small",
+            SkipCode::Changed => "changed",
+            SkipCode::Panic => "panic",
+            SkipCode::Resource => "resource",
+            SkipCode::Internal => "internal",
+            SkipCode::InvalidArgument => "invalid_argument",
+            SkipCode::NoImages => "no_images",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything that can go wrong in the core.
+///
+/// Three families, kept apart so that nobody is blamed for what they did not do: the file's fault
+/// (`Io`, `Decode`, `TooLarge`, `Changed`, and `TooSmall`, a file the options cannot use), the
+/// caller's (`InvalidArgument`, `NoImages`), and fastdiff's or the machine's (`Panic`, `Internal`,
+/// `Resource`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The file could not be opened or read (missing, no permission, vanished since the scan).
     #[error("Error while reading {}: {source}", path.display())]
@@ -35,7 +100,7 @@ pub enum Error {
         limit: u64,
     },
     /// With `no_upscale`, the image is narrower or shorter than one bucket step, so no bucket fits
-    /// without enlarging it.
+    /// without enlarging it. The file is fine; the options cannot use it.
     #[error(
         "Error while bucketing {}: image is {width}x{height}, smaller than one bucket step of {step} \
          pixels on a side; no_upscale forbids enlarging it",
@@ -50,9 +115,20 @@ pub enum Error {
     /// The file's size or format no longer matches what the scan recorded.
     #[error("Error while decoding {}: file changed since the scan: {reason}", path.display())]
     Changed { path: PathBuf, reason: String },
-    /// A panic inside a decoder or transform, caught at the sample boundary.
-    #[error("Error while decoding {}: internal panic: {message}", path.display())]
+    /// A panic inside a decoder or transform, caught at the sample boundary: a bug in fastdiff or a
+    /// library it uses, met while loading `path` (the file may be fine).
+    #[error("internal error (a panic) while loading {}: {message}", path.display())]
     Panic { path: PathBuf, message: String },
+    /// The machine could not provide what loading needs: memory the allocator refused (a batch
+    /// buffer, or a buffer source out of memory), or a libjpeg-turbo handle (whose creation fails
+    /// only for lack of memory). Neither the file's fault nor the arguments'.
+    #[error("{0}")]
+    Resource(String),
+    /// Fastdiff itself went wrong: a broken invariant (a resize of buffers the pipeline sized
+    /// itself failing, every worker thread gone), or an epoch iterator used in a forked child of
+    /// the process whose threads it drives. The message says what and, where there is one, what to do.
+    #[error("{0}")]
+    Internal(String),
     /// A caller-supplied option is out of range; the message names the argument.
     #[error("{0}")]
     InvalidArgument(String),
@@ -66,19 +142,20 @@ pub enum Error {
 }
 
 impl Error {
-    /// Short machine-readable reason code used in reports: `io`, `decode`, `too_large`, `too_small`,
-    /// `changed`, `panic`, `invalid_argument`, `no_images`.
-    pub fn code(&self) -> &'static str {
+    /// The reason code used in reports (for [`Error::Skipped`], the skip's own).
+    pub fn code(&self) -> SkipCode {
         match self {
-            Error::Io { .. } => "io",
-            Error::Decode { .. } => "decode",
-            Error::TooLarge { .. } => "too_large",
-            Error::TooSmall { .. } => "too_small",
-            Error::Changed { .. } => "changed",
-            Error::Panic { .. } => "panic",
+            Error::Io { .. } => SkipCode::Io,
+            Error::Decode { .. } => SkipCode::Decode,
+            Error::TooLarge { .. } => SkipCode::TooLarge,
+            Error::TooSmall { .. } => SkipCode::TooSmall,
+            Error::Changed { .. } => SkipCode::Changed,
+            Error::Panic { .. } => SkipCode::Panic,
+            Error::Resource(_) => SkipCode::Resource,
+            Error::Internal(_) => SkipCode::Internal,
             Error::Skipped(skip) => skip.code,
-            Error::InvalidArgument(_) => "invalid_argument",
-            Error::NoImages { .. } => "no_images",
+            Error::InvalidArgument(_) => SkipCode::InvalidArgument,
+            Error::NoImages { .. } => SkipCode::NoImages,
         }
     }
 
@@ -93,7 +170,7 @@ impl Error {
             | Error::Panic { path, .. }
             | Error::NoImages { path, .. } => Some(path),
             Error::Skipped(skip) => Some(&skip.path),
-            Error::InvalidArgument(_) => None,
+            Error::Resource(_) | Error::Internal(_) | Error::InvalidArgument(_) => None,
         }
     }
 
@@ -120,7 +197,7 @@ pub struct Skip {
     /// The file, as found under the dataset root.
     pub path: PathBuf,
     /// Reason code, see [`Error::code`].
-    pub code: &'static str,
+    pub code: SkipCode,
     /// Full human-readable message, naming the file and the cause.
     pub message: String,
 }

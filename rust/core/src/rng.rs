@@ -3,6 +3,9 @@
 //!
 //! The mixer is SplitMix64's finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number
 //! generators", OOPSLA 2014), applied to a combination of the key words.
+//!
+//! Stateless by design: nothing here may hold a generator that advances, or draws would depend on
+//! the order threads ask for them.
 
 /// Independent random streams; each use of randomness takes its own so they never correlate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +27,7 @@ pub enum Stream {
     CaptionDropout = 7,
     /// Tag shuffle and tag dropout of one sample's caption (caption.rs).
     Tags = 8,
-    /// Which sample of the same bucket stands in for one that failed to load (pipeline.rs).
+    /// Which sample of the same bucket stands in for one that failed to load (pipeline/worker.rs).
     Substitute = 9,
 }
 

@@ -8,6 +8,8 @@
 //! `batch_size * world_size` samples, identical on every rank, and each rank takes its own slice of
 //! every global batch. So all ranks run the same number of steps, use the same bucket at each step,
 //! and see disjoint samples; with `world_size == 1` the plan is exactly the single-process one.
+//!
+//! Works on indices only: it must not look at files, pixels or captions.
 
 use crate::error::{Error, Result};
 use crate::rng::{SplitMix64, Stream};

@@ -4,6 +4,8 @@
 //! is I/O bound and fast; the headers are enough to assign buckets and plan epochs. Files that cannot
 //! be used are recorded as [`Skip`]s with the reason instead of aborting the scan, so one bad file in a
 //! million does not stop training.
+//!
+//! It must not decode pixels or assign buckets (that is [`crate::bucket`], through the loader).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -286,6 +288,7 @@ fn probe_one(path: &Path, opts: &ScanOptions) -> std::result::Result<ImageEntry,
 pub(crate) mod tests {
     use super::*;
     use crate::decode::ImageFormat;
+    use crate::error::SkipCode;
     use std::os::unix::fs::symlink;
 
     /// Write a `w`x`h` RGB image whose pixel (x, y) is `color(x, y)`, encoded as `format`
@@ -391,7 +394,7 @@ pub(crate) mod tests {
                 "renamed.png"
             ]
         );
-        let skipped: Vec<(String, &str)> = s
+        let skipped: Vec<(String, SkipCode)> = s
             .skipped
             .iter()
             .map(|k| {
@@ -407,10 +410,10 @@ pub(crate) mod tests {
         assert_eq!(
             skipped,
             [
-                ("big.png".to_owned(), "too_large"),
-                ("broken.jpg".to_owned(), "io"),
-                ("corrupt.png".to_owned(), "decode"),
-                ("h.jpg".to_owned(), "io"),
+                ("big.png".to_owned(), SkipCode::TooLarge),
+                ("broken.jpg".to_owned(), SkipCode::Io),
+                ("corrupt.png".to_owned(), SkipCode::Decode),
+                ("h.jpg".to_owned(), SkipCode::Io),
             ]
         );
         // The unreadable caption is named in the image's skip message.
@@ -519,7 +522,7 @@ pub(crate) mod tests {
         assert_eq!(s.images.len(), 1);
         assert_eq!(s.skipped.len(), 1);
         assert_eq!(s.skipped[0].path, dir.path().join("sub/loop"));
-        assert_eq!(s.skipped[0].code, "io");
+        assert_eq!(s.skipped[0].code, SkipCode::Io);
     }
 
     #[test]
@@ -539,7 +542,7 @@ pub(crate) mod tests {
         let opts = ScanOptions::default();
         let missing = dir.path().join("missing");
         let err = scan(&missing, &opts).unwrap_err();
-        assert_eq!(err.code(), "no_images");
+        assert_eq!(err.code(), SkipCode::NoImages);
         assert_eq!(err.path(), Some(missing.as_path()));
 
         std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
@@ -550,7 +553,7 @@ pub(crate) mod tests {
             image::ImageFormat::Png,
         );
         let err = scan(dir.path(), &opts).unwrap_err();
-        assert_eq!(err.code(), "no_images");
+        assert_eq!(err.code(), SkipCode::NoImages);
         assert!(err.to_string().contains(".jpg"), "{err}");
 
         let err = scan(&dir.path().join("notes.txt"), &opts).unwrap_err();

@@ -10,6 +10,8 @@
 //! A [`BufferSource`] instead supplies caller-owned memory per batch: the Python bindings use it to
 //! have batches written straight into page-locked (pinned) torch tensors, so the host-to-device copy
 //! can be asynchronous without an extra copy into pinned memory.
+//!
+//! It hands out memory and takes it back; it must not read or write pixel values itself.
 
 use std::any::Any;
 use std::ptr::NonNull;
@@ -79,7 +81,7 @@ impl BufferPool {
 
     /// A recycled allocation, or a new uninitialised one; of at least `bytes` bytes (a batch larger
     /// than the pool's size gets its own allocation, which is recycled like the others). Errors
-    /// ([`Error::InvalidArgument`]) when the allocator refuses the memory, instead of aborting.
+    /// ([`Error::Resource`]) when the allocator refuses the memory, instead of aborting.
     fn take(&self, bytes: usize) -> Result<Vec<Block>> {
         if bytes <= self.bytes {
             if let Some(block) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
@@ -90,7 +92,7 @@ impl BufferPool {
         // Capacity only: the memory stays uninitialised until the transform writes it (no zero-fill).
         let mut block = Vec::new();
         block.try_reserve_exact(want.div_ceil(ALIGN)).map_err(|e| {
-            Error::InvalidArgument(format!(
+            Error::Resource(format!(
                 "cannot allocate {want} bytes for a batch ({e}): lower batch_size or resolution"
             ))
         })?;

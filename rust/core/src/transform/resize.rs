@@ -1,247 +1,16 @@
-//! From a decoded upright image to one sample of the batch: resize to cover the bucket, crop,
-//! optional horizontal flip, then planar CHW output as `uint8` or normalised floats.
+//! The [`Transformer`]: resize the placement's window straight from the decoded pixels, then one pass
+//! that writes planar CHW into the sample's [`OutSlot`] (flipped if asked, as uint8 or normalised
+//! floats).
 //!
-//! The geometry follows kohya-ss/sd-scripts bucketing: the image is scaled so that it covers the
-//! bucket (`scale = max(bw / W, bh / H)`, sizes rounded half up), then a bucket-sized window is cut
-//! out of the resized image ([`Placement`]). [`Transformer::apply`] never materialises the resized
-//! image: it resizes only the window, straight from the decoded pixels (which may already be
-//! DCT-downscaled by the JPEG decoder), with `fast_image_resize` convolution filters (same filter
-//! definitions and support scaling as Pillow's `Image.resize`).
-
-use std::str::FromStr;
+//! The hot path of every sample: scratch buffers are reused across samples, and it writes only the
+//! slot it is given. It must not re-check what the caller's placement already decided.
 
 use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{self as fir, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{PixelType, ResizeOptions, Resizer};
 
+use super::{FilterType, Placement};
 use crate::decode::RgbImage;
 use crate::error::{Error, Result};
-
-/// How the bucket-sized window is placed inside the resized image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum CropMode {
-    /// Centred (SDXL / kohya default); parses from `"center"`.
-    #[default]
-    Center,
-    /// Uniformly random offset per sample and epoch; parses from `"random"`.
-    Random,
-}
-
-impl CropMode {
-    /// The name [`FromStr`] accepts: `"center"` or `"random"`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            CropMode::Center => "center",
-            CropMode::Random => "random",
-        }
-    }
-}
-
-impl FromStr for CropMode {
-    type Err = Error;
-
-    /// `"center"` or `"random"` (ASCII case-insensitive); anything else is
-    /// [`Error::InvalidArgument`] naming `crop`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "center" => Ok(CropMode::Center),
-            "random" => Ok(CropMode::Random),
-            _ => Err(invalid_choice("crop", s, &["center", "random"])),
-        }
-    }
-}
-
-/// Resampling filter of the resize step. All but `Nearest` are convolutions whose support widens
-/// with the downscale factor (antialiased, like Pillow's `Image.resize`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum FilterType {
-    /// Lanczos, a = 3 (Pillow `LANCZOS`); `"lanczos3"`. The default.
-    #[default]
-    Lanczos3,
-    /// Catmull-Rom bicubic (Pillow `BICUBIC`); `"catmullrom"`.
-    CatmullRom,
-    /// Triangle filter (Pillow `BILINEAR`); `"bilinear"`.
-    Bilinear,
-    /// Box filter, area average when downscaling (Pillow `BOX`); `"box"`.
-    Box,
-    /// Nearest neighbour, sampling at pixel centres (Pillow `NEAREST`); `"nearest"`.
-    Nearest,
-}
-
-impl FilterType {
-    /// The name [`FromStr`] accepts, e.g. `"lanczos3"`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            FilterType::Lanczos3 => "lanczos3",
-            FilterType::CatmullRom => "catmullrom",
-            FilterType::Bilinear => "bilinear",
-            FilterType::Box => "box",
-            FilterType::Nearest => "nearest",
-        }
-    }
-
-    fn algorithm(self) -> ResizeAlg {
-        let conv = |f| ResizeAlg::Convolution(f);
-        match self {
-            FilterType::Lanczos3 => conv(fir::FilterType::Lanczos3),
-            FilterType::CatmullRom => conv(fir::FilterType::CatmullRom),
-            FilterType::Bilinear => conv(fir::FilterType::Bilinear),
-            FilterType::Box => conv(fir::FilterType::Box),
-            FilterType::Nearest => ResizeAlg::Nearest,
-        }
-    }
-}
-
-impl FromStr for FilterType {
-    type Err = Error;
-
-    /// `"lanczos3"`, `"catmullrom"`, `"bilinear"`, `"box"` or `"nearest"` (ASCII
-    /// case-insensitive); anything else is [`Error::InvalidArgument`] naming `filter`.
-    fn from_str(s: &str) -> Result<Self> {
-        const ALL: [FilterType; 5] = [
-            FilterType::Lanczos3,
-            FilterType::CatmullRom,
-            FilterType::Bilinear,
-            FilterType::Box,
-            FilterType::Nearest,
-        ];
-        let lower = s.to_ascii_lowercase();
-        ALL.into_iter()
-            .find(|f| f.name() == lower)
-            .ok_or_else(|| invalid_choice("filter", s, &ALL.map(|f| f.name())))
-    }
-}
-
-/// Element type of the batch buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum OutputDtype {
-    /// Raw 0..=255 values; `"uint8"`.
-    U8,
-    /// `v / 127.5 - 1` in [-1, 1]; `"float32"`. The default.
-    #[default]
-    F32,
-    /// As `F32`, rounded to IEEE half precision; `"float16"`.
-    F16,
-    /// As `F32`, rounded to bfloat16; `"bfloat16"`.
-    BF16,
-}
-
-impl OutputDtype {
-    /// Bytes per stored value: 1, 4, 2, 2.
-    pub fn bytes_per_value(&self) -> usize {
-        match self {
-            OutputDtype::U8 => 1,
-            OutputDtype::F32 => 4,
-            OutputDtype::F16 | OutputDtype::BF16 => 2,
-        }
-    }
-
-    /// The name [`FromStr`] accepts (numpy/torch spelling), e.g. `"float32"`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            OutputDtype::U8 => "uint8",
-            OutputDtype::F32 => "float32",
-            OutputDtype::F16 => "float16",
-            OutputDtype::BF16 => "bfloat16",
-        }
-    }
-}
-
-impl FromStr for OutputDtype {
-    type Err = Error;
-
-    /// `"uint8"`, `"float32"`, `"float16"` or `"bfloat16"` (ASCII case-insensitive); anything else
-    /// is [`Error::InvalidArgument`] naming `dtype`.
-    fn from_str(s: &str) -> Result<Self> {
-        const ALL: [OutputDtype; 4] = [
-            OutputDtype::U8,
-            OutputDtype::F32,
-            OutputDtype::F16,
-            OutputDtype::BF16,
-        ];
-        let lower = s.to_ascii_lowercase();
-        ALL.into_iter()
-            .find(|d| d.name() == lower)
-            .ok_or_else(|| invalid_choice("dtype", s, &ALL.map(|d| d.name())))
-    }
-}
-
-fn invalid_choice(argument: &str, got: &str, choices: &[&str]) -> Error {
-    Error::InvalidArgument(format!(
-        "{argument} must be one of {}, got {got:?}",
-        choices
-            .iter()
-            .map(|c| format!("{c:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-}
-
-/// Where the bucket-sized crop lies. All values in pixels of the RESIZED image, (w, h) order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Placement {
-    /// Size (w, h) the upright image is resized to; covers the bucket: `w >= bw`, `h >= bh`.
-    pub resized: (u32, u32),
-    /// Left edge of the window, `0..=resized.0 - bw`; in un-flipped coordinates.
-    pub crop_left: u32,
-    /// Top edge of the window, `0..=resized.1 - bh`.
-    pub crop_top: u32,
-    /// Whether the window is mirrored left-right after cropping.
-    pub flip: bool,
-    /// The window (bucket) size (w, h) this placement was made for.
-    pub bucket: (u32, u32),
-}
-
-impl Placement {
-    /// Place a `bucket` (w, h) window on the image of `upright` (w, h) pixels.
-    ///
-    /// `resized` is the cover size (kohya-ss `trim_and_resize_if_required`):
-    /// `s = max(bw / W, bh / H)`, `rw = max(bw, round(W * s))`, `rh = max(bh, round(H * s))`,
-    /// rounding half up. Center: `left = (rw - bw) / 2`, `top = (rh - bh) / 2` (integer division).
-    /// Random: `left = floor(rand_x * (rw - bw + 1))`, `top = floor(rand_y * (rh - bh + 1))`, with
-    /// `rand_x`, `rand_y` uniform in [0, 1) (values outside are clamped into range). A zero
-    /// `upright` side is treated as 1 pixel.
-    pub fn new(
-        upright: (u32, u32),
-        bucket: (u32, u32),
-        crop: CropMode,
-        rand_x: f64,
-        rand_y: f64,
-        flip: bool,
-    ) -> Placement {
-        let (w, h) = (f64::from(upright.0.max(1)), f64::from(upright.1.max(1)));
-        let (bw, bh) = bucket;
-        let s = (f64::from(bw) / w).max(f64::from(bh) / h);
-        let rw = bw.max((w * s).round() as u32);
-        let rh = bh.max((h * s).round() as u32);
-        let offset = |room: u32, r: f64| match crop {
-            CropMode::Center => room / 2,
-            CropMode::Random => ((r * f64::from(room + 1)).floor().max(0.0) as u32).min(room),
-        };
-        Placement {
-            resized: (rw, rh),
-            crop_left: offset(rw - bw, rand_x),
-            crop_top: offset(rh - bh, rand_y),
-            flip,
-            bucket,
-        }
-    }
-
-    /// SDXL's `crop_top_left` conditioning, `(top, left)` in resized pixels, flip-aware as in
-    /// kohya-ss sd-scripts: when flipped, `left = rw - bw - crop_left` (the window's left edge in
-    /// the mirrored resized image; saturating at 0 for a hand-made placement whose window does not
-    /// fit).
-    pub fn crop_top_left(&self) -> (u32, u32) {
-        let left = if self.flip {
-            self.resized
-                .0
-                .saturating_sub(self.bucket.0)
-                .saturating_sub(self.crop_left)
-        } else {
-            self.crop_left
-        };
-        (self.crop_top, left)
-    }
-}
 
 /// Destination of one sample: `3 * bh * bw` values, planar CHW (all R rows, then G, then B; each
 /// plane row-major). Float variants hold `v / 127.5 - 1` for 8-bit `v`; `F16` and `BF16` hold the IEEE
@@ -326,7 +95,7 @@ impl Transformer {
     /// Errors: [`Error::InvalidArgument`] if `bucket` has a zero side or differs from `p.bucket`,
     /// `out` does not hold exactly
     /// `3 * bw * bh` values, the window does not fit in `p.resized`, or `img` is empty or its data
-    /// length is not `width * height * 3`.
+    /// length is not `width * height * 3`; [`Error::Internal`] if the resizer still fails.
     pub fn apply(
         &mut self,
         img: &RgbImage,
@@ -421,9 +190,10 @@ impl Transformer {
         if self.scratch.len() != len {
             self.scratch.resize(len, 0);
         }
-        let internal = |e: &dyn std::fmt::Display| {
-            Error::InvalidArgument(format!("transform: resize failed: {e}"))
-        };
+        // The arguments were checked above: a resizer error here is a broken invariant, not the
+        // caller's or the file's fault.
+        let internal =
+            |e: &dyn std::fmt::Display| Error::Internal(format!("transform: resize failed: {e}"));
         let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
             .map_err(|e| internal(&e))?;
         if self.filter == FilterType::Nearest {
@@ -524,6 +294,7 @@ impl Window<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::CropMode;
     use super::*;
 
     fn image(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> RgbImage {
@@ -594,116 +365,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn names_parse_and_round_trip() {
-        assert_eq!("center".parse::<CropMode>().unwrap(), CropMode::Center);
-        assert_eq!("Random".parse::<CropMode>().unwrap(), CropMode::Random);
-        for f in [
-            FilterType::Lanczos3,
-            FilterType::CatmullRom,
-            FilterType::Bilinear,
-            FilterType::Box,
-            FilterType::Nearest,
-        ] {
-            assert_eq!(f.name().parse::<FilterType>().unwrap(), f);
-        }
-        assert_eq!(
-            "catmullrom".parse::<FilterType>().unwrap(),
-            FilterType::CatmullRom
-        );
-        for (name, d, bytes) in [
-            ("uint8", OutputDtype::U8, 1),
-            ("float32", OutputDtype::F32, 4),
-            ("float16", OutputDtype::F16, 2),
-            ("bfloat16", OutputDtype::BF16, 2),
-        ] {
-            assert_eq!(name.parse::<OutputDtype>().unwrap(), d);
-            assert_eq!(d.name(), name);
-            assert_eq!(d.bytes_per_value(), bytes);
-        }
-        assert_eq!(FilterType::default(), FilterType::Lanczos3);
-        assert_eq!(CropMode::default(), CropMode::Center);
-        assert_eq!(OutputDtype::default(), OutputDtype::F32);
-        let err = "bicubic".parse::<FilterType>().unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)));
-        assert_eq!(
-            err.to_string(),
-            r#"filter must be one of "lanczos3", "catmullrom", "bilinear", "box", "nearest", got "bicubic""#
-        );
-        assert!("float64"
-            .parse::<OutputDtype>()
-            .unwrap_err()
-            .to_string()
-            .starts_with("dtype must be one of"));
-        assert!("middle"
-            .parse::<CropMode>()
-            .unwrap_err()
-            .to_string()
-            .starts_with("crop must be one of"));
-    }
-
-    #[test]
-    fn placement_center() {
-        // Wide: the height decides, s = 512 / 500.
-        let p = Placement::new((1000, 500), (512, 512), CropMode::Center, 0.9, 0.9, false);
-        assert_eq!(p.resized, (1024, 512));
-        assert_eq!((p.crop_left, p.crop_top), (256, 0));
-        assert_eq!(p.crop_top_left(), (0, 256));
-        // Tall, odd room: (rh - bh) / 2 rounds down.
-        let p = Placement::new((300, 701), (256, 512), CropMode::Center, 0.0, 0.0, false);
-        // s = max(256/300, 512/701) = 0.8533; rh = round(701 * 0.8533) = round(598.19) = 598.
-        assert_eq!(p.resized, (256, 598));
-        assert_eq!((p.crop_left, p.crop_top), (0, 43));
-        // Exact aspect: no room at all.
-        let p = Placement::new((2048, 1024), (1024, 512), CropMode::Center, 0.5, 0.5, true);
-        assert_eq!((p.resized, p.crop_left, p.crop_top), ((1024, 512), 0, 0));
-        assert_eq!(p.crop_top_left(), (0, 0));
-        // Rounding half up, and never below the bucket: 333 * 0.768768.. = 256.0 - eps.
-        let p = Placement::new((333, 500), (256, 384), CropMode::Center, 0.0, 0.0, false);
-        assert_eq!(p.resized, (256, 384));
-        // Upscaling a small image.
-        let p = Placement::new((100, 50), (256, 256), CropMode::Center, 0.0, 0.0, false);
-        assert_eq!((p.resized, p.crop_left), ((512, 256), 128));
-        // kohya: int(W * s + 0.5) -- 1001 x 1000 into 512 x 512: s = 0.512, 512.512 -> 513.
-        let p = Placement::new((1001, 1000), (512, 512), CropMode::Center, 0.0, 0.0, false);
-        assert_eq!((p.resized, p.crop_left), ((513, 512), 0));
-    }
-
-    #[test]
-    fn placement_random_bounds_and_flip() {
-        let room = 1024 - 512;
-        let lo = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.0, 0.0, false);
-        assert_eq!((lo.crop_left, lo.crop_top), (0, 0));
-        let hi = Placement::new(
-            (1000, 500),
-            (512, 512),
-            CropMode::Random,
-            0.999_999_9,
-            0.999_999_9,
-            false,
-        );
-        assert_eq!((hi.crop_left, hi.crop_top), (room, 0));
-        let mid = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.5, 0.5, false);
-        assert_eq!(mid.crop_left, (0.5 * f64::from(room + 1)).floor() as u32);
-        // Out-of-range randoms are clamped rather than producing a window outside the image.
-        let over = Placement::new((1000, 500), (512, 512), CropMode::Random, 1.0, -3.0, false);
-        assert_eq!((over.crop_left, over.crop_top), (room, 0));
-        // Every value of rand_x maps to one of the room + 1 offsets, uniformly.
-        let mut counts = vec![0u32; 5];
-        for i in 0..5000 {
-            let r = (f64::from(i) + 0.5) / 5000.0;
-            let p = Placement::new((12, 8), (8, 8), CropMode::Random, r, 0.0, false);
-            counts[p.crop_left as usize] += 1;
-        }
-        assert_eq!(counts, [1000; 5]);
-        // SDXL crop_top_left with flip: left = rw - bw - crop_left.
-        let flipped = Placement::new((1000, 500), (512, 512), CropMode::Random, 0.1, 0.0, true);
-        assert_eq!(flipped.crop_left, 51);
-        assert_eq!(flipped.crop_top_left(), (0, 1024 - 512 - 51));
-        let tall = Placement::new((500, 1000), (512, 512), CropMode::Random, 0.0, 0.25, true);
-        assert_eq!(tall.crop_top_left(), (128, 0));
     }
 
     #[test]

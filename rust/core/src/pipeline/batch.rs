@@ -1,0 +1,121 @@
+//! One batch: what an epoch yields ([`Batch`], [`SampleMeta`]) and the shared state of a batch
+//! being loaded (`BatchState`), whose slots worker threads write in place.
+//!
+//! The only place a batch's memory is split into per-sample slots; the `unsafe` here is sound only
+//! under `BatchState::slot_mut`'s contract, which the epoch and the workers keep (one job per slot,
+//! the buffer taken only after every slot has finished).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::buffer::PixelBuffer;
+use crate::bucket::Bucket;
+use crate::error::Result;
+use crate::transform::{OutSlot, OutputDtype};
+
+/// Everything about one sample of a batch except its pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleMeta {
+    /// Index into the loader's image list (subsets in order, each sorted by path).
+    pub index: usize,
+    /// Index of the image's subset.
+    pub subset: usize,
+    /// Whether the subset holds regularisation (class) images.
+    pub is_reg: bool,
+    /// The image file.
+    pub path: PathBuf,
+    /// Caption text after the subset's caption operations (variant choice, dropout, tag shuffle and
+    /// dropout); "" if the image has no caption.
+    pub caption: String,
+    /// Upright image size as (height, width) in pixels (SDXL `original_size`).
+    pub original_size: (u32, u32),
+    /// Top-left corner of the crop in the resized image as (top, left) in pixels, flip-aware
+    /// (SDXL `crop_top_left`, see [`Placement::crop_top_left`]).
+    pub crop_top_left: (u32, u32),
+    /// The bucket as (height, width) in pixels (SDXL `target_size`).
+    pub target_size: (u32, u32),
+}
+
+/// One batch of samples of one bucket.
+#[derive(Debug, PartialEq)]
+pub struct Batch {
+    /// The bucket all samples were resized and cropped to.
+    pub bucket: Bucket,
+    /// Pixels `[samples.len(), 3, bucket.height, bucket.width]`, in recycled pool memory or in
+    /// memory from the epoch's [`BufferSource`].
+    pub pixels: PixelBuffer,
+    /// Per-sample metadata, in the order of the samples in `pixels`.
+    pub samples: Vec<SampleMeta>,
+}
+
+/// Shared state of one batch being loaded.
+pub(super) struct BatchState {
+    pub(super) bucket: Bucket,
+    /// Values per sample: `3 * height * width`.
+    pub(super) per_sample: usize,
+    pub(super) dtype: OutputDtype,
+    /// Start of `pixels`' memory; workers write their slots through it.
+    pub(super) base: *mut u8,
+    /// Owner of the buffer; taken by the consumer once `pending` is 0.
+    pub(super) pixels: Mutex<Option<PixelBuffer>>,
+    /// Per slot: the sample's metadata, or its image index and error.
+    pub(super) outcomes: Mutex<Vec<Option<SampleOutcome>>>,
+    /// Slots not finished yet.
+    pub(super) pending: AtomicUsize,
+}
+
+/// What became of one slot: the sample loaded into it (possibly a stand-in), or the error of the
+/// last failed attempt.
+pub(super) type SampleOutcome = Result<SampleMeta>;
+
+// SAFETY: `base` points into the memory owned or borrowed by `pixels`, which lives as long as the
+// `BatchState` (moving the buffer into the Mutex does not move that memory). It is only used through
+// `slot_mut`, whose contract gives each slot to one thread at a time and keeps the buffer otherwise
+// untouched until `pending` reaches 0; every other field is Sync on its own.
+unsafe impl Send for BatchState {}
+
+// SAFETY: as for Send.
+unsafe impl Sync for BatchState {}
+
+impl BatchState {
+    /// The output slot of sample `slot`: values `[slot * per_sample, (slot + 1) * per_sample)`.
+    ///
+    /// # Safety
+    /// `slot` must be < the batch's sample count; at most one `OutSlot` per slot may exist at a time;
+    /// and the buffer must not be taken from `pixels` while it exists. The pipeline guarantees this by
+    /// sending one job per slot and taking the buffer only after every job has called `finish`.
+    pub(super) unsafe fn slot_mut(&self, slot: usize) -> OutSlot<'_> {
+        let start = slot * self.per_sample;
+        let n = self.per_sample;
+        // SAFETY: the range lies inside the buffer (slot < sample count) and is disjoint from every
+        // other slot's, per this function's contract; `base` is aligned to `buffer::ALIGN`, and
+        // slot offsets are multiples of the value size.
+        unsafe {
+            match self.dtype {
+                OutputDtype::U8 => {
+                    OutSlot::U8(std::slice::from_raw_parts_mut(self.base.add(start), n))
+                }
+                OutputDtype::F32 => OutSlot::F32(std::slice::from_raw_parts_mut(
+                    self.base.cast::<f32>().add(start),
+                    n,
+                )),
+                OutputDtype::F16 => OutSlot::F16(std::slice::from_raw_parts_mut(
+                    self.base.cast::<u16>().add(start),
+                    n,
+                )),
+                OutputDtype::BF16 => OutSlot::BF16(std::slice::from_raw_parts_mut(
+                    self.base.cast::<u16>().add(start),
+                    n,
+                )),
+            }
+        }
+    }
+
+    /// Record the outcome of `slot`; returns true for the batch's last slot.
+    pub(super) fn finish(&self, slot: usize, outcome: SampleOutcome) -> bool {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(outcome);
+        // AcqRel: the consumer's Acquire load of 0 then sees every slot's pixels and outcome.
+        self.pending.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}

@@ -1,0 +1,593 @@
+//! A [`Loader`]: the subsets scanned, every image assigned to its bucket, the sample index (images
+//! times repeats) and the batch memory pool, built once and shared by every epoch.
+//!
+//! Built at construction and read-only afterwards, except the record of images that failed while
+//! iterating. It must not decode pixels (the scan reads headers only) or start threads of its own
+//! beyond the scan's.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::buffer::BufferPool;
+use super::options::{LoaderOptions, OnError};
+use crate::bucket::{assign, Bucket};
+use crate::dataset::Subset;
+use crate::error::{Error, Result, Skip};
+use crate::sampler;
+use crate::scan::{self, ImageEntry, ScanOptions};
+
+/// A scanned and bucketed dataset; cheap to share (`Send + Sync`), iterate epochs with
+/// [`Loader::iter_epoch`] (several iterators may run at once; they share the report).
+pub struct Loader {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Loader {
+    /// A summary: the image list can have millions of entries.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("root", &self.inner.root)
+            .field("images", &self.inner.images.len())
+            .field("buckets", &self.inner.buckets.len())
+            .field("num_batches", &self.inner.num_batches)
+            .field("opts", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) struct Inner {
+    pub(super) opts: LoaderOptions,
+    pub(super) root: PathBuf,
+    pub(super) buckets: Vec<Bucket>,
+    pub(super) images: Vec<ImageEntry>,
+    /// Bucket index per image.
+    pub(super) bucket_of: Vec<usize>,
+    /// The subsets, in order (captions maps dropped after the scan).
+    pub(super) subsets: Vec<Subset>,
+    /// Subset index per image.
+    pub(super) subset_of: Vec<usize>,
+    /// Image index per sample: each image once per repeat of its subset, image-major, so without
+    /// repeats sample `i` is image `i`. Plans and per-sample randomness are keyed by sample index.
+    pub(super) sample_image: Vec<usize>,
+    /// Bucket index per sample.
+    pub(super) sample_bucket: Vec<usize>,
+    /// Sample indices per bucket: where a failed sample's stand-in is drawn from.
+    pub(super) bucket_samples: Vec<Vec<usize>>,
+    pub(super) num_batches: usize,
+    pub(super) found: usize,
+    pub(super) scan_skipped: Vec<Skip>,
+    pub(super) failed: Mutex<Failed>,
+    /// Recycled batch buffers, sized for the largest batch (`batch_size` samples of the largest
+    /// bucket) in the output dtype.
+    pub(super) pool: Arc<BufferPool>,
+}
+
+/// Images that failed while iterating, each recorded once whatever the epoch.
+#[derive(Default)]
+pub(super) struct Failed {
+    pub(super) images: HashSet<usize>,
+    pub(super) skips: Vec<Skip>,
+}
+
+impl Inner {
+    pub(super) fn failed(&self) -> MutexGuard<'_, Failed> {
+        // The lock is never held across anything that can panic; recover the data if it was.
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a failed image to the report (once per loader, whatever the epoch), as soon as a worker
+    /// meets it: other workers then pass it over as a stand-in.
+    pub(super) fn record_failure(&self, index: usize, err: &Error) {
+        let mut failed = self.failed();
+        if failed.images.insert(index) {
+            failed.skips.push(Skip::new(&self.images[index].path, err));
+        }
+    }
+}
+
+impl Loader {
+    /// A loader of the one folder `root` (a default [`Subset`]); see [`Loader::from_subsets`].
+    ///
+    /// Errors: as [`Loader::from_subsets`].
+    pub fn new(root: &Path, opts: LoaderOptions) -> Result<Loader> {
+        Loader::from_subsets(vec![Subset::new(root)], opts)
+    }
+
+    /// Validate `opts` and the subsets, scan each subset's folder (see [`scan::scan`]) and assign
+    /// every image to the bucket nearest its upright aspect ratio (see [`assign`]); with
+    /// [`LoaderOptions::no_upscale`], to [`BucketConfig::no_upscale_bucket`](crate::bucket::BucketConfig::no_upscale_bucket) instead (those buckets
+    /// join the list, and images too small for any bucket are skipped with code `too_small`).
+    /// Images are listed subset by subset, each subset sorted by path.
+    ///
+    /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`] or [`Subset::validate`],
+    /// or for an empty subset list; [`Error::NoImages`] if a subset's folder is not a directory,
+    /// holds no image files, or every image file in it was skipped by the scan (the message then
+    /// gives the count and the first reason); with [`OnError::Raise`], [`Error::Skipped`] for the
+    /// first file the scan skipped; [`Error::Io`] if the scan threads cannot be started.
+    pub fn from_subsets(mut subsets: Vec<Subset>, opts: LoaderOptions) -> Result<Loader> {
+        opts.validate()?;
+        if subsets.is_empty() {
+            return Err(Error::InvalidArgument(
+                "subsets must hold at least one subset".into(),
+            ));
+        }
+        for subset in &subsets {
+            subset.validate()?;
+        }
+        let bucket_config = opts.bucket_config()?;
+        let mut buckets = bucket_config.buckets();
+        // Bucket of each image, by value (with no_upscale, not necessarily in `buckets` yet).
+        let mut image_bucket = Vec::new();
+        let mut images = Vec::new();
+        let mut subset_of = Vec::new();
+        let mut found = 0;
+        let mut scan_skipped = Vec::new();
+        for (k, subset) in subsets.iter_mut().enumerate() {
+            let mut scanned = scan::scan(
+                &subset.root,
+                &ScanOptions {
+                    caption_extensions: subset
+                        .caption_extensions
+                        .clone()
+                        .unwrap_or_else(|| opts.caption_extensions.clone()),
+                    max_pixels: opts.max_pixels,
+                    num_threads: opts.num_threads,
+                    captions: subset.captions.take(),
+                },
+            )?;
+            let mut kept = Vec::with_capacity(scanned.images.len());
+            for entry in std::mem::take(&mut scanned.images) {
+                let (w, h) = entry.header.upright_size();
+                let bucket = if opts.no_upscale {
+                    bucket_config.no_upscale_bucket(&buckets, w, h)
+                } else {
+                    Some(buckets[assign(&buckets, w, h)])
+                };
+                match bucket {
+                    Some(b) => {
+                        image_bucket.push(b);
+                        kept.push(entry);
+                    }
+                    None => scanned.skipped.push(Skip::new(
+                        &entry.path,
+                        &Error::TooSmall {
+                            path: entry.path.clone(),
+                            width: w,
+                            height: h,
+                            step: opts.bucket_step,
+                        },
+                    )),
+                }
+            }
+            scanned.images = kept;
+            scanned.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+            if let (OnError::Raise, Some(first)) = (opts.on_error, scanned.skipped.first()) {
+                return Err(Error::Skipped(first.clone()));
+            }
+            if scanned.images.is_empty() {
+                return Err(Error::NoImages {
+                    path: subset.root.clone(),
+                    reason: format!(
+                        "all {} image files were skipped; first: {}",
+                        scanned.found, scanned.skipped[0].message
+                    ),
+                });
+            }
+            found += scanned.found;
+            scan_skipped.extend(scanned.skipped);
+            subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
+            images.extend(scanned.images);
+        }
+        scan_skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        if opts.no_upscale {
+            buckets.extend_from_slice(&image_bucket);
+            crate::bucket::sort_by_aspect(&mut buckets);
+        }
+        let index: std::collections::HashMap<Bucket, usize> =
+            buckets.iter().enumerate().map(|(i, b)| (*b, i)).collect();
+        let bucket_of: Vec<usize> = image_bucket.iter().map(|b| index[b]).collect();
+        let sample_image: Vec<usize> = (0..images.len())
+            .flat_map(|i| std::iter::repeat_n(i, subsets[subset_of[i]].num_repeats))
+            .collect();
+        let sample_bucket: Vec<usize> = sample_image.iter().map(|&i| bucket_of[i]).collect();
+        let num_batches = sampler::num_batches(&sample_bucket, buckets.len(), &opts.sampling());
+        let mut bucket_samples = vec![Vec::new(); buckets.len()];
+        for (sample, &b) in sample_bucket.iter().enumerate() {
+            bucket_samples[b].push(sample);
+        }
+        // Pool allocations fit the largest batch this dataset can make: no more samples than
+        // `batch_size` or than its fullest bucket holds, of its largest bucket that has samples.
+        let fullest = bucket_samples.iter().map(Vec::len).max().unwrap_or(0);
+        let largest = (buckets.iter().zip(&bucket_samples))
+            .filter(|(_, samples)| !samples.is_empty())
+            .map(|(b, _)| b.width as usize * b.height as usize)
+            .max()
+            .unwrap_or(0);
+        let batch_bytes = [opts.batch_size.min(fullest), 3, largest]
+            .into_iter()
+            .try_fold(opts.dtype.bytes_per_value(), usize::checked_mul)
+            .filter(|&b| isize::try_from(b).is_ok())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "a batch of {} images of up to {largest} pixels is too large to allocate: lower \
+                     batch_size or resolution",
+                    opts.batch_size.min(fullest)
+                ))
+            })?;
+        // The consumer holds a batch or two while `prefetch` more are loading.
+        let pool = BufferPool::new(batch_bytes, opts.prefetch + 2);
+        Ok(Loader {
+            inner: Arc::new(Inner {
+                opts,
+                root: subsets[0].root.clone(),
+                buckets,
+                images,
+                bucket_of,
+                subsets,
+                subset_of,
+                sample_image,
+                sample_bucket,
+                bucket_samples,
+                num_batches,
+                found,
+                scan_skipped,
+                failed: Mutex::new(Failed::default()),
+                pool,
+            }),
+        })
+    }
+
+    /// The subsets (their `captions` maps are not kept after the scan).
+    pub fn subsets(&self) -> &[Subset] {
+        &self.inner.subsets
+    }
+
+    /// A 64-bit fingerprint of the dataset as scanned: per image its subset, path relative to the
+    /// subset folder, format, stored size and orientation, plus each subset's options (not its
+    /// folder). Equal on any machine the same files are found on, whatever the absolute paths; used
+    /// to check that a saved loader state belongs to this dataset.
+    pub fn dataset_digest(&self) -> u64 {
+        let inner = &*self.inner;
+        let mut h = Fnv::default();
+        for s in &inner.subsets {
+            h.write(
+                format!(
+                    "{:?}",
+                    Subset {
+                        root: PathBuf::new(),
+                        ..s.clone()
+                    }
+                )
+                .as_bytes(),
+            );
+        }
+        for (e, &k) in inner.images.iter().zip(&inner.subset_of) {
+            let rel = e
+                .path
+                .strip_prefix(&inner.subsets[k].root)
+                .unwrap_or(&e.path);
+            h.write(format!("{k}\0{}\0", rel.display()).as_bytes());
+            let hd = &e.header;
+            h.write(
+                format!(
+                    "{} {} {} {}\0",
+                    hd.format.name(),
+                    hd.width,
+                    hd.height,
+                    hd.orientation
+                )
+                .as_bytes(),
+            );
+        }
+        h.0
+    }
+
+    /// The options this loader was built with.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.inner.opts
+    }
+
+    /// The candidate buckets (also the empty ones), plus with `no_upscale` the images' own smaller
+    /// buckets, sorted by aspect ratio; batches refer to these.
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.inner.buckets
+    }
+
+    /// Exact number of batches of every epoch (see [`sampler::num_batches`]). Batches whose samples
+    /// all fail with [`OnError::Skip`] are not yielded, so an epoch can yield fewer.
+    pub fn num_batches(&self) -> usize {
+        self.inner.num_batches
+    }
+
+    /// The images the scan accepted, sorted by path ([`SampleMeta::index`] indexes this).
+    pub fn images(&self) -> &[ImageEntry] {
+        &self.inner.images
+    }
+}
+
+/// FNV-1a, 64 bit: a hash that is the same on every machine and Rust version (std's is not).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::*;
+    use super::*;
+
+    #[test]
+    fn loader_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"nope").unwrap();
+        std::fs::write(dir.path().join("b.jpg"), b"\xFF\xD8\xFF").unwrap();
+        let err = Loader::new(dir.path(), opts()).unwrap_err();
+        assert_eq!(err.code(), SkipCode::NoImages);
+        assert!(
+            err.to_string().contains("all 2 image files were skipped"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("a.png"), "{err}");
+
+        let bad = |o: LoaderOptions, name: &str| {
+            let err = Loader::new(dir.path(), o).unwrap_err();
+            assert_eq!(err.code(), SkipCode::InvalidArgument);
+            assert!(err.to_string().contains(name), "{err}");
+        };
+        bad(
+            LoaderOptions {
+                batch_size: 0,
+                ..opts()
+            },
+            "batch_size",
+        );
+        bad(
+            LoaderOptions {
+                prefetch: 0,
+                ..opts()
+            },
+            "prefetch",
+        );
+        bad(
+            LoaderOptions {
+                flip_prob: 1.5,
+                ..opts()
+            },
+            "flip_prob",
+        );
+        bad(
+            LoaderOptions {
+                flip_prob: f64::NAN,
+                ..opts()
+            },
+            "flip_prob",
+        );
+        bad(
+            LoaderOptions {
+                max_pixels: 0,
+                ..opts()
+            },
+            "max_pixels",
+        );
+        bad(
+            LoaderOptions {
+                bucket_step: 0,
+                ..opts()
+            },
+            "bucket_step",
+        );
+        bad(
+            LoaderOptions {
+                resolution: 0,
+                ..opts()
+            },
+            "resolution",
+        );
+        bad(
+            LoaderOptions {
+                min_bucket_side: Some(1000),
+                ..opts()
+            },
+            "min_bucket_side",
+        );
+        bad(
+            LoaderOptions {
+                caption_extensions: vec!["txt".into()],
+                ..opts()
+            },
+            "caption_extensions",
+        );
+        assert_eq!(LoaderOptions::default().validate().ok(), Some(()));
+    }
+
+    #[test]
+    fn subsets_repeat_carry_their_flag_and_options_and_are_reported() {
+        let (train, _) = colour_dataset(3);
+        let (reg, _) = colour_dataset(2);
+        for i in 0..3 {
+            std::fs::write(train.path().join(format!("c{i:02}.txt")), "sks, a, b, c").unwrap();
+        }
+        let subsets = vec![
+            Subset {
+                num_repeats: 4,
+                flip_prob: Some(1.0),
+                caption: CaptionOptions {
+                    keep_tokens: 1,
+                    shuffle_caption: true,
+                    ..CaptionOptions::default()
+                },
+                ..Subset::new(train.path())
+            },
+            Subset {
+                is_reg: true,
+                ..Subset::new(reg.path())
+            },
+        ];
+        let o = LoaderOptions {
+            batch_size: 2,
+            ..opts()
+        };
+        let loader = Loader::from_subsets(subsets, o.clone()).unwrap();
+        assert_eq!(loader.images().len(), 5);
+        let r = loader.report();
+        assert_eq!((r.loaded, r.samples), (5, 3 * 4 + 2));
+        let per: Vec<(usize, usize, bool)> = r
+            .subsets
+            .iter()
+            .map(|s| (s.images, s.num_repeats, s.is_reg))
+            .collect();
+        assert_eq!(per, [(3, 4, false), (2, 1, true)]);
+        let mut uses = vec![0; 5];
+        let mut orders = HashSet::new();
+        for b in collect(loader.iter_epoch(0, 0)) {
+            for s in &b.samples {
+                uses[s.index] += 1;
+                assert_eq!(s.is_reg, s.subset == 1);
+                assert_eq!(s.is_reg, s.path.starts_with(reg.path()));
+                if s.subset == 0 {
+                    assert!(s.caption.starts_with("sks, "), "{}", s.caption);
+                    orders.insert(s.caption.clone());
+                } else {
+                    assert_eq!(s.caption, "");
+                }
+            }
+        }
+        assert_eq!(uses, [4, 4, 4, 1, 1]);
+        assert!(
+            orders.len() > 1,
+            "repeats get their own tag order: {orders:?}"
+        );
+
+        // The digest ignores where the folders are but not what they hold or the subset options.
+        let digest = loader.dataset_digest();
+        let again = Loader::from_subsets(loader.subsets().to_vec(), o.clone()).unwrap();
+        assert_eq!(again.dataset_digest(), digest);
+        let one = Loader::new(train.path(), o.clone()).unwrap();
+        assert_ne!(one.dataset_digest(), digest);
+        let moved = tempfile::tempdir().unwrap();
+        for e in one.images() {
+            std::fs::copy(&e.path, moved.path().join(e.path.file_name().unwrap())).unwrap();
+        }
+        assert_eq!(
+            Loader::new(moved.path(), o).unwrap().dataset_digest(),
+            one.dataset_digest()
+        );
+    }
+
+    #[test]
+    fn ranks_share_steps_and_buckets_and_split_the_samples() {
+        let dir = dataset();
+        let run = |rank| {
+            let o = LoaderOptions {
+                rank,
+                world_size: 2,
+                remainder: Remainder::Drop,
+                ..opts()
+            };
+            let loader = Loader::new(dir.path(), o).unwrap();
+            (loader.num_batches(), collect(loader.iter_epoch(2, 0)))
+        };
+        let (n0, b0) = run(0);
+        let (n1, b1) = run(1);
+        assert_eq!((n0, b0.len()), (n1, b1.len()));
+        let mut seen = HashSet::new();
+        for (x, y) in b0.iter().zip(&b1) {
+            assert_eq!(x.bucket, y.bucket);
+            assert_eq!(x.samples.len(), y.samples.len());
+            for s in x.samples.iter().chain(&y.samples) {
+                assert!(seen.insert(s.index), "sample {} twice", s.index);
+            }
+        }
+        let bad = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                rank: 2,
+                world_size: 2,
+                ..opts()
+            },
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("rank"), "{bad}");
+    }
+
+    #[test]
+    fn no_upscale_never_enlarges_and_skips_images_smaller_than_a_step() {
+        let dir = tempfile::tempdir().unwrap();
+        // Resolution 64, step 16: the usual buckets have sides 32..=128.
+        for (name, w, h) in [
+            ("big.png", 300, 290),
+            ("small.png", 40, 50),
+            ("thin.png", 8, 100),
+            ("wide.png", 200, 20),
+        ] {
+            write_image(&dir.path().join(name), w, h, F::Png);
+        }
+        let loader = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                no_upscale: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let report = loader.report();
+        assert_eq!((report.found, report.loaded), (4, 3));
+        assert_eq!(report.skipped.len(), 1);
+        let skip = &report.skipped[0];
+        assert_eq!(skip.code, SkipCode::TooSmall);
+        assert!(skip.message.contains("thin.png") && skip.message.contains("8x100"));
+        let mut got: Vec<(String, (u32, u32))> = collect(loader.iter_epoch(0, 0))
+            .into_iter()
+            .flat_map(|b| b.samples)
+            .map(|s| {
+                let name = s.path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, s.target_size)
+            })
+            .collect();
+        got.sort();
+        // (h, w): big covers its usual square bucket; small and wide round down to whole steps
+        // (wide is under min_side 32 high and capped at max_side 128, so not in the usual list).
+        assert_eq!(
+            got,
+            [
+                ("big.png".into(), (64, 64)),
+                ("small.png".into(), (48, 32)),
+                ("wide.png".into(), (16, 128)),
+            ]
+        );
+        assert!(loader.buckets().contains(&Bucket {
+            width: 128,
+            height: 16
+        }));
+        let strict = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                no_upscale: true,
+                on_error: OnError::Raise,
+                ..opts()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(strict.code(), SkipCode::TooSmall);
+    }
+
+    #[test]
+    fn loader_is_send_sync_and_iterator_is_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Loader>();
+        send::<EpochIter>();
+    }
+}

@@ -1,0 +1,208 @@
+//! `NativeSubset` and `NativeLoader`: the dataset's folders with their options, and the scanned,
+//! bucketed loader built from them (wrapped by `fastdiff.Subset` and `fastdiff.DataLoader`).
+//!
+//! Extracts and forwards arguments; every check and decision is the core's. The scan runs with the
+//! GIL released.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fastdiff_core::caption::CaptionOptions;
+use fastdiff_core::dataset::Subset;
+use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::buffer_factory::PyBufferSource;
+use crate::convert::{parse, report_dict};
+use crate::epoch::NativeEpochIter;
+use crate::errors::to_pyerr;
+
+/// One folder of a dataset and its per-subset options (see `fastdiff.Subset`).
+#[pyclass(module = "fastdiff._fastdiff", frozen)]
+pub(crate) struct NativeSubset {
+    inner: Subset,
+}
+
+#[pymethods]
+impl NativeSubset {
+    #[new]
+    #[pyo3(signature = (
+        root, *, num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
+        caption_per_line = false, caption_dropout_rate = 0.0, keep_tokens = 0, shuffle_caption = false,
+        caption_tag_dropout_rate = 0.0, caption_separator = ",", flip_prob = None, crop = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        root: PathBuf,
+        num_repeats: usize,
+        is_reg: bool,
+        caption_extensions: Option<Vec<String>>,
+        captions: Option<HashMap<PathBuf, String>>,
+        caption_per_line: bool,
+        caption_dropout_rate: f64,
+        keep_tokens: usize,
+        shuffle_caption: bool,
+        caption_tag_dropout_rate: f64,
+        caption_separator: &str,
+        flip_prob: Option<f64>,
+        crop: Option<&str>,
+    ) -> PyResult<Self> {
+        let inner = Subset {
+            root,
+            num_repeats,
+            is_reg,
+            caption_extensions,
+            captions: captions.map(|c| c.into_iter().collect::<BTreeMap<_, _>>()),
+            caption: CaptionOptions {
+                caption_per_line,
+                caption_dropout_rate,
+                keep_tokens,
+                shuffle_caption,
+                caption_tag_dropout_rate,
+                separator: caption_separator.to_owned(),
+            },
+            flip_prob,
+            crop: crop.map(|c| parse("crop", c)).transpose()?,
+        };
+        inner.validate().map_err(to_pyerr)?;
+        Ok(NativeSubset { inner })
+    }
+}
+
+/// A scanned, bucketed image folder plus the options to load it (see `fastdiff.DataLoader`).
+#[pyclass(module = "fastdiff._fastdiff", frozen)]
+pub(crate) struct NativeLoader {
+    inner: Loader,
+}
+
+#[pymethods]
+impl NativeLoader {
+    #[new]
+    #[pyo3(signature = (
+        subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
+        shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
+        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        subsets: Vec<PyRef<'_, NativeSubset>>,
+        resolution: u32,
+        batch_size: usize,
+        bucket_step: u32,
+        min_bucket_side: Option<u32>,
+        max_bucket_side: Option<u32>,
+        crop: &str,
+        flip_prob: f64,
+        shuffle: bool,
+        seed: u64,
+        drop_last: bool,
+        num_threads: usize,
+        prefetch: usize,
+        dtype: &str,
+        filter: &str,
+        caption_extensions: Vec<String>,
+        background: [u8; 3],
+        on_error: &str,
+        max_pixels: u64,
+        rank: usize,
+        world_size: usize,
+        remainder: &str,
+        no_upscale: bool,
+    ) -> PyResult<Self> {
+        let opts = LoaderOptions {
+            resolution,
+            batch_size,
+            bucket_step,
+            min_bucket_side,
+            max_bucket_side,
+            no_upscale,
+            crop: parse("crop", crop)?,
+            flip_prob,
+            shuffle,
+            seed,
+            drop_last,
+            num_threads,
+            prefetch,
+            dtype: parse("dtype", dtype)?,
+            filter: parse("filter", filter)?,
+            caption_extensions,
+            background,
+            on_error: parse("on_error", on_error)?,
+            max_pixels,
+            rank,
+            world_size,
+            remainder: parse("remainder", remainder)?,
+        };
+        let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
+        let inner = py
+            .detach(|| Loader::from_subsets(subsets, opts))
+            .map_err(to_pyerr)?;
+        Ok(NativeLoader { inner })
+    }
+
+    /// Batches per epoch (exact).
+    #[getter]
+    fn num_batches(&self) -> usize {
+        self.inner.num_batches()
+    }
+
+    /// Fingerprint of the scanned dataset (relative paths, headers, subset options), 16 hex digits.
+    #[getter]
+    fn dataset_digest(&self) -> String {
+        format!("{:016x}", self.inner.dataset_digest())
+    }
+
+    /// Candidate buckets as (height, width) tuples in pixels.
+    #[getter]
+    fn buckets(&self) -> Vec<(u32, u32)> {
+        self.inner
+            .buckets()
+            .iter()
+            .map(|b| (b.height, b.width))
+            .collect()
+    }
+
+    /// Caption of each image the scan accepted, in path order, as read from its file or metadata
+    /// (before the subsets' caption operations); "" for an image without one.
+    #[getter]
+    fn captions(&self) -> Vec<String> {
+        self.inner
+            .images()
+            .iter()
+            .map(|e| e.caption.clone())
+            .collect()
+    }
+
+    /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        report_dict(py, &self.inner.report())
+    }
+
+    /// Start the worker threads for one epoch, from batch `start_batch` on.
+    ///
+    /// `buffer_factory`, if given, is called as `buffer_factory(nbytes)` once per batch (on the
+    /// thread iterating, in plan order) and must return a contiguous 1-D `torch.uint8` CPU tensor of
+    /// at least `nbytes` bytes aligned to 64 bytes (torch's allocators align far more), new for each
+    /// call (its memory used by nothing else until the batch is dropped); the batch is written into
+    /// it and `__next__` returns that tensor in place of the numpy array. The loader uses it to fill
+    /// pinned tensors.
+    #[pyo3(signature = (epoch, start_batch = 0, buffer_factory = None))]
+    fn iter_epoch(
+        &self,
+        py: Python<'_>,
+        epoch: u64,
+        start_batch: usize,
+        buffer_factory: Option<Py<PyAny>>,
+    ) -> NativeEpochIter {
+        let factory_error = Arc::new(Mutex::new(None));
+        let source = buffer_factory.map(|factory| {
+            Box::new(PyBufferSource::new(factory, Arc::clone(&factory_error)))
+                as Box<dyn BufferSource>
+        });
+        let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
+        NativeEpochIter::new(it, factory_error)
+    }
+}
