@@ -332,7 +332,7 @@ def test_case06_grayscale_and_bilevel_expand_to_rgb(tmp_path: Path) -> None:
 
 # A 16x16 arithmetic-coded JPEG (SOF9, 4:2:0, quality 90) of a gradient, written by libjpeg-turbo with
 # TJPARAM_ARITHMETIC: `FASTDIFF_PRINT_ARITHMETIC_JPEG=1 cargo test -p fastdiff-core arithmetic --
-# --nocapture` prints it (rust/core/src/decode.rs). Pillow cannot write arithmetic coding; it reads it.
+# --nocapture` prints it (rust/core/src/decode/jpeg.rs). Pillow cannot write arithmetic coding; it reads it.
 ARITHMETIC_JPEG_HEX = (
     "ffd8ffe000104a46494600010100000100010000ffdb0043000302020302020303030304030304050805050404050a07"
     "0706080c0a0c0c0b0a0b0b0d0e12100d0e110e0b0b1016101113141515150c0f171816141812141514ffdb0043010304"

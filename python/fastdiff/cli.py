@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, FastdiffError) as e:
+    except (ValueError, OSError, MemoryError, FastdiffError) as e:
         # Bad input (a missing folder, an unknown config key, a broken file with on_error="raise"):
         # the message names the file or key; a traceback would only hide it. Set FASTDIFF_TRACEBACK=1
         # to get one.

@@ -73,6 +73,14 @@ class DataLoader:
     Raises:
         ValueError: An argument has the wrong type or is out of range (the message names it), or
             ``root`` is not a folder holding images.
+        fastdiff.DecodeError: With ``on_error="raise"``, a file that cannot be read as an image (at
+            construction for what the header scan finds, else while iterating).
+        fastdiff.ImageTooSmallError: With ``on_error="raise"`` and ``no_upscale``, an image smaller than
+            one ``bucket_step``.
+        MemoryError: The allocator refused a batch's buffer (a ``batch_size``/``resolution`` too large
+            for this machine).
+        fastdiff.InternalError: A bug in fastdiff (a panic while loading a sample), or an epoch
+            iterated in a forked child.
     """
 
     def __init__(

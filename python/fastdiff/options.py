@@ -408,7 +408,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "``bucket_step`` and capped at ``max_bucket_side`` (such buckets may be below "
         "``min_bucket_side`` and join ``DataLoader.buckets``). An image narrower or shorter than "
         '``bucket_step`` fits no bucket: it is skipped with code ``"too_small"`` (with '
-        '``on_error="raise"``, ``fastdiff.DecodeError`` at construction). Off, every image is resized '
+        '``on_error="raise"``, ``fastdiff.ImageTooSmallError`` at construction). Off, every image is resized '
         "to cover its bucket, enlarging small ones.",
         toml=DATASET_TABLES,
         alias="bucket_no_upscale",
