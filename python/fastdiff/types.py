@@ -48,18 +48,25 @@ class Batch(TypedDict):
     loss_weights: torch.Tensor
 
 
+#: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable
+#: (``io``), not a decodable image (``decode``), header over ``max_pixels`` (``too_large``), under one
+#: ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), a bug
+#: caught while loading it (``panic``), memory or a codec handle refused (``resource``), an internal
+#: failure (``internal``).
+SkipCode = Literal["io", "decode", "too_large", "too_small", "changed", "panic", "resource", "internal"]
+
+
 class SkippedFile(TypedDict):
     """A file the loader did not use.
 
     Keys:
         path: The file.
-        code: Why, machine-readable: ``"decode"``, ``"io"``, ``"changed"``, ``"too_large"``,
-            ``"too_small"`` or ``"panic"``.
+        code: Why, machine-readable: a :data:`SkipCode`.
         message: Why, for people; it names the file.
     """
 
     path: str
-    code: str
+    code: SkipCode
     message: str
 
 

@@ -36,10 +36,6 @@ pub mod sampler;
 pub mod scan;
 pub mod transform;
 
-// The batch memory and the stage timers live under `pipeline/`; their paths from before the split
-// stay valid.
-pub use pipeline::{buffer, stats};
-
 pub use dataset::Subset;
 pub use decode::{Decoder, Header, ImageFormat, RgbImage};
 pub use error::{Error, Result, Skip, SkipCode};

@@ -18,6 +18,7 @@ use std::str::FromStr;
 /// How a bucket's last global batch is cut when its sample count `n` is not a multiple of
 /// `world_size` (only matters with `world_size > 1` and without `drop_last`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Remainder {
     /// Repeat the batch's own samples from its start until every rank gets `ceil(n / world_size)`
     /// (the repeated samples are seen twice in that epoch). Default.

@@ -45,6 +45,7 @@ use png_webp::decode_png_webp;
 
 /// The image formats fastdiff reads, identified by their magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ImageFormat {
     /// JPEG / JFIF (`FF D8 FF`).
     Jpeg,

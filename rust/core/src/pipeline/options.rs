@@ -14,6 +14,7 @@ use crate::transform::{CropMode, FilterType, OutputDtype};
 
 /// What to do when a sample cannot be loaded while iterating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OnError {
     /// Record the file in the report (once per file) and load a stand-in in its place (see
     /// [`Loader::iter_epoch`]). Default.

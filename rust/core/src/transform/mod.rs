@@ -29,6 +29,7 @@ pub use resize::{OutSlot, Transformer};
 
 /// How the bucket-sized window is placed inside the resized image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum CropMode {
     /// Centred (SDXL / kohya default); parses from `"center"`.
     #[default]
@@ -64,6 +65,7 @@ impl FromStr for CropMode {
 /// Resampling filter of the resize step. All but `Nearest` are convolutions whose support widens
 /// with the downscale factor (antialiased, like Pillow's `Image.resize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum FilterType {
     /// Lanczos, a = 3 (Pillow `LANCZOS`); `"lanczos3"`. The default.
     #[default]
