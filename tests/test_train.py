@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import shutil
+import typing
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -15,11 +16,19 @@ import fastdiff
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from fastdiff.training.config import GROUPS, TrainConfig, add_train_arguments, config_from_args
+from fastdiff.options import LOADER
+from fastdiff.training.config import (
+    CROPS,
+    DATASET_FIELDS,
+    GROUPS,
+    TrainConfig,
+    add_train_arguments,
+    config_from_args,
+)
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.run import TrainResult, make_loader, train, with_dataset_options
 from fastdiff.training.tiny import TinyModels, build_tiny_models, sample, tokenize
-from fastdiff.types import Batch
+from fastdiff.types import Batch, Crop
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -250,6 +259,41 @@ def test_train_help_lists_every_flag_in_its_group_with_the_field_help() -> None:
 def test_config_rejects_invalid_values(override: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(data=Path(), output=Path(), **override)
+
+
+#: The loader options that are also :class:`TrainConfig` fields (``None``: the dataset config's value).
+LOADER_FIELDS = (
+    "resolution",
+    "batch_size",
+    "bucket_step",
+    "min_bucket_side",
+    "max_bucket_side",
+    "crop",
+    "flip_prob",
+)
+
+
+def test_loader_fields_take_bounds_choices_and_doc_from_the_option_schema() -> None:
+    assert DATASET_FIELDS == LOADER_FIELDS
+    assert typing.get_args(Crop) == CROPS
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for name in LOADER_FIELDS:
+        f, option = by_name[name], LOADER[name]
+        assert f.default is None, name
+        assert (f.metadata["min"], f.metadata["max"]) == (option.minimum, option.maximum), name
+        assert f.metadata["choices"] == (option.allowed or None), name
+        assert f.metadata["help"].startswith(option.doc.replace("``", "")), name
+    assert by_name["crop"].metadata["choices"] == typing.get_args(Crop)
+    assert (by_name["flip_prob"].metadata["min"], by_name["flip_prob"].metadata["max"]) == (0, 1)
+
+
+def test_cli_refuses_a_flip_prob_outside_0_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastdiff import cli
+
+    argv = ["train", "--data", str(tmp_path), "--output", str(tmp_path / "out"), "--flip-prob", "1.5"]
+    assert cli.main(argv) == 2
+    assert "fastdiff train: error: flip_prob must be in [0, 1] or None, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture

@@ -3,9 +3,12 @@ option, and what derives from it: the command's flags (``--help`` grouped by :da
 a ``--config`` TOML file, the range and choice checks, and the class's attribute docs.
 
 Each field carries its documentation and its CLI shape as metadata (see :func:`setting`); nothing else
-restates them, so a new setting is one field. This is the application's vocabulary: the training
-mechanics (``loop``, ``objective``, ``checkpoint``, ``outputs``) never import it; they read what they
-need through :class:`fastdiff.training.protocols.LoopSettings`, which this class satisfies.
+restates them, so a new setting is one field. The loader options among them (resolution, batch size,
+bucket sides, crop, flip) take their bounds, choices and doc from the loader's option schema,
+:mod:`fastdiff.options` (see :func:`loader_setting`); only what their default means in a run is said
+here. This is the application's vocabulary: the training mechanics (``loop``, ``objective``,
+``checkpoint``, ``outputs``) never import it; they read what they need through
+:class:`fastdiff.training.protocols.LoopSettings`, which this class satisfies.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
+from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
+from fastdiff.types import Crop
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -30,22 +35,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 #: Values of ``--vae-dtype``: the frozen VAE's dtype (fp16 is refused: SD's VAEs overflow in it).
 VAE_DTYPES = ("fp32", "bf16")
-#: Values of ``--crop`` (the loader's crop modes).
-CROPS = ("center", "random")
+#: Values of ``--crop``: the loader's crop modes.
+CROPS: tuple[str, ...] = typing.get_args(Crop)
 #: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
 DEFAULT_PREVIEW_PROMPTS = 4
-#: Loader fields of :class:`TrainConfig` that a dataset config's ``[general]`` / ``[[datasets]]`` fill.
-DATASET_FIELDS = (
-    "resolution",
-    "batch_size",
-    "bucket_step",
-    "min_bucket_side",
-    "max_bucket_side",
-    "crop",
-    "flip_prob",
-)
-#: Values of the loader fields that neither the run nor its dataset config set.
-LOADER_DEFAULTS = {"batch_size": 8, "crop": "center", "flip_prob": 0.0}
+#: Values of the loader fields that neither the run nor its dataset config set (crop and flip: the
+#: loader's own defaults).
+LOADER_DEFAULTS = {"batch_size": 8, "crop": LOADER["crop"].default, "flip_prob": LOADER["flip_prob"].default}
 #: Channels per attention head in the tiny UNet and text encoder.
 HEAD_DIM = 16
 #: Group count of the tiny UNet's GroupNorm layers; every UNet channel count must be a multiple.
@@ -86,6 +82,7 @@ def setting(
     from_scratch: bool = False,
     min: float | None = None,
     gt: float | None = None,
+    max: float | None = None,
     lt: float | None = None,
 ) -> Any:
     """A :class:`TrainConfig` field with its documentation and CLI shape as metadata.
@@ -100,6 +97,7 @@ def setting(
             (its help gets the :data:`FROM_SCRATCH` prefix).
         min: Inclusive lower bound (``None`` passes when the default is ``None``).
         gt: Exclusive lower bound.
+        max: Inclusive upper bound.
         lt: Exclusive upper bound.
 
     Returns:
@@ -117,9 +115,39 @@ def setting(
         "from_scratch": from_scratch,
         "min": min,
         "gt": gt,
+        "max": max,
         "lt": lt,
     }
     return field(default=default, metadata=metadata)
+
+
+def loader_setting(name: str, *, default_doc: str) -> Any:
+    """A ``data`` :class:`TrainConfig` field for the loader option ``name`` of :mod:`fastdiff.options`.
+
+    The field defaults to ``None``: the dataset config's value, else a default of the training run,
+    which ``default_doc`` tells. Its bounds (``minimum``/``maximum``) and choices (a ``Literal``'s
+    values) are the schema's, its help the schema's one-line doc (plain text), then ``default_doc``.
+
+    Args:
+        name: A key of :data:`fastdiff.options.LOADER`.
+        default_doc: What ``None`` means in a training run (``"Default: 64 from scratch; ..."``).
+
+    Returns:
+        A ``dataclasses.field``, as :func:`setting`.
+
+    Raises:
+        KeyError: ``name`` is not a loader option.
+    """
+    option = LOADER[name]
+    unit = f" Unit: {option.unit}." if option.unit else ""
+    return setting(
+        None,
+        group="data",
+        help=f"{option.doc.replace('``', '')}{unit} {default_doc}",
+        choices=option.allowed or None,
+        min=option.minimum,
+        max=option.maximum,
+    )
 
 
 @dataclass(frozen=True)
@@ -162,45 +190,33 @@ class TrainConfig:
         help="For a single-file --model (required there): a local diffusers pipeline folder of the same "
         "architecture whose configs from_single_file uses (nothing is downloaded).",
     )
-    resolution: int | None = setting(
-        None,
-        group="data",
-        min=1,
-        help="Bucket resolution in pixels: every batch has H * W <= resolution**2. Default: 64 from "
-        "scratch; the UNet's sample_size times the VAE's downsampling for a pipeline (512 for SD 1.5, "
-        "1024 for SDXL).",
+    resolution: int | None = loader_setting(
+        "resolution",
+        default_doc="Default: the dataset config's, else 64 from scratch; the UNet's sample_size times "
+        "the VAE's downsampling for a pipeline (512 for SD 1.5, 1024 for SDXL).",
     )
-    bucket_step: int | None = setting(
-        None,
-        group="data",
-        min=1,
-        help="Bucket sides are multiples of this (pixels). Default 16 from scratch (a multiple of "
+    bucket_step: int | None = loader_setting(
+        "bucket_step",
+        default_doc="Default: the dataset config's, else 16 from scratch (a multiple of "
         "2 ** (len(unet_channels) - 1)), 64 for a pipeline (a multiple of the VAE's and UNet's "
         "downsampling, checked).",
     )
-    min_bucket_side: int | None = setting(
-        None, group="data", help="Smallest bucket side in pixels (default: the loader's)."
+    min_bucket_side: int | None = loader_setting(
+        "min_bucket_side", default_doc="Default: the dataset config's, else the loader's."
     )
-    max_bucket_side: int | None = setting(
-        None, group="data", help="Largest bucket side in pixels (default: the loader's)."
+    max_bucket_side: int | None = loader_setting(
+        "max_bucket_side", default_doc="Default: the dataset config's, else the loader's."
     )
-    crop: str | None = setting(
-        None,
-        group="data",
-        choices=CROPS,
-        help=f"Loader crop mode (default: the dataset config's, else {LOADER_DEFAULTS['crop']}).",
+    crop: str | None = loader_setting(
+        "crop", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['crop']}."
     )
-    flip_prob: float | None = setting(
-        None,
-        group="data",
-        help="Probability of a horizontal flip per sample (default: the dataset config's, else 0).",
+    flip_prob: float | None = loader_setting(
+        "flip_prob", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['flip_prob']:g}."
     )
-    batch_size: int | None = setting(
-        None,
-        group="data",
-        min=1,
-        help="Images per batch; the last batch of a bucket may be smaller (default: the dataset "
-        f"config's, else {LOADER_DEFAULTS['batch_size']}).",
+    batch_size: int | None = loader_setting(
+        "batch_size",
+        default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "
+        f"{LOADER_DEFAULTS['batch_size']}.",
     )
     max_steps: int = setting(
         500,
@@ -467,15 +483,19 @@ def _check_field(f: Field[Any], value: Any) -> None:
         raise ValueError(f"{f.name} must be one of {allowed}{hint}, got {value!r}")
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    low, above, below = m["min"], m["gt"], m["lt"]
+    low, above, high, below = m["min"], m["gt"], m["max"], m["lt"]
     broken = (
         (low is not None and value < low)
         or (above is not None and value <= above)
+        or (high is not None and value > high)
         or (below is not None and value >= below)
     )
     if broken:
-        if below is not None:
-            rule = f"in [{low}, {below})"
+        start = f"[{low}" if low is not None else f"({above}" if above is not None else "(-inf"
+        if high is not None:
+            rule = f"in {start}, {high}]"
+        elif below is not None:
+            rule = f"in {start}, {below})"
         else:
             rule = f">= {low}" if low is not None else f"> {above}"
         raise ValueError(f"{f.name} must be {rule}{' or None' if optional else ''}, got {value}")
@@ -505,6 +525,16 @@ def _base_type(hint: Any) -> tuple[type, bool]:
 
 #: ``{field name: (element type, is a tuple)}`` of every :class:`TrainConfig` field.
 FIELD_TYPES = {name: _base_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+
+#: Loader fields of :class:`TrainConfig` that a dataset config's ``[general]`` / ``[[datasets]]`` fill:
+#: the options those tables hold that are ``None``-default fields here, in the schema's order. (``seed``
+#: is in the tables too but never ``None``: a config seed must equal the run's, not fill it.)
+DATASET_FIELDS = tuple(
+    o.name
+    for o in LOADER_OPTIONS
+    if set(DATASET_TABLES) <= set(o.toml)
+    and any(f.name == o.name and f.default is None for f in fields(TrainConfig))
+)
 
 
 #: Placeholders of the flags' values in ``--help``, by element type.
