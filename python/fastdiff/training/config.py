@@ -23,7 +23,6 @@ from typing import Any
 
 from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
-from fastdiff.types import Crop
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -35,8 +34,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 #: Values of ``--vae-dtype``: the frozen VAE's dtype (fp16 is refused: SD's VAEs overflow in it).
 VAE_DTYPES = ("fp32", "bf16")
-#: Values of ``--crop``: the loader's crop modes.
-CROPS: tuple[str, ...] = typing.get_args(Crop)
 #: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
 DEFAULT_PREVIEW_PROMPTS = 4
 #: Values of the loader fields that neither the run nor its dataset config set (crop and flip: the
