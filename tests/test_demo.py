@@ -6,6 +6,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,13 +137,13 @@ class HideTokenizers:
 sys.meta_path[sys.meta_path.index(PathFinder)] = HideTokenizers
 """
 
-#: Times ``fastdiff.cli.main`` alone (the interpreter and ``import fastdiff``, torch included, excluded).
+#: Times ``fastdiff.cli.main`` alone (the interpreter start excluded) and says whether torch was imported.
 TIMED_MAIN = """
 import sys, time
 from fastdiff.cli import main
 start = time.perf_counter()
 status = main(sys.argv[1:])
-print(f"main: {time.perf_counter() - start:.3f} s", file=sys.stderr)
+print(f"main: {time.perf_counter() - start:.3f} s, torch imported: {'torch' in sys.modules}", file=sys.stderr)
 sys.exit(status)
 """
 
@@ -186,10 +187,39 @@ def test_demo_without_the_train_extra_says_so_in_one_line_at_once(tmp_path: Path
         text=True,
     )
     assert timed.returncode == 2
-    own = float(timed.stderr.splitlines()[-1].split()[1])
+    last = timed.stderr.splitlines()[-1]
+    own = float(last.split()[1].rstrip(","))
     print(
-        f"\nfastdiff demo without tokenizers: exit 2 after {seconds:.2f} s (interpreter and torch import "
-        f"included), {own:.3f} s in main"
+        f"\nfastdiff demo without tokenizers: exit 2 after {seconds:.2f} s (interpreter included), "
+        f"{own:.3f} s in main"
     )
+    assert last.endswith("torch imported: False")  # the refusal waits for no heavy import
     assert own < 1.0
-    assert seconds < 30  # a bare interpreter start plus `import torch` on a loaded 2-core machine
+    assert seconds < 10  # a bare interpreter start (and numpy) on a loaded 2-core machine
+
+
+def test_help_needs_no_extra(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_TOKENIZERS)
+    package_root = str(Path(fastdiff.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), package_root])}
+    cli = subprocess.run(
+        [sys.executable, "-m", "fastdiff", "train", "--help"], env=env, capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "--max-steps" in cli.stdout
+
+
+def test_the_extras_check_knows_every_package_of_the_train_extra() -> None:
+    import tomllib
+    from fastdiff.cli import TRAIN_MODULES
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    train = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["train"]
+    # Distribution names as pip knows them -> the name they are imported by.
+    import_names = {"pillow": "PIL"}
+    names = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower() for r in train}
+    # Every package of the extra is checked (tokenizers too, which comes with transformers).
+    assert {import_names.get(n, n) for n in names} <= set(TRAIN_MODULES)
+    assert len(names) == len(train) == 7
