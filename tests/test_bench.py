@@ -101,10 +101,22 @@ def test_process_tree_cpu_counts_worker_processes() -> None:
 
 
 def test_list_images_matches_the_scan_rules(tmp_path: Path) -> None:
-    for name in ["a.JPG", "sub/b.png", "c.jfif", ".hidden.jpg", "._d.jpg", ".dir/e.jpg", "f.txt", "g.gif"]:
+    names = [
+        "a.JPG",
+        "sub/b.png",
+        "c.jfif",
+        ".hidden.jpg",
+        "._d.jpg",
+        ".dir/e.jpg",
+        "f.txt",
+        "g.gif",
+        "h.avif",
+    ]
+    for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert common.list_images(tmp_path) == [tmp_path / "a.JPG", tmp_path / "c.jfif", tmp_path / "sub/b.png"]
+    want = [tmp_path / "a.JPG", tmp_path / "c.jfif", tmp_path / "g.gif", tmp_path / "sub/b.png"]
+    assert common.list_images(tmp_path) == want
 
 
 def test_limited_root_keeps_the_first_images_and_their_captions(small_set: Path) -> None:

@@ -483,12 +483,13 @@ def test_case11_animations_give_their_first_frame(tmp_path: Path) -> None:
             assert getattr(im, "n_frames", 1) == 3, name
 
     loader, got = load(tmp_path)
-    assert sorted(got) == ["anim.png", "anim.webp"]  # .gif is not an image extension fastdiff reads
-    for name in ["anim.png", "anim.webp"]:
+    # Issue 14 changed GIF's expectation on purpose: GIF is read now (it was skipped as "decode"),
+    # by its magic bytes whatever the name, and gives its first frame like APNG and WebP.
+    assert sorted(got) == ["anim.gif", "anim.png", "anim.webp", "gif_named.png"]
+    for name in got:
         assert (got[name]["pixels"] == np.array([200, 40, 40])[:, None, None]).all(), name
-    gif = skips(loader)["gif_named.png"]
-    assert gif["code"] == "decode" and "GIF" in gif["message"]
-    assert loader.report["found"] == 3
+    assert skips(loader) == {}
+    assert loader.report["found"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ class DataLoader:
     """Iterable of aspect-bucketed training batches decoded by fastdiff's Rust core.
 
     At construction the folder is scanned (headers only, in parallel): every ``.jpg .jpeg .jfif .png
-    .webp`` file in any letter case, recursively, hidden files and ``._*`` stubs ignored; each image is
-    paired with the caption in a sibling file of the same stem (first of ``caption_extensions`` found;
-    none gives ``""``), or, when the folder holds an HF imagefolder ``metadata.jsonl``, with its caption
-    (see :class:`fastdiff.Subset`). Each image goes to the aspect-ratio bucket nearest in log aspect
+    .webp .bmp .dib .tif .tiff .gif`` file in any letter case, recursively, hidden files and ``._*``
+    stubs ignored (``.avif .heic .heif .jxl`` files are found too, and skipped as ``unsupported``); each
+    image is paired with the caption in a sibling file of the same stem (first of ``caption_extensions``
+    found; none gives ``""``), or, when the folder holds an HF imagefolder ``metadata.jsonl``, with its
+    caption (see :class:`fastdiff.Subset`). Each image goes to the aspect-ratio bucket nearest in log aspect
     ratio to its upright (EXIF-applied) size; buckets follow kohya-ss sd-scripts / NovelAI: sides are
     multiples of ``bucket_step`` within ``[min_bucket_side, max_bucket_side]`` and area ≤ ``resolution²``.
 

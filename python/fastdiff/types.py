@@ -49,11 +49,14 @@ class Batch(TypedDict):
 
 
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable
-#: (``io``), not a decodable image (``decode``), header over ``max_pixels`` (``too_large``), under one
-#: ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), a bug
+#: (``io``), not a decodable image (``decode``), an image of a format this build does not decode, such
+#: as AVIF, HEIF/HEIC or JPEG XL (``unsupported``), header over ``max_pixels`` (``too_large``), under
+#: one ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), a bug
 #: caught while loading it (``panic``), memory or a codec handle refused (``resource``), an internal
 #: failure (``internal``).
-SkipCode = Literal["io", "decode", "too_large", "too_small", "changed", "panic", "resource", "internal"]
+SkipCode = Literal[
+    "io", "decode", "unsupported", "too_large", "too_small", "changed", "panic", "resource", "internal"
+]
 
 
 class SkippedFile(TypedDict):
@@ -96,7 +99,7 @@ class Report(TypedDict):
         found: Image files found.
         loaded: Files accepted; ``loaded + len(skipped) == found`` always.
         skipped: Files left out, with the reason; files failing while decoding are added as they are met.
-        formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``).
+        formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``, ``"bmp"``, ``"tiff"``, ``"gif"``).
         min_size: Upright ``(h, w)`` in pixels of the smallest accepted image, by area.
         max_size: The same of the largest.
         captions_missing: Accepted images without a caption.

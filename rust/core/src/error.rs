@@ -16,8 +16,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Machine-readable reason of an error, as reports give it (see [`SkipCode::as_str`]).
 ///
 /// Every [`Error`] has one because any failure of a sample can become a skip of its file; the
-/// codes a report can hold are `io`, `decode`, `too_large`, `too_small`, `changed`, `panic`,
-/// `resource` and `internal`. `invalid_argument` and `no_images` only label errors that are raised.
+/// codes a report can hold are `io`, `decode`, `unsupported`, `too_large`, `too_small`, `changed`,
+/// `panic`, `resource` and `internal`. `invalid_argument` and `no_images` only label errors that are raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SkipCode {
@@ -25,6 +25,9 @@ pub enum SkipCode {
     Io,
     /// `decode`: the bytes are not a decodable image of a supported format.
     Decode,
+    /// `unsupported`: an image of a format (or a variant of one) this build cannot decode, such as
+    /// AVIF, HEIF/HEIC or JPEG XL.
+    Unsupported,
     /// `too_large`: more pixels than the configured limit.
     TooLarge,
     /// `too_small`: with `no_upscale`, smaller than one bucket step on a side.
@@ -44,12 +47,13 @@ pub enum SkipCode {
 }
 
 impl SkipCode {
-    /// The code as reports and Python give it: `"io"`, `"decode"`, `"too_large"`, `"too_small"`,
-    /// `"changed"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
+    /// The code as reports and Python give it: `"io"`, `"decode"`, `"unsupported"`, `"too_large"`,
+    /// `"too_small"`, `"changed"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             SkipCode::Io => "io",
             SkipCode::Decode => "decode",
+            SkipCode::Unsupported => "unsupported",
             SkipCode::TooLarge => "too_large",
             SkipCode::TooSmall => "too_small",
             SkipCode::Changed => "changed",
@@ -71,7 +75,7 @@ impl std::fmt::Display for SkipCode {
 /// Everything that can go wrong in the core.
 ///
 /// Three families, kept apart so that nobody is blamed for what they did not do: the file's fault
-/// (`Io`, `Decode`, `TooLarge`, `Changed`, and `TooSmall`, a file the options cannot use), the
+/// (`Io`, `Decode`, `Unsupported`, `TooLarge`, `Changed`, and `TooSmall`, a file the options cannot use), the
 /// caller's (`InvalidArgument`, `NoImages`), and fastdiff's or the machine's (`Panic`, `Internal`,
 /// `Resource`).
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,10 @@ pub enum Error {
     /// The bytes are not a decodable image of a supported format (truncated, corrupt, unknown).
     #[error("Error while decoding {}: {reason}", path.display())]
     Decode { path: PathBuf, reason: String },
+    /// The bytes are an image, but of a format or variant this build does not decode; `what` names
+    /// it ("AVIF", "TIFF colour type Rgb32F").
+    #[error("Error while decoding {}: {what} is not supported by this build", path.display())]
+    Unsupported { path: PathBuf, what: String },
     /// The header declares more pixels than the configured limit (decompression-bomb guard).
     #[error(
         "Error while decoding {}: image is {width}x{height} = {} pixels, over the limit of {limit} pixels",
@@ -147,6 +155,7 @@ impl Error {
         match self {
             Error::Io { .. } => SkipCode::Io,
             Error::Decode { .. } => SkipCode::Decode,
+            Error::Unsupported { .. } => SkipCode::Unsupported,
             Error::TooLarge { .. } => SkipCode::TooLarge,
             Error::TooSmall { .. } => SkipCode::TooSmall,
             Error::Changed { .. } => SkipCode::Changed,
@@ -164,6 +173,7 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Decode { path, .. }
+            | Error::Unsupported { path, .. }
             | Error::TooLarge { path, .. }
             | Error::TooSmall { path, .. }
             | Error::Changed { path, .. }
@@ -179,6 +189,14 @@ impl Error {
         Error::Decode {
             path: path.to_path_buf(),
             reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Unsupported`].
+    pub fn unsupported(path: &Path, what: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.to_path_buf(),
+            what: what.into(),
         }
     }
 

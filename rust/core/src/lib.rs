@@ -14,8 +14,8 @@
 //!    scan; an [`EpochIter`] per epoch that starts worker threads and yields [`Batch`]es in plan order.
 //! 6. `pipeline/worker.rs`: one worker's loop: read a file, check it against the scan, decode,
 //!    transform into its slot of the batch (`pipeline/batch.rs`), with stand-ins for failures.
-//! 7. [`decode`] (`decode/mod.rs`, then `header`, `exif`, `jpeg` or `png_webp`, `pixels`): bytes to
-//!    an upright RGB8 image.
+//! 7. [`decode`] (`decode/mod.rs`, then `header`, `exif`, `jpeg`, `png_webp` or `bmp_tiff_gif`,
+//!    `pixels`): bytes to an upright RGB8 image.
 //! 8. [`transform`] (`transform/mod.rs`, then `placement`, `resize`): where the bucket-sized window
 //!    lies in the resized image, then resize it, flip, and write the planar CHW sample in the output
 //!    dtype.

@@ -19,8 +19,13 @@ use crate::caption::decode_caption;
 use crate::decode::{self, DecodeOptions, Header};
 use crate::error::{Error, Result, Skip};
 
-/// Image file extensions accepted by the scan (compared case-insensitively, without the dot).
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "jfif", "png", "webp"];
+/// Image file extensions accepted by the scan (compared case-insensitively, without the dot). The
+/// formats named by the last four (AVIF, HEIF/HEIC, JPEG XL) are listed so that such files are
+/// reported as `unsupported` skips instead of disappearing from the dataset unseen.
+pub const IMAGE_EXTENSIONS: [&str; 14] = [
+    "jpg", "jpeg", "jfif", "png", "webp", "bmp", "dib", "tif", "tiff", "gif", "avif", "heic",
+    "heif", "jxl",
+];
 
 /// Options of [`scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,15 +93,16 @@ pub struct Scan {
 /// Scan `root` for images.
 ///
 /// Walks recursively, following symlinks (a link cycle or unreadable folder is recorded as a skip, as
-/// is a broken link whose name looks like an image). Accepts files ending in `.jpg .jpeg .jfif .png
-/// .webp` in any letter case; ignores every hidden entry below `root` (name starting with `.`, which
+/// is a broken link whose name looks like an image). Accepts files ending in any of
+/// [`IMAGE_EXTENSIONS`] (`.jpg .jpeg .jfif .png .webp .bmp .dib .tif .tiff .gif .avif .heic .heif
+/// .jxl`) in any letter case; ignores every hidden entry below `root` (name starting with `.`, which
 /// includes macOS `._*` AppleDouble stubs and `.DS_Store`, and prunes hidden folders). Reads headers
 /// and captions in parallel on a rayon pool built for this call with `num_threads` threads and
 /// dropped before returning — never rayon's global pool, whose threads do not survive a `fork()`
 /// (PyTorch DataLoader workers fork).
 ///
 /// Per file, these become [`Skip`]s rather than errors: unreadable or undecodable header (code `io`
-/// or `decode`), zero width or height (`decode`), more than `max_pixels` pixels (`too_large`), and a
+/// or `decode`), an AVIF, HEIF/HEIC, JPEG XL or JPEG 2000 file (`unsupported`), zero width or height (`decode`), more than `max_pixels` pixels (`too_large`), and a
 /// caption file that exists but cannot be read (`io`; the message names the caption file).
 ///
 /// Errors: [`Error::NoImages`] if `root` is not a readable directory or holds no candidate image

@@ -4,7 +4,7 @@
 //!
 //! Seeds are small files of every kind the odd-image tests cover (baseline / progressive / 4:2:0 /
 //! grayscale / CMYK / EXIF-rotated JPEG; RGB, RGBA, gray+alpha, 16-bit, palette + tRNS PNG; lossless
-//! WebP), plus every file in `$FASTDIFF_FUZZ_SEEDS` when set (e.g. a folder of real photos). Each
+//! WebP; 24- and 32-bit BMP; RGB and 16-bit gray TIFF; GIF), plus every file in `$FASTDIFF_FUZZ_SEEDS` when set (e.g. a folder of real photos). Each
 //! case picks a seed and applies up to 8 byte-level mutations (bit flips, overwrites with boundary
 //! values such as `0xFFFFFFFF` — typical of size fields —, truncation, insertion, deletion, splices
 //! from another seed), then runs it with random orientation, DCT-scale target, bucket, crop, flip,
@@ -89,7 +89,7 @@ fn grew(size: usize) {
 static ALLOC: Counting = Counting;
 
 /// Seeds made by [`seeds`] itself (before any from `FASTDIFF_FUZZ_SEEDS`).
-const BUILT_IN_SEEDS: usize = 19;
+const BUILT_IN_SEEDS: usize = 24;
 
 /// Cases whose input still decoded (reported, so a run that only exercises error paths shows).
 static DECODED: AtomicUsize = AtomicUsize::new(0);
@@ -168,6 +168,27 @@ fn encode(
             h,
             color,
         ),
+        image::ImageFormat::Bmp => image::ImageEncoder::write_image(
+            image::codecs::bmp::BmpEncoder::new(&mut out),
+            data,
+            w,
+            h,
+            color,
+        ),
+        image::ImageFormat::Tiff => image::ImageEncoder::write_image(
+            image::codecs::tiff::TiffEncoder::new(&mut out),
+            data,
+            w,
+            h,
+            color,
+        ),
+        image::ImageFormat::Gif => image::ImageEncoder::write_image(
+            image::codecs::gif::GifEncoder::new(&mut out),
+            data,
+            w,
+            h,
+            color,
+        ),
         _ => image::ImageEncoder::write_image(
             image::codecs::webp::WebPEncoder::new_lossless(&mut out),
             data,
@@ -231,7 +252,7 @@ fn palette_png() -> Vec<u8> {
 
 fn seeds() -> Vec<Vec<u8>> {
     use image::ExtendedColorType as C;
-    use image::ImageFormat::{Png, WebP};
+    use image::ImageFormat::{Bmp, Gif, Png, Tiff, WebP};
     let mut s = vec![
         jpeg(48, 32, PixelFormat::RGB, |c| {
             c.set_subsamp(Subsamp::None).unwrap()
@@ -265,6 +286,11 @@ fn seeds() -> Vec<Vec<u8>> {
         palette_png(),
         encode(24, 16, &gradient(24, 16, 4), C::Rgba8, WebP),
         encode(24, 16, &gradient(24, 16, 3), C::Rgb8, WebP),
+        encode(24, 16, &gradient(24, 16, 3), C::Rgb8, Bmp),
+        encode(24, 16, &gradient(24, 16, 4), C::Rgba8, Bmp),
+        encode(24, 16, &gradient(24, 16, 3), C::Rgb8, Tiff),
+        encode(16, 16, &gradient(16, 16, 2), C::L16, Tiff),
+        encode(24, 16, &gradient(24, 16, 4), C::Rgba8, Gif),
     ];
     if let Some(dir) = std::env::var_os("FASTDIFF_FUZZ_SEEDS") {
         let mut extra: Vec<_> = walk(Path::new(&dir));

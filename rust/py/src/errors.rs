@@ -57,7 +57,9 @@ pub(crate) fn to_pyerr(err: Error) -> PyErr {
     match err.code() {
         // A skip's I/O error keeps only its message, not its kind.
         SkipCode::Io => PyOSError::new_err(msg),
-        SkipCode::Decode | SkipCode::TooLarge | SkipCode::Changed => DecodeError::new_err(msg),
+        SkipCode::Decode | SkipCode::Unsupported | SkipCode::TooLarge | SkipCode::Changed => {
+            DecodeError::new_err(msg)
+        }
         SkipCode::TooSmall => ImageTooSmallError::new_err(msg),
         SkipCode::Panic | SkipCode::Internal => InternalError::new_err(msg),
         SkipCode::Resource => PyMemoryError::new_err(msg),

@@ -1,6 +1,7 @@
 //! Header walks: the format from the magic bytes, then the stored size and (when asked) the EXIF
-//! block of a JPEG, PNG or WebP file, over a random-access [`Source`] (a slice, or a file read in
-//! small windows so that skipping a large segment costs no reading).
+//! block of a JPEG, PNG or WebP file (BMP, TIFF and GIF headers are walked in `bmp_tiff_gif`), over
+//! a random-access [`Source`] (a slice, or a file read in small windows so that skipping a large
+//! segment costs no reading).
 //!
 //! Reads only what it needs and never decodes pixels; it must not trust any length it reads (every
 //! read is bounds-checked, a short read is a "truncated" [`Error::Decode`]).
@@ -9,39 +10,64 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
+use super::bmp_tiff_gif::{bmp_header, gif_header, tiff_header};
 use super::exif::exif_orientation;
 use super::{Header, ImageFormat};
 use crate::error::{Error, Result};
 
-/// Reason text for bytes that are not JPEG, PNG or WebP.
-pub(super) fn unknown_format(head: &[u8]) -> String {
+/// The error for bytes that are not an image format we decode: [`Error::Unsupported`] naming the
+/// format for images we recognise but do not read (AVIF, HEIF/HEIC, JPEG XL, JPEG 2000), else
+/// [`Error::Decode`] saying what the bytes start with.
+pub(super) fn unknown_format(path: &Path, head: &[u8]) -> Error {
     if head.is_empty() {
-        return "empty file".to_string();
+        return Error::decode(path, "empty file");
     }
-    let known: &[(&[u8], &str)] = &[
-        (b"GIF87a", "GIF"),
-        (b"GIF89a", "GIF"),
-        (b"BM", "BMP"),
-        (b"II*\0", "TIFF"),
-        (b"MM\0*", "TIFF"),
-        (&[0, 0, 0, 0x0C, b'j', b'P'], "JPEG 2000"),
-        (&[0xFF, 0x0A], "JPEG XL"),
-    ];
-    let name = known
-        .iter()
-        .find(|(magic, _)| head.starts_with(magic))
-        .map(|&(_, name)| name)
-        .or_else(|| match head.get(4..12) {
-            Some(b"ftypavif") | Some(b"ftypavis") => Some("AVIF"),
-            Some(ftyp) if ftyp.starts_with(b"ftyp") => Some("HEIF/HEIC or another ISO media"),
-            _ => None,
-        });
-    match name {
-        Some(name) => format!("{name} files are not supported (only JPEG, PNG and WebP)"),
-        None => format!(
-            "not a JPEG, PNG or WebP file (starts with '{}')",
-            head[..head.len().min(16)].escape_ascii()
+    match unsupported_format(head) {
+        Some(name) => Error::unsupported(path, name),
+        None => Error::decode(
+            path,
+            format!(
+                "not a JPEG, PNG, WebP, BMP, TIFF or GIF file (starts with '{}')",
+                head[..head.len().min(16)].escape_ascii()
+            ),
         ),
+    }
+}
+
+/// The image format announced by magic bytes we recognise but cannot decode, if any.
+fn unsupported_format(head: &[u8]) -> Option<&'static str> {
+    const JXL_BOX: &[u8] = b"\0\0\0\x0cJXL \r\n\x87\n";
+    const JP2_BOX: &[u8] = b"\0\0\0\x0cjP  \r\n\x87\n";
+    if head.starts_with(&[0xFF, 0x0A]) || head.starts_with(JXL_BOX) {
+        return Some("JPEG XL");
+    }
+    if head.starts_with(JP2_BOX) || head.starts_with(&[0xFF, 0x4F, 0xFF, 0x51]) {
+        return Some("JPEG 2000");
+    }
+    // ISO-BMFF: a `ftyp` box with the major brand, a minor version, then compatible brands.
+    if head.get(4..8) != Some(b"ftyp") {
+        return None;
+    }
+    let box_size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let box_end = head
+        .len()
+        .min(usize::try_from(box_size).unwrap_or(usize::MAX));
+    let major = head.get(8..12)?;
+    let compatible = head.get(16..box_end).unwrap_or(&[]);
+    let has = |brands: &[&[u8; 4]]| {
+        brands.iter().any(|b| major == &b[..])
+            || compatible
+                .chunks_exact(4)
+                .any(|c| brands.iter().any(|b| c == &b[..]))
+    };
+    if has(&[b"avif", b"avis"]) {
+        Some("AVIF")
+    } else if has(&[
+        b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1",
+    ]) {
+        Some("HEIF/HEIC")
+    } else {
+        None
     }
 }
 
@@ -101,7 +127,7 @@ impl Source for FileSource {
 }
 
 /// Exactly `len` bytes at `offset`, or a "truncated" decode error naming `what`.
-fn need<'s>(
+pub(super) fn need<'s>(
     src: &'s mut impl Source,
     offset: u64,
     len: usize,
@@ -139,12 +165,14 @@ pub(super) fn parse_header(
     with_orientation: bool,
 ) -> Result<Header> {
     let head = src.bytes_at(0, 32).map_err(|e| Error::io(path, e))?;
-    let format =
-        ImageFormat::sniff(head).ok_or_else(|| Error::decode(path, unknown_format(head)))?;
+    let format = ImageFormat::sniff(head).ok_or_else(|| unknown_format(path, head))?;
     let (width, height, orientation) = match format {
         ImageFormat::Jpeg => jpeg_header(src, path, with_orientation)?,
         ImageFormat::Png => png_header(src, path, with_orientation)?,
         ImageFormat::WebP => webp_header(src, path, with_orientation)?,
+        ImageFormat::Bmp => bmp_header(src, path)?,
+        ImageFormat::Tiff => tiff_header(src, path, with_orientation)?,
+        ImageFormat::Gif => gif_header(src, path)?,
     };
     if width == 0 || height == 0 {
         return Err(Error::decode(

@@ -1,5 +1,7 @@
-//! Image headers and decoding: JPEG (libjpeg-turbo through `turbojpeg`), PNG and WebP (the `image`
-//! crate), always to upright 8-bit RGB.
+//! Image headers and decoding: JPEG (libjpeg-turbo through `turbojpeg`), PNG, WebP, BMP, TIFF and
+//! GIF (the `image` crate's pure-Rust decoders), always to upright 8-bit RGB. AVIF, HEIF/HEIC,
+//! JPEG XL and JPEG 2000 are recognised by their magic bytes and refused as
+//! [`Error::Unsupported`].
 //!
 //! * [`probe`] / [`probe_bytes`] read only the header: format (by magic bytes, never by extension),
 //!   stored size in pixels and EXIF orientation. No pixel data is decoded.
@@ -16,13 +18,15 @@
 //! The files, in the order a decode passes through them: this one (the types, the size guard and
 //! the dispatch on the sniffed format); `header` (magic bytes and the header walks of each format,
 //! reading as little of the file as it can); `exif` (the orientation tag and what it means);
-//! `jpeg` (libjpeg-turbo, DCT scaling) or `png_webp` (the `image` crate); `pixels` (conversion to
+//! `jpeg` (libjpeg-turbo, DCT scaling), `png_webp` or `bmp_tiff_gif` (the `image` crate, which
+//! also walks BMP, TIFF and GIF headers); `pixels` (conversion to
 //! RGB8, alpha compositing, CMYK, and the orientation pass).
 //!
 //! Nothing here knows about buckets, batches or threads, and nothing trusts a file: every size is
 //! checked against [`DecodeOptions::max_pixels`] before a pixel buffer is allocated, and bad input
 //! is an [`Error`], never a panic.
 
+mod bmp_tiff_gif;
 mod exif;
 mod header;
 mod jpeg;
@@ -37,6 +41,7 @@ use std::path::Path;
 use turbojpeg::Decompressor;
 
 use crate::error::{Error, Result};
+use bmp_tiff_gif::decode_bmp_tiff_gif;
 use exif::transposes;
 use header::{parse_header, unknown_format, FileSource, SliceSource};
 use jpeg::{decompressor_error, new_decompressor};
@@ -53,15 +58,24 @@ pub enum ImageFormat {
     Png,
     /// WebP, lossy, lossless or extended/animated (`RIFF....WEBP`).
     WebP,
+    /// BMP / DIB (`BM`).
+    Bmp,
+    /// TIFF, little- or big-endian (`II*\0`, `MM\0*`); the first page is read.
+    Tiff,
+    /// GIF, 87a or 89a (`GIF87a`, `GIF89a`); the first frame is read.
+    Gif,
 }
 
 impl ImageFormat {
-    /// Lower-case name used in reports: `"jpeg"`, `"png"` or `"webp"`.
+    /// Lower-case name used in reports: `"jpeg"`, `"png"`, `"webp"`, `"bmp"`, `"tiff"` or `"gif"`.
     pub fn name(&self) -> &'static str {
         match self {
             ImageFormat::Jpeg => "jpeg",
             ImageFormat::Png => "png",
             ImageFormat::WebP => "webp",
+            ImageFormat::Bmp => "bmp",
+            ImageFormat::Tiff => "tiff",
+            ImageFormat::Gif => "gif",
         }
     }
 
@@ -73,6 +87,12 @@ impl ImageFormat {
             Some(ImageFormat::Png)
         } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WEBP" {
             Some(ImageFormat::WebP)
+        } else if head.starts_with(b"BM") {
+            Some(ImageFormat::Bmp)
+        } else if head.starts_with(b"II*\0") || head.starts_with(b"MM\0*") {
+            Some(ImageFormat::Tiff)
+        } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
+            Some(ImageFormat::Gif)
         } else {
             None
         }
@@ -142,11 +162,14 @@ impl Default for DecodeOptions {
 /// orientation. Reads only the start of the file in 16 KiB windows, seeking over segments it does
 /// not need: up to the SOF marker for JPEG (EXIF is the first `APP1 "Exif"` segment, as in Pillow),
 /// up to the first `IDAT` for PNG (EXIF from an `eXIf` chunk placed before it), and for WebP the
-/// first chunk plus, when the `VP8X` EXIF flag is set, the chunk headers up to `EXIF`.
+/// first chunk plus, when the `VP8X` EXIF flag is set, the chunk headers up to `EXIF`; for BMP the
+/// file and DIB headers, for GIF the screen descriptor, and for TIFF the 8-byte header and the
+/// entries of the first IFD (size, and the orientation tag 274).
 ///
-/// Errors: [`Error::Io`] if the file cannot be opened or read; [`Error::Decode`] if it is empty,
-/// not a JPEG/PNG/WebP file (the message says what it starts with), or its header is truncated or
-/// corrupt. The size limit is not checked here (see [`DecodeOptions::max_pixels`]).
+/// Errors: [`Error::Io`] if the file cannot be opened or read; [`Error::Unsupported`] for an AVIF,
+/// HEIF/HEIC, JPEG XL or JPEG 2000 file (the message names the format); [`Error::Decode`] if it is
+/// empty, not an image we know (the message says what it starts with), or its header is truncated
+/// or corrupt. The size limit is not checked here (see [`DecodeOptions::max_pixels`]).
 pub fn probe(path: &Path) -> Result<Header> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     parse_header(&mut FileSource::new(file), path, true)
@@ -187,17 +210,22 @@ impl Decoder {
     /// * `cover`: (width, height) in UPRIGHT pixels that the output must still cover. For JPEG the
     ///   smallest libjpeg-turbo scaling factor among 1/8, 1/4, 1/2 (else 1) whose scaled upright
     ///   size is >= `cover` in both dimensions is used; the scaled size is `ceil(dim * num / denom)`
-    ///   (libjpeg-turbo's `TJSCALED`). `(0, 0)` means full size. PNG and WebP always decode at
-    ///   full size.
+    ///   (libjpeg-turbo's `TJSCALED`). `(0, 0)` means full size. The other formats always decode
+    ///   at full size.
     ///
     /// Pixel conversions: grayscale is replicated to RGB; alpha (RGBA, LA, palette + tRNS, WebP
     /// alpha) is composited onto `opts.background`, so fully transparent pixels come out exactly as
-    /// the background; 16-bit PNG samples become 8-bit by rounding, `(v * 255 + 32767) / 65535`;
-    /// CMYK/YCCK JPEGs are read as Adobe-inverted CMYK and converted like Pillow's
-    /// `convert("RGB")`. Animated WebP and APNG give their first frame (APNG: the default image).
+    /// the background; 16-bit PNG and TIFF samples become 8-bit by rounding,
+    /// `(v * 255 + 32767) / 65535`; CMYK/YCCK JPEGs are read as Adobe-inverted CMYK and converted
+    /// like Pillow's `convert("RGB")`; CMYK TIFFs are converted by the `image` crate
+    /// (`(255 - c) * (255 - k) / 255`, truncated; about half a level from Pillow's on average). Animated WebP and APNG give their first frame (APNG: the
+    /// default image), animated GIF its first frame drawn on the logical screen, with the GIF's
+    /// transparent colour composited like alpha; multi-page TIFF its first page.
     ///
     /// Errors: [`Error::TooLarge`] if the stored `width * height` exceeds `opts.max_pixels`, before
-    /// any pixel buffer is allocated; [`Error::Decode`] for empty, unknown, corrupt or truncated
+    /// any pixel buffer is allocated; [`Error::Unsupported`] for AVIF, HEIF/HEIC, JPEG XL, JPEG 2000,
+    /// and the variants the `image` crate cannot read (such as float or JPEG-compressed TIFFs);
+    /// [`Error::Decode`] for empty, unknown, corrupt or truncated
     /// data, with a message saying what was wrong (libjpeg-turbo warnings such as "Premature end of
     /// JPEG file" count as failures). Never panics on bad input.
     pub fn decode(
@@ -208,11 +236,13 @@ impl Decoder {
         cover: (u32, u32),
         opts: &DecodeOptions,
     ) -> Result<RgbImage> {
-        let format =
-            ImageFormat::sniff(bytes).ok_or_else(|| Error::decode(path, unknown_format(bytes)))?;
+        let format = ImageFormat::sniff(bytes).ok_or_else(|| unknown_format(path, bytes))?;
         let img = match format {
             ImageFormat::Jpeg => self.decode_jpeg(bytes, path, orientation, cover, opts)?,
             ImageFormat::Png | ImageFormat::WebP => decode_png_webp(bytes, path, format, opts)?,
+            ImageFormat::Bmp | ImageFormat::Tiff | ImageFormat::Gif => {
+                decode_bmp_tiff_gif(bytes, path, format, opts)?
+            }
         };
         Ok(apply_orientation(img, orientation))
     }
@@ -241,14 +271,24 @@ mod tests {
         assert!(decode_err(b"").ends_with("empty file"));
         let html = decode_err(b"<html><body>404</body></html>");
         assert!(
-            html.contains("not a JPEG, PNG or WebP file (starts with '<html><body>404<')"),
+            html.contains(
+                "not a JPEG, PNG, WebP, BMP, TIFF or GIF file (starts with '<html><body>404<')"
+            ),
             "{html}"
         );
         assert!(html.contains("test/img"), "{html}");
         assert!(decode_err(b"\x00\x01\x02").contains(r"starts with '\x00\x01\x02'"));
-        assert!(decode_err(b"GIF89a\x01\x00\x01\x00").contains("GIF files are not supported"));
-        assert!(decode_err(b"\0\0\0\x1cftypavif\0\0\0\0").contains("AVIF"));
-        assert!(decode_err(b"\0\0\0\x18ftypheic\0\0\0\0").contains("HEIF"));
+        // GIF is read since issue 14: a screen descriptor without any image data is corrupt.
+        assert!(decode_err(b"GIF89a\x01\x00\x01\x00").contains("corrupt GIF"));
+        // AVIF and HEIF are recognised and refused by name (not a `decode` failure since issue 14).
+        for (bytes, name) in [
+            (&b"\0\0\0\x1cftypavif\0\0\0\0"[..], "AVIF"),
+            (b"\0\0\0\x18ftypheic\0\0\0\0", "HEIF"),
+        ] {
+            let err = decode(bytes).unwrap_err();
+            assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
         for bytes in [&b""[..], b"<html>", b"BM\0\0\0\0"] {
             assert!(matches!(
                 probe_bytes(bytes, &p()),

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 
 /// Limits handed to the `image` crate: enough for the largest allowed image at 16-bit RGBA plus
 /// metadata, so that only corrupt headers (not real images under `max_pixels`) hit them.
-fn image_limits(max_pixels: u64) -> Limits {
+pub(super) fn image_limits(max_pixels: u64) -> Limits {
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     limits
@@ -85,7 +85,9 @@ pub(super) fn decode_png_webp(
 }
 
 /// Decode all pixels in the decoder's native layout: ((w, h), colour type, bytes).
-fn read_all(decoder: impl ImageDecoder) -> image::ImageResult<((u32, u32), ColorType, Vec<u8>)> {
+pub(super) fn read_all(
+    decoder: impl ImageDecoder,
+) -> image::ImageResult<((u32, u32), ColorType, Vec<u8>)> {
     let dims = decoder.dimensions();
     let color = decoder.color_type();
     let len = usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX);
