@@ -15,8 +15,7 @@ use image::codecs::tiff::TiffDecoder;
 use image::{ImageDecoder, ImageError};
 
 use super::header::{need, parse_header, SliceSource, Source};
-use super::pixels::to_rgb8;
-use super::png_webp::{image_limits, read_all};
+use super::png_webp::{image_limits, into_rgb, read_all};
 use super::{check_pixels, DecodeOptions, ImageFormat, RgbImage};
 use crate::error::{Error, Result};
 
@@ -148,22 +147,13 @@ pub(super) fn decode_bmp_tiff_gif(
             read_all(decoder).map_err(bad)?
         }
     };
-    if dims != (header.width, header.height) {
-        return Err(Error::decode(
-            path,
-            format!(
-                "corrupt {name}: header says {}x{} but the image data is {}x{}",
-                header.width, header.height, dims.0, dims.1
-            ),
-        ));
-    }
-    let data = to_rgb8(raw, color, opts.background)
-        .ok_or_else(|| Error::unsupported(path, format!("{name} colour type {color:?}")))?;
-    Ok(RgbImage {
-        width: dims.0,
-        height: dims.1,
-        data,
-    })
+    into_rgb(
+        path,
+        name,
+        (header.width, header.height),
+        (dims, color, raw),
+        opts.background,
+    )
 }
 
 #[cfg(test)]

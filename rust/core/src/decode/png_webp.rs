@@ -66,17 +66,36 @@ pub(super) fn decode_png_webp(
             read_all(decoder).map_err(bad)?
         }
     };
-    if dims != (header.width, header.height) {
+    into_rgb(
+        path,
+        name,
+        (header.width, header.height),
+        (dims, color, raw),
+        opts.background,
+    )
+}
+
+/// The last step of every `image`-crate decode: the pixels must have the size the header promised
+/// (else the file is corrupt), then become RGB8; a colour type we cannot convert is the build's limit
+/// ([`Error::Unsupported`]), not the file's fault.
+pub(super) fn into_rgb(
+    path: &Path,
+    name: &str,
+    header: (u32, u32),
+    (dims, color, raw): ((u32, u32), ColorType, Vec<u8>),
+    background: [u8; 3],
+) -> Result<RgbImage> {
+    if dims != header {
         return Err(Error::decode(
             path,
             format!(
                 "corrupt {name}: header says {}x{} but the image data is {}x{}",
-                header.width, header.height, dims.0, dims.1
+                header.0, header.1, dims.0, dims.1
             ),
         ));
     }
-    let data = to_rgb8(raw, color, opts.background)
-        .ok_or_else(|| Error::decode(path, format!("unsupported {name} colour type {color:?}")))?;
+    let data = to_rgb8(raw, color, background)
+        .ok_or_else(|| Error::unsupported(path, format!("{name} colour type {color:?}")))?;
     Ok(RgbImage {
         width: dims.0,
         height: dims.1,
