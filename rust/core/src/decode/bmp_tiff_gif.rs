@@ -12,7 +12,7 @@ use std::path::Path;
 use image::codecs::bmp::BmpDecoder;
 use image::codecs::gif::GifDecoder;
 use image::codecs::tiff::TiffDecoder;
-use image::{ImageDecoder, ImageError};
+use image::ImageError;
 
 use super::header::{need, parse_header, SliceSource, Source};
 use super::png_webp::{image_limits, into_rgb, read_all};
@@ -131,21 +131,11 @@ pub(super) fn decode_bmp_tiff_gif(
     let limits = image_limits(opts.max_pixels);
     let cursor = Cursor::new(bytes);
     let (dims, color, raw) = match format {
-        ImageFormat::Bmp => {
-            let mut decoder = BmpDecoder::new(cursor).map_err(bad)?;
-            decoder.set_limits(limits).map_err(bad)?;
-            read_all(decoder).map_err(bad)?
-        }
+        ImageFormat::Bmp => read_all(BmpDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?,
         ImageFormat::Tiff => {
-            let mut decoder = TiffDecoder::new(cursor).map_err(bad)?;
-            decoder.set_limits(limits).map_err(bad)?;
-            read_all(decoder).map_err(bad)?
+            read_all(TiffDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?
         }
-        _ => {
-            let mut decoder = GifDecoder::new(cursor).map_err(bad)?;
-            decoder.set_limits(limits).map_err(bad)?;
-            read_all(decoder).map_err(bad)?
-        }
+        _ => read_all(GifDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?,
     };
     into_rgb(
         path,

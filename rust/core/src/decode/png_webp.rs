@@ -57,14 +57,12 @@ pub(super) fn decode_png_webp(
     let limits = image_limits(opts.max_pixels);
     let (dims, color, raw) = match format {
         ImageFormat::Png => {
-            let decoder = PngDecoder::with_limits(Cursor::new(bytes), limits).map_err(bad)?;
-            read_all(decoder).map_err(bad)?
+            // The limits from construction on: the png crate sizes its inflate buffers by them.
+            let decoder =
+                PngDecoder::with_limits(Cursor::new(bytes), limits.clone()).map_err(bad)?;
+            read_all(decoder, limits).map_err(bad)?
         }
-        _ => {
-            let mut decoder = WebPDecoder::new(Cursor::new(bytes)).map_err(bad)?;
-            decoder.set_limits(limits).map_err(bad)?;
-            read_all(decoder).map_err(bad)?
-        }
+        _ => read_all(WebPDecoder::new(Cursor::new(bytes)).map_err(bad)?, limits).map_err(bad)?,
     };
     into_rgb(
         path,
@@ -103,10 +101,12 @@ pub(super) fn into_rgb(
     })
 }
 
-/// Decode all pixels in the decoder's native layout: ((w, h), colour type, bytes).
+/// Decode all pixels in the decoder's native layout under `limits`: ((w, h), colour type, bytes).
 pub(super) fn read_all(
-    decoder: impl ImageDecoder,
+    mut decoder: impl ImageDecoder,
+    limits: Limits,
 ) -> image::ImageResult<((u32, u32), ColorType, Vec<u8>)> {
+    decoder.set_limits(limits)?;
     let dims = decoder.dimensions();
     let color = decoder.color_type();
     let len = usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX);
