@@ -16,11 +16,14 @@ Each corpus is a flat folder of images, every image with a caption file of the s
 The derived kinds are a pure function of (source folder, kind, n, seed): image ``i`` draws all its
 parameters from its own generator, seeded with ``(kind, seed, i)``.
 
-A corpus folder is complete when it holds a ``.complete`` marker (the image count). It is built in a
+A corpus folder is complete when it holds a ``.complete`` marker: the image count, then the recipe it
+was made by (the packages; or the kind, n, seed, generator version and a digest of the source folder's
+listing). A complete folder made by another recipe (another ``--n``, an older generator, other
+wallpapers, or a marker from before recipes were written) is rebuilt, never reused. It is built in a
 hidden sibling folder and renamed into place, under an exclusive lock on a hidden sibling ``.lock`` file:
 two processes that start at once build it once, and nobody ever sees half a corpus.
 
-Usage, from the repository root (each command does nothing when DEST is already complete)::
+Usage, from the repository root (each command does nothing when DEST is complete by the same recipe)::
 
     python scripts/corpus.py wallpapers DEST                   # needs apt-get and dpkg-deb
     python scripts/corpus.py photos SRC DEST --n 1000 [--seed 0]  # needs Pillow
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import math
 import os
 import random
@@ -63,6 +67,9 @@ WALLPAPER_PACKAGES = (
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MARKER = ".complete"
+#: Bumped whenever :func:`plan`, :func:`render` or the JPEG settings change what a derived image holds, so
+#: that caches made by an older generator are rebuilt.
+GENERATOR_VERSION = 2
 Kind = Literal["photos", "large"]
 #: Shortest side (px) a wallpaper needs to be cropped from: crops of at least half of it stay sharp.
 MIN_SOURCE_SIDE: dict[Kind, int] = {"photos": 1000, "large": 1500}
@@ -88,7 +95,7 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def wallpapers(dest: Path) -> Path:
-    """Fetch the ``wallpapers`` corpus into ``dest`` unless it is complete there already.
+    """Fetch the ``wallpapers`` corpus into ``dest`` unless it is complete there by the same recipe.
 
     Returns:
         ``dest``.
@@ -97,7 +104,8 @@ def wallpapers(dest: Path) -> Path:
         CorpusError: apt-get or dpkg-deb is missing, the download fails even after one ``apt-get update``,
             or ``dest`` is a non-empty folder without a ``.complete`` marker.
     """
-    return _build_once(Path(dest), _fetch_wallpapers, expect=None)
+    recipe = "wallpapers packages=" + ",".join(WALLPAPER_PACKAGES)
+    return _build_once(Path(dest), _fetch_wallpapers, recipe)
 
 
 def derived(src: Path, dest: Path, kind: Kind, n: int, seed: int = 0) -> Path:
@@ -108,27 +116,34 @@ def derived(src: Path, dest: Path, kind: Kind, n: int, seed: int = 0) -> Path:
 
     Raises:
         CorpusError: ``src`` has no image with a short side of at least :data:`MIN_SOURCE_SIDE` px, or
-            ``dest`` is complete with another image count (made with other settings), or is a non-empty
-            folder without a ``.complete`` marker.
+            ``dest`` is a non-empty folder without a ``.complete`` marker.
         ValueError: ``n`` < 1.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return _build_once(Path(dest), lambda out: _derive(Path(src), out, kind, n, seed), expect=n)
+    src = Path(src)
+    # The source's listing (names and byte sizes) stands for its content: the wallpapers never change
+    # in place, they are replaced by a rebuild.
+    listing = "\n".join(f"{p.name} {p.stat().st_size}" for p in image_files(src))
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    recipe = f"{kind} n={n} seed={seed} generator={GENERATOR_VERSION} source={digest}"
+    return _build_once(Path(dest), lambda out: _derive(src, out, kind, n, seed), recipe)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Building once, atomically.
 
 
-def _complete_count(dest: Path) -> int | None:
-    """The image count of a complete corpus at ``dest``; ``None`` when it is not complete."""
+def _made_by(dest: Path) -> tuple[int, str] | None:
+    """The image count and recipe of a complete corpus at ``dest``; ``None`` when it is not complete.
+
+    A marker from before recipes were written (empty, or the count alone) has the recipe ``""``.
+    """
     marker = dest / MARKER
     if not marker.is_file():
         return None
-    text = marker.read_text().strip()
-    # Older markers (made by `touch`) are empty: count the images instead.
-    return int(text) if text.isdigit() else len(image_files(dest))
+    count, _, recipe = marker.read_text().strip().partition("\n")
+    return (int(count) if count.isdigit() else len(image_files(dest))), recipe.strip()
 
 
 @contextlib.contextmanager
@@ -143,33 +158,37 @@ def _locked(lock: Path) -> Iterator[None]:
         yield  # closing the file releases the lock, also when the process dies
 
 
-def _build_once(dest: Path, build: Callable[[Path], int], expect: int | None) -> Path:
-    """Run ``build(folder) -> image count`` into a fresh folder and rename it to ``dest``, once."""
-    count = _complete_count(dest)
-    if count is None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(dest.parent / f".{dest.name}.lock"):
-            count = _complete_count(dest)  # another process may have finished it while we waited
-            if count is None:
-                if dest.exists() and any(dest.iterdir()):
-                    raise CorpusError(
-                        f"{dest} exists but has no {MARKER} marker (an interrupted build by another tool?): "
-                        "remove it and run again"
-                    )
-                partial = dest.parent / f".{dest.name}.partial"
-                shutil.rmtree(partial, ignore_errors=True)  # left behind by a build that was killed
-                partial.mkdir()
-                try:
-                    count = build(partial)
-                    (partial / MARKER).write_text(f"{count}\n")
-                    partial.replace(dest)  # also replaces an empty folder at dest
-                finally:
-                    shutil.rmtree(partial, ignore_errors=True)
-    if expect is not None and count != expect:
-        raise CorpusError(
-            f"{dest} holds {count} images, not {expect} (made with other settings): "
-            "remove it or choose another folder"
-        )
+def _build_once(dest: Path, build: Callable[[Path], int], recipe: str) -> Path:
+    """Run ``build(folder) -> image count`` into a fresh folder and rename it to ``dest``, once per recipe."""
+    made = _made_by(dest)
+    if made is not None and made[1] == recipe:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest.parent / f".{dest.name}.lock"):
+        made = _made_by(dest)  # another process may have finished it while we waited
+        if made is not None and made[1] == recipe:
+            return dest
+        if made is None and dest.exists() and any(dest.iterdir()):
+            raise CorpusError(
+                f"{dest} exists but has no {MARKER} marker (an interrupted build by another tool?): "
+                "remove it and run again"
+            )
+        if made is not None:
+            print(f"{dest} was made by another recipe ({made[1] or 'unrecorded'}): rebuilding", file=sys.stderr)
+        partial = dest.parent / f".{dest.name}.partial"
+        stale = dest.parent / f".{dest.name}.stale"
+        for leftover in (partial, stale):  # left behind by a build that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial.mkdir()
+        try:
+            count = build(partial)
+            (partial / MARKER).write_text(f"{count}\n{recipe}\n")
+            if made is not None:
+                dest.replace(stale)
+            partial.replace(dest)  # also replaces an empty folder at dest
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return dest
 
 
@@ -390,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{dest}: {_complete_count(dest)} images")
+    made = _made_by(dest)
+    print(f"{dest}: {made[0] if made else 0} images")
     return 0
 
 
