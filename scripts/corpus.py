@@ -174,7 +174,8 @@ def _build_once(dest: Path, build: Callable[[Path], int], recipe: str) -> Path:
                 "remove it and run again"
             )
         if made is not None:
-            print(f"{dest} was made by another recipe ({made[1] or 'unrecorded'}): rebuilding", file=sys.stderr)
+            recorded = made[1] or "unrecorded"
+            print(f"{dest} was made by another recipe ({recorded}): rebuilding", file=sys.stderr)
         partial = dest.parent / f".{dest.name}.partial"
         stale = dest.parent / f".{dest.name}.stale"
         for leftover in (partial, stale):  # left behind by a build that was killed
