@@ -9,7 +9,7 @@ WHEEL_STAMP := $(VENV)/.fastdiff-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
 
-.PHONY: setup develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench fuzz clean
+.PHONY: setup wheel develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench fuzz clean
 
 setup: $(WHEEL_STAMP)
 
@@ -20,23 +20,39 @@ $(VENV)/.sysdeps:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq cmake nasm; }
 	@mkdir -p $(VENV) && touch $@
 
-# Python dependencies: the package's `dev` extra (torch, diffusers, pytest, Pillow, ...), not the package.
+# Python dependencies: the package's `dev` extra (torch, diffusers, pytest, Pillow, maturin, ziglang and
+# auditwheel for the wheel, ...), not the package.
 $(VENV)/.deps: pyproject.toml $(VENV)/.sysdeps
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "maturin>=1.9.4,<2"
 	$(BIN)/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  print('\n'.join(d['dependencies'] + d['optional-dependencies']['train'] + \
 	  [r for r in d['optional-dependencies']['dev'] if not r.startswith('fastdiff')]))" > $(VENV)/requirements.txt
 	$(BIN)/pip install -q -r $(VENV)/requirements.txt
 	@touch $@
 
-# The release wheel, installed as a user would install it (not editable).
+# The release wheel that ships, installed as a user would install it (not editable): `make setup` and
+# `make wheel` build it with this one recipe, so what the tests check is what users get. abi3 (one wheel for
+# CPython >= 3.10), linked by zig (the dev extra's `ziglang`; maturin's --zig) against glibc 2.28's symbol
+# versions, whatever glibc this machine has: tagged manylinux_2_28, it installs on RHEL/Rocky 8, Ubuntu
+# 20.04, Debian 11 and newer. The vendored libjpeg-turbo is compiled by zig cc too (maturin hands cmake a
+# zig toolchain file) with its NASM SIMD code (turbojpeg's `require-simd`: no SIMD fails the build).
+# maturin runs that zig as `python -m ziglang` with the venv's python (CARGO_ZIGBUILD_PYTHON_PATH: the
+# venv is not on PATH here). It refuses the tag if the .so needs a newer symbol; `auditwheel show` prints
+# what the wheel needs, and tests/test_wheel.py checks the tag and the GLIBC versions the .so requires.
+WHEEL_PLATFORM := manylinux_2_28
 $(WHEEL_STAMP): $(VENV)/.deps $(RUST_SOURCES) $(PY_SOURCES) pyproject.toml
 	rm -rf target/wheels
-	$(BIN)/maturin build --release --quiet -o target/wheels
+	CARGO_ZIGBUILD_PYTHON_PATH=$(abspath $(BIN)/python) $(BIN)/maturin build --release --zig \
+	  --compatibility $(WHEEL_PLATFORM) -i $(BIN)/python --quiet -o target/wheels
+	$(BIN)/auditwheel show target/wheels/fastdiff-*.whl
 	$(BIN)/pip install -q --force-reinstall --no-deps target/wheels/fastdiff-*.whl
 	@touch $@
+
+# What a release uploads, in target/wheels: that wheel and the sdist (`pip install fastdiff-*.tar.gz`
+# builds it with the local Rust toolchain, cmake and nasm; `pytest -m slow tests/test_wheel.py` checks it).
+wheel: $(WHEEL_STAMP)
+	$(BIN)/maturin sdist -o target/wheels
 
 # Editable build for working on the code (`maturin develop`); `make setup` puts the wheel back.
 develop: $(VENV)/.deps
