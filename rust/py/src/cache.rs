@@ -43,6 +43,7 @@ impl ShardWriter {
 
 #[pymethods]
 impl ShardWriter {
+    /// Start a shard of `kind` (`"latents"` or `"text"`) in the existing folder `cache_dir`.
     #[new]
     fn new(cache_dir: PathBuf, kind: &str) -> PyResult<Self> {
         let kind: Kind = parse("kind", kind)?;
@@ -50,6 +51,9 @@ impl ShardWriter {
         Ok(ShardWriter { inner: Some(inner) })
     }
 
+    /// Add entry `key` (32 hex): `meta` a JSON object of provenance, `tensors` a list of
+    /// `(name, dtype "bf16"|"f16"|"f32", shape, buffer)` with `buffer` C-contiguous little-endian
+    /// elements. Copied and checksummed with the GIL released.
     fn add(
         &mut self,
         py: Python<'_>,
@@ -87,15 +91,18 @@ impl ShardWriter {
         py.detach(|| writer.add(&k, meta, &args)).map_err(to_pyerr)
     }
 
+    /// Bytes of tensor data added so far (held in memory until `finish`).
     #[getter]
     fn nbytes(&mut self) -> PyResult<u64> {
         Ok(self.writer()?.bytes())
     }
 
+    /// Entries added so far.
     fn __len__(&mut self) -> PyResult<usize> {
         Ok(self.writer()?.len())
     }
 
+    /// Write `.<name>.partial`, fsync, rename into place (GIL released); returns the shard's path.
     fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
         self.writer()?;
         let writer = self.inner.take().expect("checked above");
@@ -103,6 +110,7 @@ impl ShardWriter {
         Ok(path.to_string_lossy().into_owned())
     }
 
+    /// Discard the entries; no file is written.
     fn abort(&mut self) {
         self.inner = None;
     }
@@ -116,18 +124,21 @@ pub(crate) struct CacheStore {
 
 #[pymethods]
 impl CacheStore {
+    /// Open `cache_dir`: its manifest and every shard header (GIL released).
     #[new]
     fn new(py: Python<'_>, cache_dir: PathBuf) -> PyResult<Self> {
         let inner = py.detach(|| Store::open(&cache_dir)).map_err(to_pyerr)?;
         Ok(CacheStore { inner })
     }
 
+    /// Whether each key (32 hex) is served.
     fn contains(&self, keys: Vec<String>) -> PyResult<Vec<bool>> {
         keys.iter()
             .map(|k| Ok(self.inner.contains(&key(k)?)))
             .collect()
     }
 
+    /// The served keys of `kind` (`"latents"` or `"text"`), sorted.
     fn keys(&self, kind: &str) -> PyResult<Vec<String>> {
         let kind: Kind = parse("kind", kind)?;
         let mut keys: Vec<String> = self.inner.keys(kind).map(cache::key_hex).collect();
@@ -135,6 +146,7 @@ impl CacheStore {
         Ok(keys)
     }
 
+    /// `(path, reason)` of each shard not served.
     fn corrupt_shards(&self) -> Vec<(String, String)> {
         self.inner
             .corrupt_shards()
@@ -143,10 +155,13 @@ impl CacheStore {
             .collect()
     }
 
+    /// The entry's metadata JSON, or None when not served.
     fn provenance(&self, key: &str) -> PyResult<Option<String>> {
         Ok(self.inner.provenance(&self::key(key)?).map(str::to_string))
     }
 
+    /// Entry `key`'s tensors, checksum verified: name -> numpy array of its shape (float32,
+    /// float16, or uint16 bit patterns of bf16).
     fn read<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyDict>> {
         let k = self::key(key)?;
         let Some(tensors) = self.inner.tensors(&k) else {
