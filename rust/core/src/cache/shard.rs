@@ -24,7 +24,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde_json::Value;
 
-use super::key::{content_hash, key_hex, truncate, Key};
+use super::key::{content_hash, key_hex, Key};
 use super::manifest::FORMAT;
 use crate::error::{Error, Result};
 use crate::transform::OutputDtype;
@@ -220,12 +220,9 @@ impl ShardWriter {
                 "meta must not have a \"checksum\" (the writer adds it)".into(),
             ));
         }
-        let mut hasher = blake3::Hasher::new();
-        for &i in &order {
-            hasher.update(tensors[i].3);
-        }
-        let checksum = truncate(hasher.finalize());
-        meta.insert("checksum".into(), Value::String(key_hex(&checksum)));
+        // Hash the copy, not the caller's memory: what is checksummed is what gets written, even
+        // if the caller's buffer changes meanwhile.
+        let entry_start = self.data.len();
         for &i in &order {
             let (name, dtype, shape, bytes) = tensors[i];
             let start = self.data.len();
@@ -237,6 +234,8 @@ impl ShardWriter {
                 bytes: start..self.data.len(),
             });
         }
+        let checksum = content_hash(&self.data[entry_start..]);
+        meta.insert("checksum".into(), Value::String(key_hex(&checksum)));
         self.metadata.insert(hex, Value::Object(meta).to_string());
         self.keys.insert(*key);
         Ok(())
