@@ -76,11 +76,23 @@ _Batch = tuple[
     list[str],  # paths
     list[bool],  # is_reg
     list[int],  # subsets: each sample's subset index
-    # cached tensors (name, dtype name, array [B, ...]; half types as uint16 bit patterns)
+]
+# With a cache or for the cache build: _Batch followed by the cached tensors (name, dtype name, array
+# [B, ...]; half types as uint16 bit patterns), latent_keys and text_keys (32 hex digits or None) and
+# each sample's latent provenance JSON.
+_CachedBatch = tuple[
+    np.ndarray | torch.Tensor | None,
+    list[str],
+    list[tuple[int, int]],
+    list[tuple[int, int]],
+    list[tuple[int, int]],
+    list[str],
+    list[bool],
+    list[int],
     list[tuple[str, str, np.ndarray]],
-    list[str | None],  # latent_keys (32 hex digits)
-    list[str | None],  # text_keys
-    list[str],  # latent provenance JSON per sample
+    list[str | None],
+    list[str | None],
+    list[str],
 ]
 
 @final
@@ -192,9 +204,9 @@ class BatchMemory:
     """Owner of a batch's pool memory (the numpy array's base); freeing it recycles the memory."""
 
 @final
-class NativeEpochIter(Iterator[_Batch]):
+class NativeEpochIter(Iterator[_Batch | _CachedBatch]):
     def __iter__(self) -> NativeEpochIter: ...
-    def __next__(self) -> _Batch:
+    def __next__(self) -> _Batch | _CachedBatch:
         """The next batch; waits with the GIL released.
 
         Raises:

@@ -361,11 +361,11 @@ class DataLoader:
                 paths,
                 is_reg,
                 subsets,
-                tensors,
-                latent_keys,
-                text_keys,
-                provenance,
+                *more,
             ) in it:
+                # With a cache (or for the build) the native batch carries 4 more items.
+                extra: list[Any] = more or [[], [], [], []]
+                tensors, latent_keys, text_keys, provenance = extra
                 if epoch is not None:
                     # Plan position after this batch (batches whose samples all failed are skipped over).
                     self._position = (epoch, total - len(it))
@@ -373,7 +373,7 @@ class DataLoader:
                 if pixels is not None:
                     (h, w), b = target_sizes[0], len(captions)
                     batch["pixel_values"] = _tensor(pixels, self.dtype, (b, 3, h, w))
-                for name, dtype, values in tensors:
+                for name, dtype, values in cast(list[tuple[str, str, Any]], tensors):
                     batch[name] = _tensor(values, getattr(torch, dtype), values.shape)
                 batch.update(
                     captions=captions,

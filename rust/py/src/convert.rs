@@ -65,8 +65,13 @@ fn array_object<'py>(
     }
 }
 
-/// A batch as the tuple `NativeEpochIter.__next__` documents.
-pub(crate) fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
+/// A batch as the tuple `NativeEpochIter.__next__` documents: 8 items, plus the 4 cache items
+/// (tensors, latent keys, text keys, provenance) when `cache_items`.
+pub(crate) fn batch_tuple(
+    py: Python<'_>,
+    batch: Batch,
+    cache_items: bool,
+) -> PyResult<Bound<'_, PyTuple>> {
     let n = batch.samples.len();
     let shape = [
         n,
@@ -101,23 +106,25 @@ pub(crate) fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, Py
     let latent_keys = PyList::new(py, batch.samples.iter().map(|s| hex(&s.latent_key)))?;
     let text_keys = PyList::new(py, batch.samples.iter().map(|s| hex(&s.text_key)))?;
     let provenance = PyList::new(py, batch.samples.iter().map(|s| s.latent_provenance()))?;
-    PyTuple::new(
-        py,
-        [
-            pixels,
-            captions.into_any(),
-            original_sizes.into_any(),
-            crop_top_lefts.into_any(),
-            target_sizes.into_any(),
-            paths.into_any(),
-            is_reg.into_any(),
-            subsets.into_any(),
+    let mut items = vec![
+        pixels,
+        captions.into_any(),
+        original_sizes.into_any(),
+        crop_top_lefts.into_any(),
+        target_sizes.into_any(),
+        paths.into_any(),
+        is_reg.into_any(),
+        subsets.into_any(),
+    ];
+    if cache_items {
+        items.extend([
             tensors.into_any(),
             latent_keys.into_any(),
             text_keys.into_any(),
             provenance.into_any(),
-        ],
-    )
+        ]);
+    }
+    PyTuple::new(py, items)
 }
 
 pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {

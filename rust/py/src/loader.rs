@@ -215,7 +215,7 @@ impl NativeLoader {
         let it = py
             .detach(|| self.inner.iter_build(start_batch))
             .map_err(to_pyerr)?;
-        Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None))))
+        Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None)), true))
     }
 
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
@@ -245,6 +245,7 @@ impl NativeLoader {
                 as Box<dyn BufferSource>
         });
         let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
-        NativeEpochIter::new(it, factory_error)
+        let cache_items = self.inner.options().cache.is_some();
+        NativeEpochIter::new(it, factory_error, cache_items)
     }
 }
