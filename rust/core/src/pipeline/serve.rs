@@ -231,5 +231,46 @@ mod tests {
             msg.contains("img01.png") && msg.contains("content changed"),
             "{msg}"
         );
+
+        // An image the builder could not decode has no entry and is recorded as failed: it fails
+        // as its decode does uncached, skipped with a stand-in.
+        write_truncated_png(&data.path().join("img05.png"), 90, 90);
+        let o = LoaderOptions {
+            world_size: 1,
+            ..cached_opts(false, 0)
+        };
+        let probe = Loader::new(data.path(), o.clone()).unwrap();
+        let bad = probe
+            .images()
+            .iter()
+            .position(|e| e.path.ends_with("img05.png"))
+            .unwrap();
+        let hash = crate::cache::key_hex(&probe.content_hash(bad).unwrap());
+        let manifest = MANIFEST.replace(
+            "\"failed\": {}",
+            &format!("\"failed\": {{\"{hash}\": \"truncated PNG\"}}"),
+        );
+        std::fs::write(cache.path().join("fastdiff-cache.json"), manifest).unwrap();
+        let loader = Loader::new(data.path(), o).unwrap();
+        let samples: Vec<SampleMeta> = collect(loader.iter_epoch(0, 0))
+            .into_iter()
+            .flat_map(|b| b.samples)
+            .collect();
+        // img01 (edited) and img05 (failed) are replaced by stand-ins: every batch stays full.
+        assert_eq!(samples.len(), 17);
+        assert!(samples.iter().all(|s| !s.path.ends_with("img05.png")));
+        let r = loader.report();
+        let skip = r
+            .skipped
+            .iter()
+            .find(|s| s.path.ends_with("img05.png"))
+            .unwrap();
+        assert_eq!(skip.code, SkipCode::Decode);
+        assert!(
+            skip.message
+                .contains("truncated PNG (recorded by the cache builder)"),
+            "{}",
+            skip.message
+        );
     }
 }
