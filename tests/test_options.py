@@ -236,7 +236,7 @@ def test_state_records_the_options_that_change_batches(folder: Path) -> None:
 def test_typed_dicts_have_the_keys_of_what_is_handed_out(folder: Path) -> None:
     loader = fastdiff.DataLoader(folder, resolution=64, batch_size=2, num_threads=1)
     batch, *_ = list(loader)  # the whole epoch, so that the broken file is met and reported
-    assert set(batch) == set(types.Batch.__annotations__)
+    assert set(batch) == set(types.Batch.__required_keys__) | {"pixel_values"}
     report = loader.report
     assert set(report) == set(types.Report.__annotations__)
     assert set(report["skipped"][0]) == set(types.SkippedFile.__annotations__)
@@ -262,8 +262,9 @@ def imports_of(module: Path) -> set[str]:
 
 def test_the_loader_modules_import_one_way() -> None:
     # Bottom to top; each may import only modules before it (and the native module).
-    layers = ["types", "options", "docs", "dataset", "loader", "scan"]
+    layers = ["types", "option", "options", "docs", "dataset", "loader", "scan"]
     for i, name in enumerate(layers):
         allowed = {*layers[:i], "_fastdiff"}
         assert imports_of(PACKAGE / f"{name}.py") <= allowed, name
     assert imports_of(PACKAGE / "types.py") == set()
+    assert imports_of(PACKAGE / "option.py") == set()

@@ -25,16 +25,23 @@ pub(crate) struct NativeEpochIter {
     /// The exception of a failed `buffer_factory` call, raised as itself (a `KeyboardInterrupt`
     /// stays one) rather than as the core's error.
     factory_error: Arc<Mutex<Option<PyErr>>>,
+    /// Whether batches carry the cache items (with a cache, or for the cache build).
+    cache_items: bool,
 }
 
 impl NativeEpochIter {
     /// Wrap a started epoch; `factory_error` is where its buffer source leaves a failed call's
-    /// exception.
-    pub(crate) fn new(it: EpochIter, factory_error: Arc<Mutex<Option<PyErr>>>) -> Self {
+    /// exception; `cache_items`: batches carry the cache items (see `__next__`).
+    pub(crate) fn new(
+        it: EpochIter,
+        factory_error: Arc<Mutex<Option<PyErr>>>,
+        cache_items: bool,
+    ) -> Self {
         NativeEpochIter {
             stats: it.stats_handle(),
             inner: Mutex::new(Some(it)),
             factory_error,
+            cache_items,
         }
     }
 }
@@ -46,7 +53,10 @@ impl NativeEpochIter {
     }
 
     /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg,
-    /// subsets), `subsets` being each sample's subset index.
+    /// subsets), `subsets` being each sample's subset index; with a cache or for the cache build
+    /// followed by (tensors, latent_keys, text_keys, latent_provenance): the cached tensors as
+    /// (name, dtype name, array), each sample's keys (32 hex digits or None) and the JSON of its
+    /// latent entry's provenance. `pixels` is None without pixels.
     ///
     /// `pixels` is a C-contiguous numpy array [B, 3, H, W]: uint8 for dtype "uint8", float32 for
     /// "float32", and uint16 bit patterns for "float16"/"bfloat16" (viewed as such by the caller).
@@ -89,7 +99,7 @@ impl NativeEpochIter {
                     .take();
                 Err(factory_error.unwrap_or_else(|| to_pyerr(e)))
             }
-            Some(Ok(batch)) => batch_tuple(py, batch).map(Some),
+            Some(Ok(batch)) => batch_tuple(py, batch, self.cache_items).map(Some),
         }
     }
 

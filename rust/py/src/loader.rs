@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use fastdiff_core::cache::key_hex;
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
 use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions};
@@ -83,7 +84,8 @@ impl NativeLoader {
     #[pyo3(signature = (
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
-        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false
+        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
+        crop_variants = None, text_variants = None, cache = None, pixels = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -111,6 +113,10 @@ impl NativeLoader {
         world_size: usize,
         remainder: &str,
         no_upscale: bool,
+        crop_variants: Option<u32>,
+        text_variants: Option<u32>,
+        cache: Option<PathBuf>,
+        pixels: bool,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -121,6 +127,8 @@ impl NativeLoader {
             no_upscale,
             crop: parse("crop", crop)?,
             flip_prob,
+            crop_variants,
+            text_variants,
             shuffle,
             seed,
             drop_last,
@@ -135,6 +143,8 @@ impl NativeLoader {
             rank,
             world_size,
             remainder: parse("remainder", remainder)?,
+            cache,
+            pixels,
         };
         let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
         let inner = py
@@ -176,6 +186,38 @@ impl NativeLoader {
             .collect()
     }
 
+    /// With a cache: each accepted image's content hash (32 hex digits, blake3 of its bytes), in
+    /// path order; None for a file that could not be read (it is in the report). Without a cache,
+    /// all None.
+    #[getter]
+    fn content_hashes(&self) -> Vec<Option<String>> {
+        (0..self.inner.images().len())
+            .map(|i| self.inner.content_hash(i).as_ref().map(key_hex))
+            .collect()
+    }
+
+    /// Every caption a sample can get, each once, sorted, with its text key (hex; None without a
+    /// cache whose manifest has text).
+    fn caption_variants(&self, py: Python<'_>) -> PyResult<Vec<(String, Option<String>)>> {
+        let variants = py
+            .detach(|| self.inner.caption_variants())
+            .map_err(to_pyerr)?;
+        Ok(variants
+            .into_iter()
+            .map(|(c, k)| (c, k.as_ref().map(key_hex)))
+            .collect())
+    }
+
+    /// The cache build's pixel batches from batch `start_batch` on: every distinct (image, crop
+    /// variant, flip state) once (see the core's `Loader::iter_build`).
+    #[pyo3(signature = (start_batch = 0))]
+    fn iter_build(&self, py: Python<'_>, start_batch: usize) -> PyResult<NativeEpochIter> {
+        let it = py
+            .detach(|| self.inner.iter_build(start_batch))
+            .map_err(to_pyerr)?;
+        Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None)), true))
+    }
+
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         report_dict(py, &self.inner.report())
@@ -203,6 +245,7 @@ impl NativeLoader {
                 as Box<dyn BufferSource>
         });
         let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
-        NativeEpochIter::new(it, factory_error)
+        let cache_items = self.inner.options().cache.is_some();
+        NativeEpochIter::new(it, factory_error, cache_items)
     }
 }
