@@ -81,6 +81,45 @@ def add_time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
+def vae_downscale(model: Path, model_config: Path | None = None) -> int:
+    """The VAE's downsampling factor (8 for SD and SDXL), from its config file."""
+    return int(2 ** (len(component_config(model, model_config, "vae")["block_out_channels"]) - 1))
+
+
+def with_model_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its model-dependent defaults filled in from ``config.model``'s config files (no
+    weights are read): ``resolution`` = the UNet's ``sample_size`` × the VAE's downsampling (512 for SD
+    1.5, 1024 for SDXL); ``bucket_step`` 64; ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full
+    fine-tune; ``prediction_type`` from the pipeline's scheduler config.
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`~fastdiff.training.sd_pipeline.component_config`; or
+            ``bucket_step`` is not a multiple of the VAE's × the UNet's downsampling factor.
+    """
+    assert config.model is not None
+    model, model_config = config.model, config.model_config
+    vae_factor = vae_downscale(model, model_config)
+    unet = component_config(model, model_config, "unet")
+    unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    if not isinstance(sample_size, int):
+        sample_size = max(sample_size)
+    scheduler = component_config(model, model_config, "scheduler")
+    config = config.resolved(
+        resolution=sample_size * vae_factor,
+        bucket_step=64,
+        learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+    )
+    assert config.bucket_step is not None
+    if config.bucket_step % (vae_factor * unet_factor):
+        raise ValueError(
+            f"bucket_step ({config.bucket_step}) must be a multiple of {vae_factor * unet_factor}, "
+            f"the VAE's ({vae_factor}) times the UNet's ({unet_factor}) downsampling factor"
+        )
+    return config
+
+
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A peft-adapted module's LoRA weights (adapter :data:`ADAPTER`) with diffusers' key names, what
     ``save_lora_weights`` takes: ``…q_proj.lora_A.default.weight`` → ``…q_proj.lora.down.weight``."""
@@ -235,12 +274,7 @@ class PipelineTask:
         empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> PipelineTask:
         """Load ``config.model`` (without the components a cache stands in for) and fill in the config's
-        model-dependent defaults.
-
-        Defaults: ``resolution`` = the UNet's ``sample_size`` × the VAE's downsampling (512 for SD 1.5,
-        1024 for SDXL; read from the VAE's config file, so also without loading it); ``bucket_step``
-        64; ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full fine-tune; ``prediction_type`` from the
-        pipeline's scheduler config.
+        model-dependent defaults (:func:`with_model_defaults`).
 
         Args:
             config: The run's settings.
@@ -251,33 +285,18 @@ class PipelineTask:
             empty_prompt: The cached conditioning of ``""``, for dropped captions (see the class).
 
         Raises:
-            FileNotFoundError, ValueError: As :func:`load_pipeline`; or ``bucket_step`` is not a multiple
-                of the VAE's × the UNet's downsampling factor.
+            FileNotFoundError, ValueError: As :func:`load_pipeline` and :func:`with_model_defaults`.
         """
         assert config.model is not None
         kind = pipeline_kind(config.model, config.model_config)
+        config = with_model_defaults(config)
         halves = [h for h in cached if not (h == "text" and config.train_text_encoder)]
         without = [c for h in halves for c in CACHED_COMPONENTS[kind][h]]
-        pipeline = load_pipeline(config.model, config.model_config, without=without)
-        vae_config = component_config(config.model, config.model_config, "vae")
-        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        model, model_config = config.model, config.model_config
+        assert model is not None
+        pipeline = load_pipeline(model, model_config, without=without)
         # What the pipeline computes from its VAE at construction (8 without one); previews need it.
-        pipeline.vae_scale_factor = vae_factor
-        unet_factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-        sample_size = pipeline.unet.config.sample_size
-        if not isinstance(sample_size, int):
-            sample_size = max(sample_size)
-        config = config.resolved(
-            resolution=sample_size * vae_factor,
-            bucket_step=64,
-            learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
-            prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"),
-        )
-        if config.bucket_step % (vae_factor * unet_factor):
-            raise ValueError(
-                f"bucket_step ({config.bucket_step}) must be a multiple of {vae_factor * unet_factor}, "
-                f"the VAE's ({vae_factor}) times the UNet's ({unet_factor}) downsampling factor"
-            )
+        pipeline.vae_scale_factor = vae_downscale(model, model_config)
         return cls(config, device, pipeline, kind == "sdxl", empty_prompt if "text" in halves else None)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:

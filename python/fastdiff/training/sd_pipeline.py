@@ -138,13 +138,14 @@ def config_folder(model: Path, model_config: Path | None = None) -> Path:
 
 def component_config(model: Path, model_config: Path | None, name: str) -> dict[str, Any]:
     """The config of component ``name`` (``"vae"``, ``"unet"``, ...), read from its ``config.json``
-    without loading any weights.
+    (the scheduler's ``scheduler_config.json``) without loading any weights.
 
     Raises:
         FileNotFoundError: The component has no ``config.json`` (or as :func:`pipeline_kind`).
         ValueError: As :func:`pipeline_kind`.
     """
-    path = config_folder(model, model_config) / name / "config.json"
+    folder = config_folder(model, model_config) / name
+    path = folder / ("scheduler_config.json" if name == "scheduler" else "config.json")
     config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return config
 
