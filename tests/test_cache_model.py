@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -19,7 +20,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from fastdiff.cache import digest, manifest
 from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
-from fastdiff.training import sd, sd_pipeline
+from fastdiff.training import run, sd, sd_pipeline
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.protocols import TrainBatch
 from tiny_sd import build_sd15, build_sdxl
@@ -313,3 +314,50 @@ def test_cached_text_refuses_text_encoder_training_and_needs_the_empty_prompt(
     # Training the encoders: they are loaded and encode the captions, the cached text is unused.
     task = sd.PipelineTask.from_config(replace(cfg, train_text_encoder=True), CPU, cached={"text"})
     assert task.cached == set() and len(task.text_encoders) == 1
+
+
+class CachedBatches:
+    """A :class:`~fastdiff.training.protocols.BatchLoader` serving fixed cache-style batches."""
+
+    def __init__(self, batches: list[TrainBatch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return iter([TrainBatch(**b) for b in self.batches])  # type: ignore[typeddict-item]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def test_train_with_cache_loads_only_the_unet_and_reads_the_manifest(
+    sdxl: Path, sd15: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # LoRA: the saved output is the adapter (a full fine-tune's save loads the VAE and encoders for it).
+    cfg = task_config(sdxl, images, tmp_path / "out", cache=cache, max_steps=3, lora_rank=4)
+    with pytest.raises(ValueError, match=re.escape("no fastdiff-cache.json: build it with `fastdiff cache")):
+        run.train(cfg, loader=CachedBatches([]))
+    halves = {
+        "latents": LatentEncoder.load(sdxl, None, "f32", CPU).spec,
+        "text": TextEncoder.load(sdxl, None, "f32", CPU).spec,
+    }
+    manifest.write_manifest(cache, manifest.with_halves(None, **halves, model=str(sdxl), kind="sdxl"))
+    with pytest.raises(ValueError, match=r"holds sdxl entries .* is an sd pipeline"):
+        run.train(replace(cfg, model=sd15), loader=CachedBatches([]))
+    served = CachedBatches([cached_batch(sdxl, pixel_batch(images))])
+    built = count_constructions(monkeypatch)
+    result = run.train(cfg, loader=served)
+    assert built == {"UNet2DConditionModel": 1}
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    # Only the latents half cached: the text encoders load, the VAE still does not.
+    only_latents = manifest.with_halves(
+        None, latents=halves["latents"], text=None, model=str(sdxl), kind="sdxl"
+    )
+    manifest.write_manifest(cache, only_latents)
+    built.clear()
+    run.train(replace(cfg, max_steps=1), loader=served)
+    assert built == {"UNet2DConditionModel": 1, "CLIPTextModel": 1, "CLIPTextModelWithProjection": 1}

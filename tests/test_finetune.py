@@ -493,6 +493,7 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "model": "m",
         "model_config": "mc",
         "resume": "r",
+        "cache": "c",
         "resolution": 48,
         "bucket_step": 8,
         "min_bucket_side": 16,

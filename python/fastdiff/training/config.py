@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,15 @@ class TrainConfig:
         "batch_size",
         default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "
         f"{LOADER_DEFAULTS['batch_size']}.",
+    )
+    cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
+        None,
+        group="data",
+        help="Cache folder made by `fastdiff cache` (pipeline only): batches bring the cached VAE latents "
+        "(a fresh draw from the cached posterior each step) and text embeddings instead of pixels and "
+        "captions, and the VAE / text encoders the cache stands in for are not loaded (previews load "
+        "them for the preview, a full fine-tune's save for the save). A sample the cache lacks is an "
+        "error naming the file and what changed.",
     )
     max_steps: int = setting(
         500,
@@ -439,7 +448,7 @@ class TrainConfig:
                     raise ValueError(f"{f.name} applies only to the from-scratch model (no `model`)")
 
     def _check_from_scratch(self) -> None:
-        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing"):
+        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing", "cache"):
             if getattr(self, name):
                 raise ValueError(f"{name} needs a Stable Diffusion `model` to fine-tune")
         if not self.unet_channels or any(c < 1 or c % NORM_GROUPS for c in self.unet_channels):
@@ -556,7 +565,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
     """Add ``--config`` and one flag per :class:`TrainConfig` field, in the field's ``--help`` group.
 
     Types come from the annotations (``bool`` → ``--x/--no-x``; a tuple → one or more values), help,
@@ -565,12 +574,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     Args:
         parser: The subcommand's parser.
+        names: Only these fields' flags (``fastdiff cache`` takes the data, loader and model ones);
+            ``None``: every field's.
     """
     parser.add_argument(
         "--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)"
     )
-    groups = {name: parser.add_argument_group(name, description) for name, description in GROUPS.items()}
-    for f in fields(TrainConfig):
+    chosen = [f for f in fields(TrainConfig) if names is None or f.name in names]
+    shown = {f.metadata["group"] for f in chosen}
+    groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items() if name in shown}
+    for f in chosen:
         kind, many = FIELD_TYPES[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "help": _flag_help(f)}
         if f.metadata["choices"] is not None:

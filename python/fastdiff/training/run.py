@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastdiff.cache.manifest import MANIFEST, read_manifest
 from fastdiff.dataset import load_config
 from fastdiff.loader import DataLoader
 from fastdiff.training import loop
@@ -34,6 +35,7 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
+from fastdiff.training.sd_pipeline import pipeline_kind
 from fastdiff.training.tiny import TinyTask
 
 if TYPE_CHECKING:
@@ -131,10 +133,12 @@ def dataset_captions(config: TrainConfig, loader: BatchLoader) -> list[str]:
 
 
 def make_loader(config: TrainConfig) -> DataLoader:
-    """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch.
+    """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch;
+    with ``config.cache``, batches of the cache's ``latents``/``prompt_embeds`` instead of pixels.
 
     Args:
-        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``);
+        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``,
+            ``cache``);
             a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`, the fields
             set here winning over its values; fields left at ``None`` take the loader's defaults.
 
@@ -154,11 +158,40 @@ def make_loader(config: TrainConfig) -> DataLoader:
         "flip_prob": config.flip_prob,
         "seed": config.seed,
         "num_threads": config.num_threads,
+        # With a cache the batches bring its latents/embeddings (the loader's `cache` option).
+        "cache": config.cache,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
         return DataLoader.from_config(config.data, dtype=torch.float32, **options)
     return DataLoader(config.data, shuffle=True, dtype=torch.float32, **options)
+
+
+def cached_halves(config: TrainConfig) -> set[str]:
+    """The halves (``"latents"``, ``"text"``) that ``config.cache`` holds for ``config.model``: what the
+    run takes from the batches instead of loading the VAE / the text encoders (none without a cache).
+
+    Raises:
+        ValueError: ``config.cache`` has no manifest (not built yet: ``fastdiff cache`` or
+            ``--cache-build``), or was built from a pipeline of another kind than ``config.model``.
+        FileNotFoundError: As :func:`~fastdiff.training.sd_pipeline.pipeline_kind`.
+    """
+    if config.cache is None:
+        return set()
+    assert config.model is not None
+    manifest = read_manifest(config.cache)
+    if manifest is None:
+        raise ValueError(
+            f"cache {config.cache} has no {MANIFEST}: build it with `fastdiff cache --model "
+            f"{config.model} --data {config.data} --output {config.cache}` or pass --cache-build"
+        )
+    kind = pipeline_kind(config.model, config.model_config)
+    if manifest.get("kind") != kind:
+        raise ValueError(
+            f"cache {config.cache} holds {manifest.get('kind')} entries (of {manifest.get('model')}), "
+            f"but {config.model} is an {kind} pipeline"
+        )
+    return {half for half in ("latents", "text") if half in manifest}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,7 +246,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
-        task = PipelineTask.from_config(config, device)
+        cached = cached_halves(config)
+        task = PipelineTask.from_config(config, device, cached=cached)
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files
