@@ -23,7 +23,8 @@ from fastdiff import cli
 from fastdiff.training import loop, objective, sd, sd_pipeline
 from fastdiff.training.config import TrainConfig, config_from_args, config_from_mapping, read_train_toml
 from fastdiff.training.protocols import BatchLoader
-from fastdiff.training.run import make_loader, train
+from fastdiff.training.run import train
+from fastdiff.training.setup import make_loader
 from fastdiff.types import Batch
 from safetensors.torch import load_file, save_file
 from tiny_sd import build_sd15, build_sdxl
@@ -292,7 +293,7 @@ def test_nan_batch_is_skipped_counted_logged_and_leaves_the_weights_unchanged(
 
 
 def poisoned_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the pipeline defaults that :func:`fastdiff.training.run.make_loader` needs filled in."""
+    """``cfg`` with the pipeline defaults that :func:`fastdiff.training.setup.make_loader` needs filled in."""
     return cfg.resolved(resolution=32, bucket_step=8)
 
 
