@@ -317,9 +317,10 @@ class PipelineTask:
     ) -> torch.Tensor:
         """Latent diffusion loss of a batch: VAE latents, noise, UNet prediction, (weighted) MSE.
 
-        With cached latents (no VAE) the latents are ``latents + latents_std * eps``, ``eps`` drawn from
-        ``generator`` with the shape and dtype the VAE's own draw uses, so a cached run draws what an
-        uncached one does (equal up to float rounding: the cache scales mean and std separately).
+        With cached latents (no VAE) the latents are ``latents + latents_std * eps`` in float32, ``eps``
+        drawn from ``generator`` with the shape and dtype the VAE's own draw uses, so a cached run draws
+        what an uncached one does (equal up to float rounding: the cache scales mean and std
+        separately, and stores them in its dtype).
         """
         latents = self._latents(batch, generator)
         noised = add_training_noise(
@@ -352,9 +353,11 @@ class PipelineTask:
         if self.vae is not None:
             return encode_latents(self.vae, batch["pixel_values"], generator)
         mean, std = batch["latents"], batch["latents_std"]
-        # As diffusers' DiagonalGaussianDistribution.sample: randn_tensor of the mean's shape and dtype.
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * eps).float()
+        # As diffusers' DiagonalGaussianDistribution.sample draws for the uncached run: randn_tensor of
+        # the latents' shape in the VAE's dtype; then float32, whatever dtype the cache stores.
+        dtype = torch.bfloat16 if self.config.vae_dtype == "bf16" else torch.float32
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+        return mean.float() + std.float() * eps.float()
 
     def _conditioning(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(hidden [B, L, D], pooled [B, P] or None)`` of the batch's (possibly dropped) captions."""
