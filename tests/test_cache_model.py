@@ -259,7 +259,9 @@ def test_a_task_fed_cached_tensors_never_constructs_the_vae_or_text_encoders(
     live = sd.PipelineTask.from_config(cfg, CPU)
 
     built = count_constructions(monkeypatch)
-    task = sd.PipelineTask.from_config(cfg, CPU, cached={"latents", "text"}, empty_prompt=empty_prompt)
+    task = sd.PipelineTask.from_config(
+        cfg, CPU, cached={"latents", "text"}, empty_prompt=lambda: empty_prompt
+    )
     assert built == {"UNet2DConditionModel": 1}
     assert task.vae is None and task.text_encoders == [] and task.cached == {"latents", "text"}
     assert task.pipeline.vae is None and task.pipeline.text_encoder is None

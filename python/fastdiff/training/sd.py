@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,8 @@ TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Name of the LoRA adapter peft adds (its default).
 ADAPTER = "default"
+#: The conditioning of one caption: ``prompt_embeds`` ``[L, D]`` and SDXL's ``pooled_prompt_embeds`` ``[P]``.
+EmptyPrompt = tuple[torch.Tensor, torch.Tensor | None]
 #: The components a cache half stands in for: ``"latents"`` the VAE, ``"text"`` the text encoders and
 #: tokenizers (per kind).
 CACHED_COMPONENTS = {
@@ -143,7 +145,7 @@ class PipelineTask:
         sdxl: Whether it is SDXL (two text encoders, ``add_time_ids``).
         empty_prompt: The conditioning of ``""`` (``[L, D]``, and ``[P]`` for SDXL) that replaces a
             dropped caption's cached embeddings when ``zero_dropped_captions`` is off; ``None`` when
-            the text encoders are loaded (they encode ``""`` themselves).
+            no dropped caption needs it (the text encoders encode ``""`` themselves).
         zero_dropped_captions: Whether a dropped caption (``caption_dropout``) is conditioned on zero
             embeddings rather than those of ``""``: SDXL pipelines with ``force_zeros_for_empty_prompt``
             (the default), whose classifier-free guidance uses zeros as the unconditional input.
@@ -157,13 +159,16 @@ class PipelineTask:
         device: torch.device,
         pipeline: DiffusionPipeline,
         sdxl: bool,
-        empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        empty_prompt: Callable[[], EmptyPrompt] | None = None,
     ) -> None:
         """Freeze, adapt and place the pipeline's modules for training.
 
         Raises:
             ValueError: ``train_text_encoder`` without the text encoders (cached text), or cached text
                 with caption dropout on, no ``empty_prompt`` and no zero embeddings for dropped captions.
+
+        ``empty_prompt`` gives the cached conditioning of ``""``; it is called (once) only when a
+        dropped caption needs it: cached text, ``caption_dropout > 0``, no zero embeddings.
         """
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
@@ -180,7 +185,6 @@ class PipelineTask:
         #: text encoders.
         absent = {"latents": self.vae is None, "text": not self.text_encoders}
         self.cached = {half for half, gone in absent.items() if gone}
-        self.empty_prompt = empty_prompt
         self.zero_dropped_captions = sdxl and bool(
             getattr(pipeline.config, "force_zeros_for_empty_prompt", False)
         )
@@ -188,9 +192,13 @@ class PipelineTask:
             raise ValueError(
                 "train_text_encoder needs the text encoders: cached prompt_embeds cannot be trained"
             )
-        no_empty = empty_prompt is None and not self.zero_dropped_captions
-        if "text" in self.cached and config.caption_dropout > 0 and no_empty:
-            raise ValueError("cached text with caption_dropout > 0 needs the embeddings of '' (empty_prompt)")
+        self.empty_prompt: EmptyPrompt | None = None
+        if "text" in self.cached and config.caption_dropout > 0 and not self.zero_dropped_captions:
+            if empty_prompt is None:
+                raise ValueError(
+                    "cached text with caption_dropout > 0 needs the embeddings of '' (empty_prompt)"
+                )
+            self.empty_prompt = empty_prompt()
         self.lora = config.lora_rank > 0
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.amp = amp
@@ -271,7 +279,7 @@ class PipelineTask:
         device: torch.device,
         *,
         cached: Collection[str] = (),
-        empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        empty_prompt: Callable[[], EmptyPrompt] | None = None,
     ) -> PipelineTask:
         """Load ``config.model`` (without the components a cache stands in for) and fill in the config's
         model-dependent defaults (:func:`with_model_defaults`).
@@ -282,7 +290,8 @@ class PipelineTask:
             cached: The cache halves the batches bring (``"latents"``, ``"text"``): the VAE, resp. the
                 text encoders and tokenizers (:data:`CACHED_COMPONENTS`), are not loaded. ``"text"`` is
                 ignored with ``train_text_encoder`` (the trained encoders encode the captions).
-            empty_prompt: The cached conditioning of ``""``, for dropped captions (see the class).
+            empty_prompt: Gives the cached conditioning of ``""``, for dropped captions (see
+                ``__init__``).
 
         Raises:
             FileNotFoundError, ValueError: As :func:`load_pipeline` and :func:`with_model_defaults`.
