@@ -14,7 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fastdiff._fastdiff import DecodeError, FastdiffError, ImageTooSmallError, InternalError, __version__
+from fastdiff._fastdiff import (
+    CacheMissError,
+    CorruptCacheError,
+    DecodeError,
+    FastdiffError,
+    ImageTooSmallError,
+    InternalError,
+    __version__,
+)
 
 if TYPE_CHECKING:
     from fastdiff.dataset import Subset, load_config
@@ -33,6 +41,8 @@ _LAZY = {
 
 __all__ = [
     "Batch",
+    "CacheMissError",
+    "CorruptCacheError",
     "DataLoader",
     "DecodeError",
     "FastdiffError",

@@ -1,14 +1,18 @@
 """Type stubs of the private native module (hand-written; the public API is ``fastdiff.DataLoader``)."""
 
 from collections.abc import Callable, Iterator
-from typing import Any, final
+from os import PathLike
+from typing import Any, Literal, final
 
 import numpy as np
 import torch
-from typing_extensions import Self
+from typing_extensions import Buffer, Self
 
 __all__ = [
     "BatchMemory",
+    "CacheMissError",
+    "CacheStore",
+    "CorruptCacheError",
     "DecodeError",
     "FastdiffError",
     "ImageTooSmallError",
@@ -16,7 +20,12 @@ __all__ = [
     "NativeEpochIter",
     "NativeLoader",
     "NativeSubset",
+    "ShardWriter",
     "__version__",
+    "cache_gc",
+    "content_hash",
+    "latent_key",
+    "text_key",
 ]
 
 __version__: str
@@ -43,6 +52,17 @@ class InternalError(FastdiffError):
     Allocations the machine refuses (a batch buffer, a JPEG decoder handle) are :class:`MemoryError`,
     not this.
     """
+
+class CacheMissError(FastdiffError, LookupError):
+    """The cache holds no entry a sample needs: it was not built for this sample, or the file (its
+    content hash) or an option that changes the pixels or the caption changed since it was built.
+    The message names the file and what changed. Rebuild with ``fastdiff cache``."""
+
+class CorruptCacheError(FastdiffError):
+    """A cache file is damaged: a truncated or unparsable shard or manifest, or an entry whose
+    checksum does not match (its bytes changed on disk). The message names the file and, for an
+    entry, its key. Rerunning ``fastdiff cache`` re-encodes what a corrupt shard held;
+    ``fastdiff cache --gc`` deletes it."""
 
 _Batch = tuple[
     # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16, viewing recycled memory
@@ -178,3 +198,155 @@ class NativeEpochIter(Iterator[_Batch]):
         adding up to ``busy_s``), ``idle_s``, ``queue_wait_s``, ``wall_s``.
         """
     def close(self) -> None: ...
+
+# The latent/text cache (rust/core/src/cache). Keys and content hashes are 32 lowercase hex chars
+# (128-bit blake3); a key argument that is not 32 hex chars is a ValueError.
+
+_CacheDtype = Literal["bf16", "f16", "f32"]
+
+@final
+class ShardWriter:
+    """One shard of a cache folder being written: ``latents-<16 hex>.safetensors`` or
+    ``text-<16 hex>.safetensors``, a genuine safetensors file with tensors ``<key>/<tensor>``.
+
+    Entries are held in memory (``nbytes``) until :meth:`finish` writes ``.<name>.partial``, fsyncs
+    it and renames it into place; :meth:`abort`, garbage collection of the writer or a killed process
+    leave no shard (at most a ``.partial``, which readers ignore and :func:`cache_gc` deletes).
+
+    Args:
+        cache_dir: An existing cache folder.
+        kind: ``"latents"`` or ``"text"``.
+
+    Raises:
+        ValueError: ``kind`` is neither.
+        FileNotFoundError, OSError: ``cache_dir`` is not an existing folder.
+    """
+
+    def __new__(cls, cache_dir: str | PathLike[str], kind: Literal["latents", "text"]) -> Self: ...
+    def add(
+        self,
+        key: str,
+        meta: str,
+        tensors: list[tuple[str, _CacheDtype, tuple[int, ...], Buffer]],
+    ) -> None:
+        """Add entry ``key`` (copied; the GIL is released while it is copied and checksummed).
+
+        Args:
+            key: The entry's key (:func:`latent_key` or :func:`text_key`).
+            meta: Provenance, a JSON object: ``{"path", "bucket": [w, h], "crop": [left, top],
+                "resized": [w, h], "flip"}`` for latents, ``{"caption"}`` for text. The writer adds
+                ``"checksum"`` (blake3 of the entry's tensor bytes in name order, 32 hex).
+            tensors: ``(name, dtype, shape, buffer)`` per tensor: ``buffer`` any C-contiguous object
+                with the buffer protocol holding ``prod(shape)`` little-endian elements of ``dtype``
+                (a numpy array, a ``memoryview``, or a CPU torch tensor as
+                ``t.contiguous().view(torch.uint8).numpy()``; bf16 as its bit patterns).
+
+        Raises:
+            ValueError: a bad key or dtype, a buffer that is not C-contiguous or whose length does not
+                match its shape, a repeated key or tensor name, a name with ``/``, no tensor, ``meta``
+                not a JSON object or holding ``"checksum"``, or the writer is finished.
+        """
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data added so far (the memory held; the file adds its header)."""
+    def __len__(self) -> int:
+        """Entries added so far."""
+    def finish(self) -> str:
+        """Write the shard atomically (GIL released); returns its path. The writer is then spent.
+
+        Raises:
+            ValueError: no entry was added, the header would exceed safetensors' 100 MB, or the
+                writer is already finished or aborted.
+            OSError: the file could not be written (the ``.partial`` is removed).
+        """
+    def abort(self) -> None:
+        """Discard the entries; no file is written."""
+
+@final
+class CacheStore:
+    """A cache folder opened for reading: its manifest and every shard header (the GIL is released).
+
+    Shards that are truncated or whose header does not parse are listed by :meth:`corrupt_shards`
+    and none of their entries is served.
+
+    Args:
+        cache_dir: A folder holding ``fastdiff-cache.json``.
+
+    Raises:
+        FileNotFoundError: the folder has no manifest.
+        CorruptCacheError: the manifest is not a ``fastdiff-cache-1`` manifest (the message names
+            the field).
+        OSError: the folder or a shard cannot be read.
+    """
+
+    def __new__(cls, cache_dir: str | PathLike[str]) -> Self: ...
+    def contains(self, keys: list[str]) -> list[bool]:
+        """Whether each key is served (in a shard that is not corrupt)."""
+    def keys(self, kind: Literal["latents", "text"]) -> list[str]:
+        """The served keys of ``kind``, sorted."""
+    def corrupt_shards(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of each shard that is not served."""
+    def provenance(self, key: str) -> str | None:
+        """The entry's metadata JSON (its ``meta`` plus ``"checksum"``), or None when not served."""
+    def read(self, key: str) -> dict[str, np.ndarray]:
+        """Entry ``key``'s tensors, checksum verified: name -> array of its shape, float32, float16,
+        or uint16 bit patterns for bf16 (``torch.from_numpy(a).view(torch.bfloat16)``).
+
+        Raises:
+            CacheMissError: the key is not served.
+            CorruptCacheError: the entry's checksum does not match its bytes.
+        """
+
+def content_hash(data: bytes) -> str:
+    """blake3 of a file's bytes, first 16 bytes as 32 hex: the content half of a latent key."""
+
+def latent_key(
+    content_hash: str,
+    bucket: tuple[int, int],
+    resized: tuple[int, int],
+    crop: tuple[int, int],
+    flip: bool,
+    filter: str,
+    background: tuple[int, int, int],
+    salt: str,
+) -> str:
+    """The key of one latent entry (the Rust core's single definition).
+
+    Args:
+        content_hash: :func:`content_hash` of the image file.
+        bucket: The bucket ``(w, h)`` in pixels.
+        resized: The size ``(w, h)`` the image is resized to before cropping.
+        crop: The crop's ``(left, top)`` in resized pixels, before any flip.
+        flip: Whether the crop is mirrored.
+        filter: The resize filter (``"lanczos3"``, ``"catmullrom"``, ``"bilinear"``, ``"box"``,
+            ``"nearest"``; case-insensitive, hashed by its canonical name).
+        background: The RGB (0..255 each) alpha is composited onto.
+        salt: The manifest's latent salt.
+
+    Raises:
+        ValueError: a hash that is not 32 hex, an unknown filter.
+        OverflowError: a size or channel out of range.
+    """
+
+def text_key(caption: str, salt: str) -> str:
+    """The key of one text entry: the final caption (after caption ops; ``""`` when dropped) and the
+    manifest's text salt.
+
+    Raises:
+        ValueError: ``salt`` is not 32 hex.
+    """
+
+def cache_gc(
+    cache_dir: str | PathLike[str], live_latent_keys: list[str], live_text_keys: list[str]
+) -> dict[str, int]:
+    """Delete ``.partial`` files, corrupt shards and shards that serve no live key (a file is kept
+    whole or deleted whole). Hold the folder's ``.lock`` meanwhile.
+
+    Returns:
+        ``partials``, ``corrupt``, ``orphans`` (files deleted of each sort), ``kept`` (shards) and
+        ``bytes_freed``.
+
+    Raises:
+        ValueError: a key that is not 32 hex.
+        OSError: the folder cannot be listed or a file cannot be deleted.
+    """

@@ -51,11 +51,21 @@ class Batch(TypedDict):
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable
 #: (``io``), not a decodable image (``decode``), an image of a format this build does not decode, such
 #: as AVIF, HEIF/HEIC or JPEG XL (``unsupported``), header over ``max_pixels`` (``too_large``), under
-#: one ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), a bug
-#: caught while loading it (``panic``), memory or a codec handle refused (``resource``), an internal
-#: failure (``internal``).
+#: one ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), no
+#: cache entry for it (``cache_miss``), a damaged cache file (``corrupt``), a bug caught while loading
+#: it (``panic``), memory or a codec handle refused (``resource``), an internal failure (``internal``).
 SkipCode = Literal[
-    "io", "decode", "unsupported", "too_large", "too_small", "changed", "panic", "resource", "internal"
+    "io",
+    "decode",
+    "unsupported",
+    "too_large",
+    "too_small",
+    "changed",
+    "cache_miss",
+    "corrupt",
+    "panic",
+    "resource",
+    "internal",
 ]
 
 

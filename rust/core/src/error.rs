@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// Every [`Error`] has one because any failure of a sample can become a skip of its file; the
 /// codes a report can hold are `io`, `decode`, `unsupported`, `too_large`, `too_small`, `changed`,
-/// `panic`, `resource` and `internal`. `invalid_argument` and `no_images` only label errors that are raised.
+/// `cache_miss`, `corrupt`, `panic`, `resource` and `internal`. `invalid_argument` and `no_images` only label errors that are raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SkipCode {
@@ -34,6 +34,12 @@ pub enum SkipCode {
     TooSmall,
     /// `changed`: the file changed since the scan.
     Changed,
+    /// `cache_miss`: the cache holds no entry the sample needs (not built for it, or the file or
+    /// the options changed since it was built).
+    CacheMiss,
+    /// `corrupt`: a cache file (shard or manifest) is damaged: truncated, unparsable, or an entry
+    /// whose checksum does not match.
+    Corrupt,
     /// `panic`: a panic (a bug in fastdiff or a library) while loading the file.
     Panic,
     /// `resource`: memory or a library handle could not be had.
@@ -48,7 +54,7 @@ pub enum SkipCode {
 
 impl SkipCode {
     /// The code as reports and Python give it: `"io"`, `"decode"`, `"unsupported"`, `"too_large"`,
-    /// `"too_small"`, `"changed"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
+    /// `"too_small"`, `"changed"`, `"cache_miss"`, `"corrupt"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             SkipCode::Io => "io",
@@ -57,6 +63,8 @@ impl SkipCode {
             SkipCode::TooLarge => "too_large",
             SkipCode::TooSmall => "too_small",
             SkipCode::Changed => "changed",
+            SkipCode::CacheMiss => "cache_miss",
+            SkipCode::Corrupt => "corrupt",
             SkipCode::Panic => "panic",
             SkipCode::Resource => "resource",
             SkipCode::Internal => "internal",
@@ -75,7 +83,8 @@ impl std::fmt::Display for SkipCode {
 /// Everything that can go wrong in the core.
 ///
 /// Three families, kept apart so that nobody is blamed for what they did not do: the file's fault
-/// (`Io`, `Decode`, `Unsupported`, `TooLarge`, `Changed`, and `TooSmall`, a file the options cannot use), the
+/// (`Io`, `Decode`, `Unsupported`, `TooLarge`, `Changed`, and `TooSmall`, a file the options cannot use;
+/// for the cache, `CacheMiss`, an entry not built, and `Corrupt`, a damaged cache file), the
 /// caller's (`InvalidArgument`, `NoImages`), and fastdiff's or the machine's (`Panic`, `Internal`,
 /// `Resource`).
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +132,15 @@ pub enum Error {
     /// The file's size or format no longer matches what the scan recorded.
     #[error("Error while decoding {}: file changed since the scan: {reason}", path.display())]
     Changed { path: PathBuf, reason: String },
+    /// The cache holds no entry a sample needs. `path` is the image file (or the cache folder for a
+    /// lookup by key); `reason` says what is missing or what changed since the cache was built
+    /// ("not in the cache", "content changed since the cache was built", "cached at bucket ...").
+    #[error("Error while reading the cache for {}: {reason}", path.display())]
+    CacheMiss { path: PathBuf, reason: String },
+    /// A cache file is damaged: `path` is the shard or manifest, `reason` what is wrong with it (a
+    /// truncated shard, an unparsable header, an entry's checksum mismatch naming the key).
+    #[error("Error while reading the cache file {}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
     /// A panic inside a decoder or transform, caught at the sample boundary: a bug in fastdiff or a
     /// library it uses, met while loading `path` (the file may be fine).
     #[error("internal error (a panic) while loading {}: {message}", path.display())]
@@ -159,6 +177,8 @@ impl Error {
             Error::TooLarge { .. } => SkipCode::TooLarge,
             Error::TooSmall { .. } => SkipCode::TooSmall,
             Error::Changed { .. } => SkipCode::Changed,
+            Error::CacheMiss { .. } => SkipCode::CacheMiss,
+            Error::Corrupt { .. } => SkipCode::Corrupt,
             Error::Panic { .. } => SkipCode::Panic,
             Error::Resource(_) => SkipCode::Resource,
             Error::Internal(_) => SkipCode::Internal,
@@ -177,6 +197,8 @@ impl Error {
             | Error::TooLarge { path, .. }
             | Error::TooSmall { path, .. }
             | Error::Changed { path, .. }
+            | Error::CacheMiss { path, .. }
+            | Error::Corrupt { path, .. }
             | Error::Panic { path, .. }
             | Error::NoImages { path, .. } => Some(path),
             Error::Skipped(skip) => Some(&skip.path),

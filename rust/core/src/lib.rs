@@ -22,10 +22,14 @@
 //! 9. [`pipeline::buffer`] (`pipeline/buffer.rs`): the batch memory the samples are written into,
 //!    recycled or from a caller's [`BufferSource`]; [`pipeline::stats`] times each stage.
 //!
+//! The latent and text-embedding cache is [`cache`] (`cache/mod.rs`): keys, shards, the manifest,
+//! the mmapped [`cache::Store`] the workers read entries from, and its garbage collection.
+//!
 //! Errors are one type, [`Error`] (`error.rs`), with a [`SkipCode`] per reason. The Python bindings
 //! live in `rust/py`; nothing here knows about Python.
 
 pub mod bucket;
+pub mod cache;
 pub mod caption;
 pub mod dataset;
 pub mod decode;

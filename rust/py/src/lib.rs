@@ -6,10 +6,12 @@
 //!
 //! Files: `errors` (the exceptions and the one map from core errors to them), `loader`
 //! (`NativeSubset`, `NativeLoader`), `epoch` (`NativeEpochIter`), `buffer_factory` (torch tensors as
-//! batch memory), `convert` (option strings in; batches, reports and stats out). This file only
+//! batch memory), `convert` (option strings in; batches, reports and stats out), `cache` (the
+//! latent/text cache: `ShardWriter`, `CacheStore`, key functions, `cache_gc`). This file only
 //! registers the module.
 
 mod buffer_factory;
+mod cache;
 mod convert;
 mod epoch;
 mod errors;
@@ -19,7 +21,10 @@ use pyo3::prelude::*;
 
 use convert::BatchMemory;
 use epoch::NativeEpochIter;
-use errors::{DecodeError, FastdiffError, ImageTooSmallError, InternalError};
+use errors::{
+    cache_miss_error, CorruptCacheError, DecodeError, FastdiffError, ImageTooSmallError,
+    InternalError,
+};
 use loader::{NativeLoader, NativeSubset};
 
 /// The native module `fastdiff._fastdiff`.
@@ -34,6 +39,14 @@ fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DecodeError", py.get_type::<DecodeError>())?;
     m.add("ImageTooSmallError", py.get_type::<ImageTooSmallError>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add("CacheMissError", cache_miss_error(py)?)?;
+    m.add("CorruptCacheError", py.get_type::<CorruptCacheError>())?;
+    m.add_class::<cache::ShardWriter>()?;
+    m.add_class::<cache::CacheStore>()?;
+    m.add_function(wrap_pyfunction!(cache::content_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(cache::latent_key, m)?)?;
+    m.add_function(wrap_pyfunction!(cache::text_key, m)?)?;
+    m.add_function(wrap_pyfunction!(cache::cache_gc, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
