@@ -18,8 +18,11 @@ import fastdiff
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
+from fastdiff import _fastdiff
 from fastdiff.cache import digest, manifest
-from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.encoders import TORCH_DTYPES, LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.entries import empty_prompt
+from fastdiff.cache.shards import Shards
 from fastdiff.training import run, sd, sd_pipeline
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.protocols import TrainBatch
@@ -363,3 +366,27 @@ def test_train_with_cache_loads_only_the_unet_and_reads_the_manifest(
     built.clear()
     run.train(replace(cfg, max_steps=1), loader=served)
     assert built == {"UNet2DConditionModel": 1, "CLIPTextModel": 1, "CLIPTextModelWithProjection": 1}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_sd_from_cache_conditions_dropped_captions_on_the_cached_empty_caption(
+    dtype: str, sd15: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    text = TextEncoder.load(sd15, None, dtype, CPU)  # type: ignore[arg-type]
+    halves = {"latents": LatentEncoder.load(sd15, None, dtype, CPU).spec, "text": text.spec}  # type: ignore[arg-type]
+    manifest.write_manifest(cache, manifest.with_halves(None, **halves, model=str(sd15), kind="sd"))
+    cfg = task_config(sd15, images, tmp_path / "out", cache=cache, lora_rank=4, caption_dropout=0.5)
+    with pytest.raises(fastdiff.CacheMissError):
+        run.train(cfg, loader=CachedBatches([]))
+    expected = text.encode([""])["prompt_embeds"][0]
+    shards = Shards(cache, "text", text.spec["dtype"])
+    shards.add(_fastdiff.text_key("", text.spec["salt"]), {"caption": ""}, {"prompt_embeds": expected})
+    shards.finish()
+    hidden, pooled = empty_prompt(cache)
+    assert pooled is None and torch.equal(hidden, expected.to(TORCH_DTYPES[dtype]))  # type: ignore[index]
+    served = CachedBatches([cached_batch(sd15, pixel_batch(images))])
+    built = count_constructions(monkeypatch)
+    result = run.train(cfg, loader=served)
+    assert built == {"UNet2DConditionModel": 1} and all(math.isfinite(v) for v in result.losses)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastdiff.cache.entries import empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
 from fastdiff.training import loop
 from fastdiff.training.config import (
@@ -175,7 +176,9 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         task = TinyTask(config, device, captions)
     else:
         cached = cached_halves(config)
-        task = PipelineTask.from_config(config, device, cached=cached)
+        cache = config.cache
+        empty = None if cache is None else lambda: empty_prompt(cache)
+        task = PipelineTask.from_config(config, device, cached=cached, empty_prompt=empty)
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files
