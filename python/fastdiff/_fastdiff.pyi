@@ -141,6 +141,8 @@ class NativeLoader:
         world_size: int = 1,
         remainder: str = "pad",
         no_upscale: bool = False,
+        crop_variants: int | None = None,
+        text_variants: int | None = None,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

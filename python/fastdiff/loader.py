@@ -97,6 +97,8 @@ class DataLoader:
         no_upscale: bool = False,
         crop: Crop = "center",
         flip_prob: float = 0.0,
+        crop_variants: int | None = None,
+        text_variants: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,

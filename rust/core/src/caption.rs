@@ -142,7 +142,16 @@ impl CaptionOptions {
         *self == CaptionOptions::default()
     }
 
-    /// The caption sample `sample` gets in `epoch`: a pure function of its arguments.
+    /// The caption sample `sample` gets in `epoch`: a pure function of its arguments;
+    /// [`CaptionOptions::apply_keyed`] with both keys `(epoch, sample)`.
+    pub fn apply(&self, text: &str, seed: u64, epoch: u64, sample: u64) -> String {
+        self.apply_keyed(text, seed, (epoch, sample), (epoch, sample))
+    }
+
+    /// The caption after every operation, its random draws keyed by `(seed, ops.0, stream,
+    /// ops.1)` for the variant choice and the tags and by `(seed, dropout.0, stream, dropout.1)`
+    /// for the whole-caption dropout (the loader passes `(epoch, sample)` for both, or with
+    /// `text_variants` `(variant, image)` for `ops`).
     ///
     /// In order: pick a variant (one line, uniformly, [`Stream::CaptionChoice`]) if
     /// `caption_per_line`; drop the whole caption with probability `caption_dropout_rate`
@@ -150,10 +159,35 @@ impl CaptionOptions {
     /// split into tags at `separator`, keep the first `keep_tokens` in place, shuffle the others
     /// and drop each of them with probability `caption_tag_dropout_rate` (one [`SplitMix64`] keyed
     /// [`Stream::Tags`]), and join with `separator` + `" "`. Empty tags are removed.
-    pub fn apply(&self, text: &str, seed: u64, epoch: u64, sample: u64) -> String {
+    pub fn apply_keyed(
+        &self,
+        text: &str,
+        seed: u64,
+        ops: (u64, u64),
+        dropout: (u64, u64),
+    ) -> String {
         if self.is_identity() {
             return text.to_owned();
         }
+        if self.caption_dropout_rate > 0.0
+            && rng::uniform(seed, dropout.0, Stream::CaptionDropout, dropout.1)
+                < self.caption_dropout_rate
+        {
+            return String::new();
+        }
+        self.variant(text, seed, ops)
+    }
+
+    /// Whether any operation but the whole-caption dropout can change a caption (a variant choice,
+    /// a tag shuffle or tag dropout): the operations `text_variants` precomputes.
+    pub fn has_variants(&self) -> bool {
+        self.caption_per_line || self.shuffle_caption || self.caption_tag_dropout_rate > 0.0
+    }
+
+    /// The caption after the variant choice and the tag operations, without the whole-caption
+    /// dropout, their draws keyed by `(seed, ops.0, stream, ops.1)` (see
+    /// [`CaptionOptions::apply_keyed`], which equals this whenever the caption is not dropped).
+    pub fn variant(&self, text: &str, seed: u64, ops: (u64, u64)) -> String {
         let mut caption = text;
         if self.caption_per_line {
             let lines: Vec<&str> = text
@@ -162,14 +196,9 @@ impl CaptionOptions {
                 .filter(|l| !l.is_empty())
                 .collect();
             if !lines.is_empty() {
-                let u = rng::uniform(seed, epoch, Stream::CaptionChoice, sample);
+                let u = rng::uniform(seed, ops.0, Stream::CaptionChoice, ops.1);
                 caption = lines[((u * lines.len() as f64) as usize).min(lines.len() - 1)];
             }
-        }
-        if self.caption_dropout_rate > 0.0
-            && rng::uniform(seed, epoch, Stream::CaptionDropout, sample) < self.caption_dropout_rate
-        {
-            return String::new();
         }
         if !self.shuffle_caption && self.caption_tag_dropout_rate == 0.0 {
             return caption.to_owned();
@@ -182,7 +211,7 @@ impl CaptionOptions {
         let keep = self.keep_tokens.min(tags.len());
         let (fixed, rest) = tags.split_at(keep);
         let mut rest = rest.to_vec();
-        let mut g = SplitMix64::new(seed, epoch, Stream::Tags, sample);
+        let mut g = SplitMix64::new(seed, ops.0, Stream::Tags, ops.1);
         if self.shuffle_caption {
             g.shuffle(&mut rest);
         }

@@ -29,6 +29,14 @@ pub enum Stream {
     Tags = 8,
     /// Which sample of the same bucket stands in for one that failed to load (pipeline/worker.rs).
     Substitute = 9,
+    /// Which of an image's `crop_variants` crops a sample uses, per (epoch, sample).
+    CropVariant = 10,
+    /// Horizontal crop offset of one crop variant of an image (keyed by variant and image).
+    VariantCropX = 11,
+    /// Vertical crop offset of one crop variant of an image (keyed by variant and image).
+    VariantCropY = 12,
+    /// Which of an image's `text_variants` caption variants a sample uses, per (epoch, sample).
+    TextVariant = 13,
 }
 
 fn mix(mut z: u64) -> u64 {

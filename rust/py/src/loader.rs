@@ -83,7 +83,8 @@ impl NativeLoader {
     #[pyo3(signature = (
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
-        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false
+        on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
+        crop_variants = None, text_variants = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -111,6 +112,8 @@ impl NativeLoader {
         world_size: usize,
         remainder: &str,
         no_upscale: bool,
+        crop_variants: Option<u32>,
+        text_variants: Option<u32>,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -121,6 +124,8 @@ impl NativeLoader {
             no_upscale,
             crop: parse("crop", crop)?,
             flip_prob,
+            crop_variants,
+            text_variants,
             shuffle,
             seed,
             drop_last,

@@ -18,7 +18,8 @@
 //! The files, in the order a batch passes through them: `options` (every knob, validated once),
 //! `loader` (scan, bucket assignment and the sample index of a [`Loader`]), `report` (what the scan
 //! found and what failed since), `epoch` (the consumer side: plan, prefetch, yield in order),
-//! `batch` (one batch in flight: the slots workers write, the [`Batch`] yielded), `worker` (one
+//! `batch` (one batch in flight: the slots workers write, the [`Batch`] yielded), `draws` (each
+//! sample's seeded crop, flip and caption, with crop and caption variants), `worker` (one
 //! thread's loop: load a sample, stand-ins for failures), [`buffer`] (batch memory) and [`stats`]
 //! (where the time went).
 //!
@@ -27,6 +28,8 @@
 
 mod batch;
 pub mod buffer;
+mod build;
+mod draws;
 mod epoch;
 mod loader;
 mod options;

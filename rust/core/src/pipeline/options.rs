@@ -60,6 +60,15 @@ pub struct LoaderOptions {
     pub crop: CropMode,
     /// Probability in `[0, 1]` of a horizontal flip per sample. Default 0.
     pub flip_prob: f64,
+    /// With random crop, `Some(k)`: each image has `k` seeded crops and every sample uses one of
+    /// them, drawn per (epoch, sample), so that a cache can hold them all; `None` (default): a new
+    /// crop per (epoch, sample). See [`crate::pipeline`]'s draws.
+    pub crop_variants: Option<u32>,
+    /// `Some(k)`: the subsets' caption operations (variant line, tag shuffle, tag dropout) have `k`
+    /// seeded results per image and every sample uses one of them, drawn per (epoch, sample);
+    /// whole-caption dropout stays a per-(epoch, sample) draw. `None` (default): new operations per
+    /// (epoch, sample).
+    pub text_variants: Option<u32>,
     /// Shuffle images within buckets and the batch order, per epoch. Default true.
     pub shuffle: bool,
     /// Seed of every random choice (shuffles, crops, flips). Default 0.
@@ -103,6 +112,8 @@ impl Default for LoaderOptions {
             no_upscale: false,
             crop: CropMode::Center,
             flip_prob: 0.0,
+            crop_variants: None,
+            text_variants: None,
             shuffle: true,
             seed: 0,
             drop_last: false,
@@ -125,8 +136,9 @@ impl LoaderOptions {
     /// Check every option.
     ///
     /// Errors: [`Error::InvalidArgument`] naming the argument: `batch_size` 0, `prefetch` 0,
-    /// `flip_prob` outside `[0, 1]` (or NaN), `max_pixels` 0, a caption extension without its leading
-    /// dot, and the bucket options as in [`BucketConfig::new`].
+    /// `flip_prob` outside `[0, 1]` (or NaN), `max_pixels` 0, `crop_variants` or `text_variants`
+    /// `Some(0)`, a caption extension without its leading dot, and the bucket options as in
+    /// [`BucketConfig::new`].
     pub fn validate(&self) -> Result<()> {
         self.bucket_config()?;
         if self.batch_size == 0 {
@@ -150,6 +162,16 @@ impl LoaderOptions {
                 "rank must be in [0, world_size) and world_size at least 1, got rank {} of {}",
                 self.rank, self.world_size
             )));
+        }
+        for (name, k) in [
+            ("crop_variants", self.crop_variants),
+            ("text_variants", self.text_variants),
+        ] {
+            if k == Some(0) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must be at least 1 (or None), got 0"
+                )));
+            }
         }
         if self.max_pixels == 0 {
             return Err(Error::InvalidArgument(

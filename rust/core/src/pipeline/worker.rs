@@ -20,7 +20,7 @@ use crate::decode::{self, DecodeOptions, Decoder};
 use crate::error::{Error, Result};
 use crate::rng::{self, Stream};
 use crate::scan::ImageEntry;
-use crate::transform::{Placement, Transformer};
+use crate::transform::Transformer;
 
 /// One sample to load: sample `sample` (image `image`) into slot `slot` of `batch`.
 pub(super) struct Job {
@@ -216,20 +216,9 @@ fn load_sample(
 
     let bucket = job.batch.bucket;
     // Keyed by sample, not image: each repeat of an image gets its own crop, flip and caption.
-    let index = job.sample as u64;
+    let placement = inner.placement(epoch, job.sample, job.image, bucket);
     let subset_index = inner.subset_of[job.image];
-    let subset = &inner.subsets[subset_index];
-    let flip =
-        rng::uniform(o.seed, epoch, Stream::Flip, index) < subset.flip_prob.unwrap_or(o.flip_prob);
     let upright = was.upright_size();
-    let placement = Placement::new(
-        upright,
-        (bucket.width, bucket.height),
-        subset.crop.unwrap_or(o.crop),
-        rng::uniform(o.seed, epoch, Stream::CropX, index),
-        rng::uniform(o.seed, epoch, Stream::CropY, index),
-        flip,
-    );
 
     let tools = match tools {
         Some(t) => t,
@@ -264,9 +253,9 @@ fn load_sample(
     Ok(SampleMeta {
         index: job.image,
         subset: subset_index,
-        is_reg: subset.is_reg,
+        is_reg: inner.subsets[subset_index].is_reg,
         path: path.clone(),
-        caption: subset.caption.apply(&entry.caption, o.seed, epoch, index),
+        caption: inner.caption(epoch, job.sample, job.image),
         original_size: (upright.1, upright.0),
         crop_top_left: placement.crop_top_left(),
         target_size: (bucket.height, bucket.width),
@@ -277,6 +266,7 @@ fn load_sample(
 mod tests {
     use super::super::testkit::*;
     use super::*;
+    use crate::transform::Placement;
 
     #[test]
     fn each_sample_lands_in_its_own_slot_for_every_dtype() {
