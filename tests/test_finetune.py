@@ -501,6 +501,8 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "max_bucket_side": 64,
         "crop": "random",
         "flip_prob": 0.5,
+        "crop_variants": 2,
+        "text_variants": 2,
         "batch_size": 3,
         "learning_rate": 0.5,
         "prediction_type": "v_prediction",

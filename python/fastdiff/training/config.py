@@ -210,6 +210,16 @@ class TrainConfig:
     flip_prob: float | None = loader_setting(
         "flip_prob", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['flip_prob']:g}."
     )
+    crop_variants: int | None = loader_setting(
+        "crop_variants",
+        default_doc="Needed to cache random crops (--cache): the crops are frozen into the cache. Default: "
+        "the dataset config's, else a new crop per sample and epoch.",
+    )
+    text_variants: int | None = loader_setting(
+        "text_variants",
+        default_doc="Needed to cache captions with caption operations (--cache). Default: the dataset "
+        "config's, else new caption operations per sample and epoch.",
+    )
     batch_size: int | None = loader_setting(
         "batch_size",
         default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "

@@ -67,6 +67,8 @@ def make_loader(config: TrainConfig) -> DataLoader:
         "max_bucket_side": config.max_bucket_side,
         "crop": config.crop,
         "flip_prob": config.flip_prob,
+        "crop_variants": config.crop_variants,
+        "text_variants": config.text_variants,
         "seed": config.seed,
         "num_threads": config.num_threads,
         # With a cache the batches bring its latents/embeddings (the loader's `cache` option).
