@@ -270,6 +270,8 @@ LOADER_FIELDS = (
     "max_bucket_side",
     "crop",
     "flip_prob",
+    "crop_variants",
+    "text_variants",
 )
 
 
