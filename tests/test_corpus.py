@@ -32,7 +32,9 @@ def test_photos_are_deterministic_and_within_the_documented_ranges(tmp_path: Pat
     files = corpus.image_files(a)
     assert [p.name for p in files] == [f"img{i:05d}.jpg" for i in range(8)]
     count, recipe = (a / ".complete").read_text().splitlines()
-    assert count == "8" and recipe.startswith(f"photos n=8 seed=5 generator={corpus.GENERATOR_VERSION} source=")
+    assert count == "8" and recipe.startswith(
+        f"photos n=8 seed=5 generator={corpus.GENERATOR_VERSION} source="
+    )
     for p in files:
         assert p.read_bytes() == (b / p.name).read_bytes()
         assert p.with_suffix(".txt").read_text() == "a photo, big nature\n"  # the small source is unused
@@ -83,7 +85,8 @@ def test_concurrent_builds_of_one_corpus_build_it_once(tmp_path: Path) -> None:
 
     results: list[Path] = []
     threads = [
-        threading.Thread(target=lambda: results.append(corpus._build_once(dest, build, "r1"))) for _ in range(2)
+        threading.Thread(target=lambda: results.append(corpus._build_once(dest, build, "r1")))
+        for _ in range(2)
     ]
     for t in threads:
         t.start()

@@ -236,7 +236,7 @@ def test_state_records_the_options_that_change_batches(folder: Path) -> None:
 def test_typed_dicts_have_the_keys_of_what_is_handed_out(folder: Path) -> None:
     loader = fastdiff.DataLoader(folder, resolution=64, batch_size=2, num_threads=1)
     batch, *_ = list(loader)  # the whole epoch, so that the broken file is met and reported
-    assert set(batch) == set(types.Batch.__annotations__)
+    assert set(batch) == set(types.Batch.__required_keys__) | {"pixel_values"}
     report = loader.report
     assert set(report) == set(types.Report.__annotations__)
     assert set(report["skipped"][0]) == set(types.SkippedFile.__annotations__)

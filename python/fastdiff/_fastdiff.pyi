@@ -66,8 +66,9 @@ class CorruptCacheError(FastdiffError):
 
 _Batch = tuple[
     # [B, 3, H, W]: uint8, float32, or uint16 bit patterns of float16/bfloat16, viewing recycled memory
-    # (freed to the pool with the last view); or the buffer_factory's 1-D uint8 tensor.
-    np.ndarray | torch.Tensor,
+    # (freed to the pool with the last view); or the buffer_factory's 1-D uint8 tensor; None without
+    # pixels.
+    np.ndarray | torch.Tensor | None,
     list[str],  # captions
     list[tuple[int, int]],  # original_sizes (h, w)
     list[tuple[int, int]],  # crop_top_lefts (top, left)
@@ -75,6 +76,11 @@ _Batch = tuple[
     list[str],  # paths
     list[bool],  # is_reg
     list[int],  # subsets: each sample's subset index
+    # cached tensors (name, dtype name, array [B, ...]; half types as uint16 bit patterns)
+    list[tuple[str, str, np.ndarray]],
+    list[str | None],  # latent_keys (32 hex digits)
+    list[str | None],  # text_keys
+    list[str],  # latent provenance JSON per sample
 ]
 
 @final
@@ -143,6 +149,8 @@ class NativeLoader:
         no_upscale: bool = False,
         crop_variants: int | None = None,
         text_variants: int | None = None,
+        cache: str | None = None,
+        pixels: bool = True,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...
@@ -154,6 +162,13 @@ class NativeLoader:
     @property
     def captions(self) -> list[str]:
         """Caption of each accepted image, in path order, before the caption operations ("" if none)."""
+    @property
+    def content_hashes(self) -> list[str | None]:
+        """Each accepted image's content hash (32 hex digits) with a cache; None otherwise."""
+    def caption_variants(self) -> list[tuple[str, str | None]]:
+        """Every caption a sample can get, sorted, with its text key (hex) when the cache has text."""
+    def iter_build(self, start_batch: int = 0) -> NativeEpochIter:
+        """The cache build's pixel batches: every distinct (image, crop variant, flip state) once."""
     def report(self) -> dict[str, Any]: ...
     def iter_epoch(
         self,

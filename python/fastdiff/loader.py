@@ -8,6 +8,7 @@ itself: that all happens in ``rust/core``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -114,6 +115,8 @@ class DataLoader:
         rank: int | None = None,
         world_size: int | None = None,
         remainder: Remainder = "pad",
+        cache: str | os.PathLike[str] | None = None,
+        pixels: bool | None = None,
     ) -> None:
         # The signature spells the options out for users and type checkers; their checks, what the
         # state records and the native arguments all come from the schema (fastdiff.options).
@@ -154,9 +157,13 @@ class DataLoader:
             rank=rank,
             world_size=world_size,
             pin_memory=pin_memory,
+            pixels=cache is None if pixels is None else pixels,
         )
+        if not values["pixels"] and cache is None:
+            raise ValueError("pixels=False needs a cache: without one there is nothing to load but pixels")
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.cache = None if cache is None else os.fspath(cache)
         self._loss_weights = [float(s.loss_weight) for s in subsets]
         self.root = os.fspath(subsets[0].image_dir)
         self.rank, self.world_size = rank, world_size
@@ -307,35 +314,83 @@ class DataLoader:
         factory = _pinned_buffer if self.pin_memory else None
         return self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
 
-    def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int) -> Iterator[Batch]:
-        view = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else None
+    def iter_build(self, start_batch: int = 0) -> Iterator[Batch]:
+        """The pixel batches a cache of this loader must encode (for ``fastdiff cache``).
+
+        Every distinct (image, crop variant, flip state) once, whatever the rank: per bucket in
+        :attr:`buckets` order, its images in path order, each image's ``crop_variants`` crops (one for a
+        centre crop; variants landing on the same crop once), unflipped then flipped as ``flip_prob``
+        allows; ``batch_size`` per batch, in a fixed order, so ``start_batch`` resumes it. Batches are
+        as :meth:`__iter__`'s with ``pixel_values``, ``latent_keys`` (with a cache) and
+        ``latent_provenance`` (per sample the JSON the builder stores with the entry); ``captions`` are
+        the images' captions as read. A file that fails is left out of its batch (no stand-in) and added
+        to :attr:`report`; with ``on_error="raise"`` it raises.
+
+        Raises:
+            ValueError: A random crop without ``crop_variants`` (its crops change every epoch).
+        """
+        return self._batches(self._native.iter_build(start_batch), None)
+
+    def caption_variants(self) -> list[tuple[str, str | None]]:
+        """Every caption a sample can get, each once, sorted, with its text key (32 hex digits; ``None``
+        without a cache whose manifest has text): each image's ``text_variants`` caption variants (its
+        caption as read without caption operations), plus ``""`` when a subset has caption dropout.
+
+        Raises:
+            ValueError: A subset shuffles or drops tags or picks caption lines without ``text_variants``.
+        """
+        return self._native.caption_variants()
+
+    @property
+    def content_hashes(self) -> list[str | None]:
+        """With a cache, each image's content hash (32 hex digits: blake3 of its bytes at construction) in
+        path order (``None`` for a file that could not be read); without one, all ``None``."""
+        return self._native.content_hashes
+
+    def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int | None) -> Iterator[Batch]:
         weights = self._loss_weights
         total = len(self)
         self._stats_source = it
         try:
-            for pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg, subsets in it:
-                # Plan position after this batch (batches whose samples all failed are skipped over).
-                self._position = (epoch, total - len(it))
-                if isinstance(pixels, torch.Tensor):
-                    # Written into a 1-D uint8 tensor from `_pinned_buffer`: view it as the batch.
+            for (
+                pixels,
+                captions,
+                original_sizes,
+                crop_top_lefts,
+                target_sizes,
+                paths,
+                is_reg,
+                subsets,
+                tensors,
+                latent_keys,
+                text_keys,
+                provenance,
+            ) in it:
+                if epoch is not None:
+                    # Plan position after this batch (batches whose samples all failed are skipped over).
+                    self._position = (epoch, total - len(it))
+                batch: dict[str, Any] = {}
+                if pixels is not None:
                     (h, w), b = target_sizes[0], len(captions)
-                    nbytes = b * 3 * h * w * self.dtype.itemsize
-                    pixel_values = pixels[:nbytes].view(self.dtype).view(b, 3, h, w)
-                else:
-                    pixel_values = torch.from_numpy(pixels)
-                    if view is not None:
-                        pixel_values = pixel_values.view(view)
-                yield {
-                    "pixel_values": pixel_values,
-                    "captions": captions,
-                    "original_sizes": original_sizes,
-                    "crop_top_lefts": crop_top_lefts,
-                    "target_sizes": target_sizes,
-                    "paths": paths,
-                    "is_reg": torch.tensor(is_reg, dtype=torch.bool),
-                    "loss_weights": torch.tensor([weights[s] for s in subsets], dtype=torch.float32),
-                }
-            self._position = None
+                    batch["pixel_values"] = _tensor(pixels, self.dtype, (b, 3, h, w))
+                for name, dtype, values in tensors:
+                    batch[name] = _tensor(values, getattr(torch, dtype), values.shape)
+                batch.update(
+                    captions=captions,
+                    original_sizes=original_sizes,
+                    crop_top_lefts=crop_top_lefts,
+                    target_sizes=target_sizes,
+                    paths=paths,
+                    is_reg=torch.tensor(is_reg, dtype=torch.bool),
+                    loss_weights=torch.tensor([weights[s] for s in subsets], dtype=torch.float32),
+                )
+                if self.cache is not None:
+                    batch.update(latent_keys=latent_keys, text_keys=text_keys)
+                if epoch is None:
+                    batch["latent_provenance"] = provenance
+                yield cast(Batch, batch)
+            if epoch is not None:
+                self._position = None
         finally:
             it.close()
             if self._stats_source is it:
@@ -343,6 +398,17 @@ class DataLoader:
 
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
+
+
+def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A batch buffer as a torch tensor of ``dtype`` and ``shape``, without a copy: a numpy array viewing
+    pool memory (half types as uint16 bit patterns, viewed as ``dtype``), or the 1-D uint8 tensor from
+    ``buffer_factory`` that the batch was written into (cut to the batch's bytes and viewed)."""
+    if isinstance(values, torch.Tensor):
+        nbytes = math.prod(shape) * dtype.itemsize
+        return values[:nbytes].view(dtype).view(*shape)
+    tensor = torch.from_numpy(values)
+    return tensor.view(dtype) if dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:

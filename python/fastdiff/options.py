@@ -349,6 +349,30 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "``world_size``).",
         toml=DATASET_TABLES,
     ),
+    _loader(
+        "cache",
+        str | os.PathLike[str] | None,
+        None,
+        "A cache folder made by ``fastdiff cache``: each batch also gets the cached tensors of its "
+        "samples (``latents``, ``latents_std``, ``prompt_embeds``, ``pooled_prompt_embeds``) and their "
+        "``latent_keys`` / ``text_keys``.",
+        details="Entries are keyed by each file's content hash and everything that changes its pixels or "
+        "caption, so the batches are those of the uncached run (same order, crops, captions, SDXL sizes, "
+        "resume and rank split). At construction every image's bytes are hashed. A random crop needs "
+        "``crop_variants`` and caption operations beyond dropout need ``text_variants`` (else "
+        "``ValueError``). A sample whose entry is missing is a ``fastdiff.CacheMissError`` naming the file "
+        'and what changed (skipped with a stand-in under ``on_error="skip"``); an image the builder '
+        "could not encode fails as it would uncached.",
+        state="never",
+    ),
+    _loader(
+        "pixels",
+        bool | None,
+        None,
+        "Decode ``pixel_values`` too; without them a cached batch reads no image file.",
+        default_doc="``True`` without a ``cache``, ``False`` with one",
+        state="never",
+    ),
 )
 
 #: The fields of :class:`fastdiff.Subset`, in order.

@@ -21,13 +21,25 @@ Filter = Literal["lanczos3", "catmullrom", "bilinear", "box", "nearest"]
 Remainder = Literal["pad", "drop"]
 
 
-class Batch(TypedDict):
+class _BatchMeta(TypedDict):
+    """The keys every :class:`Batch` has (see there)."""
+
+    captions: list[str]
+    original_sizes: list[tuple[int, int]]
+    crop_top_lefts: list[tuple[int, int]]
+    target_sizes: list[tuple[int, int]]
+    paths: list[str]
+    is_reg: torch.Tensor
+    loss_weights: torch.Tensor
+
+
+class Batch(_BatchMeta, total=False):
     """One batch of :class:`fastdiff.DataLoader`: ``B`` samples of one bucket ``(H, W)``.
 
-    Keys:
+    Keys (``pixel_values`` only when the loader decodes pixels; the cache keys only with ``cache``):
         pixel_values: ``[B, 3, H, W]`` tensor of the loader's ``dtype``: float dtypes scaled to
             ``[-1, 1]`` (``x / 127.5 - 1``), ``torch.uint8`` left as 0–255. Contiguous; pinned host
-            memory with ``pin_memory=True``.
+            memory with ``pin_memory=True``. Absent with ``pixels=False``.
         captions: ``B`` strings, after the subsets' caption operations (``""`` when dropped or absent).
         original_sizes: Upright ``(h, w)`` of each file, in pixels (SDXL micro-conditioning).
         crop_top_lefts: ``(top, left)`` of each crop in the resized image, in pixels, measured from the
@@ -36,16 +48,27 @@ class Batch(TypedDict):
         paths: The files, as the scan found them.
         is_reg: ``[B]`` bool tensor: whether each sample is a regularisation (class) image.
         loss_weights: ``[B]`` float32 tensor: each sample's subset ``loss_weight`` (1.0 by default).
+        latents: With a cache holding latents: ``[B, C, H / 8, W / 8]`` in the cache's dtype, the VAE
+            posterior mean already shifted and scaled as the model expects (``(mean - shift) * scale``).
+        latents_std: The posterior's std times the scale, same shape (draw ``latents + latents_std *
+            randn_like(latents)`` per step as an uncached run draws from ``latent_dist``).
+        prompt_embeds: With a cache holding text: ``[B, L, D]`` in the cache's dtype.
+        pooled_prompt_embeds: ``[B, D]`` (SDXL), when the cache holds them.
+        latent_keys: With a cache: each sample's latent entry key (32 hex digits; ``None`` without a
+            latent half or for a file that could not be hashed).
+        text_keys: With a cache: each sample's text entry key (``None`` without a text half).
+        latent_provenance: Only from :meth:`fastdiff.DataLoader.iter_build`: per sample the JSON the
+            cache builder stores with its latent entry (path, bucket, crop, resized size, flip).
     """
 
     pixel_values: torch.Tensor
-    captions: list[str]
-    original_sizes: list[tuple[int, int]]
-    crop_top_lefts: list[tuple[int, int]]
-    target_sizes: list[tuple[int, int]]
-    paths: list[str]
-    is_reg: torch.Tensor
-    loss_weights: torch.Tensor
+    latents: torch.Tensor
+    latents_std: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    latent_keys: list[str | None]
+    text_keys: list[str | None]
+    latent_provenance: list[str]
 
 
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable

@@ -4,10 +4,11 @@
 //! Builds values only; it must not decide anything about loading, and it holds no state.
 
 use fastdiff_core::bucket::Bucket;
+use fastdiff_core::cache::{key_hex, Key};
 use fastdiff_core::pipeline::{Batch, LoadStats, PixelBuffer, Report};
 use fastdiff_core::transform::OutputDtype;
-use numpy::ndarray::ArrayView4;
-use numpy::PyArray4;
+use numpy::ndarray::{ArrayViewD, IxDyn};
+use numpy::PyArrayDyn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -30,54 +31,59 @@ pub(crate) struct BatchMemory {
     _pixels: PixelBuffer,
 }
 
-/// The batch pixels for Python: a numpy array `[B, 3, H, W]` viewing pool memory (uint8, float32,
-/// or uint16 bit patterns for the half types), or the `buffer_factory` tensor the batch was written
-/// into (1-D uint8, at least the batch's bytes; the caller views it).
-fn pixels_object<'py>(
+/// A batch buffer for Python: a C-contiguous numpy array of `shape` viewing pool memory (uint8,
+/// float32, or uint16 bit patterns for the half types); the pixels and every cached tensor go
+/// through here.
+fn array_object<'py>(
     py: Python<'py>,
-    pixels: PixelBuffer,
-    shape: (usize, usize, usize, usize),
+    buffer: PixelBuffer,
+    shape: &[usize],
 ) -> PyResult<Bound<'py, PyAny>> {
     fn view<'py, T: numpy::Element>(
         py: Python<'py>,
-        pixels: PixelBuffer,
-        shape: (usize, usize, usize, usize),
+        buffer: PixelBuffer,
+        shape: &[usize],
     ) -> PyResult<Bound<'py, PyAny>> {
-        if shape.0 * shape.1 * shape.2 * shape.3 != pixels.len() {
+        if shape.iter().product::<usize>() != buffer.len() {
             return Err(FastdiffError::new_err(format!(
                 "batch buffer holds {} values, not {shape:?}",
-                pixels.len()
+                buffer.len()
             )));
         }
         // SAFETY: the buffer holds `len` initialised, aligned values of T (checked above and by the
         // dtype match in the caller); the view is only used to create the numpy array, whose base
         // object owns the buffer, so the memory outlives the array.
-        let arr = unsafe { ArrayView4::from_shape_ptr(shape, pixels.as_ptr().cast::<T>()) };
-        let owner = Bound::new(py, BatchMemory { _pixels: pixels })?;
+        let arr = unsafe { ArrayViewD::from_shape_ptr(IxDyn(shape), buffer.as_ptr().cast::<T>()) };
+        let owner = Bound::new(py, BatchMemory { _pixels: buffer })?;
         // SAFETY: `owner` keeps the memory alive and unchanged for as long as the array exists.
-        Ok(unsafe { PyArray4::borrow_from_array(&arr, owner.into_any()) }.into_any())
+        Ok(unsafe { PyArrayDyn::borrow_from_array(&arr, owner.into_any()) }.into_any())
     }
-    match pixels.dtype() {
-        OutputDtype::U8 => view::<u8>(py, pixels, shape),
-        OutputDtype::F32 => view::<f32>(py, pixels, shape),
-        OutputDtype::F16 | OutputDtype::BF16 => view::<u16>(py, pixels, shape),
+    match buffer.dtype() {
+        OutputDtype::U8 => view::<u8>(py, buffer, shape),
+        OutputDtype::F32 => view::<f32>(py, buffer, shape),
+        OutputDtype::F16 | OutputDtype::BF16 => view::<u16>(py, buffer, shape),
     }
 }
 
+/// A batch as the tuple `NativeEpochIter.__next__` documents.
 pub(crate) fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, PyTuple>> {
     let n = batch.samples.len();
-    let shape = (
+    let shape = [
         n,
         3,
         batch.bucket.height as usize,
         batch.bucket.width as usize,
-    );
-    let pixels = match batch.pixels.into_owner() {
-        Ok(owner) => match owner.downcast::<Py<PyAny>>() {
-            Ok(tensor) => tensor.into_bound(py),
-            Err(_) => return Err(FastdiffError::new_err("batch memory of an unknown owner")),
-        },
-        Err(pool_memory) => pixels_object(py, pool_memory, shape)?,
+    ];
+    let pixels = if batch.pixels.is_empty() {
+        py.None().into_bound(py)
+    } else {
+        match batch.pixels.into_owner() {
+            Ok(owner) => match owner.downcast::<Py<PyAny>>() {
+                Ok(tensor) => tensor.into_bound(py),
+                Err(_) => return Err(FastdiffError::new_err("batch memory of an unknown owner")),
+            },
+            Err(pool_memory) => array_object(py, pool_memory, &shape)?,
+        }
     };
     let captions = PyList::new(py, batch.samples.iter().map(|s| s.caption.as_str()))?;
     let original_sizes = PyList::new(py, batch.samples.iter().map(|s| s.original_size))?;
@@ -86,6 +92,15 @@ pub(crate) fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, Py
     let paths = PyList::new(py, batch.samples.iter().map(|s| s.path.as_os_str()))?;
     let is_reg = PyList::new(py, batch.samples.iter().map(|s| s.is_reg))?;
     let subsets = PyList::new(py, batch.samples.iter().map(|s| s.subset))?;
+    let tensors = PyList::empty(py);
+    for (name, buffer, shape) in batch.tensors {
+        let dtype = buffer.dtype().name();
+        tensors.append((name, dtype, array_object(py, buffer, &shape)?))?;
+    }
+    let hex = |k: &Option<Key>| k.as_ref().map(key_hex);
+    let latent_keys = PyList::new(py, batch.samples.iter().map(|s| hex(&s.latent_key)))?;
+    let text_keys = PyList::new(py, batch.samples.iter().map(|s| hex(&s.text_key)))?;
+    let provenance = PyList::new(py, batch.samples.iter().map(|s| s.latent_provenance()))?;
     PyTuple::new(
         py,
         [
@@ -97,6 +112,10 @@ pub(crate) fn batch_tuple(py: Python<'_>, batch: Batch) -> PyResult<Bound<'_, Py
             paths.into_any(),
             is_reg.into_any(),
             subsets.into_any(),
+            tensors.into_any(),
+            latent_keys.into_any(),
+            text_keys.into_any(),
+            provenance.into_any(),
         ],
     )
 }

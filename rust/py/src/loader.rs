@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use fastdiff_core::cache::key_hex;
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
 use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions};
@@ -84,7 +85,7 @@ impl NativeLoader {
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
-        crop_variants = None, text_variants = None
+        crop_variants = None, text_variants = None, cache = None, pixels = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -114,6 +115,8 @@ impl NativeLoader {
         no_upscale: bool,
         crop_variants: Option<u32>,
         text_variants: Option<u32>,
+        cache: Option<PathBuf>,
+        pixels: bool,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -140,6 +143,8 @@ impl NativeLoader {
             rank,
             world_size,
             remainder: parse("remainder", remainder)?,
+            cache,
+            pixels,
         };
         let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
         let inner = py
@@ -179,6 +184,38 @@ impl NativeLoader {
             .iter()
             .map(|e| e.caption.clone())
             .collect()
+    }
+
+    /// With a cache: each accepted image's content hash (32 hex digits, blake3 of its bytes), in
+    /// path order; None for a file that could not be read (it is in the report). Without a cache,
+    /// all None.
+    #[getter]
+    fn content_hashes(&self) -> Vec<Option<String>> {
+        (0..self.inner.images().len())
+            .map(|i| self.inner.content_hash(i).as_ref().map(key_hex))
+            .collect()
+    }
+
+    /// Every caption a sample can get, each once, sorted, with its text key (hex; None without a
+    /// cache whose manifest has text).
+    fn caption_variants(&self, py: Python<'_>) -> PyResult<Vec<(String, Option<String>)>> {
+        let variants = py
+            .detach(|| self.inner.caption_variants())
+            .map_err(to_pyerr)?;
+        Ok(variants
+            .into_iter()
+            .map(|(c, k)| (c, k.as_ref().map(key_hex)))
+            .collect())
+    }
+
+    /// The cache build's pixel batches from batch `start_batch` on: every distinct (image, crop
+    /// variant, flip state) once (see the core's `Loader::iter_build`).
+    #[pyo3(signature = (start_batch = 0))]
+    fn iter_build(&self, py: Python<'_>, start_batch: usize) -> PyResult<NativeEpochIter> {
+        let it = py
+            .detach(|| self.inner.iter_build(start_batch))
+            .map_err(to_pyerr)?;
+        Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None))))
     }
 
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).

@@ -11,8 +11,9 @@ use std::sync::Mutex;
 
 use super::buffer::PixelBuffer;
 use crate::bucket::Bucket;
+use crate::cache::Key;
 use crate::error::Result;
-use crate::transform::{OutSlot, OutputDtype};
+use crate::transform::{OutSlot, OutputDtype, Placement};
 
 /// Everything about one sample of a batch except its pixels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,31 @@ pub struct SampleMeta {
     pub crop_top_left: (u32, u32),
     /// The bucket as (height, width) in pixels (SDXL `target_size`).
     pub target_size: (u32, u32),
+    /// Where the crop lies in the resized image, with the flip (what `crop_top_left` and the
+    /// latent key are computed from).
+    pub placement: Placement,
+    /// With a cache whose manifest has latents: the key of this sample's latent entry (image
+    /// content, placement, filter, background, VAE salt; see [`crate::cache::latent_key`]).
+    pub latent_key: Option<Key>,
+    /// With a cache whose manifest has text: the key of this sample's caption entry.
+    pub text_key: Option<Key>,
+}
+
+impl SampleMeta {
+    /// The provenance of this sample's latent entry, as the cache builder stores it and miss
+    /// messages read it: a JSON object `{"path", "bucket": [w, h], "crop": [left, top],
+    /// "resized": [w, h], "flip"}` (crop un-flipped, in resized pixels).
+    pub fn latent_provenance(&self) -> String {
+        let p = &self.placement;
+        serde_json::json!({
+            "path": self.path.to_string_lossy(),
+            "bucket": [p.bucket.0, p.bucket.1],
+            "crop": [p.crop_left, p.crop_top],
+            "resized": [p.resized.0, p.resized.1],
+            "flip": p.flip,
+        })
+        .to_string()
+    }
 }
 
 /// One batch of samples of one bucket.
@@ -47,6 +73,27 @@ pub struct Batch {
     pub pixels: PixelBuffer,
     /// Per-sample metadata, in the order of the samples in `pixels`.
     pub samples: Vec<SampleMeta>,
+    /// With a cache (and not for [`Loader::iter_build`](super::Loader::iter_build)): each cached
+    /// tensor of the batch as (name, values, full shape `[samples.len(), ...]`) in the manifest's
+    /// dtype, latents' tensors first (`latents` `[B, C, H / 8, W / 8]`, ...), then text's
+    /// (`pooled_prompt_embeds` `[B, D]`, `prompt_embeds` `[B, L, D]`, in name order). Empty
+    /// without a cache. With `pixels = false`, `pixels` is empty.
+    pub tensors: Vec<(String, PixelBuffer, Vec<usize>)>,
+}
+
+/// One cached tensor of a batch being loaded: `[B, ...shape]` values, one slot per sample.
+pub(super) struct TensorState {
+    pub(super) name: String,
+    /// Shape of one sample's tensor.
+    pub(super) shape: Vec<usize>,
+    /// Whether it comes from a latent entry (else a text entry).
+    pub(super) latent: bool,
+    /// Bytes of one sample's tensor.
+    pub(super) per_sample_bytes: usize,
+    /// Start of `buffer`'s memory; workers write their slots through it.
+    pub(super) base: *mut u8,
+    /// Owner of the buffer; taken by the consumer once the batch is complete.
+    pub(super) buffer: Mutex<Option<PixelBuffer>>,
 }
 
 /// Shared state of one batch being loaded.
@@ -63,6 +110,10 @@ pub(super) struct BatchState {
     pub(super) outcomes: Mutex<Vec<Option<SampleOutcome>>>,
     /// Slots not finished yet.
     pub(super) pending: AtomicUsize,
+    /// The cached tensors served into this batch (empty without a cache, and for build batches).
+    pub(super) tensors: Vec<TensorState>,
+    /// Whether the samples' pixels are decoded (false: `pixels` is an empty buffer).
+    pub(super) decode: bool,
 }
 
 /// What became of one slot: the sample loaded into it (possibly a stand-in), or the error of the
@@ -109,6 +160,24 @@ impl BatchState {
                     n,
                 )),
             }
+        }
+    }
+
+    /// The bytes of sample `slot` in cached tensor `t`.
+    ///
+    /// # Safety
+    /// As for [`BatchState::slot_mut`]: `slot` < the batch's sample count, one job per slot, the
+    /// buffer not taken while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn tensor_slot_mut(&self, t: usize, slot: usize) -> &mut [u8] {
+        let t = &self.tensors[t];
+        // SAFETY: per this function's contract the range lies inside the buffer (which holds
+        // `per_sample_bytes` per sample) and no other reference to it exists.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                t.base.add(slot * t.per_sample_bytes),
+                t.per_sample_bytes,
+            )
         }
     }
 

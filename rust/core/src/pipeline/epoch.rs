@@ -11,45 +11,35 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::batch::{Batch, BatchState};
+use super::batch::{Batch, BatchState, TensorState};
 use super::buffer::{BufferSource, PixelBuffer};
-use super::loader::{Inner, Loader};
+use super::loader::Inner;
 use super::options::OnError;
 use super::stats::{LoadStats, StatsHandle};
-use super::worker::{worker_loop, Job, WorkerCtx};
+use super::worker::{worker_loop, Draw, Job, WorkerCtx};
 use crate::error::{Error, Result};
-use crate::sampler::{self, BatchPlan};
 
-impl Loader {
-    /// Start loading epoch `epoch` from batch `start_batch` of its plan (0 = the beginning; to resume
-    /// Start loading epoch `epoch` from batch `start_batch` of its plan (0 = the beginning; to resume
-    /// after `k` consumed batches pass `k`). Worker threads start at once and the first `prefetch`
-    /// batches are queued before this returns.
-    ///
-    /// The plan is [`sampler::plan_epoch`] over the samples (images times repeats) with this
-    /// loader's options (including its rank of `world_size`). If `start_batch` is past the
-    /// end of the plan, the iterator yields one [`Error::InvalidArgument`] and ends.
-    pub fn iter_epoch(&self, epoch: u64, start_batch: usize) -> EpochIter {
-        self.iter_epoch_into(epoch, start_batch, None)
-    }
+/// One batch to load: its bucket and, per slot, the sample, its image and where its draws come
+/// from.
+pub(super) struct Planned {
+    pub(super) bucket: usize,
+    pub(super) slots: Vec<(usize, usize, Draw)>,
+}
 
-    /// As [`Loader::iter_epoch`], with each batch written into memory from `source` (one call per
-    /// batch, in plan order, on the thread that creates or advances the iterator) instead of the
-    /// loader's recycled buffers. A source error is yielded in place of the batch and ends the epoch.
-    pub fn iter_epoch_into(
-        &self,
+impl EpochIter {
+    /// Start loading `plan` from batch `start_batch` (an epoch's plan, or the cache build's):
+    /// worker threads start at once and the first `prefetch` batches are queued before this
+    /// returns. `decode`: the batches get pixels (else an empty pixel buffer); `serve`: they get
+    /// the cache's tensors. If `start_batch` is past the end of the plan, the iterator yields one
+    /// [`Error::InvalidArgument`] and ends.
+    pub(super) fn start(
+        inner: Arc<Inner>,
+        plan: Vec<Planned>,
         epoch: u64,
         start_batch: usize,
         source: Option<Box<dyn BufferSource>>,
+        (decode, serve): (bool, bool),
     ) -> EpochIter {
-        let inner = Arc::clone(&self.inner);
-        let o = &inner.opts;
-        let plan = sampler::plan_epoch(
-            &inner.sample_bucket,
-            inner.buckets.len(),
-            &o.sampling(),
-            epoch,
-        );
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let mut it = EpochIter {
@@ -64,6 +54,8 @@ impl Loader {
             plan,
             inner,
             source,
+            decode,
+            serve,
             stats: StatsHandle::start(),
             pid: std::process::id(),
         };
@@ -79,16 +71,10 @@ impl Loader {
             return it;
         }
         // More threads than samples that can be in flight would only idle.
-        let threads = it
-            .inner
-            .opts
+        let o = &it.inner.opts;
+        let threads = o
             .threads()
-            .min(
-                it.inner
-                    .opts
-                    .prefetch
-                    .saturating_mul(it.inner.opts.batch_size),
-            )
+            .min(o.prefetch.saturating_mul(o.batch_size))
             .max(1);
         for i in 0..threads {
             let ctx = WorkerCtx {
@@ -136,7 +122,7 @@ impl Loader {
 /// most its current sample first, so dropping mid-epoch returns within one sample's load time.
 pub struct EpochIter {
     inner: Arc<Inner>,
-    plan: Vec<BatchPlan>,
+    plan: Vec<Planned>,
     /// Plan position of the next batch to start.
     next_start: usize,
     /// Plan position of the next batch to yield.
@@ -153,6 +139,10 @@ pub struct EpochIter {
     start_error: Option<Error>,
     /// Where batch memory comes from; `None`: the loader's pool.
     source: Option<Box<dyn BufferSource>>,
+    /// Whether batches get decoded pixels.
+    decode: bool,
+    /// Whether batches get the cache's tensors.
+    serve: bool,
     stats: StatsHandle,
     /// The process that started the workers: after a `fork` the child has none of them.
     pid: u32,
@@ -228,12 +218,35 @@ impl EpochIter {
         };
         let bucket = self.inner.buckets[plan.bucket];
         let per_sample = 3 * bucket.width as usize * bucket.height as usize;
-        let n = plan.indices.len();
+        let n = plan.slots.len();
         let dtype = self.inner.opts.dtype;
-        let pixels = match &mut self.source {
-            None => PixelBuffer::from_pool(&self.inner.pool, dtype, n * per_sample),
-            Some(source) => PixelBuffer::from_source(source.as_mut(), dtype, n * per_sample),
+        let pixels = match (&mut self.source, self.decode) {
+            (_, false) => PixelBuffer::from_pool(&self.inner.empty_pool, dtype, 0),
+            (None, true) => PixelBuffer::from_pool(&self.inner.pool, dtype, n * per_sample),
+            (Some(source), true) => {
+                PixelBuffer::from_source(source.as_mut(), dtype, n * per_sample)
+            }
         };
+        let cache = self.inner.cache.as_ref().filter(|_| self.serve);
+        let specs = cache.map(|c| c.tensors(bucket)).unwrap_or_default();
+        let mut tensors = Vec::with_capacity(specs.len());
+        for (name, latent, dtype, shape) in specs {
+            let values = shape.iter().product::<usize>();
+            match PixelBuffer::from_pool(&self.inner.tensor_pool, dtype, n * values) {
+                Ok(buffer) => tensors.push(TensorState {
+                    name,
+                    shape,
+                    latent,
+                    per_sample_bytes: values * dtype.bytes_per_value(),
+                    base: buffer.as_ptr().cast_mut(),
+                    buffer: Mutex::new(Some(buffer)),
+                }),
+                Err(err) => {
+                    self.start_error = Some(err);
+                    return false;
+                }
+            }
+        }
         let pixels = match pixels {
             Ok(p) => p,
             Err(err) => {
@@ -243,21 +256,24 @@ impl EpochIter {
         };
         let state = Arc::new(BatchState {
             bucket,
-            per_sample,
+            per_sample: if self.decode { per_sample } else { 0 },
             dtype,
             base: pixels.as_ptr().cast_mut(),
             pixels: Mutex::new(Some(pixels)),
             outcomes: Mutex::new((0..n).map(|_| None).collect()),
             pending: AtomicUsize::new(n),
+            tensors,
+            decode: self.decode,
         });
-        for (slot, &sample) in plan.indices.iter().enumerate() {
+        for (slot, &(sample, image, draw)) in plan.slots.iter().enumerate() {
             // Workers only exit after the sender is dropped (or on stop), so this cannot fail
             // while `jobs` is Some; a failure would only mean the batch never completes.
             let _ = jobs.send(Job {
                 batch: Arc::clone(&state),
                 slot,
                 sample,
-                image: self.inner.sample_image[sample],
+                image,
+                draw,
             });
         }
         self.in_flight.push_back(state);
@@ -316,6 +332,17 @@ impl EpochIter {
         if samples.is_empty() {
             return Ok(None);
         }
+        let mut tensors = Vec::with_capacity(state.tensors.len());
+        for t in &state.tensors {
+            let mut buffer = (t.buffer.lock().unwrap_or_else(|p| p.into_inner()).take())
+                .expect("a completed batch is assembled once");
+            let values = t.shape.iter().product::<usize>();
+            if samples.len() < keep.len() {
+                buffer.retain_samples(&keep, values);
+            }
+            let shape = std::iter::once(samples.len()).chain(t.shape.iter().copied());
+            tensors.push((t.name.clone(), buffer, shape.collect()));
+        }
         if samples.len() < keep.len() {
             pixels.retain_samples(&keep, state.per_sample);
         }
@@ -323,6 +350,7 @@ impl EpochIter {
             bucket: state.bucket,
             pixels,
             samples,
+            tensors,
         }))
     }
 }
@@ -534,84 +562,6 @@ mod tests {
         assert!(err.to_string().contains("out of pinned memory"), "{err}");
         assert!(it.next().is_none());
         assert_eq!(calls.load(Ordering::Relaxed), 4);
-    }
-
-    #[test]
-    fn batches_come_in_plan_order_and_epochs_differ() {
-        let dir = dataset();
-        let loader = Loader::new(
-            dir.path(),
-            LoaderOptions {
-                num_threads: 4,
-                ..opts()
-            },
-        )
-        .unwrap();
-        let indices = |batches: &[Batch]| -> Vec<Vec<usize>> {
-            batches
-                .iter()
-                .map(|b| b.samples.iter().map(|s| s.index).collect())
-                .collect()
-        };
-        let inner = &loader.inner;
-        for epoch in [0, 1] {
-            let plan = sampler::plan_epoch(
-                &inner.bucket_of,
-                inner.buckets.len(),
-                &Sampling::single(3, false, true, 0),
-                epoch,
-            );
-            let got = collect(loader.iter_epoch(epoch, 0));
-            assert_eq!(
-                indices(&got),
-                plan.iter().map(|p| p.indices.clone()).collect::<Vec<_>>()
-            );
-        }
-        let e0 = indices(&collect(loader.iter_epoch(0, 0)));
-        let e1 = indices(&collect(loader.iter_epoch(1, 0)));
-        assert_ne!(e0, e1);
-
-        // Without shuffling: buckets in list order, sorted paths inside each bucket.
-        let plain = Loader::new(
-            dir.path(),
-            LoaderOptions {
-                shuffle: false,
-                ..opts()
-            },
-        )
-        .unwrap();
-        let flat: Vec<(usize, PathBuf)> = collect(plain.iter_epoch(5, 0))
-            .iter()
-            .flat_map(|b| {
-                let k = plain.buckets().iter().position(|x| *x == b.bucket).unwrap();
-                b.samples.iter().map(move |s| (k, s.path.clone()))
-            })
-            .collect();
-        let mut sorted = flat.clone();
-        sorted.sort();
-        assert_eq!(flat, sorted);
-    }
-
-    #[test]
-    fn resume_from_start_batch_gives_the_tail() {
-        let dir = dataset();
-        let loader = Loader::new(dir.path(), opts()).unwrap();
-        let all = collect(loader.iter_epoch(2, 0));
-        let k = 3;
-        let mut it = loader.iter_epoch(2, k);
-        assert_eq!(it.remaining(), all.len() - k);
-        let first = it.next().unwrap().unwrap();
-        assert_eq!(it.remaining(), all.len() - k - 1);
-        let mut tail = vec![first];
-        tail.extend(it.map(|b| b.unwrap()));
-        assert_eq!(tail, all[k..]);
-
-        assert!(collect(loader.iter_epoch(2, all.len())).is_empty());
-        let mut past = loader.iter_epoch(2, all.len() + 1);
-        assert_eq!(past.remaining(), 0);
-        let err = past.next().unwrap().unwrap_err();
-        assert!(err.to_string().contains("start_batch"), "{err}");
-        assert!(past.next().is_none());
     }
 
     #[test]

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::buffer::BufferPool;
+use super::cached::{check_cacheable, Cache};
 use super::options::{LoaderOptions, OnError};
 use crate::bucket::{assign, Bucket};
+use crate::cache::Key;
 use crate::dataset::Subset;
 use crate::error::{Error, Result, Skip};
 use crate::sampler;
@@ -61,6 +63,12 @@ pub(super) struct Inner {
     /// Recycled batch buffers, sized for the largest batch (`batch_size` samples of the largest
     /// bucket) in the output dtype.
     pub(super) pool: Arc<BufferPool>,
+    /// With `cache`: the opened cache and every image's content hash.
+    pub(super) cache: Option<Cache>,
+    /// Recycled buffers of cached tensors, sized for the largest batch's largest tensor.
+    pub(super) tensor_pool: Arc<BufferPool>,
+    /// Zero-byte buffers: the `pixels` of batches without decoded pixels.
+    pub(super) empty_pool: Arc<BufferPool>,
 }
 
 /// Images that failed while iterating, each recorded once whatever the epoch.
@@ -105,6 +113,13 @@ impl Loader {
     /// holds no image files, or every image file in it was skipped by the scan (the message then
     /// gives the count and the first reason); with [`OnError::Raise`], [`Error::Skipped`] for the
     /// first file the scan skipped; [`Error::Io`] if the scan threads cannot be started.
+    ///
+    /// With [`LoaderOptions::cache`], the cache folder is opened ([`crate::cache::Store::open`]:
+    /// its errors) and every image's bytes are hashed; a file that cannot be read is recorded in
+    /// the report (with [`OnError::Raise`], its [`Error::Io`] is returned). Errors
+    /// [`Error::InvalidArgument`] when the cache cannot hold this loader's samples: a random crop
+    /// without `crop_variants`, caption operations beyond dropout without `text_variants`, or a
+    /// `bucket_step` that is not a multiple of the latent downscale.
     pub fn from_subsets(mut subsets: Vec<Subset>, opts: LoaderOptions) -> Result<Loader> {
         opts.validate()?;
         if subsets.is_empty() {
@@ -216,25 +231,52 @@ impl Loader {
                 ))
             })?;
         // The consumer holds a batch or two while `prefetch` more are loading.
-        let pool = BufferPool::new(batch_bytes, opts.prefetch + 2);
+        let keep = opts_keep(&opts);
+        let pool = BufferPool::new(batch_bytes, keep);
+        let mut inner = Inner {
+            opts,
+            root: subsets[0].root.clone(),
+            buckets,
+            images,
+            bucket_of,
+            subsets,
+            subset_of,
+            sample_image,
+            sample_bucket,
+            bucket_samples,
+            num_batches,
+            found,
+            scan_skipped,
+            failed: Mutex::new(Failed::default()),
+            pool,
+            cache: None,
+            tensor_pool: BufferPool::new(0, 0),
+            empty_pool: BufferPool::new(0, keep),
+        };
+        if let Some(dir) = inner.opts.cache.clone() {
+            let (cache, unreadable) = Cache::open(&dir, &inner.images, inner.opts.threads())?;
+            check_cacheable(&inner, &cache.store)?;
+            for (image, err) in unreadable {
+                if inner.opts.on_error == OnError::Raise {
+                    return Err(err);
+                }
+                inner.record_failure(image, &err);
+            }
+            let largest = (inner.buckets.iter().zip(&inner.bucket_samples))
+                .filter(|(_, samples)| !samples.is_empty())
+                .flat_map(|(b, _)| cache.tensors(*b))
+                .map(|(_, _, dtype, shape)| {
+                    shape.iter().product::<usize>() * dtype.bytes_per_value()
+                })
+                .max()
+                .unwrap_or(0);
+            let n = inner.opts.batch_size.min(fullest);
+            let keep = opts_keep(&inner.opts) * cache.tensors(inner.buckets[0]).len();
+            inner.tensor_pool = BufferPool::new(n * largest, keep);
+            inner.cache = Some(cache);
+        }
         Ok(Loader {
-            inner: Arc::new(Inner {
-                opts,
-                root: subsets[0].root.clone(),
-                buckets,
-                images,
-                bucket_of,
-                subsets,
-                subset_of,
-                sample_image,
-                sample_bucket,
-                bucket_samples,
-                num_batches,
-                found,
-                scan_skipped,
-                failed: Mutex::new(Failed::default()),
-                pool,
-            }),
+            inner: Arc::new(inner),
         })
     }
 
@@ -300,10 +342,23 @@ impl Loader {
         self.inner.num_batches
     }
 
+    /// With a cache: image `index`'s content hash (blake3 of its bytes when the loader was built;
+    /// see [`crate::cache::content_hash`]), or `None` when its file could not be read (it is in the
+    /// report). `None` without a cache.
+    pub fn content_hash(&self, index: usize) -> Option<Key> {
+        let cache = self.inner.cache.as_ref()?;
+        cache.content.get(index)?.as_ref().ok().copied()
+    }
+
     /// The images the scan accepted, sorted by path ([`SampleMeta::index`] indexes this).
     pub fn images(&self) -> &[ImageEntry] {
         &self.inner.images
     }
+}
+
+/// Batch buffers a pool keeps: the consumer holds a batch or two while `prefetch` more load.
+fn opts_keep(opts: &LoaderOptions) -> usize {
+    opts.prefetch + 2
 }
 
 /// FNV-1a, 64 bit: a hash that is the same on every machine and Rust version (std's is not).

@@ -28,12 +28,14 @@
 
 mod batch;
 pub mod buffer;
-mod build;
+mod cached;
 mod draws;
 mod epoch;
 mod loader;
 mod options;
+mod plan;
 mod report;
+mod serve;
 pub mod stats;
 #[cfg(test)]
 mod testkit;

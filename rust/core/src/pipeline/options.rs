@@ -3,6 +3,7 @@
 //! Plain data: nothing here touches a file or a thread. A range check belongs in
 //! [`LoaderOptions::validate`] (or the type it delegates to), never at the place an option is used.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::bucket::BucketConfig;
@@ -97,6 +98,12 @@ pub struct LoaderOptions {
     pub world_size: usize,
     /// How a bucket's last global batch is split across ranks. Default [`Remainder::Pad`].
     pub remainder: Remainder,
+    /// A cache folder (see [`crate::cache`]): samples get their latent and text keys, and with
+    /// `pixels = false` their tensors come from it instead of decoding. Default `None`.
+    pub cache: Option<PathBuf>,
+    /// Decode pixels (`false` needs a `cache`: batches then hold the cached tensors only).
+    /// Default true.
+    pub pixels: bool,
 }
 
 impl Default for LoaderOptions {
@@ -128,6 +135,8 @@ impl Default for LoaderOptions {
             rank: 0,
             world_size: 1,
             remainder: Remainder::Pad,
+            cache: None,
+            pixels: true,
         }
     }
 }
@@ -137,8 +146,8 @@ impl LoaderOptions {
     ///
     /// Errors: [`Error::InvalidArgument`] naming the argument: `batch_size` 0, `prefetch` 0,
     /// `flip_prob` outside `[0, 1]` (or NaN), `max_pixels` 0, `crop_variants` or `text_variants`
-    /// `Some(0)`, a caption extension without its leading dot, and the bucket options as in
-    /// [`BucketConfig::new`].
+    /// `Some(0)`, `pixels` false without a `cache`, a caption extension without its leading dot,
+    /// and the bucket options as in [`BucketConfig::new`].
     pub fn validate(&self) -> Result<()> {
         self.bucket_config()?;
         if self.batch_size == 0 {
@@ -172,6 +181,12 @@ impl LoaderOptions {
                     "{name} must be at least 1 (or None), got 0"
                 )));
             }
+        }
+        if !self.pixels && self.cache.is_none() {
+            return Err(Error::InvalidArgument(
+                "pixels=False needs a cache: without one there is nothing to load but pixels"
+                    .into(),
+            ));
         }
         if self.max_pixels == 0 {
             return Err(Error::InvalidArgument(

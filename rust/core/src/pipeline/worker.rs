@@ -15,12 +15,13 @@ use crossbeam_channel::{Receiver, Sender};
 use super::batch::{BatchState, SampleMeta, SampleOutcome};
 use super::loader::Inner;
 use super::options::OnError;
+use super::serve::{copy_entries, SampleKeys};
 use super::stats::{Stage, StatsHandle, Stopwatch};
 use crate::decode::{self, DecodeOptions, Decoder};
 use crate::error::{Error, Result};
 use crate::rng::{self, Stream};
 use crate::scan::ImageEntry;
-use crate::transform::Transformer;
+use crate::transform::{Placement, Transformer};
 
 /// One sample to load: sample `sample` (image `image`) into slot `slot` of `batch`.
 pub(super) struct Job {
@@ -28,6 +29,19 @@ pub(super) struct Job {
     pub(super) slot: usize,
     pub(super) sample: usize,
     pub(super) image: usize,
+    pub(super) draw: Draw,
+}
+
+/// Where a job's crop and flip come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Draw {
+    /// The epoch's seeded draws for the sample (a failed sample gets a stand-in).
+    Epoch,
+    /// Crop variant `variant` of the image, flipped or not ([`Loader::iter_build`]: no stand-ins;
+    /// the caption is the image's as read).
+    ///
+    /// [`Loader::iter_build`]: super::Loader::iter_build
+    Fixed { variant: u32, flip: bool },
 }
 
 pub(super) struct WorkerCtx {
@@ -92,6 +106,7 @@ fn load_with_stand_ins(
         slot: job.slot,
         sample: job.sample,
         image: job.image,
+        draw: job.draw,
     };
     loop {
         let entry = &inner.images[attempt_job.image];
@@ -114,8 +129,9 @@ fn load_with_stand_ins(
             return Err(err);
         }
         inner.record_failure(attempt_job.image, &err);
-        if ctx.stop.load(Ordering::Relaxed) {
-            // The epoch is being dropped: nobody will see this slot, so end the search here.
+        if ctx.stop.load(Ordering::Relaxed) || job.draw != Draw::Epoch {
+            // The epoch is being dropped: nobody will see this slot, so end the search here. A
+            // build batch has no stand-ins: its sample is left out.
             return Err(err);
         }
         // Images known to fail (this one included) are passed over: they would fail again, so the
@@ -177,9 +193,11 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-/// Load one sample into its slot: read, check the header against the scan, decode (DCT-downscaled
-/// where the format allows, to no less than the resized size), resize + crop + flip + layout.
-/// `watch` gets each stage's time.
+/// Load one sample into its slot: its placement and caption from the draws, its keys, its cached
+/// tensors (when the batch has any, see `serve`), then, when the batch decodes pixels: read, check
+/// the header against the scan, decode (DCT-downscaled where the format allows, to no less than
+/// the resized size), resize + crop + flip + layout. `watch` gets each stage's time (the cache
+/// copy counts as reading).
 fn load_sample(
     inner: &Inner,
     epoch: u64,
@@ -188,6 +206,59 @@ fn load_sample(
     tools: &mut Option<Tools>,
     watch: &mut Stopwatch,
 ) -> Result<SampleMeta> {
+    let bucket = job.batch.bucket;
+    // Keyed by sample, not image: each repeat of an image gets its own crop, flip and caption.
+    let (placement, caption) = match job.draw {
+        Draw::Epoch => (
+            inner.placement(epoch, job.sample, job.image, bucket),
+            inner.caption(epoch, job.sample, job.image),
+        ),
+        Draw::Fixed { variant, flip } => (
+            inner.variant_placement(job.image, bucket, variant, flip),
+            entry.caption.clone(),
+        ),
+    };
+    let cache = inner.cache.as_ref();
+    let keys = SampleKeys {
+        placement: &placement,
+        caption: &caption,
+        latent: cache.and_then(|c| c.latent_key(inner, job.image, &placement)),
+        text: cache.and_then(|c| c.text_key(&caption)),
+    };
+    if !job.batch.tensors.is_empty() {
+        copy_entries(inner, job, entry, &keys)?;
+        watch.lap(Stage::Read);
+    }
+    if job.batch.decode {
+        decode_into_slot(inner, job, entry, &placement, tools, watch)?;
+    }
+    let upright = entry.header.upright_size();
+    let subset = inner.subset_of[job.image];
+    Ok(SampleMeta {
+        index: job.image,
+        subset,
+        is_reg: inner.subsets[subset].is_reg,
+        path: entry.path.clone(),
+        latent_key: keys.latent,
+        text_key: keys.text,
+        caption,
+        original_size: (upright.1, upright.0),
+        crop_top_left: placement.crop_top_left(),
+        target_size: (bucket.height, bucket.width),
+        placement,
+    })
+}
+
+/// Read, check the header against the scan, decode and transform `job`'s image at `placement`
+/// into its pixel slot.
+fn decode_into_slot(
+    inner: &Inner,
+    job: &Job,
+    entry: &ImageEntry,
+    placement: &Placement,
+    tools: &mut Option<Tools>,
+    watch: &mut Stopwatch,
+) -> Result<()> {
     let o = &inner.opts;
     let path = &entry.path;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -211,14 +282,7 @@ fn load_sample(
             ),
         });
     }
-
     watch.lap(Stage::Probe);
-
-    let bucket = job.batch.bucket;
-    // Keyed by sample, not image: each repeat of an image gets its own crop, flip and caption.
-    let placement = inner.placement(epoch, job.sample, job.image, bucket);
-    let subset_index = inner.subset_of[job.image];
-    let upright = was.upright_size();
 
     let tools = match tools {
         Some(t) => t,
@@ -240,33 +304,23 @@ fn load_sample(
         &decode_opts,
     )?;
     watch.lap(Stage::Decode);
+    let bucket = job.batch.bucket;
     // SAFETY: this job is the only one for (batch, slot), and the consumer takes the buffer only
     // after `finish` has been called for every slot, which happens after this borrow ends.
     let out = unsafe { job.batch.slot_mut(job.slot) };
     tools
         .transformer
-        .apply(&img, &placement, (bucket.width, bucket.height), out)?;
+        .apply(&img, placement, (bucket.width, bucket.height), out)?;
     watch.lap(Stage::Write);
     let resize = tools.transformer.take_resize_time();
     watch.move_time(Stage::Write, Stage::Resize, resize);
-
-    Ok(SampleMeta {
-        index: job.image,
-        subset: subset_index,
-        is_reg: inner.subsets[subset_index].is_reg,
-        path: path.clone(),
-        caption: inner.caption(epoch, job.sample, job.image),
-        original_size: (upright.1, upright.0),
-        crop_top_left: placement.crop_top_left(),
-        target_size: (bucket.height, bucket.width),
-    })
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
     use super::*;
-    use crate::transform::Placement;
 
     #[test]
     fn each_sample_lands_in_its_own_slot_for_every_dtype() {
