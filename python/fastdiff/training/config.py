@@ -232,7 +232,14 @@ class TrainConfig:
         "(a fresh draw from the cached posterior each step) and text embeddings instead of pixels and "
         "captions, and the VAE / text encoders the cache stands in for are not loaded (previews load "
         "them for the preview, a full fine-tune's save for the save). A sample the cache lacks is an "
-        "error naming the file and what changed.",
+        "error naming the file and what changed; --cache-build fills it first.",
+    )
+    cache_build: bool = setting(
+        False,
+        group="data",
+        help="Before training, encode what --cache lacks for this run's samples and captions (as "
+        "`fastdiff cache` with this run's data, model and loader options; an up-to-date cache costs a "
+        "scan). The VAE and text encoders are freed before the UNet loads.",
     )
     max_steps: int = setting(
         500,
@@ -450,6 +457,8 @@ class TrainConfig:
         """
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
+        if self.cache_build and self.cache is None:
+            raise ValueError("cache_build needs a cache folder (--cache)")
         if self.model is None:
             self._check_from_scratch()
         else:

@@ -43,17 +43,11 @@ class TrainBatch(Batch, total=False):
 
     Keys (besides the batch's own): ``captions_dropped``, ``B`` flags of the captions that caption
     dropout replaced by ``""`` (for classifier-free guidance); ``pixel_values`` is on the run's device.
-    A cache-served batch (``fastdiff.DataLoader(cache=...)``) brings, on the run's device, ``latents``
-    and ``latents_std`` (``[B, C, h, w]``: the scaled VAE posterior's mean and std) and
-    ``prompt_embeds`` (``[B, L, D]``) and ``pooled_prompt_embeds`` (``[B, P]``, SDXL), in the cache's
-    dtype, for the loader's captions (before caption dropout).
+    A cache-served batch's ``latents``/``latents_std``/``prompt_embeds``/``pooled_prompt_embeds`` are
+    on the run's device too; its embeddings are of the loader's captions (before caption dropout).
     """
 
     captions_dropped: list[bool]
-    latents: torch.Tensor
-    latents_std: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
 
 
 class Task(Protocol):

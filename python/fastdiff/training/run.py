@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastdiff.cache.command import build_for_config
 from fastdiff.cache.entries import empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
 from fastdiff.training import loop
@@ -175,6 +176,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
+        if config.cache_build:
+            build_for_config(config)
         cached = cached_halves(config)
         cache = config.cache
         empty = None if cache is None else lambda: empty_prompt(cache)

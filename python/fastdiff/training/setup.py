@@ -43,15 +43,17 @@ def with_dataset_options(config: TrainConfig) -> TrainConfig:
     return config.resolved(**LOADER_DEFAULTS)
 
 
-def make_loader(config: TrainConfig) -> DataLoader:
+def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoader:
     """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch;
     with ``config.cache``, batches of the cache's ``latents``/``prompt_embeds`` instead of pixels.
 
     Args:
         config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``,
-            ``cache``);
-            a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`, the fields
-            set here winning over its values; fields left at ``None`` take the loader's defaults.
+            ``cache``); a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`,
+            the fields set here winning over its values; fields left at ``None`` take the loader's
+            defaults.
+        pixels: With a cache, also the pixels (``fastdiff cache`` encodes them); ``None``: the
+            loader's default (pixels only without a cache).
 
     Returns:
         The loader.
@@ -73,6 +75,7 @@ def make_loader(config: TrainConfig) -> DataLoader:
         "num_threads": config.num_threads,
         # With a cache the batches bring its latents/embeddings (the loader's `cache` option).
         "cache": config.cache,
+        "pixels": pixels,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
