@@ -291,3 +291,65 @@ def test_train_from_the_cache_never_constructs_the_vae_or_text_encoder(
     result = run.train(replace(cfg, output=tmp_path / "again"))
     assert built == {"UNet2DConditionModel": 1}
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_an_undecodable_image_is_recorded_as_failed_by_content_hash(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    broken = data / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))  # a JPEG signature, then nothing decodable
+    (data / "broken.txt").write_text("a broken file")
+    cache = tmp_path / "cache"
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 3
+    assert list(report.failed) == [_fastdiff.content_hash(broken.read_bytes())]
+    assert read_manifest(cache)["failed"] == report.failed
+
+
+def test_a_truncated_shard_is_never_served_and_its_entries_are_re_encoded(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    (shard,) = cache.glob("latents-*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    store = _fastdiff.CacheStore(cache)
+    assert store.keys("latents") == [] and [Path(p) for p, _ in store.corrupt_shards()] == [shard]
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 3 and report.text_encoded == 0
+
+
+def test_gc_deletes_the_shards_of_an_old_resolution(
+    sd15: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastdiff import cli
+
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    (old,) = cache.glob("latents-*.safetensors")
+    argv = [
+        "cache",
+        "--model",
+        str(sd15),
+        "--data",
+        str(data),
+        "--output",
+        str(cache),
+        "--resolution",
+        "48",
+        "--bucket-step",
+        "8",
+        "--batch-size",
+        "2",
+        "--num-threads",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--gc",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "latents 3 encoded / 3 needed, text 0 encoded / 4 needed" in out and "gc deleted 1 orphan" in out
+    assert not old.exists() and len(_fastdiff.CacheStore(cache).keys("latents")) == 3
