@@ -353,3 +353,19 @@ def test_gc_deletes_the_shards_of_an_old_resolution(
     out = capsys.readouterr().out
     assert "latents 3 encoded / 3 needed, text 0 encoded / 4 needed" in out and "gc deleted 1 orphan" in out
     assert not old.exists() and len(_fastdiff.CacheStore(cache).keys("latents")) == 3
+
+
+def test_cache_takes_the_train_flags_of_the_data_and_model_only(tmp_path: Path) -> None:
+    from fastdiff import cli
+    from fastdiff.cache.command import CACHE_FIELDS, cache_config
+
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["cache", "--output", str(tmp_path), "--model", "m", "--data", "d", "--crop-variants", "2"]
+    )
+    config = cache_config(args)
+    assert config.cache == config.output == tmp_path and config.crop_variants == 2
+    assert {"crop", "flip_prob", "crop_variants", "text_variants", "resolution", "model"} <= set(CACHE_FIELDS)
+    for train_only in (["--max-steps", "3"], ["--cache-build"], ["--cache", "c"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["cache", "--output", str(tmp_path), *train_only])

@@ -25,7 +25,11 @@ from fastdiff.training.setup import make_loader, resolve_device, with_dataset_op
 #: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
 #: samples and captions, the model, and where the encoders run.
 CACHE_FIELDS = (
-    *(f.name for f in fields(TrainConfig) if f.metadata["group"] == "data" and f.name != "cache"),
+    *(
+        f.name
+        for f in fields(TrainConfig)
+        if f.metadata["group"] == "data" and f.name not in ("cache", "cache_build")
+    ),
     "model",
     "model_config",
     "seed",
