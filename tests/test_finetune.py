@@ -20,10 +20,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from fastdiff import cli
-from fastdiff.training import loop, objective, sd
+from fastdiff.training import loop, objective, sd, sd_pipeline
 from fastdiff.training.config import TrainConfig, config_from_args, config_from_mapping, read_train_toml
 from fastdiff.training.protocols import BatchLoader
-from fastdiff.training.run import make_loader, train
+from fastdiff.training.run import train
+from fastdiff.training.setup import make_loader
 from fastdiff.types import Batch
 from safetensors.torch import load_file, save_file
 from tiny_sd import build_sd15, build_sdxl
@@ -292,7 +293,7 @@ def test_nan_batch_is_skipped_counted_logged_and_leaves_the_weights_unchanged(
 
 
 def poisoned_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the pipeline defaults that :func:`fastdiff.training.run.make_loader` needs filled in."""
+    """``cfg`` with the pipeline defaults that :func:`fastdiff.training.setup.make_loader` needs filled in."""
     return cfg.resolved(resolution=32, bucket_step=8)
 
 
@@ -417,30 +418,30 @@ def test_sdxl_full_finetune_with_previews(sdxl: Path, images: Path, tmp_path: Pa
 
 def test_model_path_errors_are_clear(tmp_path: Path, sd15: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sd.pipeline_kind(tmp_path / "nope")
+        sd_pipeline.pipeline_kind(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="unknown layout"):
-        sd.pipeline_kind(tmp_path / "empty")
+        sd_pipeline.pipeline_kind(tmp_path / "empty")
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown layout"):
-        sd.pipeline_kind(tmp_path / "weights.bin")
+        sd_pipeline.pipeline_kind(tmp_path / "weights.bin")
     other = tmp_path / "other"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ValueError, match="FluxPipeline"):
-        sd.pipeline_kind(other)
+        sd_pipeline.pipeline_kind(other)
     broken = tmp_path / "broken"
     shutil.copytree(sd15, broken, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(ValueError, match="vae/"):
-        sd.pipeline_kind(broken)
-    assert sd.pipeline_kind(sd15) == "sd"
+        sd_pipeline.pipeline_kind(broken)
+    assert sd_pipeline.pipeline_kind(sd15) == "sd"
     single = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, single)
     with pytest.raises(ValueError, match="needs --model-config"):
-        sd.pipeline_kind(single)
-    assert sd.pipeline_kind(single, sd15) == "sd"
+        sd_pipeline.pipeline_kind(single)
+    assert sd_pipeline.pipeline_kind(single, sd15) == "sd"
     with pytest.raises(ValueError, match=r"model\.safetensors: could not load"):
-        sd.load_pipeline(single, sd15)
+        sd_pipeline.load_pipeline(single, sd15)
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay() -> None:
@@ -493,12 +494,15 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "model": "m",
         "model_config": "mc",
         "resume": "r",
+        "cache": "c",
         "resolution": 48,
         "bucket_step": 8,
         "min_bucket_side": 16,
         "max_bucket_side": 64,
         "crop": "random",
         "flip_prob": 0.5,
+        "crop_variants": 2,
+        "text_variants": 2,
         "batch_size": 3,
         "learning_rate": 0.5,
         "prediction_type": "v_prediction",

@@ -25,7 +25,8 @@ from fastdiff.training.config import (
     config_from_args,
 )
 from fastdiff.training.loop import autocast_dtype
-from fastdiff.training.run import TrainResult, make_loader, train, with_dataset_options
+from fastdiff.training.run import TrainResult, train
+from fastdiff.training.setup import make_loader, with_dataset_options
 from fastdiff.training.tiny import TinyModels, build_tiny_models, sample, tokenize
 from fastdiff.types import Batch, Crop
 from PIL import Image
@@ -269,6 +270,8 @@ LOADER_FIELDS = (
     "max_bucket_side",
     "crop",
     "flip_prob",
+    "crop_variants",
+    "text_variants",
 )
 
 

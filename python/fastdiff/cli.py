@@ -1,9 +1,9 @@
-"""The ``fastdiff`` command: ``scan | bench | tune | train | demo``.
+"""The ``fastdiff`` command: ``scan | bench | tune | train | cache | demo``.
 
 Each subcommand's arguments and body live in its own module (``bench.throughput``, ``bench.sweep``,
-``training.config`` / ``training.run``, ``training.demo``); this file only registers them, plus
-``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`, and checks before a command
-starts that the optional packages it needs are installed (:func:`missing_extra`).
+``training.config`` / ``training.run``, ``cache.command``, ``training.demo``); this file only
+registers them, plus ``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`, and checks
+before a command starts that the optional packages it needs are installed (:func:`missing_extra`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Here, not at the top: they import torch (seconds), which the extras check in main() must not wait for.
     from fastdiff import scan
     from fastdiff.bench import sweep, throughput
+    from fastdiff.cache import command as cache_command
     from fastdiff.training import config, demo, run
 
     description = __doc__.splitlines()[0].replace("``", "")
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_train_arguments(train_p)
     train_p.set_defaults(func=run.run_train)
+    cache_p = sub.add_parser(
+        "cache", help="encode a dataset's VAE latents and text embeddings into a cache for train --cache"
+    )
+    cache_command.add_cache_arguments(cache_p)
+    cache_p.set_defaults(func=cache_command.run_cache)
     demo_p = sub.add_parser("demo", help="make a synthetic captioned set, train on it, draw samples")
     demo.add_demo_arguments(demo_p)
     demo_p.set_defaults(func=demo.run_demo)
@@ -69,7 +75,7 @@ def needed_modules(argv: Sequence[str]) -> list[tuple[str, str]]:
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
     if flags & {"-h", "--help"}:
         return []  # help needs no optional package
-    if command in ("train", "demo"):
+    if command in ("train", "cache", "demo"):
         return [("train", m) for m in TRAIN_MODULES]
     needs = [("train", "matplotlib")] if "--plot" in flags else []
     if command == "bench" and "--sweep" not in flags:

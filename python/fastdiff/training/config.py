@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -210,10 +210,36 @@ class TrainConfig:
     flip_prob: float | None = loader_setting(
         "flip_prob", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['flip_prob']:g}."
     )
+    crop_variants: int | None = loader_setting(
+        "crop_variants",
+        default_doc="Needed to cache random crops (--cache): the crops are frozen into the cache. Default: "
+        "the dataset config's, else a new crop per sample and epoch.",
+    )
+    text_variants: int | None = loader_setting(
+        "text_variants",
+        default_doc="Needed to cache captions with caption operations (--cache). Default: the dataset "
+        "config's, else new caption operations per sample and epoch.",
+    )
     batch_size: int | None = loader_setting(
         "batch_size",
         default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "
         f"{LOADER_DEFAULTS['batch_size']}.",
+    )
+    cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
+        None,
+        group="data",
+        help="Cache folder made by `fastdiff cache` (pipeline only): batches bring the cached VAE latents "
+        "(a fresh draw from the cached posterior each step) and text embeddings instead of pixels and "
+        "captions, and the VAE / text encoders the cache stands in for are not loaded (previews load "
+        "them for the preview, a full fine-tune's save for the save). A sample the cache lacks is an "
+        "error naming the file and what changed; --cache-build fills it first.",
+    )
+    cache_build: bool = setting(
+        False,
+        group="data",
+        help="Before training, encode what --cache lacks for this run's samples and captions (as "
+        "`fastdiff cache` with this run's data, model and loader options; an up-to-date cache costs a "
+        "scan). The VAE and text encoders are freed before the UNet loads.",
     )
     max_steps: int = setting(
         500,
@@ -431,6 +457,8 @@ class TrainConfig:
         """
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
+        if self.cache_build and self.cache is None:
+            raise ValueError("cache_build needs a cache folder (--cache)")
         if self.model is None:
             self._check_from_scratch()
         else:
@@ -439,7 +467,7 @@ class TrainConfig:
                     raise ValueError(f"{f.name} applies only to the from-scratch model (no `model`)")
 
     def _check_from_scratch(self) -> None:
-        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing"):
+        for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing", "cache"):
             if getattr(self, name):
                 raise ValueError(f"{name} needs a Stable Diffusion `model` to fine-tune")
         if not self.unet_channels or any(c < 1 or c % NORM_GROUPS for c in self.unet_channels):
@@ -556,7 +584,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
     """Add ``--config`` and one flag per :class:`TrainConfig` field, in the field's ``--help`` group.
 
     Types come from the annotations (``bool`` → ``--x/--no-x``; a tuple → one or more values), help,
@@ -565,12 +593,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     Args:
         parser: The subcommand's parser.
+        names: Only these fields' flags (``fastdiff cache`` takes the data, loader and model ones);
+            ``None``: every field's.
     """
     parser.add_argument(
         "--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)"
     )
-    groups = {name: parser.add_argument_group(name, description) for name, description in GROUPS.items()}
-    for f in fields(TrainConfig):
+    chosen = [f for f in fields(TrainConfig) if names is None or f.name in names]
+    shown = {f.metadata["group"] for f in chosen}
+    groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items() if name in shown}
+    for f in chosen:
         kind, many = FIELD_TYPES[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "help": _flag_help(f)}
         if f.metadata["choices"] is not None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from fastdiff.types import Batch
 log = logging.getLogger("fastdiff.train")
 #: Images per prompt in a preview grid (seeds ``seed``, ``seed + 1``, ...).
 PREVIEW_SEEDS = 2
+#: Batch tensors the loop moves to the run's device: the pixels, or what a cache serves instead.
+ON_DEVICE = ("pixel_values", "latents", "latents_std", "prompt_embeds", "pooled_prompt_embeds")
 
 
 @dataclass
@@ -177,7 +180,8 @@ def run(
 
     Args:
         task: The model side.
-        loader: Batches (``pixel_values``, ``captions``, ``paths``, …).
+        loader: Batches (``pixel_values`` or cached ``latents``/``prompt_embeds``, ``captions``,
+            ``paths``, …); the tensors of :data:`ON_DEVICE` go to ``device``.
         config: The run's resolved settings (``learning_rate`` set).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
@@ -288,12 +292,14 @@ def run(
                 for loaded in micro:
                     captions, dropped = drop_captions(loaded["captions"], config.caption_dropout, caption_rng)
                     # A copy: the loader's batch keeps its own tensors and captions.
-                    batch = TrainBatch(**loaded, captions_dropped=dropped)
-                    batch["captions"] = captions
-                    pixels = batch["pixel_values"]
-                    batch["pixel_values"] = (pixels.pin_memory() if pin else pixels).to(
-                        device, non_blocking=pin
-                    )
+                    on_device: dict[str, Any] = {**loaded, "captions": captions, "captions_dropped": dropped}
+                    for name in ON_DEVICE:
+                        if name in on_device:
+                            tensor = on_device[name]
+                            on_device[name] = (tensor.pin_memory() if pin else tensor).to(
+                                device, non_blocking=pin
+                            )
+                    batch = cast(TrainBatch, on_device)
                     loss = task.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
                     value = loss.item()
                     values.append(value)

@@ -43,6 +43,8 @@ class TrainBatch(Batch, total=False):
 
     Keys (besides the batch's own): ``captions_dropped``, ``B`` flags of the captions that caption
     dropout replaced by ``""`` (for classifier-free guidance); ``pixel_values`` is on the run's device.
+    A cache-served batch's ``latents``/``latents_std``/``prompt_embeds``/``pooled_prompt_embeds`` are
+    on the run's device too; its embeddings are of the loader's captions (before caption dropout).
     """
 
     captions_dropped: list[bool]

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastdiff.dataset import load_config
-from fastdiff.loader import DataLoader
+from fastdiff.cache.command import build_for_config
+from fastdiff.cache.entries import empty_prompt
+from fastdiff.cache.manifest import MANIFEST, read_manifest
 from fastdiff.training import loop
 from fastdiff.training.config import (
-    DATASET_FIELDS,
     DEFAULT_PREVIEW_PROMPTS,
-    LOADER_DEFAULTS,
     RESUME_MUST_MATCH,
     TrainConfig,
     config_from_args,
@@ -34,6 +33,8 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
+from fastdiff.training.sd_pipeline import pipeline_kind
+from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 from fastdiff.training.tiny import TinyTask
 
 if TYPE_CHECKING:
@@ -91,33 +92,6 @@ class TrainResult:
         return self.output / "loss.png"
 
 
-def is_dataset_config(data: Path) -> bool:
-    """Whether ``data`` names a dataset config (a ``.toml`` file) rather than a folder of images."""
-    return data.suffix.lower() == ".toml" and not data.is_dir()
-
-
-def with_dataset_options(config: TrainConfig) -> TrainConfig:
-    """``config`` with the loader fields it leaves at ``None`` taken from its dataset config.
-
-    Fields filled (when ``config.data`` is a ``.toml`` that sets them in ``[general]`` or
-    ``[[datasets]]``): :data:`DATASET_FIELDS`; then ``batch_size``, ``crop`` and ``flip_prob`` still
-    at ``None`` get :data:`LOADER_DEFAULTS`. A folder ``data`` only gets the defaults.
-
-    Raises:
-        ValueError: The dataset config is invalid (as :func:`fastdiff.load_config`), or it sets a
-            ``seed`` other than ``config.seed``.
-    """
-    if is_dataset_config(config.data):
-        options, _ = load_config(config.data)
-        if options.get("seed", config.seed) != config.seed:
-            raise ValueError(
-                f"{config.data}: seed = {options['seed']} differs from the run's seed {config.seed} "
-                "(--seed); set it in one place"
-            )
-        config = config.resolved(**{k: options[k] for k in DATASET_FIELDS if k in options})
-    return config.resolved(**LOADER_DEFAULTS)
-
-
 def dataset_captions(config: TrainConfig, loader: BatchLoader) -> list[str]:
     """The caption of each training image, in file order (``""`` where an image has none).
 
@@ -130,42 +104,31 @@ def dataset_captions(config: TrainConfig, loader: BatchLoader) -> list[str]:
     return list(captions) if captions is not None else make_loader(config).captions
 
 
-def make_loader(config: TrainConfig) -> DataLoader:
-    """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch.
-
-    Args:
-        config: The run's settings (data, bucket and augmentation fields, ``seed``, ``num_threads``);
-            a dataset config ``data`` is read with :meth:`fastdiff.DataLoader.from_config`, the fields
-            set here winning over its values; fields left at ``None`` take the loader's defaults.
-
-    Returns:
-        The loader.
+def cached_halves(config: TrainConfig) -> set[str]:
+    """The halves (``"latents"``, ``"text"``) that ``config.cache`` holds for ``config.model``: what the
+    run takes from the batches instead of loading the VAE / the text encoders (none without a cache).
 
     Raises:
-        ValueError: As :class:`fastdiff.DataLoader`.
+        ValueError: ``config.cache`` has no manifest (not built yet: ``fastdiff cache`` or
+            ``--cache-build``), or was built from a pipeline of another kind than ``config.model``.
+        FileNotFoundError: As :func:`~fastdiff.training.sd_pipeline.pipeline_kind`.
     """
-    options: dict[str, Any] = {
-        "resolution": config.resolution,
-        "batch_size": config.batch_size,
-        "bucket_step": config.bucket_step,
-        "min_bucket_side": config.min_bucket_side,
-        "max_bucket_side": config.max_bucket_side,
-        "crop": config.crop,
-        "flip_prob": config.flip_prob,
-        "seed": config.seed,
-        "num_threads": config.num_threads,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
-    if is_dataset_config(config.data):
-        return DataLoader.from_config(config.data, dtype=torch.float32, **options)
-    return DataLoader(config.data, shuffle=True, dtype=torch.float32, **options)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when ``torch.cuda.is_available()``, else CPU; anything else → ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if config.cache is None:
+        return set()
+    assert config.model is not None
+    manifest = read_manifest(config.cache)
+    if manifest is None:
+        raise ValueError(
+            f"cache {config.cache} has no {MANIFEST}: build it with `fastdiff cache --model "
+            f"{config.model} --data {config.data} --output {config.cache}` or pass --cache-build"
+        )
+    kind = pipeline_kind(config.model, config.model_config)
+    if manifest.get("kind") != kind:
+        raise ValueError(
+            f"cache {config.cache} holds {manifest.get('kind')} entries (of {manifest.get('model')}), "
+            f"but {config.model} is an {kind} pipeline"
+        )
+    return {half for half in ("latents", "text") if half in manifest}
 
 
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
@@ -213,7 +176,12 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
-        task = PipelineTask.from_config(config, device)
+        if config.cache_build:
+            build_for_config(config)
+        cached = cached_halves(config)
+        cache = config.cache
+        empty = None if cache is None else lambda: empty_prompt(cache)
+        task = PipelineTask.from_config(config, device, cached=cached, empty_prompt=empty)
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files

@@ -1,24 +1,30 @@
-"""Stable Diffusion 1.x/2.x and SDXL fine-tuning pieces: local pipelines, prompts, latents, LoRA.
+"""Stable Diffusion 1.x/2.x and SDXL fine-tuning: :class:`PipelineTask`, and LoRA.
 
 :class:`PipelineTask` is the Stable Diffusion side of ``fastdiff train --model PATH`` (the loop itself,
 with AMP, EMA, min-SNR, the non-finite guard and checkpoints, is :func:`fastdiff.training.loop.run`). It
-loads a diffusers pipeline from a local folder or single file (never from the network), encodes captions
-with the pipeline's text encoder(s) — both of SDXL's, with the pooled embedding and the ``add_time_ids``
-built from the loader's ``original_sizes``/``crop_top_lefts``/``target_sizes`` (Podell et al. 2023,
-"SDXL", arXiv:2307.01952, §2.2) — encodes ``pixel_values`` to VAE latents, and adds LoRA adapters (Hu et
-al. 2021, arXiv:2106.09685) with peft in the format diffusers' ``load_lora_weights`` reads.
+loads a diffusers pipeline from a local folder or single file (never from the network;
+:mod:`fastdiff.training.sd_pipeline`), encodes captions with the pipeline's text encoder(s) — both of
+SDXL's, with the pooled embedding and the ``add_time_ids`` built from the loader's
+``original_sizes``/``crop_top_lefts``/``target_sizes`` (Podell et al. 2023, "SDXL", arXiv:2307.01952,
+§2.2) — encodes ``pixel_values`` to VAE latents, and adds LoRA adapters (Hu et al. 2021,
+arXiv:2106.09685) with peft in the format diffusers' ``load_lora_weights`` reads.
 
-This module must not download anything: every ``from_pretrained``/``from_single_file`` call passes
-``local_files_only=True``. diffusers and peft (the ``train`` extra) are imported where used:
-``fastdiff.cli`` imports the training modules to register their arguments, and must start fast and
-report a missing extra itself.
+From a cache (``fastdiff train --cache``) the batches carry ``latents``/``latents_std`` and
+``prompt_embeds``/``pooled_prompt_embeds`` instead, and the task is built without the VAE and/or the
+text encoders and tokenizers: their weights are never read for training. Previews and a full
+fine-tune's saved pipeline need them: they are loaded for the preview (and dropped after it) or the save.
+
+This module must not download anything. diffusers and peft (the ``train`` extra) are imported where
+used: ``fastdiff.cli`` imports the training modules to register their arguments, and must start fast
+and report a missing extra itself.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,183 +33,34 @@ import torch
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.objective import add_training_noise, diffusion_loss_from
 from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.sd_pipeline import (
+    component_config,
+    encode_latents,
+    encode_prompts,
+    load_component,
+    load_pipeline,
+    pipeline_kind,
+    zero_dropped,
+)
 from fastdiff.types import Batch
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-#: Pipeline classes (``model_index.json`` ``_class_name``) that can be fine-tuned, and their kind.
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-#: Component folders a pipeline folder must have, per kind.
-COMPONENTS = {
-    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-}
 #: Text-encoder modules that get LoRA adapters with ``train_text_encoder`` (CLIP attention projections).
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: File name of a LoRA adapter (diffusers' default ``weight_name``).
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: Name of the LoRA adapter peft adds (its default).
 ADAPTER = "default"
-#: Suffixes of single-file checkpoints.
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def pipeline_kind(model: Path, model_config: Path | None = None) -> str:
-    """``"sd"`` (SD 1.x/2.x) or ``"sdxl"`` for a pipeline folder or single-file checkpoint.
-
-    A folder is identified by its ``model_index.json``; a single file by ``model_config``'s (required
-    for single files: without it diffusers would look for configs online).
-
-    Raises:
-        FileNotFoundError: ``model`` does not exist.
-        ValueError: The layout is unknown or the pipeline class is not supported; the message says why.
-    """
-    if not model.exists():
-        raise FileNotFoundError(f"model {model} does not exist")
-    if model.is_dir():
-        index = model / "model_index.json"
-        if not index.is_file():
-            raise ValueError(
-                f"model {model}: unknown layout, no model_index.json. Expected a diffusers pipeline folder "
-                f"(SD: {', '.join(COMPONENTS['sd'])}/; SDXL adds text_encoder_2/, tokenizer_2/) or a "
-                f"single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
-            )
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if class_name not in SUPPORTED_PIPELINES:
-            raise ValueError(
-                f"model {model}: pipeline class {class_name!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_PIPELINES)}"
-            )
-        kind = SUPPORTED_PIPELINES[class_name]
-        missing = [c for c in COMPONENTS[kind] if not (model / c).is_dir()]
-        if missing:
-            raise ValueError(
-                f"model {model}: {class_name} folder lacks {', '.join(f'{m}/' for m in missing)}"
-            )
-        return kind
-    if model.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise ValueError(
-            f"model {model}: unknown layout; expected a pipeline folder or a "
-            f"{'/'.join(SINGLE_FILE_SUFFIXES)} file"
-        )
-    if model_config is None:
-        # Without it diffusers looks for the configs in the Hugging Face cache and may try to download.
-        raise ValueError(
-            f"model {model}: a single-file checkpoint needs --model-config, a local diffusers pipeline "
-            "folder of the same architecture (its configs and tokenizers are used; nothing is downloaded)"
-        )
-    return pipeline_kind(model_config)
-
-
-def load_pipeline(model: Path, model_config: Path | None = None) -> DiffusionPipeline:
-    """Load an SD 1.x/2.x or SDXL pipeline from local files only (weights in float32, diffusers' default).
-
-    Args:
-        model: A diffusers pipeline folder, or a single-file checkpoint loaded with diffusers'
-            ``from_single_file``.
-        model_config: For a single file (required): a local pipeline folder of the same architecture
-            whose component configs and tokenizers are used.
-
-    Returns:
-        A ``StableDiffusionPipeline`` (no safety checker) or ``StableDiffusionXLPipeline`` on the CPU.
-
-    Raises:
-        FileNotFoundError: ``model`` does not exist.
-        ValueError: Unknown layout or class (see :func:`pipeline_kind`), or a single file that does not
-            load with ``model_config``'s configs.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    kind = pipeline_kind(model, model_config)
-    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
-    if model.is_dir():
-        return cls.from_pretrained(model, local_files_only=True, **extra)
-    try:
-        return cls.from_single_file(
-            str(model),
-            config=None if model_config is None else str(model_config),
-            local_files_only=True,
-            **extra,
-        )
-    except Exception as e:  # diffusers raises several types here (SingleFileComponentError, OSError, ...)
-        raise ValueError(
-            f"model {model}: could not load the single-file checkpoint with the configs of "
-            f"{model_config}: {e}"
-        ) from e
-
-
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """CLIP token ids padded/truncated to ``tokenizer.model_max_length`` (77 for SD): int64 ``[B, L]``."""
-    return tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def encode_prompts(
-    text_encoders: Sequence[torch.nn.Module],
-    tokenizers: Sequence[Any],
-    captions: Sequence[str],
-    *,
-    sdxl: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The UNet's text conditioning, as the diffusers pipelines compute it (no clip skip).
-
-    SD 1.x/2.x: the text encoder's last hidden state. SDXL: each encoder's penultimate hidden state,
-    concatenated on the channel axis (768 + 1280 = 2048 for SDXL), and the second encoder's projected
-    pooled output (``text_embeds``).
-
-    Args:
-        text_encoders: ``[text_encoder]``, or ``[text_encoder, text_encoder_2]`` for SDXL.
-        tokenizers: The matching tokenizers.
-        captions: ``B`` texts.
-        sdxl: Which of the two conventions.
-
-    Returns:
-        ``(hidden, pooled)``: float ``[B, L, D]`` on the encoders' device, and ``[B, P]`` for SDXL
-        (``None`` otherwise).
-    """
-    device = next(text_encoders[0].parameters()).device
-    if not sdxl:
-        return text_encoders[0](tokenize(tokenizers[0], captions).to(device))[0], None
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
-        pooled = out[0]  # CLIPTextModelWithProjection (the last encoder): text_embeds
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def zero_dropped(
-    hidden: torch.Tensor, pooled: torch.Tensor | None, dropped: Sequence[bool]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The conditioning with the rows of dropped captions set to zero.
-
-    SDXL's unconditional input is all-zero embeddings: its pipeline zeroes the negative prompt's
-    hidden states and pooled output (``force_zeros_for_empty_prompt``), as Stability's
-    generative-models training zeroes the embeddings of dropped captions (``ucg_rate``). Training the
-    dropped captions on the embeddings of ``""`` instead would teach a different unconditional
-    prediction from the one guidance uses.
-
-    Args:
-        hidden: ``[B, L, D]`` text hidden states.
-        pooled: ``[B, P]`` pooled text embeddings, or ``None``.
-        dropped: ``B`` flags.
-
-    Returns:
-        ``(hidden, pooled)`` with the dropped rows zero (a multiplication, so gradients still flow to
-        the kept rows).
-    """
-    keep = torch.tensor([not d for d in dropped], dtype=hidden.dtype, device=hidden.device)
-    hidden = hidden * keep[:, None, None]
-    if pooled is not None:
-        pooled = pooled * keep.to(pooled.dtype)[:, None]
-    return hidden, pooled
+#: The conditioning of one caption: ``prompt_embeds`` ``[L, D]`` and SDXL's ``pooled_prompt_embeds`` ``[P]``.
+EmptyPrompt = tuple[torch.Tensor, torch.Tensor | None]
+#: The components a cache half stands in for: ``"latents"`` the VAE, ``"text"`` the text encoders and
+#: tokenizers (per kind).
+CACHED_COMPONENTS = {
+    "sd": {"latents": ("vae",), "text": ("text_encoder", "tokenizer")},
+    "sdxl": {"latents": ("vae",), "text": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")},
+}
 
 
 def add_time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
@@ -226,26 +83,43 @@ def add_time_ids(batch: Batch, device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sample VAE latents of ``pixels`` and scale them as the pipelines expect.
+def vae_downscale(model: Path, model_config: Path | None = None) -> int:
+    """The VAE's downsampling factor (8 for SD and SDXL), from its config file."""
+    return int(2 ** (len(component_config(model, model_config, "vae")["block_out_channels"]) - 1))
 
-    ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``), then
-    ``(z - shift_factor) * scaling_factor`` from the VAE config (SD 1.x: 0.18215, SDXL: 0.13025).
 
-    Args:
-        vae: A diffusers ``AutoencoderKL`` (frozen; run without gradients in its own dtype).
-        pixels: float ``[B, 3, H, W]`` in ``[-1, 1]``, ``H`` and ``W`` multiples of the VAE's downsampling.
-        generator: Source of the latent draw, on ``pixels``' device.
+def with_model_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its model-dependent defaults filled in from ``config.model``'s config files (no
+    weights are read): ``resolution`` = the UNet's ``sample_size`` × the VAE's downsampling (512 for SD
+    1.5, 1024 for SDXL); ``bucket_step`` 64; ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full
+    fine-tune; ``prediction_type`` from the pipeline's scheduler config.
 
-    Returns:
-        float32 ``[B, latent_channels, H / f, W / f]``.
+    Raises:
+        FileNotFoundError, ValueError: As :func:`~fastdiff.training.sd_pipeline.component_config`; or
+            ``bucket_step`` is not a multiple of the VAE's × the UNet's downsampling factor.
     """
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator).float()
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        latents = latents - shift
-    return latents * vae.config.scaling_factor
+    assert config.model is not None
+    model, model_config = config.model, config.model_config
+    vae_factor = vae_downscale(model, model_config)
+    unet = component_config(model, model_config, "unet")
+    unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    if not isinstance(sample_size, int):
+        sample_size = max(sample_size)
+    scheduler = component_config(model, model_config, "scheduler")
+    config = config.resolved(
+        resolution=sample_size * vae_factor,
+        bucket_step=64,
+        learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+    )
+    assert config.bucket_step is not None
+    if config.bucket_step % (vae_factor * unet_factor):
+        raise ValueError(
+            f"bucket_step ({config.bucket_step}) must be a multiple of {vae_factor * unet_factor}, "
+            f"the VAE's ({vae_factor}) times the UNet's ({unet_factor}) downsampling factor"
+        )
+    return config
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -265,8 +139,13 @@ class PipelineTask:
 
     Attributes:
         config: The run's config with the model-dependent defaults filled in.
-        pipeline: The diffusers pipeline; its ``unet`` (and text encoders) are the trained modules.
+        pipeline: The diffusers pipeline; its ``unet`` (and text encoders) are the trained modules. Its
+            ``vae`` is ``None`` when the batches bring cached ``latents``, its text encoders and
+            tokenizers when they bring cached ``prompt_embeds`` (see :meth:`from_config`).
         sdxl: Whether it is SDXL (two text encoders, ``add_time_ids``).
+        empty_prompt: The conditioning of ``""`` (``[L, D]``, and ``[P]`` for SDXL) that replaces a
+            dropped caption's cached embeddings when ``zero_dropped_captions`` is off; ``None`` when
+            no dropped caption needs it (the text encoders encode ``""`` themselves).
         zero_dropped_captions: Whether a dropped caption (``caption_dropout``) is conditioned on zero
             embeddings rather than those of ``""``: SDXL pipelines with ``force_zeros_for_empty_prompt``
             (the default), whose classifier-free guidance uses zeros as the unconditional input.
@@ -275,8 +154,22 @@ class PipelineTask:
     """
 
     def __init__(
-        self, config: TrainConfig, device: torch.device, pipeline: DiffusionPipeline, sdxl: bool
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        pipeline: DiffusionPipeline,
+        sdxl: bool,
+        empty_prompt: Callable[[], EmptyPrompt] | None = None,
     ) -> None:
+        """Freeze, adapt and place the pipeline's modules for training.
+
+        Raises:
+            ValueError: ``train_text_encoder`` without the text encoders (cached text), or cached text
+                with caption dropout on, no ``empty_prompt`` and no zero embeddings for dropped captions.
+
+        ``empty_prompt`` gives the cached conditioning of ``""``; it is called (once) only when a
+        dropped caption needs it: cached text, ``caption_dropout > 0``, no zero embeddings.
+        """
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
 
@@ -284,12 +177,28 @@ class PipelineTask:
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
-        self.text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if sdxl else [])
+        encoder_names = ["text_encoder", "text_encoder_2"][: 2 if sdxl else 1]
+        self.text_encoders = [getattr(pipeline, n) for n in encoder_names if getattr(pipeline, n) is not None]
         self.tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if sdxl else [])
         self.vae = pipeline.vae
+        #: Which cache halves the batches must bring: ``"latents"`` without a VAE, ``"text"`` without
+        #: text encoders.
+        absent = {"latents": self.vae is None, "text": not self.text_encoders}
+        self.cached = {half for half, gone in absent.items() if gone}
         self.zero_dropped_captions = sdxl and bool(
             getattr(pipeline.config, "force_zeros_for_empty_prompt", False)
         )
+        if "text" in self.cached and config.train_text_encoder:
+            raise ValueError(
+                "train_text_encoder needs the text encoders: cached prompt_embeds cannot be trained"
+            )
+        self.empty_prompt: EmptyPrompt | None = None
+        if "text" in self.cached and config.caption_dropout > 0 and not self.zero_dropped_captions:
+            if empty_prompt is None:
+                raise ValueError(
+                    "cached text with caption_dropout > 0 needs the embeddings of '' (empty_prompt)"
+                )
+            self.empty_prompt = empty_prompt()
         self.lora = config.lora_rank > 0
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         self.amp = amp
@@ -304,7 +213,7 @@ class PipelineTask:
                 scheduler_config, prediction_type=config.prediction_type
             )
 
-        for module in (self.unet, self.vae, *self.text_encoders):
+        for module in (self.unet, *([self.vae] if self.vae is not None else []), *self.text_encoders):
             module.requires_grad_(False)
         trained = [self.unet, *(self.text_encoders if config.train_text_encoder else [])]
         if self.lora:
@@ -349,7 +258,7 @@ class PipelineTask:
                     (enable or encoder.gradient_checkpointing_enable)()
 
         pipeline.to(device)
-        if config.vae_dtype == "bf16":
+        if config.vae_dtype == "bf16" and self.vae is not None:
             self.vae.to(dtype=torch.bfloat16)
         if amp is not None and self.lora:
             # Frozen base weights in the autocast dtype (half the memory); the adapters stay float32 so
@@ -364,43 +273,45 @@ class PipelineTask:
         pipeline.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, device: torch.device) -> PipelineTask:
-        """Load ``config.model`` and fill in the config's model-dependent defaults.
+    def from_config(
+        cls,
+        config: TrainConfig,
+        device: torch.device,
+        *,
+        cached: Collection[str] = (),
+        empty_prompt: Callable[[], EmptyPrompt] | None = None,
+    ) -> PipelineTask:
+        """Load ``config.model`` (without the components a cache stands in for) and fill in the config's
+        model-dependent defaults (:func:`with_model_defaults`).
 
-        Defaults: ``resolution`` = the UNet's ``sample_size`` × the VAE's downsampling (512 for SD 1.5,
-        1024 for SDXL); ``bucket_step`` 64; ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full fine-tune;
-        ``prediction_type`` from the pipeline's scheduler config.
+        Args:
+            config: The run's settings.
+            device: Where the modules go.
+            cached: The cache halves the batches bring (``"latents"``, ``"text"``): the VAE, resp. the
+                text encoders and tokenizers (:data:`CACHED_COMPONENTS`), are not loaded. ``"text"`` is
+                ignored with ``train_text_encoder`` (the trained encoders encode the captions).
+            empty_prompt: Gives the cached conditioning of ``""``, for dropped captions (see
+                ``__init__``).
 
         Raises:
-            FileNotFoundError, ValueError: As :func:`load_pipeline`; or ``bucket_step`` is not a multiple
-                of the VAE's × the UNet's downsampling factor.
+            FileNotFoundError, ValueError: As :func:`load_pipeline` and :func:`with_model_defaults`.
         """
         assert config.model is not None
         kind = pipeline_kind(config.model, config.model_config)
-        pipeline = load_pipeline(config.model, config.model_config)
-        vae_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        unet_factor = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-        sample_size = pipeline.unet.config.sample_size
-        if not isinstance(sample_size, int):
-            sample_size = max(sample_size)
-        config = config.resolved(
-            resolution=sample_size * vae_factor,
-            bucket_step=64,
-            learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
-            prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"),
-        )
-        if config.bucket_step % (vae_factor * unet_factor):
-            raise ValueError(
-                f"bucket_step ({config.bucket_step}) must be a multiple of {vae_factor * unet_factor}, "
-                f"the VAE's ({vae_factor}) times the UNet's ({unet_factor}) downsampling factor"
-            )
-        return cls(config, device, pipeline, kind == "sdxl")
+        config = with_model_defaults(config)
+        halves = [h for h in cached if not (h == "text" and config.train_text_encoder)]
+        without = [c for h in halves for c in CACHED_COMPONENTS[kind][h]]
+        model, model_config = config.model, config.model_config
+        assert model is not None
+        pipeline = load_pipeline(model, model_config, without=without)
+        # What the pipeline computes from its VAE at construction (8 without one); previews need it.
+        pipeline.vae_scale_factor = vae_downscale(model, model_config)
+        return cls(config, device, pipeline, kind == "sdxl", empty_prompt if "text" in halves else None)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         named = {}
-        modules = {"unet": self.unet, "text_encoder": self.text_encoders[0]}
-        if self.sdxl:
-            modules["text_encoder_2"] = self.text_encoders[1]
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        modules = {"unet": self.unet, **dict(zip(names, self.text_encoders, strict=True))}
         for prefix, module in modules.items():
             named.update({f"{prefix}.{k}": p for k, p in module.named_parameters() if p.requires_grad})
         return named
@@ -413,8 +324,14 @@ class PipelineTask:
     def loss(
         self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
     ) -> torch.Tensor:
-        """Latent diffusion loss of a batch: VAE latents, noise, UNet prediction, (weighted) MSE."""
-        latents = encode_latents(self.vae, batch["pixel_values"], generator)
+        """Latent diffusion loss of a batch: VAE latents, noise, UNet prediction, (weighted) MSE.
+
+        With cached latents (no VAE) the latents are ``latents + latents_std * eps`` in float32, ``eps``
+        drawn from ``generator`` with the shape and dtype the VAE's own draw uses, so a cached run draws
+        what an uncached one does (equal up to float rounding: the cache scales mean and std
+        separately, and stores them in its dtype).
+        """
+        latents = self._latents(batch, generator)
         noised = add_training_noise(
             latents,
             self.noise_scheduler,
@@ -424,12 +341,7 @@ class PipelineTask:
         )
         autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast, torch.set_grad_enabled(not self._frozen_text):
-            hidden, pooled = encode_prompts(
-                self.text_encoders, self.tokenizers, batch["captions"], sdxl=self.sdxl
-            )
-            dropped = batch.get("captions_dropped")
-            if self.zero_dropped_captions and dropped is not None and any(dropped):
-                hidden, pooled = zero_dropped(hidden, pooled, dropped)
+            hidden, pooled = self._conditioning(batch)
         kwargs: dict[str, Any] = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {
@@ -444,12 +356,74 @@ class PipelineTask:
             self.noise_scheduler, noised, prediction, self.config.snr_gamma, batch.get("loss_weights")
         )
 
+    def _latents(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        """float32 ``[B, C, h, w]`` scaled latents: encoded from ``pixel_values``, or drawn from the
+        cached posterior (``latents``, ``latents_std``)."""
+        if self.vae is not None:
+            return encode_latents(self.vae, batch["pixel_values"], generator)
+        mean, std = batch["latents"], batch["latents_std"]
+        # As diffusers' DiagonalGaussianDistribution.sample draws for the uncached run: randn_tensor of
+        # the latents' shape in the VAE's dtype; then float32, whatever dtype the cache stores.
+        dtype = torch.bfloat16 if self.config.vae_dtype == "bf16" else torch.float32
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+        return mean.float() + std.float() * eps.float()
+
+    def _conditioning(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden [B, L, D], pooled [B, P] or None)`` of the batch's (possibly dropped) captions."""
+        dropped = batch.get("captions_dropped")
+        if self.text_encoders:
+            hidden, pooled = encode_prompts(
+                self.text_encoders, self.tokenizers, batch["captions"], sdxl=self.sdxl
+            )
+        else:
+            hidden = batch["prompt_embeds"].float()
+            pooled = batch["pooled_prompt_embeds"].float() if self.sdxl else None
+            if dropped is not None and any(dropped) and not self.zero_dropped_captions:
+                # The loader's embeddings are of the caption before the loop dropped it: use "" 's.
+                assert self.empty_prompt is not None  # checked in __init__
+                rows = torch.tensor(dropped, device=hidden.device)
+                empty_hidden, empty_pooled = self.empty_prompt
+                hidden = torch.where(rows[:, None, None], empty_hidden.to(hidden), hidden)
+                if pooled is not None and empty_pooled is not None:
+                    pooled = torch.where(rows[:, None], empty_pooled.to(pooled), pooled)
+        if self.zero_dropped_captions and dropped is not None and any(dropped):
+            hidden, pooled = zero_dropped(hidden, pooled, dropped)
+        return hidden, pooled
+
+    @contextmanager
+    def _frozen_components(self) -> Iterator[None]:
+        """The pipeline with every component, for sampling: those a cache stands in for are loaded (on
+        the device, in the dtypes training would hold them in) and dropped again on exit."""
+        assert self.config.model is not None
+        kind = "sdxl" if self.sdxl else "sd"
+        names = [c for half in sorted(self.cached) for c in CACHED_COMPONENTS[kind][half]]
+        for name in names:
+            component = load_component(self.config.model, self.config.model_config, name)
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
+                component.to(self.device)
+                if name == "vae" and self.config.vae_dtype == "bf16":
+                    component.to(dtype=torch.bfloat16)
+                elif name != "vae" and self.amp is not None:
+                    component.to(dtype=self.amp)
+            self.pipeline.register_modules(**{name: component})
+        try:
+            yield
+        finally:
+            self.pipeline.register_modules(**dict.fromkeys(names))
+            gc.collect()
+
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed)."""
+        """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed); the
+        components a cache stands in for are loaded for the preview only."""
         texts = [p for p in prompts for _ in seeds]
         generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
         dtype = self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with (
+            self._frozen_components(),
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
+        ):
             images = self.pipeline(
                 texts,
                 height=self.config.resolution,
@@ -486,16 +460,24 @@ class PipelineTask:
     def save(self, output: Path) -> None:
         """LoRA: the adapter file. Full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
         with frozen components that were held in bf16/fp16 for training (VAE, text encoders) put back
-        in float32: reloaded from a ``model`` folder, else upcast."""
+        in float32: reloaded from a ``model`` folder, else upcast; those a cache stood in for loaded
+        from ``model`` as they are."""
         if self.lora:
             self.save_lora(output)
             return
         model = self.config.model
+        assert model is not None
+        kind = "sdxl" if self.sdxl else "sd"
+        for half in sorted(self.cached):
+            for name in CACHED_COMPONENTS[kind][half]:
+                self.pipeline.register_modules(
+                    **{name: load_component(model, self.config.model_config, name)}
+                )
         for name in ("vae", "text_encoder", "text_encoder_2"):
             component = getattr(self.pipeline, name, None)
             if component is None or component.dtype == torch.float32:
                 continue
-            if model is not None and model.is_dir():
+            if model.is_dir():
                 component = type(component).from_pretrained(model, subfolder=name, local_files_only=True)
             setattr(self.pipeline, name, component.to(dtype=torch.float32))
         self.pipeline.save_pretrained(output, safe_serialization=True)

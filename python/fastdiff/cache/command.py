@@ -1,0 +1,173 @@
+"""``fastdiff cache``: encode a dataset's VAE latents and text embeddings into a cache folder, with the
+loader options ``fastdiff train`` takes (the same flags and ``--config`` TOML keys, from
+:class:`~fastdiff.training.config.TrainConfig`), so the cache holds exactly the entries that run's
+loader will ask for; and :func:`build_for_config`, which ``fastdiff train --cache-build`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from fastdiff import _fastdiff
+from fastdiff.cache.build import BuildReport, build, locked
+from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.manifest import StorageDtype
+from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
+from fastdiff.training.sd import with_model_defaults
+from fastdiff.training.sd_pipeline import pipeline_kind
+from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
+
+#: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
+#: samples and captions, the model, and where the encoders run.
+CACHE_FIELDS = (
+    *(
+        f.name
+        for f in fields(TrainConfig)
+        if f.metadata["group"] == "data" and f.name not in ("cache", "cache_build")
+    ),
+    "model",
+    "model_config",
+    "seed",
+    "num_threads",
+    "torch_threads",
+    "device",
+)
+#: Values of ``--dtype``.
+DTYPES: tuple[StorageDtype, ...] = ("bf16", "f16", "f32")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastdiff cache``: :data:`CACHE_FIELDS` as ``fastdiff train`` spells them, plus
+    ``--output``, ``--latents/--no-latents``, ``--text/--no-text``, ``--dtype`` and ``--gc``."""
+    add_train_arguments(parser, names=CACHE_FIELDS)
+    own = parser.add_argument_group("cache", "the cache folder and what goes into it")
+    own.add_argument("--output", type=Path, required=True, help="Cache folder (created if missing).")
+    own.add_argument(
+        "--latents",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Encode the VAE latents (--no-latents: leave that half as it is).",
+    )
+    own.add_argument(
+        "--text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Encode the text embeddings (--no-text: leave that half as it is).",
+    )
+    own.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="Storage dtype of the entries (the encoders run in float32). Default: the dtype the "
+        "model's VAE weights are stored in.",
+    )
+    own.add_argument(
+        "--gc", action="store_true", help="Afterwards delete shards holding no entry this build needs."
+    )
+
+
+def cache_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` whose loader ``fastdiff cache`` encodes: the flags given (over the
+    ``--config`` file's keys), with ``cache`` = ``output`` = ``--output``.
+
+    Raises:
+        ValueError: ``--model`` is missing, or as :func:`~fastdiff.training.config.config_from_mapping`.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None and k in CACHE_FIELDS}
+    from_file = read_train_toml(args.config) if args.config is not None else {}
+    values = {**from_file, **given, "output": args.output, "cache": args.output}
+    if values.get("model") is None:
+        raise ValueError("--model is required: the pipeline whose VAE and text encoders encode the cache")
+    return config_from_mapping(values)
+
+
+def samples_per_image(config: TrainConfig) -> int:
+    """Build-plan samples per image of ``config``'s loader: its crops (``crop_variants`` with a random
+    crop, else 1) times its flip states (2 when ``0 < flip_prob < 1``); an upper bound (crops that
+    coincide count once in the plan, and subsets may set their own options)."""
+    crops = (config.crop_variants or 1) if config.crop == "random" else 1
+    flips = 2 if config.flip_prob is not None and 0 < config.flip_prob < 1 else 1
+    return crops * flips
+
+
+def build_for_config(
+    config: TrainConfig,
+    *,
+    latents: bool = True,
+    text: bool = True,
+    dtype: StorageDtype | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Encode into ``config.cache`` what the loader of ``config`` needs and the cache lacks.
+
+    The settings resolve as in ``fastdiff train`` (dataset config, model defaults), so the keys are
+    the run's. Only the VAE / the text encoders load, on ``config.device``, and they are freed
+    before returning.
+
+    Args:
+        config: A run's settings with ``model`` and ``cache`` set.
+        latents: Build the latents half.
+        text: Build the text half.
+        dtype: Storage dtype; ``None``: :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
+        progress: Show progress bars.
+
+    Raises:
+        ValueError, OSError, fastdiff.FastdiffError: As the loader, the encoders and
+            :func:`~fastdiff.cache.build.build`.
+    """
+    assert config.model is not None and config.cache is not None
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    config = with_model_defaults(with_dataset_options(config))
+    model, model_config = config.model, config.model_config
+    assert model is not None and config.cache is not None
+    device = resolve_device(config.device)
+    dtype = dtype or stored_dtype(model, model_config)
+    vae = LatentEncoder.load(model, model_config, dtype, device) if latents else None
+    encoders = TextEncoder.load(model, model_config, dtype, device) if text else None
+    try:
+        return build(
+            config.cache,
+            lambda: make_loader(config, pixels=True),
+            latents=vae,
+            text=encoders,
+            model=str(model),
+            kind=pipeline_kind(model, model_config),
+            samples_per_image=samples_per_image(config),
+            progress=progress,
+        )
+    finally:
+        del vae, encoders
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0."""
+    config = cache_config(args)
+    if args.gc and not (args.latents and args.text):
+        raise ValueError(
+            "--gc keeps the keys this build needs: it needs both halves (no --no-latents/--no-text)"
+        )
+    report = build_for_config(config, latents=args.latents, text=args.text, dtype=args.dtype)
+    assert config.cache is not None
+    line = (
+        f"cache {config.cache}: latents {report.latents_encoded} encoded / {report.latents_needed} needed, "
+        f"text {report.text_encoded} encoded / {report.text_needed} needed, {len(report.failed)} failed, "
+        f"{len(report.shards)} shards written in {report.seconds:.1f} s"
+    )
+    if args.gc:
+        with locked(config.cache):
+            done = _fastdiff.cache_gc(config.cache, sorted(report.live_latents), sorted(report.live_text))
+        line += (
+            f"; gc deleted {done['orphans']} orphan, {done['corrupt']} corrupt and "
+            f"{done['partials']} partial files ({done['bytes_freed'] / 2**20:.1f} MiB), "
+            f"kept {done['kept']} shards"
+        )
+    print(line)
+    return 0

@@ -1,0 +1,371 @@
+"""``fastdiff cache`` on a tiny local SD 1.x pipeline and a few small real images (nothing downloads):
+entries equal the encoders bitwise at fp32, each invalidation re-encodes exactly what changed, a killed
+build resumes with only the missing entries, and ``fastdiff train --cache`` trains without ever
+constructing the VAE or the text encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import fastdiff
+import pytest
+import torch
+from fastdiff import _fastdiff
+from fastdiff.cache.build import BuildReport
+from fastdiff.cache.command import build_for_config
+from fastdiff.cache.encoders import LatentEncoder, TextEncoder
+from fastdiff.cache.manifest import read_manifest
+from fastdiff.training import run
+from fastdiff.training.config import TrainConfig
+from fastdiff.training.sd import with_model_defaults
+from fastdiff.training.setup import make_loader, with_dataset_options
+from PIL import Image
+from tiny_sd import build_sd15
+
+CPU = torch.device("cpu")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sd15(tmp_path_factory.mktemp("sd15"))
+
+
+@pytest.fixture(scope="module")
+def sources(wallpapers: Path) -> list[Path]:
+    """The 3 smallest wallpapers (with .txt captions)."""
+    return sorted(
+        (p for p in wallpapers.iterdir() if p.suffix.lower() in IMAGE_EXTS),
+        key=lambda p: (p.stat().st_size, p.name),
+    )[:3]
+
+
+@pytest.fixture
+def data(sources: list[Path], tmp_path: Path) -> Path:
+    dest = tmp_path / "data"
+    dest.mkdir()
+    for image in sources:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
+    return dest
+
+
+def settings(model: Path, data: Path, cache: Path, **overrides: object) -> TrainConfig:
+    base = TrainConfig(
+        data=data,
+        output=cache,
+        cache=cache,
+        model=model,
+        resolution=32,
+        bucket_step=8,
+        batch_size=2,
+        num_threads=1,
+        device="cpu",
+        learning_rate=1e-2,
+        checkpoint_every=0,
+        max_steps=2,
+    )
+    return replace(base, **overrides)
+
+
+def build(model: Path, data: Path, cache: Path, **overrides: object) -> BuildReport:
+    return build_for_config(settings(model, data, cache, **overrides), dtype="f32", progress=False)
+
+
+def build_loader(model: Path, data: Path, cache: Path, **overrides: object) -> fastdiff.DataLoader:
+    """The loader whose build plan ``build`` encodes (pixels on)."""
+    return make_loader(
+        with_model_defaults(with_dataset_options(settings(model, data, cache, **overrides))), pixels=True
+    )
+
+
+def read(store: _fastdiff.CacheStore, key: str) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(a) for name, a in store.read(key).items()}
+
+
+def test_entries_equal_the_encoders_of_the_loaders_batches_bitwise(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    report = build(sd15, data, cache)
+    assert report.latents_needed == report.latents_encoded == 3 and report.failed == {}
+    assert report.text_needed == report.text_encoded == 4  # 3 captions and ""
+    store = _fastdiff.CacheStore(cache)
+    loader = build_loader(sd15, data, cache)
+    vae = LatentEncoder.load(sd15, None, "f32", CPU)
+    seen = 0
+    for batch in loader.iter_build():
+        # The first build encoded every build batch whole: the same batches give the same bits.
+        out = vae.encode(batch["pixel_values"])
+        for i, key in enumerate(batch["latent_keys"]):
+            entry = read(store, key)
+            assert torch.equal(entry["latents"], out["latents"][i])
+            assert torch.equal(entry["latents_std"], out["latents_std"][i])
+            seen += 1
+    assert seen == 3
+    # Text: the distinct captions in caption_variants() order, then "", in one encoder batch.
+    variants = loader.caption_variants()
+    captions = [c for c, _ in variants] + [""]
+    embeds = TextEncoder.load(sd15, None, "f32", CPU).encode(captions)["prompt_embeds"]
+    keys = [k for _, k in variants] + [_fastdiff.text_key("", read_manifest(cache)["text"]["salt"])]
+    for key, expected in zip(keys, embeds, strict=True):
+        assert torch.equal(read(store, key)["prompt_embeds"], expected)
+    again = build(sd15, data, cache)
+    assert (again.latents_encoded, again.text_encoded, again.shards) == (0, 0, [])
+    assert (again.latents_needed, again.text_needed) == (3, 4)
+
+
+def test_an_image_edited_in_place_re_encodes_exactly_that_entry(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    image = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)[0]
+    stat = image.stat()
+    with Image.open(image) as im:
+        edited = im.convert("RGB")
+    edited.putpixel((0, 0), (255 - edited.getpixel((0, 0))[0], 0, 0))
+    edited.save(image, format=Image.registered_extensions()[image.suffix.lower()])
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: only the bytes tell
+    assert image.stat().st_mtime_ns == stat.st_mtime_ns
+    report = build(sd15, data, cache)
+    assert (report.latents_encoded, report.text_encoded) == (1, 0)
+
+
+def test_a_renamed_file_re_encodes_nothing(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    image = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)[0]
+    image.rename(data / f"renamed{image.suffix}")
+    image.with_suffix(".txt").rename(data / "renamed.txt")
+    report = build(sd15, data, cache)
+    assert (report.latents_encoded, report.text_encoded, report.latents_needed) == (0, 0, 3)
+
+
+def test_two_files_swapping_names_follow_their_content(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    store = _fastdiff.CacheStore(cache)
+    before = {
+        b["paths"][i]: k
+        for b in build_loader(sd15, data, cache).iter_build()
+        for i, k in enumerate(b["latent_keys"])
+    }
+    a, b = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)[:2]
+    if a.suffix != b.suffix:
+        pytest.skip("the two smallest images differ in format")
+    tmp = data / "swap.tmp"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 0
+    after = {
+        b_["paths"][i]: k
+        for b_ in build_loader(sd15, data, cache).iter_build()
+        for i, k in enumerate(b_["latent_keys"])
+    }
+    assert after[str(a)] == before[str(b)] and after[str(b)] == before[str(a)]
+    assert all(store.contains(list(after.values())))
+
+
+def test_a_resolution_change_re_encodes_every_latent(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    report = build(sd15, data, cache, resolution=48)
+    assert report.latents_encoded == report.latents_needed == 3 and report.text_encoded == 0
+
+
+def test_a_vae_scaling_factor_change_re_encodes_every_latent(sd15: Path, data: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(sd15, model)
+    cache = tmp_path / "cache"
+    build(model, data, cache)
+    path = model / "vae" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "scaling_factor": 0.2}))
+    report = build(model, data, cache)
+    assert report.latents_encoded == report.latents_needed == 3 and report.text_encoded == 0
+    assert read_manifest(cache)["latents"]["vae"]["scaling_factor"] == 0.2
+
+
+def test_one_caption_edited_re_encodes_that_text_entry_only(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    caption = sorted(data.glob("*.txt"))[0]
+    caption.write_text(caption.read_text() + " edited")
+    report = build(sd15, data, cache)
+    assert (report.latents_encoded, report.text_encoded, report.text_needed) == (0, 1, 4)
+
+
+def test_many_images_sharing_a_caption_share_one_text_entry(sd15: Path, tmp_path: Path) -> None:
+    data = tmp_path / "many"
+    data.mkdir()
+    for i in range(100):
+        Image.new("RGB", (16, 16), (i, 2 * i, 255 - i)).save(data / f"{i:03d}.png")
+        (data / f"{i:03d}.txt").write_text("the same caption")
+    cache = tmp_path / "cache"
+    cfg = settings(sd15, data, cache, resolution=16, batch_size=50)
+    report = build_for_config(cfg, latents=False, dtype="f32", progress=False)
+    assert (report.text_needed, report.text_encoded) == (2, 2)  # the caption, and "" (dropout)
+    assert len(_fastdiff.CacheStore(cache).keys("text")) == 2
+
+
+def test_a_killed_build_reruns_only_the_missing_entries(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # One entry per shard, and a pause after each: the kill lands between two finished shards.
+    script = (
+        "import sys, time, fastdiff.cache.shards as s\n"
+        "s.SHARD_ENTRIES = 1\n"
+        "add = s.Shards.add\n"
+        "def slow(self, *a, **k):\n"
+        "    add(self, *a, **k)\n"
+        "    time.sleep(1)\n"
+        "s.Shards.add = slow\n"
+        "from fastdiff.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [
+        "cache",
+        "--model",
+        str(sd15),
+        "--data",
+        str(data),
+        "--output",
+        str(cache),
+        "--resolution",
+        "32",
+        "--bucket-step",
+        "8",
+        "--batch-size",
+        "1",
+        "--num-threads",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("latents-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_fastdiff.CacheStore(cache).keys("latents"))
+    assert 1 <= done < 3 and _fastdiff.CacheStore(cache).corrupt_shards() == []
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 3 - done and report.latents_needed == 3
+
+
+def test_train_from_the_cache_never_constructs_the_vae_or_text_encoder(
+    sd15: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_cache_model import count_constructions
+
+    cache = tmp_path / "cache"
+    cfg = settings(sd15, data, cache, output=tmp_path / "out", lora_rank=4, max_steps=2)
+    result = run.train(replace(cfg, cache_build=True))
+    assert all(math.isfinite(v) for v in result.losses)
+    built = count_constructions(monkeypatch)
+    result = run.train(replace(cfg, output=tmp_path / "again"))
+    assert built == {"UNet2DConditionModel": 1}
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_an_undecodable_image_is_recorded_as_failed_by_content_hash(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    broken = data / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))  # a JPEG signature, then nothing decodable
+    (data / "broken.txt").write_text("a broken file")
+    cache = tmp_path / "cache"
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 3
+    assert list(report.failed) == [_fastdiff.content_hash(broken.read_bytes())]
+    assert read_manifest(cache)["failed"] == report.failed
+
+
+def test_a_truncated_shard_is_never_served_and_its_entries_are_re_encoded(
+    sd15: Path, data: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    (shard,) = cache.glob("latents-*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    store = _fastdiff.CacheStore(cache)
+    assert store.keys("latents") == [] and [Path(p) for p, _ in store.corrupt_shards()] == [shard]
+    report = build(sd15, data, cache)
+    assert report.latents_encoded == 3 and report.text_encoded == 0
+
+
+def test_gc_deletes_the_shards_of_an_old_resolution(
+    sd15: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastdiff import cli
+
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    (old,) = cache.glob("latents-*.safetensors")
+    argv = [
+        "cache",
+        "--model",
+        str(sd15),
+        "--data",
+        str(data),
+        "--output",
+        str(cache),
+        "--resolution",
+        "48",
+        "--bucket-step",
+        "8",
+        "--batch-size",
+        "2",
+        "--num-threads",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--gc",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "latents 3 encoded / 3 needed, text 0 encoded / 4 needed" in out and "gc deleted 1 orphan" in out
+    assert not old.exists() and len(_fastdiff.CacheStore(cache).keys("latents")) == 3
+
+
+def test_cache_takes_the_train_flags_of_the_data_and_model_only(tmp_path: Path) -> None:
+    from fastdiff import cli
+    from fastdiff.cache.command import CACHE_FIELDS, cache_config
+
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["cache", "--output", str(tmp_path), "--model", "m", "--data", "d", "--crop-variants", "2"]
+    )
+    config = cache_config(args)
+    assert config.cache == config.output == tmp_path and config.crop_variants == 2
+    assert {"crop", "flip_prob", "crop_variants", "text_variants", "resolution", "model"} <= set(CACHE_FIELDS)
+    for train_only in (["--max-steps", "3"], ["--cache-build"], ["--cache", "c"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["cache", "--output", str(tmp_path), *train_only])
