@@ -130,7 +130,7 @@ def test_entries_equal_the_encoders_of_the_loaders_batches_bitwise(
     for key, expected in zip(keys, embeds, strict=True):
         assert torch.equal(read(store, key)["prompt_embeds"], expected)
     again = build(sd15, data, cache)
-    assert (again.latents_encoded, again.text_encoded, again.shards) == (0, 0, [])
+    assert (again.latents_encoded, again.latents_decoded, again.text_encoded, again.shards) == (0, 0, 0, [])
     assert (again.latents_needed, again.text_needed) == (3, 4)
 
 
@@ -148,7 +148,30 @@ def test_an_image_edited_in_place_re_encodes_exactly_that_entry(
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: only the bytes tell
     assert image.stat().st_mtime_ns == stat.st_mtime_ns
     report = build(sd15, data, cache)
-    assert (report.latents_encoded, report.text_encoded) == (1, 0)
+    assert (report.latents_encoded, report.latents_decoded, report.text_encoded) == (1, 1, 0)
+
+
+def test_a_rerun_on_a_complete_cache_decodes_no_image(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # 2 crop variants (fewer where they land on one crop) x 2 flip states of 3 images.
+    variants = {"crop": "random", "crop_variants": 2, "flip_prob": 0.5}
+    first = build(sd15, data, cache, **variants)
+    n = first.latents_needed
+    assert 6 <= n <= 12 and first.latents_decoded == first.latents_encoded == n
+    again = build(sd15, data, cache, **variants)
+    assert (again.latents_decoded, again.latents_encoded, again.latents_needed) == (0, 0, n)
+    assert again.seconds < first.seconds
+    loader = build_loader(sd15, data, cache, **variants)
+    keys = loader.build_latent_keys()
+    assert len(keys) == n and all(k is not None and cached for k, cached in keys)
+    assert list(loader.iter_build(missing_only=True)) == []
+    stats = loader.stats()
+    assert stats is not None and (stats["samples"], stats["failed"], stats["decode_s"]) == (0, 0, 0.0)
+    # The full plan still decodes every sample, and its keys are build_latent_keys' in order.
+    full = [k for b in loader.iter_build() for k in b["latent_keys"]]
+    assert full == [k for k, _ in keys]
+    stats = loader.stats()
+    assert stats is not None and stats["samples"] == n and stats["decode_s"] > 0
 
 
 def test_a_renamed_file_re_encodes_nothing(sd15: Path, data: Path, tmp_path: Path) -> None:

@@ -4,8 +4,9 @@
 of interleaving manifests), writes the manifest with the halves being built (the loader keys its
 samples by the manifest's salts, so it comes first), then walks ``loader.iter_build()`` — every
 distinct (image, crop variant, flip) once, decoded by the Rust workers while the VAE encodes the
-previous batch (the loader prefetches) — encoding only the samples whose ``latent_keys`` the store
-lacks, and the distinct captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption)
+previous batch (the loader prefetches) — with ``missing_only``, so only the samples whose latent key
+the store lacks are read and decoded at all (a rerun on a complete cache decodes nothing), and the
+distinct captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption)
 the same way. Entries go through the native ``ShardWriter``: a shard is finished (fsynced and renamed
 into place) every :data:`SHARD_ENTRIES` entries or :data:`SHARD_BYTES` bytes, so a killed build loses
 at most one shard's worth, and its rerun encodes only what is missing. Images that cannot be decoded
@@ -43,6 +44,8 @@ class BuildReport:
     Attributes:
         latents_needed: Distinct latent keys of the build plan.
         latents_encoded: Of them, encoded by this build (the rest were in the cache).
+        latents_decoded: Build-plan samples this build read and decoded (loaded or failed): the
+            missing ones only, 0 on a complete cache.
         text_needed: Distinct text keys (captions) needed.
         text_encoded: Of them, encoded by this build.
         failed: ``{content hash: reason}`` of the images that could not be decoded.
@@ -52,6 +55,7 @@ class BuildReport:
 
     latents_needed: int = 0
     latents_encoded: int = 0
+    latents_decoded: int = 0
     text_needed: int = 0
     text_encoded: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -87,7 +91,6 @@ def build(
     text: TextEncoder | None,
     model: str,
     kind: str,
-    samples_per_image: int = 1,
     progress: bool = True,
 ) -> BuildReport:
     """Encode into ``cache`` every entry the loader's build plan needs that the cache lacks.
@@ -99,8 +102,6 @@ def build(
         text: The text side, or ``None`` (``--no-text``).
         model: The ``--model`` path, recorded in the manifest.
         kind: ``"sd"`` or ``"sdxl"``.
-        samples_per_image: Build-plan samples per image (crop variants × flip states; an upper
-            bound where variants coincide), for the progress bar's total and ETA.
         progress: Show tqdm bars (images/s and ETA).
 
     Returns:
@@ -126,16 +127,22 @@ def build(
         store = _fastdiff.CacheStore(cache)
         if latents is not None:
             shards = Shards(cache, "latents", latents.spec["dtype"])
-            total = len(loader.captions) * samples_per_image
+            # A None key: a file that could not be read to hash it (in the report; not decodable).
+            plan = [(k, cached) for k, cached in loader.build_latent_keys() if k is not None]
+            report.live_latents = {k for k, _ in plan}
+            total = sum(not cached for _, cached in plan)
+            encoded: set[str] = set()
             with tqdm(total=total, desc="latents", unit="img", disable=not progress) as bar:
                 try:
-                    for batch in loader.iter_build():
-                        encode_latent_batch(batch, latents, store, shards, report)
+                    for batch in loader.iter_build(missing_only=True):
+                        encode_latent_batch(batch, latents, encoded, shards, report)
                         bar.update(len(batch["latent_keys"]))
                         bar.set_postfix(encoded=report.latents_encoded, refresh=False)
                 finally:
                     shards.finish()
                     report.shards += shards.written
+            stats = loader.stats()
+            report.latents_decoded = 0 if stats is None else stats["samples"] + stats["failed"]
             report.latents_needed = len(report.live_latents)
             for skipped in loader.report["skipped"]:
                 record_failure(skipped, report)
@@ -150,22 +157,23 @@ def build(
 def encode_latent_batch(
     batch: Batch,
     encoder: LatentEncoder,
-    store: _fastdiff.CacheStore,
+    encoded: set[str],
     shards: Shards,
     report: BuildReport,
 ) -> None:
-    """Encode the samples of one build batch whose latent key neither the store nor this build has."""
-    # A build batch's samples were all read, so all hashed: no None key.
-    keys = [k for k in batch["latent_keys"] if k is not None]
-    stored = store.contains(keys)
-    todo = [i for i, k in enumerate(keys) if not stored[i] and k not in report.live_latents]
-    report.live_latents.update(keys)
+    """Encode the samples of one ``missing_only`` build batch whose latent key this build has not
+    encoded yet (``encoded``, updated; two files with the same bytes in one bucket share a key)."""
+    todo: list[tuple[int, str]] = []
+    for i, key in enumerate(batch["latent_keys"]):
+        if key is not None and key not in encoded:
+            encoded.add(key)
+            todo.append((i, key))
     if not todo:
         return
-    out = encoder.encode(batch["pixel_values"][todo])
-    for j, i in enumerate(todo):
+    out = encoder.encode(batch["pixel_values"][[i for i, _ in todo]])
+    for j, (i, key) in enumerate(todo):
         meta = json.loads(batch["latent_provenance"][i])
-        shards.add(keys[i], meta, {name: t[j] for name, t in out.items()})
+        shards.add(key, meta, {name: t[j] for name, t in out.items()})
     report.latents_encoded += len(todo)
 
 

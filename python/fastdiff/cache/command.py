@@ -85,15 +85,6 @@ def cache_config(args: argparse.Namespace) -> TrainConfig:
     return config_from_mapping(values)
 
 
-def samples_per_image(config: TrainConfig) -> int:
-    """Build-plan samples per image of ``config``'s loader: its crops (``crop_variants`` with a random
-    crop, else 1) times its flip states (2 when ``0 < flip_prob < 1``); an upper bound (crops that
-    coincide count once in the plan, and subsets may set their own options)."""
-    crops = (config.crop_variants or 1) if config.crop == "random" else 1
-    flips = 2 if config.flip_prob is not None and 0 < config.flip_prob < 1 else 1
-    return crops * flips
-
-
 def build_for_config(
     config: TrainConfig,
     *,
@@ -137,7 +128,6 @@ def build_for_config(
             text=encoders,
             model=str(model),
             kind=pipeline_kind(model, model_config),
-            samples_per_image=samples_per_image(config),
             progress=progress,
         )
     finally:
