@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import fastdiff
 import pytest
 import torch
-from fastdiff import _fastdiff
+from fastdiff import _fastdiff, cli
 from fastdiff.cache.build import BuildReport
 from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import LatentEncoder, TextEncoder
@@ -340,6 +341,64 @@ def test_a_truncated_shard_is_never_served_and_its_entries_are_re_encoded(
     assert store.keys("latents") == [] and [Path(p) for p, _ in store.corrupt_shards()] == [shard]
     report = build(sd15, data, cache)
     assert report.latents_encoded == 3 and report.text_encoded == 0
+
+
+def scan_cache(data: Path, cache: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
+    """``fastdiff scan DATA --cache CACHE`` with the build's loader options: its exit status 0 and the
+    ``cache`` part of its JSON."""
+    argv = ["scan", str(data), "--cache", str(cache), "--resolution", "32", "--bucket-step", "8"]
+    capsys.readouterr()
+    assert cli.main([*argv, *flags]) == 0
+    text = capsys.readouterr().out
+    assert cli.main([*argv, *flags, "--json"]) == 0
+    coverage = json.loads(capsys.readouterr().out)["cache"]
+    for half in ("latents", "text"):
+        present, needed = coverage[f"{half}_present"], coverage[f"{half}_needed"]
+        line = f"{half}: not in this cache" if needed is None else f"{half}: {present} / {needed} present"
+        assert line in text, text
+    assert f"corrupt shards: {len(coverage['corrupt_shards'])}" in text
+    assert f"failed images (manifest): {coverage['failed']}" in text
+    return cast(dict[str, Any], coverage)
+
+
+def test_scan_reports_the_coverage_of_a_cache(
+    sd15: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = data / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    got = scan_cache(data, cache, capsys)
+    # 3 images (the broken one is skipped by the scan and recorded as failed), 3 captions + "".
+    assert got == {
+        "cache": str(cache),
+        "latents_present": 3,
+        "latents_needed": 3,
+        "text_present": 4,
+        "text_needed": 4,
+        "corrupt_shards": [],
+        "failed": 1,
+    }
+    # Other options, other keys: none of them is cached (the manifest's salts still apply).
+    other = scan_cache(data, cache, capsys, "--resolution", "48")
+    assert (other["latents_present"], other["latents_needed"], other["text_present"]) == (0, 3, 4)
+    # One image edited: 2 of its 3 entries; a truncated shard: not served, listed.
+    image = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS and p != broken)[0]
+    with Image.open(image) as im:
+        edited = im.convert("RGB")
+    edited.putpixel((0, 0), (255 - edited.getpixel((0, 0))[0], 0, 0))
+    edited.save(image, format=Image.registered_extensions()[image.suffix.lower()])
+    assert scan_cache(data, cache, capsys)["latents_present"] == 2
+    (shard,) = cache.glob("text-*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    got = scan_cache(data, cache, capsys)
+    assert (got["text_present"], got["text_needed"]) == (0, 4)
+    assert [Path(p) for p, _ in got["corrupt_shards"]] == [shard]
+    # A latents-only cache: text is not in it.
+    only = tmp_path / "only"
+    build_for_config(settings(sd15, data, only), text=False, dtype="f32", progress=False)
+    got = scan_cache(data, only, capsys)
+    assert (got["latents_present"], got["text_needed"]) == (3, None)
 
 
 def test_gc_deletes_the_shards_of_an_old_resolution(

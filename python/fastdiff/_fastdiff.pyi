@@ -317,6 +317,10 @@ class CacheStore:
         """The served keys of ``kind``, sorted."""
     def corrupt_shards(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of each shard that is not served."""
+    def salt(self, kind: Literal["latents", "text"]) -> str | None:
+        """The salt (32 hex) of the manifest's ``kind`` half; None when the manifest lacks it."""
+    def failed(self) -> list[tuple[str, str]]:
+        """The manifest's ``failed``: ``(content hash, reason)`` per image the builder could not decode."""
     def provenance(self, key: str) -> str | None:
         """The entry's metadata JSON (its ``meta`` plus ``"checksum"``), or None when not served."""
     def read(self, key: str) -> dict[str, np.ndarray]:

@@ -187,6 +187,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=32,
         toml=DATASET_TABLES,
         state="unless_default",
+        scan=True,
     ),
     _loader(
         "text_variants",
@@ -204,6 +205,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=32,
         toml=DATASET_TABLES,
         state="unless_default",
+        scan=True,
     ),
     _loader(
         "shuffle",
@@ -364,6 +366,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         'and what changed (skipped with a stand-in under ``on_error="skip"``); an image the builder '
         "could not encode fails as it would uncached.",
         state="never",
+        scan=True,
     ),
     _loader(
         "pixels",
