@@ -31,6 +31,7 @@ from fastdiff.training.config import TrainConfig
 from fastdiff.training.sd import with_model_defaults
 from fastdiff.training.setup import make_loader, with_dataset_options
 from PIL import Image
+from safetensors import safe_open
 from tiny_sd import build_sd15
 
 CPU = torch.device("cpu")
@@ -300,6 +301,67 @@ def test_a_killed_build_reruns_only_the_missing_entries(sd15: Path, data: Path, 
     assert 1 <= done < 3 and _fastdiff.CacheStore(cache).corrupt_shards() == []
     report = build(sd15, data, cache)
     assert report.latents_encoded == 3 - done and report.latents_needed == 3
+
+
+def test_two_builds_on_one_cache_at_once_take_turns(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # Both processes reach the lock together (each waits for the other's ready file), and the one that
+    # gets it holds it for a while (a pause per entry): the other must wait, then finds every entry.
+    script = (
+        "import os, sys, time, contextlib, fastdiff.cache.build as b, fastdiff.cache.shards as s\n"
+        "ready = sys.argv.pop(1)\n"
+        "add = s.Shards.add\n"
+        "def slow(self, *a, **k):\n"
+        "    add(self, *a, **k)\n"
+        "    time.sleep(0.3)\n"
+        "s.Shards.add = slow\n"
+        "lock = b.locked\n"
+        "@contextlib.contextmanager\n"
+        "def together(cache):\n"
+        "    open(os.path.join(ready, str(os.getpid())), 'w').close()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while len(os.listdir(ready)) < 2 and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    with lock(cache):\n"
+        "        yield\n"
+        "b.locked = together\n"
+        "from fastdiff.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    args = ["cache", "--model", str(sd15), "--data", str(data), "--output", str(cache)]
+    args += ["--resolution", "32", "--bucket-step", "8", "--batch-size", "1", "--num-threads", "1"]
+    args += ["--device", "cpu", "--dtype", "f32"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(ready), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    summaries = sorted(out for out, _ in outs)
+    # One encoded everything, the other (after waiting for the lock) nothing.
+    assert "latents 0 encoded / 3 needed, text 0 encoded / 4 needed" in summaries[0], summaries
+    assert "latents 3 encoded / 3 needed, text 4 encoded / 4 needed" in summaries[1], summaries
+    assert sum("waiting for another `fastdiff cache`" in err for _, err in outs) == 1, outs
+    store = _fastdiff.CacheStore(cache)
+    assert store.corrupt_shards() == [] and not list(cache.glob(".*.partial"))
+    # Every entry is in exactly one shard: no key was encoded twice.
+    served: list[str] = []
+    for shard in sorted(cache.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            served += {name.split("/")[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert len(served) == len(set(served)) == 3 + 4
+    assert sorted(served) == sorted(store.keys("latents") + store.keys("text"))
+    again = build(sd15, data, cache)
+    assert (again.latents_decoded, again.latents_encoded, again.text_encoded) == (0, 0, 0)
 
 
 def test_train_from_the_cache_never_constructs_the_vae_or_text_encoder(
