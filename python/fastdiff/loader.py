@@ -20,7 +20,11 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER_OPTIONS, saved
-from fastdiff.types import Batch, Crop, Filter, LoadStats, OnError, Remainder, Report
+from fastdiff.types import Batch, Crop, Device, Filter, LoadStats, OnError, Remainder, Report, Tokenizer
+
+#: A batch being copied to the device: the host batch (held until the copy is done), the device batch,
+#: the event recorded after its copy, and the loader position once it is handed out.
+_Pending = tuple[Batch, Batch, torch.cuda.Event, tuple[int, int] | None]
 
 
 def _available_cores() -> int:
@@ -117,6 +121,9 @@ class DataLoader:
         remainder: Remainder = "pad",
         cache: str | os.PathLike[str] | None = None,
         pixels: bool | None = None,
+        device: Device | None = None,
+        tokenizer: Tokenizer | None = None,
+        tokenizers: Sequence[Tokenizer] | None = None,
     ) -> None:
         # The signature spells the options out for users and type checkers; their checks, what the
         # state records and the native arguments all come from the schema (fastdiff.options).
@@ -142,6 +149,22 @@ class DataLoader:
         if not subsets:
             raise ValueError("subsets must hold at least one Subset")
         natives = [s.native() for s in subsets]  # checks each subset's options
+        if tokenizer is not None and tokenizers is not None:
+            raise ValueError("give tokenizer or tokenizers, not both")
+        self.tokenizers: list[Tokenizer] = [tokenizer] if tokenizer is not None else list(tokenizers or [])
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None and self.device.type == "cuda":
+            if torch.cuda.is_available():
+                pin_memory = True
+            else:
+                warnings.warn(
+                    f"device={device!r} but CUDA is not available: batches stay on the CPU",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.device = None
+        elif self.device is not None and self.device.type == "cpu":
+            self.device = None
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "pin_memory=True but CUDA is not available: batches are not pinned",
@@ -312,7 +335,12 @@ class DataLoader:
         self._epoch, self._resume_batch = epoch + 1, 0
         self._position = (epoch, start)
         factory = _pinned_buffer if self.pin_memory else None
-        return self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
+        batches = self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
+        if self.device is None:
+            return batches
+        if self.device.type == "cuda":
+            return self._on_cuda(batches, self.device)
+        return (_to_device(b, self.device) for b in batches)
 
     def iter_build(self, start_batch: int = 0) -> Iterator[Batch]:
         """The pixel batches a cache of this loader must encode (for ``fastdiff cache``).
@@ -388,6 +416,8 @@ class DataLoader:
                     batch.update(latent_keys=latent_keys, text_keys=text_keys)
                 if epoch is None:
                     batch["latent_provenance"] = provenance
+                for i, tokenizer in enumerate(self.tokenizers):
+                    batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = _input_ids(tokenizer, captions)
                 yield cast(Batch, batch)
             if epoch is not None:
                 self._position = None
@@ -395,6 +425,52 @@ class DataLoader:
             it.close()
             if self._stats_source is it:
                 self._last_stats, self._stats_source = cast(LoadStats, it.stats()), None
+
+    def _on_cuda(self, batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+        """``batches`` (in pinned host memory) on the CUDA ``device``, each copied one batch ahead.
+
+        Batch ``k + 1`` is copied on a side stream (``non_blocking``) before batch ``k`` is handed out, so
+        the copy overlaps the consumer's work on ``k``. Before a batch is handed out the consumer's current
+        stream waits on the event recorded after its copy, and its tensors are marked as used on that stream
+        (``record_stream``) so the caching allocator does not reuse them early; the host batch is referenced
+        until then, so its pinned buffer lives until the copy has completed. The position
+        :meth:`state_dict` reports is that of the batch last handed out, not of the one copied ahead.
+        """
+        stream = torch.cuda.Stream(device)
+
+        def start(host: Batch) -> _Pending:
+            # The device memory comes from the side stream's pool and the source is pinned memory the
+            # host allocator keeps until the copy is done: nothing to wait for before copying.
+            with torch.cuda.stream(stream):
+                moved = _to_device(host, device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return host, moved, done, self._position
+
+        def finish(pending: _Pending) -> Batch:
+            _host, moved, done, position = pending
+            self._position = position
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            for value in moved.values():
+                if isinstance(value, torch.Tensor):
+                    value.record_stream(current)
+            return moved
+
+        ahead: _Pending | None = None
+        try:
+            for host in batches:
+                nxt = start(host)
+                if ahead is not None:
+                    yield finish(ahead)
+                ahead = nxt
+            if ahead is not None:
+                yield finish(ahead)
+                self._position = None
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
@@ -409,6 +485,28 @@ def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tens
         return values[:nbytes].view(dtype).view(*shape)
     tensor = torch.from_numpy(values)
     return tensor.view(dtype) if dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _input_ids(tokenizer: Tokenizer, captions: list[str]) -> torch.Tensor:
+    """``captions`` as ``[B, model_max_length]`` int64 token ids, as diffusers' ``train_text_to_image``
+    scripts tokenize them (padded to and truncated at ``model_max_length``)."""
+    ids = tokenizer(
+        captions,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return cast(torch.Tensor, ids)
+
+
+def _to_device(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+    """``batch`` with each tensor moved to ``device`` (lists left as they are)."""
+    moved = {
+        k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+    return cast(Batch, moved)
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastdiff.option import ALL_TABLES, DATASET_TABLES, SUBSET_TABLE, Option, Table
-from fastdiff.types import Crop, Filter, OnError, Remainder
+from fastdiff.types import Crop, Device, Filter, OnError, Remainder, Tokenizer
 
 __all__ = [
     "ALL_TABLES",
@@ -372,6 +372,42 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "Decode ``pixel_values`` too; without them a cached batch reads no image file.",
         default_doc="``True`` without a ``cache``, ``False`` with one",
         state="never",
+    ),
+    _loader(
+        "device",
+        Device | None,
+        None,
+        'Where each batch\'s tensors arrive (``accelerator.device``, ``"cuda"``, a ``torch.device``).',
+        details="On a CUDA device batches are written into pinned memory and copied on a side CUDA "
+        "stream one batch ahead, so the copy of batch ``k + 1`` overlaps the step on batch ``k``; the "
+        "consumer's stream waits on the copy's event before the batch is handed out, and the pinned "
+        "buffer is held until the copy has finished. A CUDA device without CUDA warns (``UserWarning``) "
+        "and batches stay on the CPU, as ``pin_memory`` does; other devices get a plain ``.to(device)``. "
+        "Lists (``captions``, sizes, paths) stay Python lists.",
+        default_doc="host memory",
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "tokenizer",
+        Tokenizer | None,
+        None,
+        'A ``transformers`` tokenizer: each batch also gets ``batch["input_ids"]``, its ``captions`` '
+        "tokenized as the diffusers training scripts do.",
+        details='``tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", '
+        'truncation=True, return_tensors="pt").input_ids``: ``[B, model_max_length]`` int64.',
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "tokenizers",
+        Sequence[Tokenizer] | None,
+        None,
+        'Several tokenizers (SDXL\'s two): ``batch["input_ids"]`` from the first, ``input_ids_2``, '
+        "``input_ids_3``, ... from the others, each as ``tokenizer`` does.",
+        details="Give ``tokenizer`` or ``tokenizers``, not both (``ValueError``).",
+        state="never",
+        native=False,
     ),
 )
 
