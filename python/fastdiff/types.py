@@ -19,6 +19,9 @@ OnError = Literal["skip", "raise"]
 Filter = Literal["lanczos3", "catmullrom", "bilinear", "box", "nearest"]
 #: How a bucket's short last global batch is split across ranks.
 Remainder = Literal["pad", "drop"]
+#: What a loader does about cache entries missing at construction: nothing (a sample without its
+#: entry is a ``cache_miss`` failure), or encode them first with the given model.
+OnMiss = Literal["error", "encode"]
 
 
 class _BatchMeta(TypedDict):
