@@ -465,3 +465,12 @@ def test_on_miss_needs_a_cache_and_a_model(sd15: Path, data: Path, tmp_path: Pat
     with pytest.raises(ValueError, match="on_miss"):
         fastdiff.DataLoader(data, cache=cache, on_miss="build")  # type: ignore[arg-type]
     assert not cache.exists()
+
+
+def test_a_rebuild_without_dtype_keeps_the_caches_dtype(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_for_config(settings(sd15, data, cache), dtype="bf16", progress=False)  # the VAE is stored f32
+    again = build_for_config(settings(sd15, data, cache), progress=False)
+    assert (again.latents_encoded, again.text_encoded) == (0, 0)
+    manifest = read_manifest(cache)
+    assert manifest["latents"]["dtype"] == manifest["text"]["dtype"] == "bf16"
