@@ -285,7 +285,19 @@ def encode_latent_batch(
     shards: Shards,
     report: BuildReport,
 ) -> None:
-    """Encode the samples of one build batch whose latent key neither the store nor this build has."""
+    """Encode the samples of one build batch whose latent key neither the store nor this build has.
+
+    Args:
+        batch: A batch of ``iter_build()``: float ``pixel_values`` ``[B, 3, H, W]`` in ``[-1, 1]``,
+            ``latent_keys`` and ``latent_provenance``.
+        encoder: The VAE side; its entries are ``[C, H / f, W / f]`` each.
+        store: The cache as opened before this build (what it already serves).
+        shards: Where the new entries go.
+        report: Updated: ``live_latents`` gets every key of the batch, ``latents_encoded`` the count.
+
+    Raises:
+        ValueError, OSError: As :meth:`~fastdiff.cache.shards.Shards.add`.
+    """
     # A build batch's samples were all read, so all hashed: no None key.
     keys = [k for k in batch["latent_keys"] if k is not None]
     stored = store.contains(keys)
@@ -317,7 +329,16 @@ def encode_captions(
     report: BuildReport,
     progress: bool,
 ) -> None:
-    """Encode the distinct final captions of the loader (and ``""``) that the store lacks."""
+    """Encode the distinct final captions of the loader (and ``""``) that the store lacks, in
+    calls of :data:`TEXT_BATCH` captions; each entry is the caption's ``[L, D]`` ``prompt_embeds``
+    (+ SDXL's ``[P]`` ``pooled_prompt_embeds``). ``report`` gets ``live_text``, ``text_needed`` and
+    ``text_encoded``.
+
+    Raises:
+        ValueError: As ``loader.caption_variants()`` (caption operations without ``text_variants``),
+            or :meth:`~fastdiff.cache.shards.Shards.add`.
+        OSError: A shard could not be written.
+    """
     from tqdm.auto import tqdm
 
     variants = {caption: key for caption, key in loader.caption_variants() if key is not None}

@@ -128,7 +128,13 @@ def build_for_config(
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0."""
+    """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0.
+
+    Raises:
+        ValueError: ``--gc`` with ``--no-latents`` or ``--no-text`` (gc keeps only the keys this build
+            needs), or as :func:`cache_config` and :func:`build_for_config`.
+        OSError, fastdiff.FastdiffError: As :func:`build_for_config`.
+    """
     config = cache_config(args)
     if args.gc and not (args.latents and args.text):
         raise ValueError(
