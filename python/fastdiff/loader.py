@@ -20,7 +20,7 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER_OPTIONS, saved
-from fastdiff.types import Batch, Crop, Device, Filter, LoadStats, OnError, Remainder, Report, Tokenizer
+from fastdiff.types import Batch, Crop, Device, Filter, LoadStats, OnError, OnMiss, Remainder, Report, Tokenizer
 
 #: A batch being copied to the device: the host batch (held until the copy is done), the device batch,
 #: the event recorded after its copy, and the loader position once it is handed out.
@@ -55,7 +55,10 @@ class DataLoader:
     Each batch is a :class:`fastdiff.types.Batch` dict (its docstring gives every key's shape, dtype
     and unit): ``pixel_values`` ``[B, 3, H, W]``, ``captions``, the SDXL micro-conditioning
     ``original_sizes``, ``crop_top_lefts`` and ``target_sizes``, ``paths``, ``is_reg`` and
-    ``loss_weights``.
+    ``loss_weights``; with a ``cache``, its tensors ``latents``/``latents_std`` ``[B, C, H / f, W / f]``
+    and ``prompt_embeds`` ``[B, L, D]`` (+ SDXL's ``pooled_prompt_embeds`` ``[B, P]``) in the cache's
+    dtype (``C``, ``f``, ``L``, ``D``, ``P`` as its manifest says: 4, 8, 77 and the encoders' widths for
+    SD/SDXL), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``.
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
@@ -87,6 +90,14 @@ class DataLoader:
             for this machine).
         fastdiff.InternalError: A bug in fastdiff (a panic while loading a sample), or an epoch
             iterated in a forked child.
+        FileNotFoundError: ``cache`` has no ``fastdiff-cache.json`` (not built; ``on_miss="error"``).
+        fastdiff.CacheMissError: With ``on_error="raise"``, while iterating, a sample whose cache
+            entry is missing (the message names the file and what changed).
+        fastdiff.CorruptCacheError: With ``on_error="raise"``, while iterating, a cache entry whose
+            checksum does not match (the message names the shard and key).
+        OSError: With ``on_miss="encode"``, ``model`` cannot be read or ``cache`` written; a
+            ``model`` that is not a diffusers pipeline folder is a ``FileNotFoundError`` or
+            ``ValueError``.
     """
 
     def __init__(
@@ -124,6 +135,8 @@ class DataLoader:
         device: Device | None = None,
         tokenizer: Tokenizer | None = None,
         tokenizers: Sequence[Tokenizer] | None = None,
+        on_miss: OnMiss = "error",
+        model: str | os.PathLike[str] | None = None,
     ) -> None:
         # The signature spells the options out for users and type checkers; their checks, what the
         # state records and the native arguments all come from the schema (fastdiff.options).
@@ -184,6 +197,13 @@ class DataLoader:
         )
         if not values["pixels"] and cache is None:
             raise ValueError("pixels=False needs a cache: without one there is nothing to load but pixels")
+        if on_miss == "encode" and (cache is None or model is None):
+            raise ValueError(
+                'on_miss="encode" needs cache= (the folder to fill) and model= (the pipeline whose VAE and '
+                f"text encoders encode it), got cache={cache!r}, model={model!r}"
+            )
+        if model is not None and on_miss != "encode":
+            raise ValueError(f'model= is used only by on_miss="encode", got on_miss={on_miss!r}')
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.cache = None if cache is None else os.fspath(cache)
@@ -204,6 +224,8 @@ class DataLoader:
             **saved(LOADER_OPTIONS, values),
             "subsets": [s.options() for s in subsets],
         }
+        if cache is not None and model is not None:
+            _encode_missing(cache, model, subsets, values)
         self._native = _fastdiff.NativeLoader(
             natives,
             **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
@@ -474,6 +496,42 @@ class DataLoader:
 
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
+
+
+def _encode_missing(
+    cache: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    subsets: Sequence[Subset],
+    values: Mapping[str, Any],
+) -> None:
+    """``on_miss="encode"``: build what ``cache`` lacks for a loader of ``subsets`` and the options
+    ``values`` with ``model``'s encoders, through the builder ``fastdiff cache`` runs
+    (:func:`fastdiff.cache.build.build_from_model`; imported here, as it brings the training side's
+    model loading, which ``import fastdiff`` must not)."""
+    from pathlib import Path
+
+    from fastdiff.cache.build import build_from_model, samples_per_image
+
+    # The build plan's loader: the same samples, float pixels in [-1, 1] for the VAE.
+    plan = {
+        **values,
+        "pixels": True,
+        "dtype": torch.float32,
+        "pin_memory": False,
+        "on_miss": "error",
+        "model": None,
+    }
+
+    def make_loader() -> DataLoader:
+        return DataLoader(subsets=subsets, **plan)
+
+    build_from_model(
+        Path(cache),
+        make_loader,
+        Path(model),
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        samples_per_image=samples_per_image(values["crop"], values["crop_variants"], values["flip_prob"]),
+    )
 
 
 def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
