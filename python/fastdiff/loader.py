@@ -20,7 +20,18 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER_OPTIONS, saved
-from fastdiff.types import Batch, Crop, Device, Filter, LoadStats, OnError, OnMiss, Remainder, Report, Tokenizer
+from fastdiff.types import (
+    Batch,
+    Crop,
+    Device,
+    Filter,
+    LoadStats,
+    OnError,
+    OnMiss,
+    Remainder,
+    Report,
+    Tokenizer,
+)
 
 #: A batch being copied to the device: the host batch (held until the copy is done), the device batch,
 #: the event recorded after its copy, and the loader position once it is handed out.

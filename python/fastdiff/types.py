@@ -32,6 +32,7 @@ class Tokenizer(Protocol):
 
     def __call__(self, text: list[str], **kwargs: Any) -> Any: ...
 
+
 #: What a loader does about cache entries missing at construction: nothing (a sample without its
 #: entry is a ``cache_miss`` failure), or encode them first with the given model.
 OnMiss = Literal["error", "encode"]
