@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -513,3 +514,119 @@ def test_cache_takes_the_train_flags_of_the_data_and_model_only(tmp_path: Path) 
     for train_only in (["--max-steps", "3"], ["--cache-build"], ["--cache", "c"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["cache", "--output", str(tmp_path), *train_only])
+
+
+def shard_entries(shards: set[Path]) -> list[str]:
+    """The entry keys the shard files hold, one per entry (a key in two shards counts twice)."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in sorted(shards):
+        with safe_open(str(path), framework="pt") as f:
+            keys += sorted({name.split("/")[0] for name in f.keys()})  # noqa: SIM118
+    return keys
+
+
+def test_on_miss_encode_fills_exactly_the_missing_entries(
+    sd15: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastdiff.cache import build as builder
+
+    images = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    new = images[-1]
+    # Random crops (2 variants) and flips: 4 latent entries per image. Built one sample per batch and
+    # one caption per text-encoder call, so every entry is one encoder call whichever build made it
+    # (bitwise comparable: on the CPU a batch's rows can round differently from single rows).
+    monkeypatch.setattr(builder, "TEXT_BATCH", 1)
+    opts: dict[str, object] = {
+        "resolution": 48,  # the last (landscape) image has room for different crops
+        "bucket_step": 8,
+        "num_threads": 1,
+        "crop": "random",
+        "crop_variants": 2,
+        "flip_prob": 0.5,
+        "seed": 3,
+    }
+    full = tmp_path / "full"
+    fastdiff.DataLoader(data, cache=full, on_miss="encode", model=sd15, batch_size=1, **opts)
+    # A cache of the other images only: it lacks `new`'s latents and its caption's text entry.
+    others = tmp_path / "others"
+    others.mkdir()
+    for image in images[:-1]:
+        shutil.copy(image, others / image.name)
+        shutil.copy(image.with_suffix(".txt"), others / f"{image.stem}.txt")
+    cache = tmp_path / "cache"
+    fastdiff.DataLoader(others, cache=cache, on_miss="encode", model=sd15, batch_size=1, **opts)
+    before = _fastdiff.CacheStore(cache)
+    latents_before, text_before = set(before.keys("latents")), set(before.keys("text"))
+    shards_before = set(cache.glob("*.safetensors"))
+
+    # on_miss="error" (the default) leaves the cache as it is: the new image is a miss naming it.
+    strict = fastdiff.DataLoader(data, cache=cache, on_error="raise", batch_size=2, **opts)
+    with pytest.raises(fastdiff.CacheMissError, match=re.escape(f"{new}: not in the cache")):
+        list(strict)
+    assert set(cache.glob("*.safetensors")) == shards_before
+
+    # The encode goes through the builder's missing-only plan: it decodes the new image's 4 samples only.
+    reports: list[BuildReport] = []
+    real_build = builder.build
+
+    def recording_build(*args: Any, **kwargs: Any) -> BuildReport:
+        reports.append(real_build(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(builder, "build", recording_build)
+    fastdiff.DataLoader(data, cache=cache, on_miss="encode", model=sd15, batch_size=1, **opts)
+    (filling,) = reports
+    assert (filling.latents_decoded, filling.latents_encoded, filling.text_encoded) == (4, 4, 1)
+    after = _fastdiff.CacheStore(cache)
+    plan = fastdiff.DataLoader(data, cache=full, pixels=True, batch_size=1, **opts)
+    samples = [
+        s for b in plan.iter_build() for s in zip(b["paths"], b["latent_keys"], b["captions"], strict=True)
+    ]
+    wanted = {key for path, key, _ in samples if path == str(new)}
+    (caption,) = {caption for path, _, caption in samples if path == str(new)}
+    assert len(wanted) == 4
+    assert set(after.keys("latents")) - latents_before == wanted
+    text_key = _fastdiff.text_key(caption, read_manifest(cache)["text"]["salt"])
+    assert set(after.keys("text")) - text_before == {text_key}
+    # Nothing was encoded twice: the new shards hold exactly the 5 new entries.
+    assert sorted(shard_entries(set(cache.glob("*.safetensors")) - shards_before)) == sorted(
+        {*wanted, text_key}
+    )
+    # Served (any batch size: the keys do not depend on it), the filled cache gives the full cache's
+    # batches, bit for bit.
+    for epoch in range(2):
+        filled = fastdiff.DataLoader(data, cache=cache, batch_size=2, **opts)
+        reference = fastdiff.DataLoader(data, cache=full, batch_size=2, **opts)
+        filled.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        pairs = list(zip(filled, reference, strict=True))
+        assert sum(str(new) in b["paths"] for b, _ in pairs) == 1
+        for got, want in pairs:
+            assert got["paths"] == want["paths"] and got["latent_keys"] == want["latent_keys"]
+            for name in ("latents", "latents_std", "prompt_embeds"):
+                assert torch.equal(got[name], want[name]), name
+
+
+def test_on_miss_needs_a_cache_and_a_model(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r'on_miss="encode" needs cache=.* and model=.*model=None'):
+        fastdiff.DataLoader(data, cache=cache, on_miss="encode")
+    with pytest.raises(ValueError, match=r'on_miss="encode" needs cache=.*cache=None'):
+        fastdiff.DataLoader(data, on_miss="encode", model=sd15)
+    with pytest.raises(ValueError, match=r'model= is used only by on_miss="encode"'):
+        fastdiff.DataLoader(data, cache=cache, model=sd15)
+    with pytest.raises(ValueError, match="on_miss"):
+        fastdiff.DataLoader(data, cache=cache, on_miss="build")  # type: ignore[arg-type]
+    assert not cache.exists()
+
+
+def test_a_rebuild_without_dtype_keeps_the_caches_dtype(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_for_config(settings(sd15, data, cache), dtype="bf16", progress=False)  # the VAE is stored f32
+    again = build_for_config(settings(sd15, data, cache), progress=False)
+    # The bf16 salt is kept, so the missing-only plan is empty: nothing decoded either.
+    assert (again.latents_decoded, again.latents_encoded, again.text_encoded) == (0, 0, 0)
+    manifest = read_manifest(cache)
+    assert manifest["latents"]["dtype"] == manifest["text"]["dtype"] == "bf16"

@@ -20,7 +20,22 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER_OPTIONS, saved
-from fastdiff.types import Batch, Crop, Filter, LoadStats, OnError, Remainder, Report
+from fastdiff.types import (
+    Batch,
+    Crop,
+    Device,
+    Filter,
+    LoadStats,
+    OnError,
+    OnMiss,
+    Remainder,
+    Report,
+    Tokenizer,
+)
+
+#: A batch being copied to the device: the host batch (held until the copy is done), the device batch,
+#: the event recorded after its copy, and the loader position once it is handed out.
+_Pending = tuple[Batch, Batch, torch.cuda.Event, tuple[int, int] | None]
 
 
 def _available_cores() -> int:
@@ -51,7 +66,10 @@ class DataLoader:
     Each batch is a :class:`fastdiff.types.Batch` dict (its docstring gives every key's shape, dtype
     and unit): ``pixel_values`` ``[B, 3, H, W]``, ``captions``, the SDXL micro-conditioning
     ``original_sizes``, ``crop_top_lefts`` and ``target_sizes``, ``paths``, ``is_reg`` and
-    ``loss_weights``.
+    ``loss_weights``; with a ``cache``, its tensors ``latents``/``latents_std`` ``[B, C, H / f, W / f]``
+    and ``prompt_embeds`` ``[B, L, D]`` (+ SDXL's ``pooled_prompt_embeds`` ``[B, P]``) in the cache's
+    dtype (``C``, ``f``, ``L``, ``D``, ``P`` as its manifest says: 4, 8, 77 and the encoders' widths for
+    SD/SDXL), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``.
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
@@ -83,6 +101,14 @@ class DataLoader:
             for this machine).
         fastdiff.InternalError: A bug in fastdiff (a panic while loading a sample), or an epoch
             iterated in a forked child.
+        FileNotFoundError: ``cache`` has no ``fastdiff-cache.json`` (not built; ``on_miss="error"``).
+        fastdiff.CacheMissError: With ``on_error="raise"``, while iterating, a sample whose cache
+            entry is missing (the message names the file and what changed).
+        fastdiff.CorruptCacheError: With ``on_error="raise"``, while iterating, a cache entry whose
+            checksum does not match (the message names the shard and key).
+        OSError: With ``on_miss="encode"``, ``model`` cannot be read or ``cache`` written; a
+            ``model`` that is not a diffusers pipeline folder is a ``FileNotFoundError`` or
+            ``ValueError``.
     """
 
     def __init__(
@@ -117,6 +143,11 @@ class DataLoader:
         remainder: Remainder = "pad",
         cache: str | os.PathLike[str] | None = None,
         pixels: bool | None = None,
+        device: Device | None = None,
+        tokenizer: Tokenizer | None = None,
+        tokenizers: Sequence[Tokenizer] | None = None,
+        on_miss: OnMiss = "error",
+        model: str | os.PathLike[str] | None = None,
     ) -> None:
         # The signature spells the options out for users and type checkers; their checks, what the
         # state records and the native arguments all come from the schema (fastdiff.options).
@@ -142,6 +173,22 @@ class DataLoader:
         if not subsets:
             raise ValueError("subsets must hold at least one Subset")
         natives = [s.native() for s in subsets]  # checks each subset's options
+        if tokenizer is not None and tokenizers is not None:
+            raise ValueError("give tokenizer or tokenizers, not both")
+        self.tokenizers: list[Tokenizer] = [tokenizer] if tokenizer is not None else list(tokenizers or [])
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None and self.device.type == "cuda":
+            if torch.cuda.is_available():
+                pin_memory = True
+            else:
+                warnings.warn(
+                    f"device={device!r} but CUDA is not available: batches stay on the CPU",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.device = None
+        elif self.device is not None and self.device.type == "cpu":
+            self.device = None
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "pin_memory=True but CUDA is not available: batches are not pinned",
@@ -161,6 +208,13 @@ class DataLoader:
         )
         if not values["pixels"] and cache is None:
             raise ValueError("pixels=False needs a cache: without one there is nothing to load but pixels")
+        if on_miss == "encode" and (cache is None or model is None):
+            raise ValueError(
+                'on_miss="encode" needs cache= (the folder to fill) and model= (the pipeline whose VAE and '
+                f"text encoders encode it), got cache={cache!r}, model={model!r}"
+            )
+        if model is not None and on_miss != "encode":
+            raise ValueError(f'model= is used only by on_miss="encode", got on_miss={on_miss!r}')
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.cache = None if cache is None else os.fspath(cache)
@@ -181,6 +235,8 @@ class DataLoader:
             **saved(LOADER_OPTIONS, values),
             "subsets": [s.options() for s in subsets],
         }
+        if cache is not None and model is not None:
+            _encode_missing(cache, model, subsets, values)
         self._native = _fastdiff.NativeLoader(
             natives,
             **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
@@ -312,7 +368,12 @@ class DataLoader:
         self._epoch, self._resume_batch = epoch + 1, 0
         self._position = (epoch, start)
         factory = _pinned_buffer if self.pin_memory else None
-        return self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
+        batches = self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
+        if self.device is None:
+            return batches
+        if self.device.type == "cuda":
+            return self._on_cuda(batches, self.device)
+        return (_to_device(b, self.device) for b in batches)
 
     def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
         """The pixel batches a cache of this loader must encode (for ``fastdiff cache``).
@@ -404,6 +465,8 @@ class DataLoader:
                     batch.update(latent_keys=latent_keys, text_keys=text_keys)
                 if epoch is None:
                     batch["latent_provenance"] = provenance
+                for i, tokenizer in enumerate(self.tokenizers):
+                    batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = _input_ids(tokenizer, captions)
                 yield cast(Batch, batch)
             if epoch is not None:
                 self._position = None
@@ -412,8 +475,89 @@ class DataLoader:
             if self._stats_source is it:
                 self._last_stats, self._stats_source = cast(LoadStats, it.stats()), None
 
+    def _on_cuda(self, batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+        """``batches`` (in pinned host memory) on the CUDA ``device``, each copied one batch ahead.
+
+        Batch ``k + 1`` is copied on a side stream (``non_blocking``) before batch ``k`` is handed out, so
+        the copy overlaps the consumer's work on ``k``. Before a batch is handed out the consumer's current
+        stream waits on the event recorded after its copy, and its tensors are marked as used on that stream
+        (``record_stream``) so the caching allocator does not reuse them early; the host batch is referenced
+        until then, so its pinned buffer lives until the copy has completed. The position
+        :meth:`state_dict` reports is that of the batch last handed out, not of the one copied ahead.
+        """
+        stream = torch.cuda.Stream(device)
+
+        def start(host: Batch) -> _Pending:
+            # The device memory comes from the side stream's pool and the source is pinned memory the
+            # host allocator keeps until the copy is done: nothing to wait for before copying.
+            with torch.cuda.stream(stream):
+                moved = _to_device(host, device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            return host, moved, done, self._position
+
+        def finish(pending: _Pending) -> Batch:
+            _host, moved, done, position = pending
+            self._position = position
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            for value in moved.values():
+                if isinstance(value, torch.Tensor):
+                    value.record_stream(current)
+            return moved
+
+        ahead: _Pending | None = None
+        try:
+            for host in batches:
+                nxt = start(host)
+                if ahead is not None:
+                    yield finish(ahead)
+                ahead = nxt
+            if ahead is not None:
+                yield finish(ahead)
+                self._position = None
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
+
+
+def _encode_missing(
+    cache: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    subsets: Sequence[Subset],
+    values: Mapping[str, Any],
+) -> None:
+    """``on_miss="encode"``: build what ``cache`` lacks for a loader of ``subsets`` and the options
+    ``values`` with ``model``'s encoders, through the builder ``fastdiff cache`` runs
+    (:func:`fastdiff.cache.build.build_from_model`; imported here, as it brings the training side's
+    model loading, which ``import fastdiff`` must not)."""
+    from pathlib import Path
+
+    from fastdiff.cache.build import build_from_model
+
+    # The build plan's loader: the same samples, float pixels in [-1, 1] for the VAE.
+    plan = {
+        **values,
+        "pixels": True,
+        "dtype": torch.float32,
+        "pin_memory": False,
+        "on_miss": "error",
+        "model": None,
+    }
+
+    def make_loader() -> DataLoader:
+        return DataLoader(subsets=subsets, **plan)
+
+    build_from_model(
+        Path(cache),
+        make_loader,
+        Path(model),
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+    )
 
 
 def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
@@ -425,6 +569,28 @@ def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tens
         return values[:nbytes].view(dtype).view(*shape)
     tensor = torch.from_numpy(values)
     return tensor.view(dtype) if dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _input_ids(tokenizer: Tokenizer, captions: list[str]) -> torch.Tensor:
+    """``captions`` as ``[B, model_max_length]`` int64 token ids, as diffusers' ``train_text_to_image``
+    scripts tokenize them (padded to and truncated at ``model_max_length``)."""
+    ids = tokenizer(
+        captions,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return cast(torch.Tensor, ids)
+
+
+def _to_device(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+    """``batch`` with each tensor moved to ``device`` (lists left as they are)."""
+    moved = {
+        k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+    return cast(Batch, moved)
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:

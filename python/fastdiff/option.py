@@ -36,7 +36,9 @@ class Option:
         name: The keyword argument / field name, also the TOML key.
         annotation: The Python type of its values, as the signature spells it; the checks follow from
             it: ``int``, ``float``, ``bool``, ``str``, a ``Literal`` (or ``choices``), a path,
-            ``tuple[int, int, int]``, ``Sequence[str]``; ``| None`` lets ``None`` through.
+            ``tuple[int, int, int]``, ``Sequence[str]``, a device (``str | torch.device``), a
+            runtime-checkable ``Protocol`` (any object that has its attributes) or a ``Sequence`` of
+            one; ``| None`` lets ``None`` through.
         default: The default value (``dataclasses.MISSING``: required).
         doc: One-line description: the README table, ``--help`` and the start of the docstring entry.
         scope: ``"loader"`` (a ``DataLoader`` argument) or ``"subset"`` (a ``Subset`` field).
@@ -80,18 +82,26 @@ class Option:
         return type(None) in _union_args(self.annotation)
 
     @property
-    def kind(self) -> Literal["int", "float", "bool", "str", "choice", "path", "ints", "strs"]:
+    def kind(
+        self,
+    ) -> Literal[
+        "int", "float", "bool", "str", "choice", "path", "ints", "strs", "device", "object", "objects"
+    ]:
         """What the values are, read from the annotation."""
         args = [a for a in _union_args(self.annotation) if a is not type(None)]
         if set(args) == {str, os.PathLike[str]}:
             return "path"
+        if set(args) == {str, torch.device}:
+            return "device"
         (core,) = args
         if self.choices or get_origin(core) is Literal:
             return "choice"
         if get_origin(core) is tuple:
             return "ints"
         if get_origin(core) is Sequence:
-            return "strs"
+            return "objects" if _is_protocol(get_args(core)[0]) else "strs"
+        if _is_protocol(core):
+            return "object"
         simple: dict[Any, Literal["int", "float", "bool", "str"]] = {
             int: "int",
             float: "float",
@@ -148,6 +158,25 @@ class Option:
         if kind == "path":
             ok = isinstance(value, (str, os.PathLike))
             return None if ok else f"{name} must be a path (str or os.PathLike), got {value!r}"
+        if kind == "device":
+            if isinstance(value, torch.device):
+                return None
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError):
+                example = '("cuda", "cuda:1", "cpu")'
+                return f"{name} must be a torch.device or a device string {example}, got {value!r}"
+            return None
+        if kind in ("object", "objects"):
+            protocol = _core(self.annotation)
+            protocol = get_args(protocol)[0] if kind == "objects" else protocol
+            what = f"a fastdiff.types.{protocol.__name__} (such as a transformers tokenizer)"
+            if kind == "object":
+                return None if isinstance(value, protocol) else f"{name} must be {what}, got {value!r}"
+            items = _items(value)
+            if items and all(isinstance(c, protocol) for c in items):
+                return None
+            return f"{name} must be a non-empty sequence, each {what}, got {value!r}"
         if kind == "choice":
             if any(_same(value, c) for c in self.allowed):
                 return None
@@ -238,6 +267,11 @@ class Option:
         if kind == "ints":
             return f"{_number(self.minimum or 0)}–{_number(self.maximum or 0)} each"
         return ""
+
+
+def _is_protocol(annotation: Any) -> bool:
+    """Whether ``annotation`` is a ``typing.Protocol`` class that ``isinstance`` can check."""
+    return isinstance(annotation, type) and bool(getattr(annotation, "_is_runtime_protocol", False))
 
 
 def _union_args(annotation: Any) -> tuple[Any, ...]:

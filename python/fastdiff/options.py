@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastdiff.option import ALL_TABLES, DATASET_TABLES, SUBSET_TABLE, Option, Table
-from fastdiff.types import Crop, Filter, OnError, Remainder
+from fastdiff.types import Crop, Device, Filter, OnError, OnMiss, Remainder, Tokenizer
 
 __all__ = [
     "ALL_TABLES",
@@ -360,11 +360,19 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "``latent_keys`` / ``text_keys``.",
         details="Entries are keyed by each file's content hash and everything that changes its pixels or "
         "caption, so the batches are those of the uncached run (same order, crops, captions, SDXL sizes, "
-        "resume and rank split). At construction every image's bytes are hashed. A random crop needs "
-        "``crop_variants`` and caption operations beyond dropout need ``text_variants`` (else "
-        "``ValueError``). A sample whose entry is missing is a ``fastdiff.CacheMissError`` naming the file "
-        'and what changed (skipped with a stand-in under ``on_error="skip"``); an image the builder '
-        "could not encode fails as it would uncached.",
+        "resume and rank split). Per batch of ``B`` samples of bucket ``(H, W)``: ``latents`` and "
+        "``latents_std`` ``[B, C, H / f, W / f]``, ``prompt_embeds`` ``[B, L, D]`` and SDXL's "
+        "``pooled_prompt_embeds`` ``[B, P]``, each present when the cache has that half, in its dtype "
+        "(``torch.bfloat16``, ``torch.float16`` or ``torch.float32``), with ``C``, ``f``, ``L``, ``D``, "
+        "``P`` as its manifest says (4, 8, 77, 768 or 2048, 1280 for SD 1.x and SDXL). At construction "
+        "every image's bytes are hashed and every shard's header is read: a truncated or unparsable shard "
+        "is not served (its entries are missing). A random crop needs ``crop_variants`` and caption "
+        "operations beyond dropout need ``text_variants`` (else ``ValueError``). A sample whose entry is "
+        "missing: see ``on_miss``. An entry whose checksum does not match is a "
+        "``fastdiff.CorruptCacheError`` naming the shard and key (skipped as ``corrupt`` with a stand-in "
+        'under ``on_error="skip"``); an image the builder could not encode fails as it would uncached. '
+        "A folder without ``fastdiff-cache.json`` is a ``FileNotFoundError``, an unreadable manifest a "
+        "``fastdiff.CorruptCacheError``.",
         state="never",
         scan=True,
     ),
@@ -375,6 +383,72 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "Decode ``pixel_values`` too; without them a cached batch reads no image file.",
         default_doc="``True`` without a ``cache``, ``False`` with one",
         state="never",
+    ),
+    _loader(
+        "device",
+        Device | None,
+        None,
+        'Where each batch\'s tensors arrive (``accelerator.device``, ``"cuda"``, a ``torch.device``).',
+        details="On a CUDA device batches are written into pinned memory and copied on a side CUDA "
+        "stream one batch ahead, so the copy of batch ``k + 1`` overlaps the step on batch ``k``; the "
+        "consumer's stream waits on the copy's event before the batch is handed out, and the pinned "
+        "buffer is held until the copy has finished. A CUDA device without CUDA warns (``UserWarning``) "
+        "and batches stay on the CPU, as ``pin_memory`` does; other devices get a plain ``.to(device)``. "
+        "Lists (``captions``, sizes, paths) stay Python lists.",
+        default_doc="host memory",
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "tokenizer",
+        Tokenizer | None,
+        None,
+        'A ``transformers`` tokenizer: each batch also gets ``batch["input_ids"]``, its ``captions`` '
+        "tokenized as the diffusers training scripts do.",
+        details='``tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", '
+        'truncation=True, return_tensors="pt").input_ids``: ``[B, model_max_length]`` int64.',
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "tokenizers",
+        Sequence[Tokenizer] | None,
+        None,
+        'Several tokenizers (SDXL\'s two): ``batch["input_ids"]`` from the first, ``input_ids_2``, '
+        "``input_ids_3``, ... from the others, each as ``tokenizer`` does.",
+        details="Give ``tokenizer`` or ``tokenizers``, not both (``ValueError``).",
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "on_miss",
+        OnMiss,
+        "error",
+        "Entries this loader's samples need and ``cache`` lacks: a miss when a sample needs one "
+        '(``"error"``), or encoded with ``model`` at construction (``"encode"``).',
+        details='``"error"``: nothing at construction; a sample whose entry is missing fails with '
+        '``fastdiff.CacheMissError`` naming the file and what changed (under ``on_error="skip"`` it is '
+        'skipped as ``cache_miss`` with a stand-in). ``"encode"``: construction first encodes the '
+        "missing entries into ``cache`` with ``model`` (the build ``fastdiff cache --model MODEL`` runs "
+        "with these options: both halves, each in the dtype the cache has for it, else the dtype the "
+        "VAE weights are stored in; the encoders run on CUDA when available, else the CPU, and are "
+        "freed before serving), then serves; it loads the VAE and the text encoders even when nothing is "
+        "missing. Needs ``cache`` and ``model`` (else ``ValueError``).",
+        state="never",
+        native=False,
+    ),
+    _loader(
+        "model",
+        str | os.PathLike[str] | None,
+        None,
+        "Local diffusers pipeline folder whose VAE and text encoders encode what ``cache`` lacks "
+        '(``on_miss="encode"``).',
+        details='Only with ``on_miss="encode"`` (else ``ValueError``). A folder with ``model_index.json``, '
+        "``vae/``, ``text_encoder/`` and ``tokenizer/`` (SDXL: also ``text_encoder_2/``, "
+        "``tokenizer_2/``); nothing is downloaded. A different VAE or text encoder than the cache was "
+        "built with changes that half's salt: all its entries are then missing and re-encoded.",
+        state="never",
+        native=False,
     ),
 )
 

@@ -7,7 +7,7 @@ report or the stats are ordinary ``dict`` objects; these types only tell a type 
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 import torch
 
@@ -19,6 +19,23 @@ OnError = Literal["skip", "raise"]
 Filter = Literal["lanczos3", "catmullrom", "bilinear", "box", "nearest"]
 #: How a bucket's short last global batch is split across ranks.
 Remainder = Literal["pad", "drop"]
+#: Where batches' tensors go: a ``torch.device`` or its string (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+Device = str | torch.device
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the loader needs of a tokenizer (a ``transformers`` ``PreTrainedTokenizer``/``...Fast``):
+    its ``model_max_length`` and a call taking a list of strings and keyword arguments."""
+
+    model_max_length: int
+
+    def __call__(self, text: list[str], **kwargs: Any) -> Any: ...
+
+
+#: What a loader does about cache entries missing at construction: nothing (a sample without its
+#: entry is a ``cache_miss`` failure), or encode them first with the given model.
+OnMiss = Literal["error", "encode"]
 
 
 class _BatchMeta(TypedDict):
@@ -59,6 +76,9 @@ class Batch(_BatchMeta, total=False):
         text_keys: With a cache: each sample's text entry key (``None`` without a text half).
         latent_provenance: Only from :meth:`fastdiff.DataLoader.iter_build`: per sample the JSON the
             cache builder stores with its latent entry (path, bucket, crop, resized size, flip).
+        input_ids: With a ``tokenizer`` (or ``tokenizers``): ``[B, L]`` int64 tensor, ``captions``
+            tokenized to ``L = model_max_length`` tokens, padded and truncated (the first tokenizer).
+        input_ids_2: With two ``tokenizers`` (SDXL): the second tokenizer's ``[B, L2]``.
     """
 
     pixel_values: torch.Tensor
@@ -69,6 +89,8 @@ class Batch(_BatchMeta, total=False):
     latent_keys: list[str | None]
     text_keys: list[str | None]
     latent_provenance: list[str]
+    input_ids: torch.Tensor
+    input_ids_2: torch.Tensor
 
 
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable

@@ -5,17 +5,25 @@ of interleaving manifests), writes the manifest with the halves being built (the
 samples by the manifest's salts, so it comes first), then walks ``loader.iter_build()`` — every
 distinct (image, crop variant, flip) once, decoded by the Rust workers while the VAE encodes the
 previous batch (the loader prefetches) — with ``missing_only``, so only the samples whose latent key
-the store lacks are read and decoded at all (a rerun on a complete cache decodes nothing), and the
-distinct captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption)
-the same way. Entries go through the native ``ShardWriter``: a shard is finished (fsynced and renamed
-into place) every :data:`SHARD_ENTRIES` entries or :data:`SHARD_BYTES` bytes, so a killed build loses
-at most one shard's worth, and its rerun encodes only what is missing. Images that cannot be decoded
-are recorded in the manifest's ``failed`` by content hash (a served sample of one is that failure).
+the store lacks are read and decoded at all (a rerun on a complete cache decodes nothing; the progress
+bar's total is the count ``loader.build_latent_keys()`` gives as not cached), and the distinct
+captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption) the same way. Entries go
+through the native ``ShardWriter``: a shard is finished (fsynced and renamed into place) every
+:data:`SHARD_ENTRIES` entries or :data:`SHARD_BYTES` bytes, so a killed build loses at most one shard's
+worth, and its rerun encodes only what is missing. Images that cannot be decoded are recorded in the
+manifest's ``failed`` by content hash (a served sample of one is that failure).
+
+:func:`build_from_model` is the one way a model's encoders fill a cache: it loads only the VAE and/or
+the text encoders, runs :func:`build` and frees them. ``fastdiff cache``, ``fastdiff train
+--cache-build`` and ``fastdiff.DataLoader(..., on_miss="encode")`` all go through it. This module
+takes its loader as a :class:`BuildPlan` (any object with a build plan, in practice a
+``fastdiff.DataLoader``) instead of importing ``fastdiff.loader``, which calls it lazily.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import sys
 import time
@@ -23,18 +31,48 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
 
 from fastdiff import _fastdiff
-from fastdiff.cache.encoders import LatentEncoder, TextEncoder
-from fastdiff.cache.manifest import read_manifest, with_halves, write_manifest
+from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.manifest import Manifest, StorageDtype, read_manifest, with_halves, write_manifest
 from fastdiff.cache.shards import Shards
-from fastdiff.loader import DataLoader
-from fastdiff.types import Batch, SkippedFile
+from fastdiff.training.sd_pipeline import pipeline_kind
+from fastdiff.types import Batch, LoadStats, Report, SkippedFile
 
 #: Captions encoded per text-encoder call.
 TEXT_BATCH = 64
 #: Name of the lock file in a cache folder.
 LOCK = ".lock"
+
+
+class BuildPlan(Protocol):
+    """What :func:`build` reads of its loader: a ``fastdiff.DataLoader`` built with ``cache=`` the
+    folder being built and ``pixels=True`` (see the methods of the same names there)."""
+
+    @property
+    def report(self) -> Report:
+        """The scan's report, with the files that failed so far."""
+        ...
+
+    def stats(self) -> LoadStats | None:
+        """The last iteration's counts (``samples``, ``failed``); ``None`` before any."""
+        ...
+
+    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
+        """Every distinct (image, crop variant, flip) once, or with ``missing_only`` only those the
+        cache lacks, as float pixel batches with ``latent_keys`` and ``latent_provenance``."""
+        ...
+
+    def build_latent_keys(self) -> list[tuple[str | None, bool]]:
+        """Per sample of the full build plan, without decoding: ``(latent key, cached)``."""
+        ...
+
+    def caption_variants(self) -> list[tuple[str, str | None]]:
+        """Every final caption a sample can get, with its text key."""
+        ...
 
 
 @dataclass
@@ -83,9 +121,93 @@ def locked(cache: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def build_from_model(
+    cache: Path,
+    make_loader: Callable[[], BuildPlan],
+    model: Path,
+    model_config: Path | None = None,
+    *,
+    device: torch.device,
+    latents: bool = True,
+    text: bool = True,
+    dtype: StorageDtype | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Load only the VAE (``latents``) and/or the text encoders (``text``) of ``model`` on ``device``,
+    :func:`build` ``cache`` with them, and free them (CUDA's cached memory too) before returning.
+
+    Args:
+        cache: The cache folder (created if missing).
+        make_loader: As :func:`build`.
+        model: A local diffusers pipeline folder, or a single checkpoint file with ``model_config``.
+        model_config: The pipeline folder of a single-file ``model``'s architecture, else ``None``.
+        device: Where the encoders run (in float32).
+        latents: Build the latents half.
+        text: Build the text half.
+        dtype: Storage dtype of both halves; ``None``: per half, the dtype the cache already has for
+            it (so entries under its salt are reused), else
+            :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
+        progress: Show progress bars.
+
+    Returns:
+        As :func:`build`.
+
+    Raises:
+        FileNotFoundError, ValueError: ``model`` is not a pipeline (as
+            :func:`~fastdiff.training.sd_pipeline.load_component`), or as :func:`build`.
+        OSError, fastdiff.FastdiffError: As :func:`build`.
+    """
+    manifest = read_manifest(cache)
+    vae = (
+        LatentEncoder.load(
+            model, model_config, half_dtype(manifest, "latents", dtype, model, model_config), device
+        )
+        if latents
+        else None
+    )
+    encoders = (
+        TextEncoder.load(
+            model, model_config, half_dtype(manifest, "text", dtype, model, model_config), device
+        )
+        if text
+        else None
+    )
+    try:
+        return build(
+            cache,
+            make_loader,
+            latents=vae,
+            text=encoders,
+            model=str(model),
+            kind=pipeline_kind(model, model_config),
+            progress=progress,
+        )
+    finally:
+        del vae, encoders
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def half_dtype(
+    manifest: Manifest | None,
+    half: Literal["latents", "text"],
+    dtype: StorageDtype | None,
+    model: Path,
+    model_config: Path | None,
+) -> StorageDtype:
+    """The storage dtype of a half being built: ``dtype`` if given, else the manifest's for that half,
+    else the dtype ``model``'s VAE weights are stored in."""
+    if dtype is not None:
+        return dtype
+    if manifest is not None and half in manifest:
+        return manifest[half]["dtype"]
+    return stored_dtype(model, model_config)
+
+
 def build(
     cache: Path,
-    make_loader: Callable[[], DataLoader],
+    make_loader: Callable[[], BuildPlan],
     *,
     latents: LatentEncoder | None,
     text: TextEncoder | None,
@@ -162,7 +284,19 @@ def encode_latent_batch(
     report: BuildReport,
 ) -> None:
     """Encode the samples of one ``missing_only`` build batch whose latent key this build has not
-    encoded yet (``encoded``, updated; two files with the same bytes in one bucket share a key)."""
+    encoded yet (two files with the same bytes in one bucket share a key).
+
+    Args:
+        batch: A batch of ``iter_build(missing_only=True)``: float ``pixel_values`` ``[B, 3, H, W]``
+            in ``[-1, 1]``, ``latent_keys`` and ``latent_provenance``; only samples the cache lacks.
+        encoder: The VAE side; its entries are ``[C, H / f, W / f]`` each.
+        encoded: The latent keys this build has encoded so far; updated.
+        shards: Where the new entries go.
+        report: Updated: ``latents_encoded`` gets the count.
+
+    Raises:
+        ValueError, OSError: As :meth:`~fastdiff.cache.shards.Shards.add`.
+    """
     todo: list[tuple[int, str]] = []
     for i, key in enumerate(batch["latent_keys"]):
         if key is not None and key not in encoded:
@@ -187,14 +321,23 @@ def record_failure(skipped: SkippedFile, report: BuildReport) -> None:
 
 
 def encode_captions(
-    loader: DataLoader,
+    loader: BuildPlan,
     encoder: TextEncoder,
     store: _fastdiff.CacheStore,
     shards: Shards,
     report: BuildReport,
     progress: bool,
 ) -> None:
-    """Encode the distinct final captions of the loader (and ``""``) that the store lacks."""
+    """Encode the distinct final captions of the loader (and ``""``) that the store lacks, in
+    calls of :data:`TEXT_BATCH` captions; each entry is the caption's ``[L, D]`` ``prompt_embeds``
+    (+ SDXL's ``[P]`` ``pooled_prompt_embeds``). ``report`` gets ``live_text``, ``text_needed`` and
+    ``text_encoded``.
+
+    Raises:
+        ValueError: As ``loader.caption_variants()`` (caption operations without ``text_variants``),
+            or :meth:`~fastdiff.cache.shards.Shards.add`.
+        OSError: A shard could not be written.
+    """
     from tqdm.auto import tqdm
 
     variants = {caption: key for caption, key in loader.caption_variants() if key is not None}

@@ -7,19 +7,16 @@ loader will ask for; and :func:`build_for_config`, which ``fastdiff train --cach
 from __future__ import annotations
 
 import argparse
-import gc
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from fastdiff import _fastdiff
-from fastdiff.cache.build import BuildReport, build, locked
-from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
 from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
 from fastdiff.training.sd import with_model_defaults
-from fastdiff.training.sd_pipeline import pipeline_kind
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 
 #: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
@@ -62,8 +59,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="Storage dtype of the entries (the encoders run in float32). Default: the dtype the "
-        "model's VAE weights are stored in.",
+        help="Storage dtype of the entries (the encoders run in float32). Default: for each half the "
+        "dtype the cache already has for it, else the dtype the model's VAE weights are stored in.",
     )
     own.add_argument(
         "--gc", action="store_true", help="Afterwards delete shards holding no entry this build needs."
@@ -96,14 +93,15 @@ def build_for_config(
     """Encode into ``config.cache`` what the loader of ``config`` needs and the cache lacks.
 
     The settings resolve as in ``fastdiff train`` (dataset config, model defaults), so the keys are
-    the run's. Only the VAE / the text encoders load, on ``config.device``, and they are freed
-    before returning.
+    the run's; then :func:`~fastdiff.cache.build.build_from_model` loads only the VAE / the text
+    encoders, on ``config.device``, builds, and frees them before returning.
 
     Args:
         config: A run's settings with ``model`` and ``cache`` set.
         latents: Build the latents half.
         text: Build the text half.
-        dtype: Storage dtype; ``None``: :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
+        dtype: Storage dtype; ``None``: per half, the cache's dtype for it, else
+            :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
         progress: Show progress bars.
 
     Raises:
@@ -114,31 +112,28 @@ def build_for_config(
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     config = with_model_defaults(with_dataset_options(config))
-    model, model_config = config.model, config.model_config
-    assert model is not None and config.cache is not None
-    device = resolve_device(config.device)
-    dtype = dtype or stored_dtype(model, model_config)
-    vae = LatentEncoder.load(model, model_config, dtype, device) if latents else None
-    encoders = TextEncoder.load(model, model_config, dtype, device) if text else None
-    try:
-        return build(
-            config.cache,
-            lambda: make_loader(config, pixels=True),
-            latents=vae,
-            text=encoders,
-            model=str(model),
-            kind=pipeline_kind(model, model_config),
-            progress=progress,
-        )
-    finally:
-        del vae, encoders
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    assert config.model is not None and config.cache is not None
+    return build_from_model(
+        config.cache,
+        lambda: make_loader(config, pixels=True),
+        config.model,
+        config.model_config,
+        device=resolve_device(config.device),
+        latents=latents,
+        text=text,
+        dtype=dtype,
+        progress=progress,
+    )
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0."""
+    """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0.
+
+    Raises:
+        ValueError: ``--gc`` with ``--no-latents`` or ``--no-text`` (gc keeps only the keys this build
+            needs), or as :func:`cache_config` and :func:`build_for_config`.
+        OSError, fastdiff.FastdiffError: As :func:`build_for_config`.
+    """
     config = cache_config(args)
     if args.gc and not (args.latents and args.text):
         raise ValueError(

@@ -15,6 +15,11 @@ def read_entry(store: _fastdiff.CacheStore, key: str, dtype: str) -> dict[str, t
     """Entry ``key``'s tensors (checksum verified), in the cache's ``dtype`` (``"bf16"`` entries
     arrive as uint16 bit patterns and are viewed as ``torch.bfloat16``).
 
+    Returns:
+        Tensor name -> CPU tensor of the entry's own shape (no batch dimension): ``latents`` and
+        ``latents_std`` ``[C, H / f, W / f]``, ``prompt_embeds`` ``[L, D]``, ``pooled_prompt_embeds``
+        ``[P]``; ``torch.bfloat16``, ``torch.float16`` or ``torch.float32`` as ``dtype`` says.
+
     Raises:
         fastdiff.CacheMissError: The store does not serve ``key``.
         fastdiff.CorruptCacheError: The entry's bytes do not match its checksum.
