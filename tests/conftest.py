@@ -3,11 +3,13 @@ the checkout (``$FASTDIFF_CACHE``, else ``~/.cache/fastdiff/corpus``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import corpus  # scripts/corpus.py: pyproject's [tool.pytest.ini_options] puts scripts/ on the path
 import pytest
+import torch
 
 CACHE = corpus.cache_dir()
 
@@ -30,3 +32,29 @@ def wallpapers() -> Path:
 def large_photos(wallpapers: Path) -> Path:
     """16 phone-style JPEGs of 12 MP (4032x3024), 4 of them stored rotated with EXIF orientation 3/6/8."""
     return _made(lambda: corpus.derived(wallpapers, CACHE / "large16", "large", 16))
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: faster on the 2-core CI machine, and the same reduction order every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def smallest_images(wallpapers: Path, n: int) -> list[Path]:
+    """The ``n`` smallest wallpaper files (by bytes, then name); each has a ``.txt`` caption beside it."""
+    return sorted(
+        (p for p in wallpapers.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")),
+        key=lambda p: (p.stat().st_size, p.name),
+    )[:n]
+
+
+def copy_with_captions(images: list[Path], dest: Path) -> Path:
+    """Copy ``images`` and their ``.txt`` captions into ``dest`` (created); returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        shutil.copy(image, dest / image.name)
+        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
+    return dest

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +21,7 @@ from typing import Any, cast
 import fastdiff
 import pytest
 import torch
+from conftest import copy_with_captions, smallest_images
 from fastdiff import _fastdiff, cli
 from fastdiff.cache.build import BuildReport
 from fastdiff.cache.command import build_for_config
@@ -40,12 +40,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +51,12 @@ def sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sources(wallpapers: Path) -> list[Path]:
     """The 3 smallest wallpapers (with .txt captions)."""
-    return sorted(
-        (p for p in wallpapers.iterdir() if p.suffix.lower() in IMAGE_EXTS),
-        key=lambda p: (p.stat().st_size, p.name),
-    )[:3]
+    return smallest_images(wallpapers, 3)
 
 
 @pytest.fixture
 def data(sources: list[Path], tmp_path: Path) -> Path:
-    dest = tmp_path / "data"
-    dest.mkdir()
-    for image in sources:
-        shutil.copy(image, dest / image.name)
-        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
-    return dest
+    return copy_with_captions(sources, tmp_path / "data")
 
 
 def settings(model: Path, data: Path, cache: Path, **overrides: object) -> TrainConfig:

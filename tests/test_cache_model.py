@@ -17,6 +17,7 @@ from pathlib import Path
 import fastdiff
 import pytest
 import torch
+from conftest import copy_with_captions, smallest_images
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from fastdiff import _fastdiff
 from fastdiff.cache import digest, manifest
@@ -33,12 +34,7 @@ CPU = torch.device("cpu")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +50,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 4 smallest wallpapers and their captions."""
-    files = sorted(
-        (p for p in wallpapers.iterdir() if p.suffix.lower() in IMAGE_EXTS),
-        key=lambda p: (p.stat().st_size, p.name),
-    )[:4]
-    dest = tmp_path_factory.mktemp("images")
-    for image in files:
-        shutil.copy(image, dest / image.name)
-        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
-    return dest
+    return copy_with_captions(smallest_images(wallpapers, 4), tmp_path_factory.mktemp("images"))
 
 
 def pixel_batch(images: Path) -> fastdiff.types.Batch:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_with_captions, smallest_images
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from fastdiff import cli
 from fastdiff.training import loop, objective, sd, sd_pipeline
@@ -33,13 +34,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: faster on the 2-core CI machine, and the same reduction order every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +50,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 6 smallest wallpapers (256-400 px) and their captions."""
-    files = sorted(
-        (p for p in wallpapers.iterdir() if p.suffix.lower() in IMAGE_EXTS),
-        key=lambda p: (p.stat().st_size, p.name),
-    )[:6]
-    dest = tmp_path_factory.mktemp("images")
-    for image in files:
-        shutil.copy(image, dest / image.name)
-        shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
-    return dest
+    return copy_with_captions(smallest_images(wallpapers, 6), tmp_path_factory.mktemp("images"))
 
 
 def config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:

@@ -297,15 +297,6 @@ def test_cli_refuses_a_flip_prob_outside_0_1(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: faster on a small shared CPU, and the same reduction order in both runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 def test_from_scratch_resume_reproduces_the_uninterrupted_run(small_set: Path, tmp_path: Path) -> None:
     cfg = config(
