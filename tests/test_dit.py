@@ -8,6 +8,7 @@ FLUX packing and guidance, timestep inputs, SD3 without T5) and the refusals. Ev
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -365,6 +366,18 @@ def test_sd3_without_t5_encodes_zeros_for_its_part_and_saves_a_whole_pipeline(
     assert embeds.shape == (1, clip_tokens + SEQUENCE_TOKENS, 64)
     assert not embeds[:, clip_tokens:].any() and embeds[:, :clip_tokens].abs().sum() > 0
     assert conditioning["pooled_projections"].shape == (1, 64)
+
+    # A folder without T5 (often deleted to save disk) trains with --no-t5 and saves without it.
+    no_t5 = tmp_path / "no-t5"
+    shutil.copytree(pipelines["sd3"], no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    with pytest.raises(ValueError, match="lacks text_encoder_3/, tokenizer_3/"):
+        train(config(no_t5, images, tmp_path / "out", max_steps=1))
+    train(config(no_t5, images, tmp_path / "out", t5=False, max_steps=1))
+    # Loaded as diffusers loads SD3 without T5: text_encoder_3 is not an optional component.
+    saved_no_t5 = DiffusionPipeline.from_pretrained(
+        tmp_path / "out", text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )
+    assert saved_no_t5.text_encoder_3 is None and saved_no_t5.transformer is not None
 
 
 def test_a_bucket_step_that_does_not_fit_the_model_is_refused_with_both_numbers(

@@ -250,8 +250,8 @@ class TrainConfig:
         choices=TIMESTEP_SAMPLINGS,
         help=f"{FLOW_ONLY}density of the training timesteps t in [0, 1] (1 = noise): uniform, "
         "logit_normal (logit(t) ~ N(logit_mean, logit_std^2); Esser et al. 2024, the SD3 paper) or mode "
-        "(heavier tails, mode_scale). Default: the family's: logit_normal for SD3 and Z-Image, uniform for "
-        "FLUX.1 (diffusers' SD3 and FLUX LoRA scripts).",
+        "(the SD3 paper's mode density; mode_scale > 0 moves mass to mid t). Default: the family's: "
+        "logit_normal for SD3 and Z-Image, uniform for FLUX.1 (diffusers' SD3 and FLUX LoRA scripts).",
     )
     logit_mean: float = setting(
         0.0, group="optimisation", help=f"{FLOW_ONLY}mean m of logit(t) with logit_normal sampling."

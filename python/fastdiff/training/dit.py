@@ -89,7 +89,7 @@ def with_model_defaults(config: TrainConfig, family: Family) -> TrainConfig:
         raise ValueError(f"{', '.join(refused)}: not supported for {family.pipeline} ({model}) yet")
     if not config.t5 and not family.optional_text:
         raise ValueError(f"--no-t5: {family.pipeline} needs all its text encoders")
-    check_components(model, family)
+    check_components(model, family, without=() if config.t5 else family.optional_text)
     align = alignment(model, family)
     transformer = component_config(model, "transformer")
     sample_size = transformer.get("sample_size")
@@ -276,7 +276,7 @@ class DiTTask:
     def save(self, output: Path) -> None:
         """LoRA: the adapter file. Full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
         frozen components held in bf16/fp16 for training reloaded from ``model`` in float32, and a T5
-        left out by ``t5 = False`` loaded as it is."""
+        left out by ``t5 = False`` loaded as it is (when ``model`` has it)."""
         if self.lora:
             self.save_lora(output)
             return
@@ -286,7 +286,9 @@ class DiTTask:
             n for n in self.pipeline.components if isinstance(getattr(self.pipeline, n), torch.nn.Module)
         ]
         reload = [n for n in names if n != "transformer" and getattr(self.pipeline, n).dtype != torch.float32]
-        missing = [n for n in self.family.optional_text if getattr(self.pipeline, n) is None]
+        missing = [
+            n for n in self.family.optional_text if getattr(self.pipeline, n) is None and (model / n).is_dir()
+        ]
         for name in (*reload, *missing):
             component: Any = load_component(model, name)
             self.pipeline.register_modules(**{name: component})

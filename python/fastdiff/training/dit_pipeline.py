@@ -30,8 +30,9 @@ def dit_family(model: Path) -> Family | None:
     return family
 
 
-def check_components(model: Path, family: Family) -> None:
-    """Check that the folder has every component its ``model_index.json`` names.
+def check_components(model: Path, family: Family, *, without: Iterable[str] = ()) -> None:
+    """Check that the folder has every component its ``model_index.json`` names, but ``without``'s
+    (components the run does not load, such as SD3's T5 with ``t5`` off).
 
     Raises:
         ValueError: A component folder is missing; the message names them.
@@ -40,7 +41,7 @@ def check_components(model: Path, family: Family) -> None:
     named = [
         k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
     ]
-    missing = [name for name in named if not (model / name).is_dir()]
+    missing = [name for name in named if name not in without and not (model / name).is_dir()]
     if missing:
         raise ValueError(
             f"model {model}: {family.pipeline} folder lacks {', '.join(f'{m}/' for m in missing)}"
