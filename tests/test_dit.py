@@ -21,7 +21,7 @@ from conftest import copy_with_captions, smallest_images
 from diffusers import DiffusionPipeline, FluxPipeline
 from fastdiff import cli
 from fastdiff.training import dit, families, flow
-from fastdiff.training.config import TrainConfig
+from fastdiff.training.config import TrainConfig, config_from_mapping, read_train_toml
 from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.run import train
 from fastdiff.training.sd_pipeline import scale_latents
@@ -40,6 +40,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "z_image": build_z_image,
 }
 FAMILIES = ("sd3", "flux", "z_image")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -418,3 +419,18 @@ def test_unsupported_and_misplaced_settings_are_refused(
         train(config(sd15, images, tmp_path, max_sequence_length=None, loss_weighting="cosmap"))
     with pytest.raises(ValueError, match="timestep_shift needs a flow-matching DiT"):
         TrainConfig(data=images, output=tmp_path, timestep_shift=3.0)
+
+
+def test_example_config_trains_the_tiny_flux_with_its_flow_settings(
+    pipelines: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    values = read_train_toml(REPO / "examples" / "flux_lora.toml")
+    assert values["timestep_sampling"] == "uniform" and values["guidance"] == 3.5
+    # The example's settings on the tiny FLUX pipeline, 1 CPU step at 32 px.
+    small = {"resolution": 32, "bucket_step": 8, "max_steps": 1, "batch_size": 2, "max_sequence_length": 24}
+    overrides = {"model": pipelines["flux"], "data": images, "output": tmp_path, "device": "cpu", **small}
+    cfg = config_from_mapping(
+        {**values, **overrides, "mixed_precision": "no", "gradient_accumulation_steps": 1}
+    )
+    result = train(replace(cfg, preview_every=0, num_threads=1))
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
