@@ -3,7 +3,8 @@ write the outputs.
 
 :func:`train` resolves the settings (the dataset config's loader options, the model's defaults), builds
 the loader (:class:`fastdiff.DataLoader`) and the model side (:class:`~fastdiff.training.tiny.TinyTask`
-from scratch, :class:`~fastdiff.training.sd.PipelineTask` for a Stable Diffusion ``model``), runs
+from scratch, :class:`~fastdiff.training.sd.PipelineTask` for a Stable Diffusion ``model``,
+:class:`~fastdiff.training.dit.DiTTask` for a flow-matching DiT folder (SD3, FLUX.1, Z-Image)), runs
 :func:`fastdiff.training.loop.run` (AMP, accumulation, clipping, EMA, min-SNR, non-finite guard,
 checkpoints and exact resume, previews, ``loss.csv``), then plots the loss and saves the weights.
 """
@@ -136,7 +137,7 @@ def cached_halves(config: TrainConfig) -> set[str]:
 
 
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
-    """Train the tiny model from scratch, or fine-tune the Stable Diffusion pipeline ``config.model``.
+    """Train the tiny model from scratch, or fine-tune the Stable Diffusion or DiT pipeline ``config.model``.
 
     Each step takes a batch (any aspect bucket) from the loader, replaces captions by ``""`` with
     probability ``caption_dropout`` and minimises the diffusion loss (the "simple" objective of Ho et
