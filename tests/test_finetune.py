@@ -497,6 +497,10 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "lora_alpha": 2.0,
         "num_threads": 1,
         "torch_threads": 1,
+        "lora_target_modules": ("to_q", "to_v"),
+        "timestep_sampling": "mode",
+        "timestep_shift": 3.0,
+        "max_sequence_length": 77,
     }
     values = {
         f.name: non_default.get(f.name, f.default)

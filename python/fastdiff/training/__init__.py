@@ -8,9 +8,11 @@ A batch's route through a run, file by file:
    side, and hands both to the loop; afterwards it plots the loss and saves the weights.
 3. ``loop`` — the step loop: batches to the device, caption dropout, autocast, accumulation, clipping,
    the non-finite guard, EMA; when to log, preview and checkpoint.
-4. ``tiny`` / ``sd`` — the model side (a :class:`protocols.Task`): the from-scratch pixel-space model,
-   or a Stable Diffusion pipeline (VAE latents, text encoders, LoRA); each computes a batch's loss
-   with ``objective`` (noising, target, min-SNR weights, MSE).
+4. ``tiny`` / ``sd`` / ``dit`` — the model side (a :class:`protocols.Task`): the from-scratch
+   pixel-space model, a Stable Diffusion pipeline (VAE latents, text encoders, LoRA), or a
+   flow-matching DiT pipeline (SD3, FLUX.1, Z-Image: one ``families`` preset each, loaded by
+   ``dit_pipeline``); ``tiny`` and ``sd`` compute a batch's loss with ``objective`` (noising, target,
+   min-SNR weights, MSE), ``dit`` with ``flow`` (rectified flow, timestep sampling and shift, weights).
 5. ``checkpoint`` / ``outputs`` — the files: ``checkpoint-STEP/`` with every RNG state, ``loss.csv``,
    ``loss.png``, preview and sample grids.
 

@@ -3,7 +3,8 @@ option, and what derives from it: the command's flags (``--help`` grouped by :da
 a ``--config`` TOML file, the range and choice checks, and the class's attribute docs.
 
 Each field carries its documentation and its CLI shape as metadata (see :func:`setting`); nothing else
-restates them, so a new setting is one field. The loader options among them (resolution, batch size,
+restates them, so a new setting is one field (the metadata helpers are
+:mod:`fastdiff.training.settings`). The loader options among them (resolution, batch size,
 bucket sides, crop, flip) take their bounds, choices and doc from the loader's option schema,
 :mod:`fastdiff.options` (see :func:`loader_setting`); only what their default means in a run is said
 here. This is the application's vocabulary: the training mechanics (``loop``, ``objective``,
@@ -17,12 +18,14 @@ import argparse
 import types
 import typing
 from collections.abc import Collection, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
+from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
+from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -56,95 +59,18 @@ RESUME_MUST_MATCH = (
     "ema_decay",
     "lr_scheduler",
 )
-#: ``fastdiff train --help`` sections: every field names one of these as its ``group``.
-GROUPS = {
-    "data": "the images and captions, and how the loader batches them",
-    "model": "what is trained: a Stable Diffusion pipeline (--model), else the tiny from-scratch model",
-    "optimisation": "objective, optimizer, schedule and the non-finite guard",
-    "precision": "dtypes, memory, device and threads",
-    "checkpoints": "where the run writes, saving and resuming",
-    "logging": "preview grids (loss.csv and loss.png are always written)",
-}
-#: Prefix of the help of the settings that only the tiny from-scratch model uses.
-FROM_SCRATCH = "From scratch only: "
-
-
-def setting(
-    default: Any = MISSING,
-    *,
-    group: str,
-    help: str,
-    flags: tuple[str, ...] = (),
-    choices: tuple[str, ...] | None = None,
-    from_scratch: bool = False,
-    min: float | None = None,
-    gt: float | None = None,
-    max: float | None = None,
-    lt: float | None = None,
-) -> Any:
-    """A :class:`TrainConfig` field with its documentation and CLI shape as metadata.
-
-    Args:
-        default: The value when neither a flag nor the TOML file sets it; ``MISSING``: required.
-        group: Key of :data:`GROUPS`: the ``--help`` section.
-        help: What it does, in plain text: the flag's help and the attribute's doc.
-        flags: Extra flag spellings beside ``--field-name`` (``("--steps",)``).
-        choices: The allowed values (``None`` is allowed too when the default is ``None``).
-        from_scratch: Only the tiny from-scratch model uses it: setting it with ``model`` is an error
-            (its help gets the :data:`FROM_SCRATCH` prefix).
-        min: Inclusive lower bound (``None`` passes when the default is ``None``).
-        gt: Exclusive lower bound.
-        max: Inclusive upper bound.
-        lt: Exclusive upper bound.
-
-    Returns:
-        A ``dataclasses.field``.
-    """
-    if group not in GROUPS:
-        raise ValueError(f"group must be one of {tuple(GROUPS)}, got {group!r}")
-    if from_scratch:
-        help = FROM_SCRATCH + help
-    metadata = {
-        "group": group,
-        "help": help,
-        "flags": flags,
-        "choices": choices,
-        "from_scratch": from_scratch,
-        "min": min,
-        "gt": gt,
-        "max": max,
-        "lt": lt,
-    }
-    return field(default=default, metadata=metadata)
-
-
-def loader_setting(name: str, *, default_doc: str) -> Any:
-    """A ``data`` :class:`TrainConfig` field for the loader option ``name`` of :mod:`fastdiff.options`.
-
-    The field defaults to ``None``: the dataset config's value, else a default of the training run,
-    which ``default_doc`` tells. Its bounds (``minimum``/``maximum``) and choices (a ``Literal``'s
-    values) are the schema's, its help the schema's one-line doc (plain text), then ``default_doc``.
-
-    Args:
-        name: A key of :data:`fastdiff.options.LOADER`.
-        default_doc: What ``None`` means in a training run (``"Default: 64 from scratch; ..."``).
-
-    Returns:
-        A ``dataclasses.field``, as :func:`setting`.
-
-    Raises:
-        KeyError: ``name`` is not a loader option.
-    """
-    option = LOADER[name]
-    unit = f" Unit: {option.unit}." if option.unit else ""
-    return setting(
-        None,
-        group="data",
-        help=f"{option.doc.replace('``', '')}{unit} {default_doc}",
-        choices=option.allowed or None,
-        min=option.minimum,
-        max=option.maximum,
-    )
+#: Settings only flow-matching DiT pipelines use: setting one for a UNet (or from scratch) is an error.
+FLOW_SETTINGS = (
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "timestep_shift",
+    "loss_weighting",
+    "guidance",
+    "t5",
+    "max_sequence_length",
+)
 
 
 @dataclass(frozen=True)
@@ -178,8 +104,9 @@ class TrainConfig:
     model: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
         group="model",
-        help="Stable Diffusion 1.x/2.x/SDXL pipeline folder (diffusers layout) or single-file checkpoint "
-        "(.safetensors/.ckpt) to fine-tune; unset: train the tiny model from scratch.",
+        help="Pipeline to fine-tune: a Stable Diffusion 1.x/2.x/SDXL folder (diffusers layout) or "
+        "single-file checkpoint (.safetensors/.ckpt), or an SD3/3.5, FLUX.1 or Z-Image folder (the "
+        "family is read from its model_index.json); unset: train the tiny model from scratch.",
     )
     model_config: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
@@ -317,6 +244,63 @@ class TrainConfig:
     input_perturbation: float = setting(
         0.0, group="optimisation", min=0, help="Input-perturbation strength (0: off; Ning et al. 2023)."
     )
+    timestep_sampling: str | None = setting(
+        None,
+        group="optimisation",
+        choices=TIMESTEP_SAMPLINGS,
+        help=f"{FLOW_ONLY}density of the training timesteps t in [0, 1] (1 = noise): uniform, "
+        "logit_normal (logit(t) ~ N(logit_mean, logit_std^2); Esser et al. 2024, the SD3 paper) or mode "
+        "(the SD3 paper's mode density; mode_scale > 0 moves mass to mid t). Default: the family's: "
+        "logit_normal for SD3 and Z-Image, uniform for FLUX.1 (diffusers' SD3 and FLUX LoRA scripts).",
+    )
+    logit_mean: float = setting(
+        0.0, group="optimisation", help=f"{FLOW_ONLY}mean m of logit(t) with logit_normal sampling."
+    )
+    logit_std: float = setting(
+        1.0, group="optimisation", gt=0, help=f"{FLOW_ONLY}std s of logit(t) with logit_normal sampling."
+    )
+    mode_scale: float = setting(
+        1.29, group="optimisation", help=f"{FLOW_ONLY}scale of mode sampling (the SD3 paper's 1.29)."
+    )
+    timestep_shift: float | None = setting(
+        None,
+        group="optimisation",
+        gt=0,
+        help=f"{FLOW_ONLY}shift s of the drawn timesteps, t' = s t / (1 + (s - 1) t), towards noise for "
+        "s > 1 (SD3 paper; 1: none). Default: the pipeline scheduler's: with use_dynamic_shifting "
+        "(FLUX.1) the resolution-dependent exp(mu), mu linear in the image's token count from base_shift "
+        "at base_image_seq_len to max_shift at max_image_seq_len (0.5 at 256 tokens to 1.15 at 4096); "
+        "else its shift (3.0 for SD3 and Z-Image).",
+    )
+    loss_weighting: str = setting(
+        "none",
+        group="optimisation",
+        choices=LOSS_WEIGHTINGS,
+        help=f"{FLOW_ONLY}per-sample weight of the velocity MSE: none, sigma_sqrt (1 / t^2) or cosmap "
+        "(2 / (pi (1 - 2t + 2t^2))), as in the SD3 paper.",
+    )
+    guidance: float = setting(
+        3.5,
+        group="model",
+        min=0,
+        help=f"{FLOW_ONLY}value fed to the guidance embedding of FLUX.1-dev-style transformers "
+        "(guidance_embeds) in training: diffusers' FLUX LoRA script's default. Transformers without a "
+        "guidance embedding (schnell, SD3, Z-Image) have no use for it.",
+    )
+    t5: bool = setting(
+        True,
+        group="model",
+        help="SD3: encode captions with T5 (text_encoder_3) too. --no-t5 does not load T5; its part of "
+        "prompt_embeds is zeros, as in the pipeline without text_encoder_3 (less memory). FLUX.1 needs "
+        "its T5.",
+    )
+    max_sequence_length: int | None = setting(
+        None,
+        group="model",
+        min=1,
+        help=f"{FLOW_ONLY}T5/Qwen tokens per caption (longer ones are cut). Default: the pipeline's: "
+        "256 for SD3 and FLUX.1-schnell (no guidance embedding), 512 for FLUX.1-dev and Z-Image.",
+    )
     ema_decay: float = setting(
         0.0,
         group="optimisation",
@@ -338,10 +322,12 @@ class TrainConfig:
         gt=0,
         help="LoRA scale numerator (the update is alpha / r * B A); default: the rank.",
     )
-    lora_target_modules: tuple[str, ...] = setting(
-        ("to_q", "to_k", "to_v", "to_out.0"),
+    lora_target_modules: tuple[str, ...] | None = setting(
+        None,
         group="model",
-        help="UNet module names that get adapters (diffusers attention projections).",
+        help="Module names that get adapters. Default: the model's attention projections: the UNet's "
+        "to_q to_k to_v to_out.0; a DiT family's (fastdiff.training.families; SD3 and FLUX.1 add the "
+        "text stream's add_q_proj add_k_proj add_v_proj to_add_out, FLUX.1 its feed-forwards too).",
     )
     train_text_encoder: bool = setting(
         False,
@@ -456,7 +442,7 @@ class TrainConfig:
                 pipeline field without it); the message names it.
         """
         for f in fields(self):
-            _check_field(f, getattr(self, f.name))
+            check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
         if self.model is None:
@@ -470,6 +456,9 @@ class TrainConfig:
         for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing", "cache"):
             if getattr(self, name):
                 raise ValueError(f"{name} needs a Stable Diffusion `model` to fine-tune")
+        flow = self.flow_settings_set()
+        if flow:
+            raise ValueError(f"{flow[0]} needs a flow-matching DiT `model` (SD3, FLUX.1, Z-Image)")
         if not self.unet_channels or any(c < 1 or c % NORM_GROUPS for c in self.unet_channels):
             raise ValueError(f"unet_channels must be multiples of {NORM_GROUPS}, got {self.unet_channels}")
         if self.unet_channels[-1] % HEAD_DIM or self.text_hidden_size % HEAD_DIM:
@@ -480,6 +469,11 @@ class TrainConfig:
                 f"bucket_step ({self.bucket_step}) must be a multiple of the UNet's downsampling factor "
                 f"{downsampling} (2 ** (len(unet_channels) - 1))"
             )
+
+    def flow_settings_set(self) -> list[str]:
+        """The :data:`FLOW_SETTINGS` set away from their defaults (what a UNet run must refuse)."""
+        by_name = {f.name: f for f in fields(self)}
+        return [name for name in FLOW_SETTINGS if getattr(self, name) != by_name[name].default]
 
     def resolved(self, **defaults: Any) -> TrainConfig:
         """This config with every ``None`` of ``defaults``' keys replaced by the given value."""
@@ -494,36 +488,6 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return list(value) if isinstance(value, tuple) else value
-
-
-def _check_field(f: Field[Any], value: Any) -> None:
-    """Raise ``ValueError`` naming ``f`` when ``value`` breaks its metadata's choices or bounds."""
-    m = f.metadata
-    optional = f.default is None
-    if value is None and optional:
-        return
-    if m["choices"] is not None and value not in m["choices"]:
-        allowed = (*m["choices"], None) if optional else m["choices"]
-        hint = " (fp16 makes SD's VAE overflow to NaN)" if f.name == "vae_dtype" else ""
-        raise ValueError(f"{f.name} must be one of {allowed}{hint}, got {value!r}")
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return
-    low, above, high, below = m["min"], m["gt"], m["max"], m["lt"]
-    broken = (
-        (low is not None and value < low)
-        or (above is not None and value <= above)
-        or (high is not None and value > high)
-        or (below is not None and value >= below)
-    )
-    if broken:
-        start = f"[{low}" if low is not None else f"({above}" if above is not None else "(-inf"
-        if high is not None:
-            rule = f"in {start}, {high}]"
-        elif below is not None:
-            rule = f"in {start}, {below})"
-        else:
-            rule = f">= {low}" if low is not None else f"> {above}"
-        raise ValueError(f"{f.name} must be {rule}{' or None' if optional else ''}, got {value}")
 
 
 def _attributes_doc() -> str:

@@ -306,6 +306,7 @@ def demo(config: DemoConfig) -> DemoResult:
         )
     )
     first, last = loss_means(result.losses)
+    assert result.text_encoder is not None  # a from-scratch run has its own
     prompts = [c for c in SAMPLE_CAPTIONS for _ in range(config.samples_per_caption)]
     images = sample(
         result.unet,

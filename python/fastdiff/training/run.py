@@ -3,7 +3,8 @@ write the outputs.
 
 :func:`train` resolves the settings (the dataset config's loader options, the model's defaults), builds
 the loader (:class:`fastdiff.DataLoader`) and the model side (:class:`~fastdiff.training.tiny.TinyTask`
-from scratch, :class:`~fastdiff.training.sd.PipelineTask` for a Stable Diffusion ``model``), runs
+from scratch, :class:`~fastdiff.training.sd.PipelineTask` for a Stable Diffusion ``model``,
+:class:`~fastdiff.training.dit.DiTTask` for a flow-matching DiT folder (SD3, FLUX.1, Z-Image)), runs
 :func:`fastdiff.training.loop.run` (AMP, accumulation, clipping, EMA, min-SNR, non-finite guard,
 checkpoints and exact resume, previews, ``loss.csv``), then plots the loss and saves the weights.
 """
@@ -29,6 +30,8 @@ from fastdiff.training.config import (
     TrainConfig,
     config_from_args,
 )
+from fastdiff.training.dit import DiTTask
+from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
@@ -58,12 +61,13 @@ class TrainResult:
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
         data_seconds: Part of ``seconds`` spent waiting for batches from the loader.
         device: The torch device trained on.
-        unet: The trained UNet (on ``device``; EMA weights when EMA is on).
-        text_encoder: The (first) text encoder (on ``device``).
-        tokenizer: The (first) tokenizer.
-        noise_scheduler: The DDPM training noise schedule.
+        unet: The trained UNet (on ``device``; EMA weights when EMA is on); ``None`` for a DiT.
+        text_encoder: The (first) text encoder (on ``device``); ``None`` for a DiT.
+        tokenizer: The (first) tokenizer; ``None`` for a DiT.
+        noise_scheduler: The DDPM training noise schedule; ``None`` for a DiT.
         pipeline: The fine-tuned diffusers pipeline (``None`` from scratch); it holds ``unet`` and
-            ``text_encoder``, with LoRA adapters active.
+            ``text_encoder`` (or ``transformer``), with LoRA adapters active.
+        transformer: A DiT pipeline's trained transformer (EMA weights when EMA is on), else ``None``.
     """
 
     output: Path
@@ -75,11 +79,12 @@ class TrainResult:
     seconds: float
     data_seconds: float
     device: torch.device
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: Any
-    noise_scheduler: DDPMScheduler
+    unet: UNet2DConditionModel | None = None
+    text_encoder: CLIPTextModel | None = None
+    tokenizer: Any = None
+    noise_scheduler: DDPMScheduler | None = None
     pipeline: Any = None
+    transformer: Any = None
 
     @property
     def loss_csv(self) -> Path:
@@ -132,7 +137,7 @@ def cached_halves(config: TrainConfig) -> set[str]:
 
 
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
-    """Train the tiny model from scratch, or fine-tune the Stable Diffusion pipeline ``config.model``.
+    """Train the tiny model from scratch, or fine-tune the Stable Diffusion or DiT pipeline ``config.model``.
 
     Each step takes a batch (any aspect bucket) from the loader, replaces captions by ``""`` with
     probability ``caption_dropout`` and minimises the diffusion loss (the "simple" objective of Ho et
@@ -168,7 +173,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     autocast_dtype(config.mixed_precision, device)  # fail before loading anything
     config = with_dataset_options(config)
     pipeline = None
-    task: TinyTask | PipelineTask
+    task: TinyTask | PipelineTask | DiTTask
     checkpoint_files: Callable[[Path], None] | None = None
     if config.model is None:
         config = config.resolved(resolution=64, bucket_step=16, learning_rate=1e-3, prediction_type="epsilon")
@@ -176,12 +181,16 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
-        if config.cache_build:
-            build_for_config(config)
-        cached = cached_halves(config)
-        cache = config.cache
-        empty = None if cache is None else lambda: empty_prompt(cache)
-        task = PipelineTask.from_config(config, device, cached=cached, empty_prompt=empty)
+        family = dit_family(config.model)
+        if family is not None:
+            task = DiTTask.from_config(config, device, family)
+        else:
+            if config.cache_build:
+                build_for_config(config)
+            cached = cached_halves(config)
+            cache = config.cache
+            empty = None if cache is None else lambda: empty_prompt(cache)
+            task = PipelineTask.from_config(config, device, cached=cached, empty_prompt=empty)
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files
@@ -209,6 +218,16 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
     plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
     task.save(config.output)
+    models: dict[str, Any] = (
+        {"transformer": task.transformer}
+        if isinstance(task, DiTTask)
+        else {
+            "unet": task.unet,
+            "text_encoder": task.text_encoder,
+            "tokenizer": task.tokenizer,
+            "noise_scheduler": task.noise_scheduler,
+        }
+    )
     return TrainResult(
         output=config.output,
         config=config,
@@ -219,11 +238,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         seconds=result.seconds,
         data_seconds=result.data_seconds,
         device=device,
-        unet=task.unet,
-        text_encoder=task.text_encoder,
-        tokenizer=task.tokenizer,
-        noise_scheduler=task.noise_scheduler,
         pipeline=pipeline,
+        **models,
     )
 
 

@@ -47,6 +47,8 @@ from fastdiff.types import Batch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+#: UNet modules that get LoRA adapters by default (diffusers' attention projections).
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: Text-encoder modules that get LoRA adapters with ``train_text_encoder`` (CLIP attention projections).
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: File name of a LoRA adapter (diffusers' default ``weight_name``).
@@ -92,11 +94,13 @@ def with_model_defaults(config: TrainConfig) -> TrainConfig:
     """``config`` with its model-dependent defaults filled in from ``config.model``'s config files (no
     weights are read): ``resolution`` = the UNet's ``sample_size`` × the VAE's downsampling (512 for SD
     1.5, 1024 for SDXL); ``bucket_step`` 64; ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full
-    fine-tune; ``prediction_type`` from the pipeline's scheduler config.
+    fine-tune; ``prediction_type`` from the pipeline's scheduler config; ``lora_target_modules``
+    :data:`UNET_LORA_TARGETS`.
 
     Raises:
         FileNotFoundError, ValueError: As :func:`~fastdiff.training.sd_pipeline.component_config`; or
-            ``bucket_step`` is not a multiple of the VAE's × the UNet's downsampling factor.
+            ``bucket_step`` is not a multiple of the VAE's × the UNet's downsampling factor, or a
+            flow-matching setting (:data:`~fastdiff.training.config.FLOW_SETTINGS`) is set.
     """
     assert config.model is not None
     model, model_config = config.model, config.model_config
@@ -107,11 +111,15 @@ def with_model_defaults(config: TrainConfig) -> TrainConfig:
     if not isinstance(sample_size, int):
         sample_size = max(sample_size)
     scheduler = component_config(model, model_config, "scheduler")
+    flow = config.flow_settings_set()
+    if flow:
+        raise ValueError(f"{flow[0]} applies to flow-matching DiT pipelines, not to {model}'s UNet")
     config = config.resolved(
         resolution=sample_size * vae_factor,
         bucket_step=64,
         learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
         prediction_type=scheduler.get("prediction_type", "epsilon"),
+        lora_target_modules=UNET_LORA_TARGETS,
     )
     assert config.bucket_step is not None
     if config.bucket_step % (vae_factor * unet_factor):
@@ -230,7 +238,7 @@ class PipelineTask:
                         # peft annotates an int, but scales by lora_alpha / r in floats: 8.5 is valid.
                         lora_alpha=alpha,  # type: ignore[arg-type]
                         init_lora_weights="gaussian",
-                        target_modules=list(config.lora_target_modules),
+                        target_modules=list(config.lora_target_modules or UNET_LORA_TARGETS),
                     )
                 )
                 if config.train_text_encoder:

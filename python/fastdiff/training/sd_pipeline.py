@@ -56,8 +56,10 @@ def pipeline_kind(model: Path, model_config: Path | None = None) -> str:
         class_name = json.loads(index.read_text()).get("_class_name")
         if class_name not in SUPPORTED_PIPELINES:
             raise ValueError(
-                f"model {model}: pipeline class {class_name!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_PIPELINES)}"
+                f"model {model}: pipeline class {class_name!r} is not supported here; "
+                f"supported: {', '.join(SUPPORTED_PIPELINES)} (SD3, FLUX.1 and Z-Image pipelines train "
+                "from their diffusers folder as `fastdiff train --model FOLDER`, without a single file or "
+                "a cache)"
             )
         kind = SUPPORTED_PIPELINES[class_name]
         missing = [c for c in COMPONENTS[kind] if not (model / c).is_dir()]

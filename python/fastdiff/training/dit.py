@@ -1,0 +1,295 @@
+"""Flow-matching DiT fine-tuning (SD3/3.5, FLUX.1, Z-Image): :class:`DiTTask`, and its LoRA.
+
+:class:`DiTTask` is the DiT side of ``fastdiff train --model PATH`` for a pipeline folder whose
+``model_index.json`` names a :data:`~fastdiff.training.families.FAMILIES` pipeline (the loop, with AMP,
+EMA, the non-finite guard and exact resume, is :func:`fastdiff.training.loop.run`, as for Stable
+Diffusion). A step encodes ``pixel_values`` to VAE latents normalised as the family's pipeline
+denormalises them (``(z - shift_factor) · scaling_factor`` from the VAE config), encodes the captions
+with the family's frozen text encoders (its preset's ``encode``), noises the latents along the
+rectified-flow line at a drawn and shifted ``t`` (:mod:`fastdiff.training.flow`) and regresses the
+transformer's velocity (its preset's ``predict``) with the chosen loss weighting. The transformer is
+trained fully or with LoRA adapters (peft, the family's target modules), saved in the format the
+pipeline's ``load_lora_weights`` reads.
+
+Not yet on this path: a latent/text cache (``--cache``), training the text encoders, single-file
+checkpoints, and the DDPM settings (``prediction_type``, ``snr_gamma``, noise offset, input
+perturbation): each is refused with a message. Nothing here downloads; diffusers and peft are imported
+where used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fastdiff.training.config import TrainConfig
+from fastdiff.training.dit_pipeline import (
+    check_components,
+    component_config,
+    load_component,
+    load_pipeline,
+    vae_downscale,
+)
+from fastdiff.training.families import Family, PredictInputs
+from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
+from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.sd_pipeline import encode_latents
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+#: File name of a LoRA adapter (diffusers' default ``weight_name``).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: Name of the LoRA adapter peft adds (its default).
+ADAPTER = "default"
+#: Resolution of every supported family's base checkpoints, the default without a transformer
+#: ``sample_size`` (FLUX.1, Z-Image).
+NATIVE_RESOLUTION = 1024
+#: Default ``bucket_step``: 64 px, as the Stable Diffusion path (and SimpleTuner), rounded up to a
+#: multiple of the model's alignment.
+BUCKET_STEP = 64
+#: Settings of the DDPM objective that a flow-matching run must leave at their defaults.
+DDPM_SETTINGS = ("prediction_type", "snr_gamma", "noise_offset", "input_perturbation")
+
+
+def alignment(model: Path, family: Family) -> int:
+    """Pixels per transformer token side: the VAE's downsampling × the family's patch (16 for SD3,
+    FLUX.1 and Z-Image: 8 × 2). Bucket sides must be multiples of it."""
+    return vae_downscale(model) * family.patch(component_config(model, "transformer"))
+
+
+def with_model_defaults(config: TrainConfig, family: Family) -> TrainConfig:
+    """``config`` with its model-dependent defaults filled in from the pipeline's config files (no
+    weights are read), after checking what this path supports.
+
+    Defaults: ``resolution`` the transformer's ``sample_size`` × the VAE's downsampling (1024 for SD3),
+    else :data:`NATIVE_RESOLUTION`; ``bucket_step`` the least multiple of :func:`alignment` ≥
+    :data:`BUCKET_STEP` (64 for every family); ``learning_rate`` 1e-4 for LoRA, 1e-5 for a full
+    fine-tune; ``lora_target_modules``, ``timestep_sampling`` and ``max_sequence_length`` the family's.
+
+    Raises:
+        ValueError: ``bucket_step`` is not a multiple of the alignment (both numbers are named);
+            ``t5`` off for a family without optional encoders; or a setting this path does not
+            support (``cache``, ``train_text_encoder``, ``model_config``, a DDPM setting).
+    """
+    assert config.model is not None
+    model = config.model
+    unsupported = {
+        "cache": config.cache is not None,
+        "train_text_encoder": config.train_text_encoder,
+        "model_config": config.model_config is not None,
+        **{name: getattr(config, name) not in (None, 0.0) for name in DDPM_SETTINGS},
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: not supported for {family.pipeline} ({model}) yet")
+    if not config.t5 and not family.optional_text:
+        raise ValueError(f"--no-t5: {family.pipeline} needs all its text encoders")
+    check_components(model, family, without=() if config.t5 else family.optional_text)
+    align = alignment(model, family)
+    transformer = component_config(model, "transformer")
+    sample_size = transformer.get("sample_size")
+    resolution = NATIVE_RESOLUTION if sample_size is None else int(sample_size) * vae_downscale(model)
+    config = config.resolved(
+        resolution=resolution,
+        bucket_step=math.ceil(BUCKET_STEP / align) * align,
+        learning_rate=1e-4 if config.lora_rank > 0 else 1e-5,
+        lora_target_modules=family.lora_targets,
+        timestep_sampling=family.sampling,
+        max_sequence_length=family.sequence_length(transformer),
+    )
+    assert config.bucket_step is not None
+    if config.bucket_step % align:
+        raise ValueError(
+            f"bucket_step ({config.bucket_step}) must be a multiple of {align}, the VAE's downsampling "
+            f"({vae_downscale(model)}) times the transformer's patch ({align // vae_downscale(model)}) "
+            f"of {model}"
+        )
+    return config
+
+
+def lora_layers(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The transformer's LoRA weights in peft's key format (``…to_q.lora_A.weight``), what the
+    families' ``save_lora_weights`` take (as diffusers' DreamBooth LoRA scripts save them)."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers: dict[str, torch.Tensor] = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    return layers
+
+
+class DiTTask:
+    """A flow-matching DiT pipeline as a :class:`fastdiff.training.protocols.Task` (see :meth:`from_config`).
+
+    Attributes:
+        config: The run's config with the model-dependent defaults filled in.
+        family: The pipeline's preset.
+        pipeline: The diffusers pipeline; its ``transformer`` is trained, the rest frozen.
+        transformer: The trained transformer.
+        scheduler_config: The pipeline scheduler's config (its shift settings).
+        patch: The family's patch side in latents (image tokens = ``h · w / patch²``).
+    """
+
+    def __init__(
+        self, config: TrainConfig, device: torch.device, pipeline: DiffusionPipeline, family: Family
+    ):
+        """Freeze, adapt and place the pipeline's modules for training."""
+        from diffusers.training_utils import cast_training_params
+
+        assert config.model is not None
+        self.config, self.device, self.pipeline, self.family = config, device, pipeline, family
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.text_encoders = [
+            module
+            for name in family.text_components
+            if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)
+        ]
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        self.patch = family.patch(dict(self.transformer.config))
+        self.lora = config.lora_rank > 0
+        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+        for module in (self.transformer, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+        if self.lora:
+            from peft import LoraConfig
+
+            assert config.lora_target_modules is not None  # resolved by with_model_defaults
+            alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+            # peft draws the gaussian A matrices from torch's global generator: seed it from the run.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.transformer.add_adapter(
+                    LoraConfig(
+                        r=config.lora_rank,
+                        # peft annotates an int, but scales by lora_alpha / r in floats: 8.5 is valid.
+                        lora_alpha=alpha,  # type: ignore[arg-type]
+                        init_lora_weights="gaussian",
+                        target_modules=list(config.lora_target_modules),
+                    )
+                )
+        else:
+            self.transformer.requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        pipeline.to(device)
+        if config.vae_dtype == "bf16":
+            self.vae.to(dtype=torch.bfloat16)
+        if self.amp is not None:
+            for encoder in self.text_encoders:
+                encoder.to(dtype=self.amp)
+            if self.lora:
+                # Frozen base weights in the autocast dtype; the adapters stay float32 for AdamW.
+                self.transformer.to(dtype=self.amp)
+                cast_training_params([self.transformer], torch.float32)
+        pipeline.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, device: torch.device, family: Family) -> DiTTask:
+        """Load ``config.model`` (without T5 when ``t5`` is off) and fill in the config's defaults
+        (:func:`with_model_defaults`).
+
+        Raises:
+            ValueError: As :func:`with_model_defaults`.
+        """
+        config = with_model_defaults(config, family)
+        assert config.model is not None
+        without = () if config.t5 else family.optional_text
+        return cls(config, device, load_pipeline(config.model, without=without), family)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {f"transformer.{k}": p for k, p in self.transformer.named_parameters() if p.requires_grad}
+
+    def train_mode(self, on: bool) -> None:
+        self.transformer.train(on)
+
+    def loss(
+        self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """Flow-matching loss of a batch: VAE latents (a posterior draw, normalised), the text
+        conditioning of the (possibly dropped, i.e. ``""``) captions, noise at a drawn ``t`` shifted by
+        :func:`~fastdiff.training.flow.timestep_shift` for the batch's image token count, the
+        transformer's velocity and the weighted MSE (with the loader's ``loss_weights``)."""
+        config = self.config
+        assert config.timestep_sampling is not None and config.max_sequence_length is not None
+        latents = encode_latents(self.vae, batch["pixel_values"], generator)
+        tokens = latents.shape[-2] * latents.shape[-1] // self.patch**2
+        noised = add_flow_noise(
+            latents,
+            generator=generator,
+            sampling=config.timestep_sampling,
+            shift=timestep_shift(self.scheduler_config, tokens, config.timestep_shift),
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+        )
+        autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        with autocast, torch.no_grad():
+            conditioning = self.family.encode(
+                self.pipeline, batch["captions"], config.max_sequence_length, self.device
+            )
+        inputs = PredictInputs(
+            noised.sigmas, conditioning, int(self.pipeline.vae_scale_factor), config.guidance
+        )
+        with autocast:
+            prediction = self.family.predict(self.transformer, noised.noisy, inputs)
+        return flow_loss(prediction, noised, config.loss_weighting, batch.get("loss_weights"))
+
+    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+        """Sample with the pipeline (its own scheduler and shift), one CPU generator per (prompt, seed)."""
+        texts = [p for p in prompts for _ in seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
+        dtype = self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            images = self.pipeline(
+                texts,
+                height=self.config.resolution,
+                width=self.config.resolution,
+                num_inference_steps=steps,
+                guidance_scale=self.config.preview_guidance_scale,
+                generator=generators,
+                max_sequence_length=self.config.max_sequence_length,
+                output_type="pt",
+            ).images
+        return images.float().clamp(0, 1).cpu()
+
+    def save_lora(self, folder: Path) -> Path:
+        """Write the adapter as ``folder/pytorch_lora_weights.safetensors`` with peft's adapter config
+        as metadata (``load_lora_weights`` restores alpha and targets from it)."""
+        type(self.pipeline).save_lora_weights(
+            folder,
+            transformer_lora_layers=lora_layers(self.transformer),
+            transformer_lora_adapter_metadata=self.transformer.peft_config[ADAPTER].to_dict(),
+            weight_name=LORA_WEIGHTS,
+            safe_serialization=True,
+        )
+        return folder / LORA_WEIGHTS
+
+    def checkpoint_files(self, folder: Path) -> None:
+        """Extra files of a checkpoint: the adapter so far, loadable as is (LoRA runs only)."""
+        if self.lora:
+            self.save_lora(folder)
+
+    def save(self, output: Path) -> None:
+        """LoRA: the adapter file. Full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
+        frozen components held in bf16/fp16 for training reloaded from ``model`` in float32, and a T5
+        left out by ``t5 = False`` loaded as it is (when ``model`` has it)."""
+        if self.lora:
+            self.save_lora(output)
+            return
+        model = self.config.model
+        assert model is not None
+        names = [
+            n for n in self.pipeline.components if isinstance(getattr(self.pipeline, n), torch.nn.Module)
+        ]
+        reload = [n for n in names if n != "transformer" and getattr(self.pipeline, n).dtype != torch.float32]
+        missing = [
+            n for n in self.family.optional_text if getattr(self.pipeline, n) is None and (model / n).is_dir()
+        ]
+        for name in (*reload, *missing):
+            component: Any = load_component(model, name)
+            self.pipeline.register_modules(**{name: component})
+        self.pipeline.save_pretrained(output, safe_serialization=True)
