@@ -20,10 +20,12 @@ import pytest
 import torch
 from conftest import copy_with_captions, smallest_images
 from diffusers import AutoencoderKL
+from fastdiff import cli
 from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import LatentEncoder, TextEncoder
 from fastdiff.cache.manifest import read_manifest
 from fastdiff.training.config import TrainConfig
+from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family, load_pipeline
 from fastdiff.training.run import train
 from tiny_dit import LATENT_CHANNELS, SEQUENCE_TOKENS, build_flux, build_sd3, build_z_image
@@ -216,3 +218,55 @@ def test_a_run_from_the_cache_takes_the_uncached_losses_without_the_vae_or_text_
     # mean and std apart, where the VAE scales its draw; the draws (eps, noise, t, dropped captions,
     # here [F, F], [T, T], [F, T]) are the same, and a dropped caption takes the cached "".
     torch.testing.assert_close(cached.losses, uncached.losses, rtol=1e-6, atol=0)
+
+
+def test_fastdiff_cache_takes_the_text_flags_and_train_cache_build_previews_and_saves(
+    pipelines: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    sd3, cache = pipelines["sd3"], tmp_path / "cache"
+    argv = ["cache", "--model", str(sd3), "--data", str(images), "--output", str(cache)]
+    flags = ["--resolution", "32", "--bucket-step", "8", "--num-threads", "1", "--device", "cpu"]
+    assert cli.main([*argv, *flags, "--max-sequence-length", "8", "--no-t5", "--dtype", "f32"]) == 0
+    manifest = read_manifest(cache)
+    assert manifest is not None and manifest["kind"] == "sd3"
+    assert manifest["text"]["encoders"]["t5"] is False and manifest["text"]["encoders"]["max_length"] == 8
+    assert manifest["text"]["tensors"]["prompt_embeds"][0] == MAX_TOKENS + 8
+    assert manifest["latents"]["channels"] == LATENT_CHANNELS
+    # A full fine-tune from the cache (--cache-build adds nothing here): previews load the VAE and the
+    # text encoders for the preview, and the save puts them into the saved pipeline.
+    run = config(sd3, images, tmp_path / "out", cache=cache, cache_build=True, lora_rank=0)
+    run = replace(
+        run,
+        t5=False,
+        max_sequence_length=8,
+        max_steps=2,
+        preview_every=2,
+        preview_steps=2,
+        preview_prompts=("a fox",),
+    )
+    result = train(run)
+    assert all(math.isfinite(v) for v in result.losses)
+    assert (tmp_path / "out" / "previews" / "step-000002.png").is_file()
+    saved = load_pipeline(tmp_path / "out")
+    assert saved.vae is not None and saved.text_encoder_2 is not None and saved.text_encoder_3 is not None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_cached_tasks_preview_loads_the_components_for_it_and_equals_the_uncached_one(
+    name: str, pipelines: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    model = pipelines[name]
+    family = dit_family(model)
+    assert family is not None
+    cfg = config(model, images, tmp_path)
+    empty = TextEncoder.load(model, None, "f32", CPU, max_sequence_length=SEQUENCE_TOKENS).encode([""])
+    task = DiTTask.from_config(
+        cfg, CPU, family, cached={"latents", "text"}, empty_entry=lambda: {k: v[0] for k, v in empty.items()}
+    )
+    assert task.cached == {"latents", "text"} and task.vae is None and task.text_encoders == []
+    preview = task.preview(["a fox"], seeds=[0], steps=2)
+    assert task.pipeline.vae is None and task.pipeline.text_encoder is None  # dropped again
+    reference = DiTTask.from_config(cfg, CPU, family).preview(["a fox"], seeds=[0], steps=2)
+    assert preview.shape == (1, 3, 32, 32) and torch.equal(preview, reference)
+    with pytest.raises(ValueError, match="embeddings of ''"):
+        DiTTask.from_config(cfg, CPU, family, cached={"text"})

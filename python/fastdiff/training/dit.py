@@ -335,6 +335,9 @@ class DiTTask:
                 elif name != "vae" and self.amp is not None:
                     component.to(dtype=self.amp)
             self.pipeline.register_modules(**{name: component})
+        if "tokenizer" in names and hasattr(self.pipeline, "tokenizer_max_length"):
+            # What SD3's and FLUX.1's pipelines read from their CLIP tokenizer at construction (77 without).
+            self.pipeline.tokenizer_max_length = self.pipeline.tokenizer.model_max_length
         try:
             yield
         finally:
