@@ -67,9 +67,10 @@ class DataLoader:
     and unit): ``pixel_values`` ``[B, 3, H, W]``, ``captions``, the SDXL micro-conditioning
     ``original_sizes``, ``crop_top_lefts`` and ``target_sizes``, ``paths``, ``is_reg`` and
     ``loss_weights``; with a ``cache``, its tensors ``latents``/``latents_std`` ``[B, C, H / f, W / f]``
-    and ``prompt_embeds`` ``[B, L, D]`` (+ SDXL's ``pooled_prompt_embeds`` ``[B, P]``) in the cache's
-    dtype (``C``, ``f``, ``L``, ``D``, ``P`` as its manifest says: 4, 8, 77 and the encoders' widths for
-    SD/SDXL), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``.
+    and ``prompt_embeds`` ``[B, L, D]`` (+ SDXL's, SD3's and FLUX.1's ``pooled_prompt_embeds`` ``[B, P]``,
+    Z-Image's ``prompt_attention_mask`` ``[B, L]``) in the cache's dtype (``C``, ``f``, ``L``, ``D``,
+    ``P`` as its manifest says: 4, 8, 77 and the encoders' widths for SD/SDXL; 16 channels for the
+    DiTs), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``.
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …

@@ -70,7 +70,9 @@ class Batch(_BatchMeta, total=False):
         latents_std: The posterior's std times the scale, same shape (draw ``latents + latents_std *
             randn_like(latents)`` per step as an uncached run draws from ``latent_dist``).
         prompt_embeds: With a cache holding text: ``[B, L, D]`` in the cache's dtype.
-        pooled_prompt_embeds: ``[B, D]`` (SDXL), when the cache holds them.
+        pooled_prompt_embeds: ``[B, D]`` (SDXL, SD3, FLUX.1), when the cache holds them.
+        prompt_attention_mask: ``[B, L]`` (Z-Image, whose ``prompt_embeds`` are zero-padded to ``L``):
+            1 on each caption's tokens, 0 on the padding, in the cache's dtype.
         latent_keys: With a cache: each sample's latent entry key (32 hex digits; ``None`` without a
             latent half or for a file that could not be hashed).
         text_keys: With a cache: each sample's text entry key (``None`` without a text half).
@@ -86,6 +88,7 @@ class Batch(_BatchMeta, total=False):
     latents_std: torch.Tensor
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
     latent_keys: list[str | None]
     text_keys: list[str | None]
     latent_provenance: list[str]

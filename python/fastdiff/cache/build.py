@@ -36,10 +36,9 @@ from typing import Literal, Protocol
 import torch
 
 from fastdiff import _fastdiff
-from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
+from fastdiff.cache.encoders import LatentEncoder, TextEncoder, model_kind, stored_dtype
 from fastdiff.cache.manifest import Manifest, StorageDtype, read_manifest, with_halves, write_manifest
 from fastdiff.cache.shards import Shards
-from fastdiff.training.sd_pipeline import pipeline_kind
 from fastdiff.types import Batch, LoadStats, Report, SkippedFile
 
 #: Captions encoded per text-encoder call.
@@ -131,6 +130,8 @@ def build_from_model(
     latents: bool = True,
     text: bool = True,
     dtype: StorageDtype | None = None,
+    max_sequence_length: int | None = None,
+    t5: bool = True,
     progress: bool = True,
 ) -> BuildReport:
     """Load only the VAE (``latents``) and/or the text encoders (``text``) of ``model`` on ``device``,
@@ -147,6 +148,9 @@ def build_from_model(
         dtype: Storage dtype of both halves; ``None``: per half, the dtype the cache already has for
             it (so entries under its salt are reused), else
             :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
+        max_sequence_length: A DiT family's text tokens per caption (``None``: its default), as
+            :meth:`~fastdiff.cache.encoders.TextEncoder.load`.
+        t5: SD3: encode with T5 too, as :meth:`~fastdiff.cache.encoders.TextEncoder.load`.
         progress: Show progress bars.
 
     Returns:
@@ -167,7 +171,12 @@ def build_from_model(
     )
     encoders = (
         TextEncoder.load(
-            model, model_config, half_dtype(manifest, "text", dtype, model, model_config), device
+            model,
+            model_config,
+            half_dtype(manifest, "text", dtype, model, model_config),
+            device,
+            max_sequence_length=max_sequence_length,
+            t5=t5,
         )
         if text
         else None
@@ -179,7 +188,7 @@ def build_from_model(
             latents=vae,
             text=encoders,
             model=str(model),
-            kind=pipeline_kind(model, model_config),
+            kind=model_kind(model, model_config),
             progress=progress,
         )
     finally:
@@ -223,7 +232,8 @@ def build(
         latents: The VAE side, or ``None`` to leave the latents half as it is (``--no-latents``).
         text: The text side, or ``None`` (``--no-text``).
         model: The ``--model`` path, recorded in the manifest.
-        kind: ``"sd"`` or ``"sdxl"``.
+        kind: The model's kind (:func:`~fastdiff.cache.encoders.model_kind`: ``"sd"``, ``"sdxl"``,
+            ``"sd3"``, ``"flux"``, ``"z_image"``).
         progress: Show tqdm bars (images/s and ETA).
 
     Returns:
@@ -329,9 +339,9 @@ def encode_captions(
     progress: bool,
 ) -> None:
     """Encode the distinct final captions of the loader (and ``""``) that the store lacks, in
-    calls of :data:`TEXT_BATCH` captions; each entry is the caption's ``[L, D]`` ``prompt_embeds``
-    (+ SDXL's ``[P]`` ``pooled_prompt_embeds``). ``report`` gets ``live_text``, ``text_needed`` and
-    ``text_encoded``.
+    calls of :data:`TEXT_BATCH` captions; each entry is the caption's tensors of the text spec's
+    shapes (``[L, D]`` ``prompt_embeds``, + ``[P]`` ``pooled_prompt_embeds`` for SDXL, SD3 and
+    FLUX.1). ``report`` gets ``live_text``, ``text_needed`` and ``text_encoded``.
 
     Raises:
         ValueError: As ``loader.caption_variants()`` (caption operations without ``text_variants``),
@@ -341,7 +351,7 @@ def encode_captions(
     from tqdm.auto import tqdm
 
     variants = {caption: key for caption, key in loader.caption_variants() if key is not None}
-    # The loop's caption dropout conditions a dropped caption on "" (SD): it is always needed.
+    # The loop's caption dropout conditions a dropped caption on "" (SD, DiTs): it is always needed.
     variants.setdefault("", _fastdiff.text_key("", encoder.spec["salt"]))
     report.live_text.update(variants.values())
     report.text_needed = len(report.live_text)

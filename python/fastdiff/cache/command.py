@@ -15,12 +15,14 @@ import torch
 from fastdiff import _fastdiff
 from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
+from fastdiff.training import dit, sd
 from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
-from fastdiff.training.sd import with_model_defaults
+from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 
 #: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
-#: samples and captions, the model, and where the encoders run.
+#: samples and captions, the model and what changes its text embeddings (a DiT's ``t5`` and
+#: ``max_sequence_length``), and where the encoders run.
 CACHE_FIELDS = (
     *(
         f.name
@@ -29,6 +31,8 @@ CACHE_FIELDS = (
     ),
     "model",
     "model_config",
+    "t5",
+    "max_sequence_length",
     "seed",
     "num_threads",
     "torch_threads",
@@ -111,7 +115,10 @@ def build_for_config(
     assert config.model is not None and config.cache is not None
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    config = with_model_defaults(with_dataset_options(config))
+    config = with_dataset_options(config)
+    assert config.model is not None
+    family = dit_family(config.model)
+    config = sd.with_model_defaults(config) if family is None else dit.with_model_defaults(config, family)
     assert config.model is not None and config.cache is not None
     return build_from_model(
         config.cache,
@@ -122,6 +129,8 @@ def build_for_config(
         latents=latents,
         text=text,
         dtype=dtype,
+        max_sequence_length=config.max_sequence_length,
+        t5=config.t5,
         progress=progress,
     )
 

@@ -30,10 +30,10 @@ def read_entry(store: _fastdiff.CacheStore, key: str, dtype: str) -> dict[str, t
     return tensors
 
 
-def empty_prompt(cache: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The cached conditioning of the empty caption ``""`` (what training conditions a dropped
-    caption on): ``prompt_embeds`` ``[L, D]`` and SDXL's ``pooled_prompt_embeds`` ``[P]`` (else
-    ``None``), in the cache's dtype.
+def empty_entry(cache: Path) -> dict[str, torch.Tensor]:
+    """The cached text entry of the empty caption ``""`` (what training conditions a dropped caption
+    on): every tensor of the cache's text half (``prompt_embeds`` ``[L, D]``, ...; see
+    :func:`read_entry`), in the cache's dtype.
 
     Raises:
         ValueError: The cache has no text half.
@@ -45,5 +45,15 @@ def empty_prompt(cache: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if manifest is None or "text" not in manifest:
         raise ValueError(f"cache {cache} has no text embeddings")
     text = manifest["text"]
-    entry = read_entry(_fastdiff.CacheStore(cache), _fastdiff.text_key("", text["salt"]), text["dtype"])
+    return read_entry(_fastdiff.CacheStore(cache), _fastdiff.text_key("", text["salt"]), text["dtype"])
+
+
+def empty_prompt(cache: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stable Diffusion's view of :func:`empty_entry`: ``prompt_embeds`` ``[L, D]`` and SDXL's
+    ``pooled_prompt_embeds`` ``[P]`` (else ``None``).
+
+    Raises:
+        As :func:`empty_entry`.
+    """
+    entry = empty_entry(cache)
     return entry["prompt_embeds"], entry.get("pooled_prompt_embeds")

@@ -155,7 +155,8 @@ class TrainConfig:
     cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
         group="data",
-        help="Cache folder made by `fastdiff cache` (pipeline only): batches bring the cached VAE latents "
+        help="Cache folder made by `fastdiff cache` (pipeline only: SD, SDXL, SD3, FLUX.1, Z-Image): "
+        "batches bring the cached VAE latents "
         "(a fresh draw from the cached posterior each step) and text embeddings instead of pixels and "
         "captions, and the VAE / text encoders the cache stands in for are not loaded (previews load "
         "them for the preview, a full fine-tune's save for the save). A sample the cache lacks is an "
@@ -166,7 +167,7 @@ class TrainConfig:
         group="data",
         help="Before training, encode what --cache lacks for this run's samples and captions (as "
         "`fastdiff cache` with this run's data, model and loader options; an up-to-date cache costs a "
-        "scan). The VAE and text encoders are freed before the UNet loads.",
+        "scan). The VAE and text encoders are freed before the UNet (or a DiT's transformer) loads.",
     )
     max_steps: int = setting(
         500,

@@ -11,16 +11,25 @@ transformer's velocity (its preset's ``predict``) with the chosen loss weighting
 trained fully or with LoRA adapters (peft, the family's target modules), saved in the format the
 pipeline's ``load_lora_weights`` reads.
 
-Not yet on this path: a latent/text cache (``--cache``), training the text encoders, single-file
-checkpoints, and the DDPM settings (``prediction_type``, ``snr_gamma``, noise offset, input
-perturbation): each is refused with a message. Nothing here downloads; diffusers and peft are imported
-where used.
+From a cache (``fastdiff train --cache``) the batches carry ``latents``/``latents_std`` (unpacked
+``[B, 16, h, w]``, normalised) and the preset's text entries (``prompt_embeds``, ...) instead, and the
+task is built without the VAE and/or the text encoders and tokenizers, as the Stable Diffusion path
+(:mod:`fastdiff.training.sd`): the latents are drawn from the cached posterior as the VAE draws them,
+the conditioning is the preset's ``from_entries`` of the cached tensors, and a dropped caption takes
+the cache's entry of ``""``. Previews and a full fine-tune's save load the missing components for
+that moment.
+
+Not yet on this path: training the text encoders, single-file checkpoints, and the DDPM settings
+(``prediction_type``, ``snr_gamma``, noise offset, input perturbation): each is refused with a message.
+Nothing here downloads; diffusers and peft are imported where used.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +43,10 @@ from fastdiff.training.dit_pipeline import (
     load_pipeline,
     vae_downscale,
 )
-from fastdiff.training.families import Family, PredictInputs
+from fastdiff.training.families import Conditioning, Family, PredictInputs
 from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
 from fastdiff.training.protocols import TrainBatch
-from fastdiff.training.sd_pipeline import encode_latents
+from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -74,12 +83,11 @@ def with_model_defaults(config: TrainConfig, family: Family) -> TrainConfig:
     Raises:
         ValueError: ``bucket_step`` is not a multiple of the alignment (both numbers are named);
             ``t5`` off for a family without optional encoders; or a setting this path does not
-            support (``cache``, ``train_text_encoder``, ``model_config``, a DDPM setting).
+            support (``train_text_encoder``, ``model_config``, a DDPM setting).
     """
     assert config.model is not None
     model = config.model
     unsupported = {
-        "cache": config.cache is not None,
         "train_text_encoder": config.train_text_encoder,
         "model_config": config.model_config is not None,
         **{name: getattr(config, name) not in (None, 0.0) for name in DDPM_SETTINGS},
@@ -131,12 +139,28 @@ class DiTTask:
         transformer: The trained transformer.
         scheduler_config: The pipeline scheduler's config (its shift settings).
         patch: The family's patch side in latents (image tokens = ``h · w / patch²``).
+        cached: The cache halves the batches bring: ``"latents"`` (no ``vae``), ``"text"`` (no text
+            encoders or tokenizers).
+        empty_entry: With cached text, the cache's entry of ``""`` (each tensor without a batch
+            dimension): a dropped caption's conditioning, and the names of the cached text tensors.
     """
 
     def __init__(
-        self, config: TrainConfig, device: torch.device, pipeline: DiffusionPipeline, family: Family
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        pipeline: DiffusionPipeline,
+        family: Family,
+        empty_entry: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ):
-        """Freeze, adapt and place the pipeline's modules for training."""
+        """Freeze, adapt and place the pipeline's modules for training.
+
+        ``empty_entry`` gives the cache's text entry of ``""``; it is called (once) when the pipeline
+        has no text encoders (cached text).
+
+        Raises:
+            ValueError: Cached text (no text encoders) without ``empty_entry``.
+        """
         from diffusers.training_utils import cast_training_params
 
         assert config.model is not None
@@ -148,11 +172,18 @@ class DiTTask:
             for name in family.text_components
             if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)
         ]
+        absent = {"latents": self.vae is None, "text": not self.text_encoders}
+        self.cached = {half for half, gone in absent.items() if gone}
+        self.empty_entry: dict[str, torch.Tensor] = {}
+        if "text" in self.cached:
+            if empty_entry is None:
+                raise ValueError("cached text needs the cache's embeddings of '' (empty_entry)")
+            self.empty_entry = {k: v.to(device) for k, v in empty_entry().items()}
         self.scheduler_config = dict(pipeline.scheduler.config)
         self.patch = family.patch(dict(self.transformer.config))
         self.lora = config.lora_rank > 0
         self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-        for module in (self.transformer, self.vae, *self.text_encoders):
+        for module in (self.transformer, *([self.vae] if self.vae is not None else []), *self.text_encoders):
             module.requires_grad_(False)
         if self.lora:
             from peft import LoraConfig
@@ -176,7 +207,7 @@ class DiTTask:
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         pipeline.to(device)
-        if config.vae_dtype == "bf16":
+        if config.vae_dtype == "bf16" and self.vae is not None:
             self.vae.to(dtype=torch.bfloat16)
         if self.amp is not None:
             for encoder in self.text_encoders:
@@ -188,17 +219,46 @@ class DiTTask:
         pipeline.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, device: torch.device, family: Family) -> DiTTask:
-        """Load ``config.model`` (without T5 when ``t5`` is off) and fill in the config's defaults
-        (:func:`with_model_defaults`).
+    def from_config(
+        cls,
+        config: TrainConfig,
+        device: torch.device,
+        family: Family,
+        *,
+        cached: Collection[str] = (),
+        empty_entry: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    ) -> DiTTask:
+        """Load ``config.model`` (without T5 when ``t5`` is off, without the components a cache stands
+        in for) and fill in the config's defaults (:func:`with_model_defaults`).
+
+        Args:
+            config: The run's settings.
+            device: Where the modules go.
+            family: The model's preset.
+            cached: The cache halves the batches bring (``"latents"``, ``"text"``): the VAE, resp. the
+                family's text encoders and tokenizers, are not loaded.
+            empty_entry: Gives the cache's text entry of ``""`` (needed with ``"text"``).
 
         Raises:
-            ValueError: As :func:`with_model_defaults`.
+            ValueError: As :func:`with_model_defaults` and ``__init__``.
         """
         config = with_model_defaults(config, family)
         assert config.model is not None
-        without = () if config.t5 else family.optional_text
-        return cls(config, device, load_pipeline(config.model, without=without), family)
+        pipeline = load_pipeline(config.model, without=cls.left_out(config, family, cached))
+        # What the pipeline computes from its VAE at construction; without one it assumes 8.
+        pipeline.vae_scale_factor = vae_downscale(config.model)
+        return cls(config, device, pipeline, family, empty_entry)
+
+    @staticmethod
+    def left_out(config: TrainConfig, family: Family, cached: Collection[str]) -> list[str]:
+        """The components a run does not load: T5 with ``t5`` off, the VAE for cached latents, the
+        text encoders and tokenizers for cached text."""
+        out = [] if config.t5 else list(family.optional_text)
+        if "latents" in cached:
+            out.append("vae")
+        if "text" in cached:
+            out += [c for c in family.text_components if c not in out]
+        return out
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {f"transformer.{k}": p for k, p in self.transformer.named_parameters() if p.requires_grad}
@@ -215,7 +275,11 @@ class DiTTask:
         transformer's velocity and the weighted MSE (with the loader's ``loss_weights``)."""
         config = self.config
         assert config.timestep_sampling is not None and config.max_sequence_length is not None
-        latents = encode_latents(self.vae, batch["pixel_values"], generator)
+        if self.vae is not None:
+            latents = encode_latents(self.vae, batch["pixel_values"], generator)
+        else:
+            dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
+            latents = draw_cached_latents(batch["latents"], batch["latents_std"], generator, dtype)
         tokens = latents.shape[-2] * latents.shape[-1] // self.patch**2
         noised = add_flow_noise(
             latents,
@@ -228,9 +292,7 @@ class DiTTask:
         )
         autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast, torch.no_grad():
-            conditioning = self.family.encode(
-                self.pipeline, batch["captions"], config.max_sequence_length, self.device
-            )
+            conditioning = self._conditioning(batch)
         inputs = PredictInputs(
             noised.sigmas, conditioning, int(self.pipeline.vae_scale_factor), config.guidance
         )
@@ -238,12 +300,69 @@ class DiTTask:
             prediction = self.family.predict(self.transformer, noised.noisy, inputs)
         return flow_loss(prediction, noised, config.loss_weighting, batch.get("loss_weights"))
 
+    def _conditioning(self, batch: TrainBatch) -> Conditioning:
+        """The preset's conditioning of the batch's (possibly dropped) captions: encoded, or the
+        ``from_entries`` of the cached tensors (float32), a dropped caption's rows those of ``""``."""
+        assert self.config.max_sequence_length is not None
+        if "text" not in self.cached:
+            return self.family.encode(
+                self.pipeline, batch["captions"], self.config.max_sequence_length, self.device
+            )
+        raw: Mapping[str, Any] = batch
+        entries = {name: raw[name].to(self.device).float() for name in self.empty_entry}
+        dropped = batch.get("captions_dropped")
+        if dropped is not None and any(dropped):
+            # The loader's embeddings are of the caption before the loop dropped it: use "" 's.
+            rows = torch.tensor(dropped, device=self.device)
+            entries = {
+                name: torch.where(rows.view(-1, *[1] * (t.dim() - 1)), self.empty_entry[name].to(t), t)
+                for name, t in entries.items()
+            }
+        return self.family.from_entries(entries)
+
+    @contextmanager
+    def _frozen_components(self) -> Iterator[None]:
+        """The pipeline with the components a cache stands in for loaded (on the device, in the dtypes
+        training would hold them in), dropped again on exit."""
+        assert self.config.model is not None
+        names = self.cached_names()
+        for name in names:
+            component = load_component(self.config.model, name)
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).to(self.device)
+                if name == "vae" and self.config.vae_dtype == "bf16":
+                    component.to(dtype=torch.bfloat16)
+                elif name != "vae" and self.amp is not None:
+                    component.to(dtype=self.amp)
+            self.pipeline.register_modules(**{name: component})
+        if "tokenizer" in names and hasattr(self.pipeline, "tokenizer_max_length"):
+            # What SD3's and FLUX.1's pipelines read from their CLIP tokenizer at construction (77 without).
+            self.pipeline.tokenizer_max_length = self.pipeline.tokenizer.model_max_length
+        try:
+            yield
+        finally:
+            self.pipeline.register_modules(**dict.fromkeys(names))
+            gc.collect()
+
+    def cached_names(self) -> list[str]:
+        """The components the cache stands in for (the VAE, the run's text encoders and tokenizers)."""
+        return [
+            n
+            for n in self.left_out(self.config, self.family, self.cached)
+            if n not in self.left_out(self.config, self.family, ())
+        ]
+
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """Sample with the pipeline (its own scheduler and shift), one CPU generator per (prompt, seed)."""
+        """Sample with the pipeline (its own scheduler and shift), one CPU generator per (prompt, seed);
+        the components a cache stands in for are loaded for the preview only."""
         texts = [p for p in prompts for _ in seeds]
         generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
         dtype = self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with (
+            self._frozen_components(),
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
+        ):
             images = self.pipeline(
                 texts,
                 height=self.config.resolution,
@@ -275,8 +394,9 @@ class DiTTask:
 
     def save(self, output: Path) -> None:
         """LoRA: the adapter file. Full fine-tune: the whole pipeline (``save_pretrained``, safetensors),
-        frozen components held in bf16/fp16 for training reloaded from ``model`` in float32, and a T5
-        left out by ``t5 = False`` loaded as it is (when ``model`` has it)."""
+        frozen components held in bf16/fp16 for training reloaded from ``model`` in float32, and those
+        left out (a T5 by ``t5 = False``, the components a cache stood in for) loaded as they are (when
+        ``model`` has them)."""
         if self.lora:
             self.save_lora(output)
             return
@@ -287,7 +407,9 @@ class DiTTask:
         ]
         reload = [n for n in names if n != "transformer" and getattr(self.pipeline, n).dtype != torch.float32]
         missing = [
-            n for n in self.family.optional_text if getattr(self.pipeline, n) is None and (model / n).is_dir()
+            n
+            for n in self.left_out(self.config, self.family, self.cached)
+            if getattr(self.pipeline, n) is None and (model / n).is_dir()
         ]
         for name in (*reload, *missing):
             component: Any = load_component(model, name)

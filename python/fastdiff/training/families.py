@@ -3,13 +3,15 @@
 A :class:`Family` holds everything that differs between SD3/3.5, FLUX.1 and Z-Image: the pipeline
 class (``model_index.json``'s ``_class_name``), which components hold the text encoders, the patch
 size that with the VAE's downsampling gives the bucket alignment, the default timestep density, the
-default T5/Qwen sequence length, the LoRA target modules, and two functions: ``encode`` (captions →
+default T5/Qwen sequence length, the LoRA target modules, and four functions: ``encode`` (captions →
 the transformer's text conditioning, through the pipeline's own ``encode_prompt``, so the training
-conditioning is the sampling one; a dropped caption is ``""``, which is the pipelines' negative prompt)
-and ``predict`` (noisy latents ``[B, C, h, w]`` and ``t`` → the velocity ``ε - x_0`` the transformer
-predicts, in the family's calling convention: SD3 takes ``1000 t``; FLUX ``t`` with 2×2-packed latents,
-``img_ids``/``txt_ids`` and, for dev-style checkpoints, the guidance embedding; Z-Image ``1 - t`` with
-per-sample lists and predicts ``x_0 - ε``). Sources: the families' diffusers pipelines
+conditioning is the sampling one; a dropped caption is ``""``, which is the pipelines' negative prompt),
+``entries``/``from_entries`` (that conditioning as the per-caption tensors a text cache stores, and
+back: what ``fastdiff cache`` writes and a cached run feeds the transformer), and ``predict`` (noisy
+latents ``[B, C, h, w]`` and ``t`` → the velocity ``ε - x_0`` the transformer predicts, in the
+family's calling convention: SD3 takes ``1000 t``; FLUX ``t`` with 2×2-packed latents,
+``img_ids``/``txt_ids`` and, for dev-style checkpoints, the guidance embedding; Z-Image ``1 - t``
+with per-sample lists and predicts ``x_0 - ε``). Sources: the families' diffusers pipelines
 (``pipeline_stable_diffusion_3.py``, ``pipeline_flux.py``, ``pipeline_z_image.py``) and diffusers'
 ``train_dreambooth_lora_{sd3,flux}.py``.
 
@@ -19,7 +21,7 @@ Z-Image"); :mod:`fastdiff.training.dit` and the loop need no change. diffusers i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ import torch
 
 #: The text conditioning of a batch, by the transformer's argument names (tensors on the device).
 Conditioning = dict[str, Any]
+#: A text cache entry's tensors by name, batched ``[B, ...]`` (``prompt_embeds``, ...).
+TextEntries = dict[str, torch.Tensor]
 #: The attention projections of the joint (MM-DiT) blocks: image stream and text stream.
 JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -63,6 +67,10 @@ class Family:
         sequence_length: Default ``max_sequence_length`` (T5/Qwen tokens), from the transformer config.
         lora_targets: Transformer module names that get LoRA adapters.
         encode: ``(pipeline, captions, max_sequence_length, device) → Conditioning``.
+        entries: ``(Conditioning, max_sequence_length) → TextEntries``: each caption's tensors of one
+            fixed shape (what a text cache stores), so that ``from_entries`` gives the conditioning back
+            bitwise.
+        from_entries: ``TextEntries → Conditioning``, the inverse of ``entries``.
         predict: ``(transformer, noisy [B, C, h, w], PredictInputs) → velocity [B, C, h, w]``.
     """
 
@@ -75,6 +83,8 @@ class Family:
     sequence_length: Callable[[dict[str, Any]], int]
     lora_targets: tuple[str, ...]
     encode: Callable[[Any, Sequence[str], int, torch.device], Conditioning]
+    entries: Callable[[Conditioning, int], TextEntries]
+    from_entries: Callable[[Mapping[str, torch.Tensor]], Conditioning]
     predict: Callable[[Any, torch.Tensor, PredictInputs], torch.Tensor]
 
 
@@ -93,6 +103,24 @@ def _sd3_encode(pipe: Any, captions: Sequence[str], max_length: int, device: tor
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+def _pooled_entries(conditioning: Conditioning, max_length: int) -> TextEntries:
+    """SD3 and FLUX.1: ``prompt_embeds`` ``[B, L, D]`` (``L`` fixed: the pipelines pad to their
+    maximum lengths) and ``pooled_prompt_embeds`` ``[B, P]``."""
+    return {
+        "prompt_embeds": conditioning["encoder_hidden_states"],
+        "pooled_prompt_embeds": conditioning["pooled_projections"],
+    }
+
+
+def _sd3_from_entries(entries: Mapping[str, torch.Tensor]) -> Conditioning:
+    """SD3: ``prompt_embeds`` as ``encoder_hidden_states``, ``pooled_prompt_embeds`` as
+    ``pooled_projections``."""
+    return {
+        "encoder_hidden_states": entries["prompt_embeds"],
+        "pooled_projections": entries["pooled_prompt_embeds"],
+    }
+
+
 def _sd3_predict(transformer: Any, noisy: torch.Tensor, inputs: PredictInputs) -> torch.Tensor:
     """SD3's transformer takes the scheduler's timesteps, ``1000 t``."""
     out: torch.Tensor = transformer(
@@ -108,6 +136,13 @@ def _flux_encode(pipe: Any, captions: Sequence[str], max_length: int, device: to
         prompt=list(captions), prompt_2=None, device=device, max_sequence_length=max_length
     )
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+
+def _flux_from_entries(entries: Mapping[str, torch.Tensor]) -> Conditioning:
+    """As SD3, with the pipeline's ``txt_ids``: zeros ``[L, 3]`` in the embeddings' dtype."""
+    embeds = entries["prompt_embeds"]
+    text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=embeds.dtype)
+    return {**_sd3_from_entries(entries), "txt_ids": text_ids}
 
 
 def _flux_predict(transformer: Any, noisy: torch.Tensor, inputs: PredictInputs) -> torch.Tensor:
@@ -149,6 +184,25 @@ def _z_image_encode(
     return {"cap_feats": embeds}
 
 
+def _z_image_entries(conditioning: Conditioning, max_length: int) -> TextEntries:
+    """Z-Image's per-caption ``[L_i, D]`` (``L_i ≤ max_length``) zero-padded to ``prompt_embeds``
+    ``[B, max_length, D]``, with ``prompt_attention_mask`` ``[B, max_length]`` (1 for the caption's
+    tokens, 0 for the padding)."""
+    feats: list[torch.Tensor] = conditioning["cap_feats"]
+    embeds = feats[0].new_zeros(len(feats), max_length, feats[0].shape[-1])
+    mask = feats[0].new_zeros(len(feats), max_length)
+    for i, f in enumerate(feats):
+        embeds[i, : len(f)] = f
+        mask[i, : len(f)] = 1
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+
+def _z_image_from_entries(entries: Mapping[str, torch.Tensor]) -> Conditioning:
+    """The unpadded ``[L_i, D]`` of each caption: the rows of ``prompt_embeds`` its mask keeps."""
+    embeds, mask = entries["prompt_embeds"], entries["prompt_attention_mask"]
+    return {"cap_feats": [e[m > 0] for e, m in zip(embeds, mask, strict=True)]}
+
+
 def _z_image_predict(transformer: Any, noisy: torch.Tensor, inputs: PredictInputs) -> torch.Tensor:
     """Z-Image's transformer takes lists of ``[C, 1, h, w]`` latents and ``1 - t``, and predicts
     ``x_0 - ε`` (its pipeline negates the output): the result is negated to the velocity ``ε - x_0``."""
@@ -178,6 +232,8 @@ FAMILIES = {
             sequence_length=lambda config: 256,  # the pipeline's default
             lora_targets=JOINT_ATTENTION,
             encode=_sd3_encode,
+            entries=_pooled_entries,
+            from_entries=_sd3_from_entries,
             predict=_sd3_predict,
         ),
         Family(
@@ -198,6 +254,8 @@ FAMILIES = {
                 "ff_context.net.2",
             ),
             encode=_flux_encode,
+            entries=_pooled_entries,
+            from_entries=_flux_from_entries,
             predict=_flux_predict,
         ),
         Family(
@@ -210,6 +268,8 @@ FAMILIES = {
             sequence_length=lambda config: 512,  # the pipeline's default
             lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
             encode=_z_image_encode,
+            entries=_z_image_entries,
+            from_entries=_z_image_from_entries,
             predict=_z_image_predict,
         ),
     )

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdiff.cache.command import build_for_config
-from fastdiff.cache.entries import empty_prompt
+from fastdiff.cache.encoders import model_kind
+from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
 from fastdiff.training import loop
 from fastdiff.training.config import (
@@ -36,7 +37,6 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
-from fastdiff.training.sd_pipeline import pipeline_kind
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 from fastdiff.training.tiny import TinyTask
 
@@ -116,7 +116,7 @@ def cached_halves(config: TrainConfig) -> set[str]:
     Raises:
         ValueError: ``config.cache`` has no manifest (not built yet: ``fastdiff cache`` or
             ``--cache-build``), or was built from a pipeline of another kind than ``config.model``.
-        FileNotFoundError: As :func:`~fastdiff.training.sd_pipeline.pipeline_kind`.
+        FileNotFoundError: As :func:`~fastdiff.cache.encoders.model_kind`.
     """
     if config.cache is None:
         return set()
@@ -127,7 +127,7 @@ def cached_halves(config: TrainConfig) -> set[str]:
             f"cache {config.cache} has no {MANIFEST}: build it with `fastdiff cache --model "
             f"{config.model} --data {config.data} --output {config.cache}` or pass --cache-build"
         )
-    kind = pipeline_kind(config.model, config.model_config)
+    kind = model_kind(config.model, config.model_config)
     if manifest.get("kind") != kind:
         raise ValueError(
             f"cache {config.cache} holds {manifest.get('kind')} entries (of {manifest.get('model')}), "
@@ -181,14 +181,15 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
+        if config.cache_build:
+            build_for_config(config)
+        cached = cached_halves(config)
+        cache = config.cache
         family = dit_family(config.model)
         if family is not None:
-            task = DiTTask.from_config(config, device, family)
+            entry = None if cache is None else lambda: empty_entry(cache)
+            task = DiTTask.from_config(config, device, family, cached=cached, empty_entry=entry)
         else:
-            if config.cache_build:
-                build_for_config(config)
-            cached = cached_halves(config)
-            cache = config.cache
             empty = None if cache is None else lambda: empty_prompt(cache)
             task = PipelineTask.from_config(config, device, cached=cached, empty_prompt=empty)
         config = task.config

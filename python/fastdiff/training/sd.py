@@ -35,6 +35,7 @@ from fastdiff.training.objective import add_training_noise, diffusion_loss_from
 from fastdiff.training.protocols import TrainBatch
 from fastdiff.training.sd_pipeline import (
     component_config,
+    draw_cached_latents,
     encode_latents,
     encode_prompts,
     load_component,
@@ -334,10 +335,8 @@ class PipelineTask:
     ) -> torch.Tensor:
         """Latent diffusion loss of a batch: VAE latents, noise, UNet prediction, (weighted) MSE.
 
-        With cached latents (no VAE) the latents are ``latents + latents_std * eps`` in float32, ``eps``
-        drawn from ``generator`` with the shape and dtype the VAE's own draw uses, so a cached run draws
-        what an uncached one does (equal up to float rounding: the cache scales mean and std
-        separately, and stores them in its dtype).
+        With cached latents (no VAE) the latents are drawn from the cached posterior
+        (:func:`~fastdiff.training.sd_pipeline.draw_cached_latents`), as an uncached run draws them.
         """
         latents = self._latents(batch, generator)
         noised = add_training_noise(
@@ -369,12 +368,8 @@ class PipelineTask:
         cached posterior (``latents``, ``latents_std``)."""
         if self.vae is not None:
             return encode_latents(self.vae, batch["pixel_values"], generator)
-        mean, std = batch["latents"], batch["latents_std"]
-        # As diffusers' DiagonalGaussianDistribution.sample draws for the uncached run: randn_tensor of
-        # the latents' shape in the VAE's dtype; then float32, whatever dtype the cache stores.
         dtype = torch.bfloat16 if self.config.vae_dtype == "bf16" else torch.float32
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
-        return mean.float() + std.float() * eps.float()
+        return draw_cached_latents(batch["latents"], batch["latents_std"], generator, dtype)
 
     def _conditioning(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(hidden [B, L, D], pooled [B, P] or None)`` of the batch's (possibly dropped) captions."""

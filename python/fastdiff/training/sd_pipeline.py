@@ -58,8 +58,7 @@ def pipeline_kind(model: Path, model_config: Path | None = None) -> str:
             raise ValueError(
                 f"model {model}: pipeline class {class_name!r} is not supported here; "
                 f"supported: {', '.join(SUPPORTED_PIPELINES)} (SD3, FLUX.1 and Z-Image pipelines train "
-                "from their diffusers folder as `fastdiff train --model FOLDER`, without a single file or "
-                "a cache)"
+                "from their diffusers folder as `fastdiff train --model FOLDER`, without a single file)"
             )
         kind = SUPPORTED_PIPELINES[class_name]
         missing = [c for c in COMPONENTS[kind] if not (model / c).is_dir()]
@@ -282,3 +281,26 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Ge
     with torch.no_grad():
         sample = posterior(vae, pixels).sample(generator=generator)
     return scale_latents(vae.config, sample)
+
+
+def draw_cached_latents(
+    latents: torch.Tensor, latents_std: torch.Tensor, generator: torch.Generator, vae_dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`encode_latents`' draw from a cached posterior: ``latents + latents_std * eps``.
+
+    ``eps`` is drawn from ``generator`` with the latents' shape in ``vae_dtype`` (the VAE's dtype in an
+    uncached run), as diffusers' ``DiagonalGaussianDistribution.sample`` draws it, so a cached run draws
+    what an uncached one does (equal up to float rounding: the cache scales mean and std separately,
+    and stores them in its dtype).
+
+    Args:
+        latents: A cache's scaled posterior means ``[B, C, h, w]``, any float dtype.
+        latents_std: Their scaled standard deviations, same shape.
+        generator: Source of the draw, on the latents' device.
+        vae_dtype: ``torch.float32``, or ``torch.bfloat16`` for ``vae_dtype = "bf16"``.
+
+    Returns:
+        float32 ``[B, C, h, w]``.
+    """
+    eps = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=vae_dtype)
+    return latents.float() + latents_std.float() * eps.float()
