@@ -16,12 +16,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import fastdiff
 import pytest
 import torch
 from conftest import copy_with_captions, smallest_images
-from fastdiff import _fastdiff
+from fastdiff import _fastdiff, cli
 from fastdiff.cache.build import BuildReport
 from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import LatentEncoder, TextEncoder
@@ -31,6 +32,7 @@ from fastdiff.training.config import TrainConfig
 from fastdiff.training.sd import with_model_defaults
 from fastdiff.training.setup import make_loader, with_dataset_options
 from PIL import Image
+from safetensors import safe_open
 from tiny_sd import build_sd15
 
 CPU = torch.device("cpu")
@@ -118,7 +120,7 @@ def test_entries_equal_the_encoders_of_the_loaders_batches_bitwise(
     for key, expected in zip(keys, embeds, strict=True):
         assert torch.equal(read(store, key)["prompt_embeds"], expected)
     again = build(sd15, data, cache)
-    assert (again.latents_encoded, again.text_encoded, again.shards) == (0, 0, [])
+    assert (again.latents_encoded, again.latents_decoded, again.text_encoded, again.shards) == (0, 0, 0, [])
     assert (again.latents_needed, again.text_needed) == (3, 4)
 
 
@@ -136,7 +138,30 @@ def test_an_image_edited_in_place_re_encodes_exactly_that_entry(
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: only the bytes tell
     assert image.stat().st_mtime_ns == stat.st_mtime_ns
     report = build(sd15, data, cache)
-    assert (report.latents_encoded, report.text_encoded) == (1, 0)
+    assert (report.latents_encoded, report.latents_decoded, report.text_encoded) == (1, 1, 0)
+
+
+def test_a_rerun_on_a_complete_cache_decodes_no_image(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # 2 crop variants (fewer where they land on one crop) x 2 flip states of 3 images.
+    variants = {"crop": "random", "crop_variants": 2, "flip_prob": 0.5}
+    first = build(sd15, data, cache, **variants)
+    n = first.latents_needed
+    assert 6 <= n <= 12 and first.latents_decoded == first.latents_encoded == n
+    again = build(sd15, data, cache, **variants)
+    assert (again.latents_decoded, again.latents_encoded, again.latents_needed) == (0, 0, n)
+    assert again.seconds < first.seconds
+    loader = build_loader(sd15, data, cache, **variants)
+    keys = loader.build_latent_keys()
+    assert len(keys) == n and all(k is not None and cached for k, cached in keys)
+    assert list(loader.iter_build(missing_only=True)) == []
+    stats = loader.stats()
+    assert stats is not None and (stats["samples"], stats["failed"], stats["decode_s"]) == (0, 0, 0.0)
+    # The full plan still decodes every sample, and its keys are build_latent_keys' in order.
+    full = [k for b in loader.iter_build() for k in b["latent_keys"]]
+    assert full == [k for k, _ in keys]
+    stats = loader.stats()
+    assert stats is not None and stats["samples"] == n and stats["decode_s"] > 0
 
 
 def test_a_renamed_file_re_encodes_nothing(sd15: Path, data: Path, tmp_path: Path) -> None:
@@ -266,6 +291,67 @@ def test_a_killed_build_reruns_only_the_missing_entries(sd15: Path, data: Path, 
     assert report.latents_encoded == 3 - done and report.latents_needed == 3
 
 
+def test_two_builds_on_one_cache_at_once_take_turns(sd15: Path, data: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    # Both processes reach the lock together (each waits for the other's ready file), and the one that
+    # gets it holds it for a while (a pause per entry): the other must wait, then finds every entry.
+    script = (
+        "import os, sys, time, contextlib, fastdiff.cache.build as b, fastdiff.cache.shards as s\n"
+        "ready = sys.argv.pop(1)\n"
+        "add = s.Shards.add\n"
+        "def slow(self, *a, **k):\n"
+        "    add(self, *a, **k)\n"
+        "    time.sleep(0.3)\n"
+        "s.Shards.add = slow\n"
+        "lock = b.locked\n"
+        "@contextlib.contextmanager\n"
+        "def together(cache):\n"
+        "    open(os.path.join(ready, str(os.getpid())), 'w').close()\n"
+        "    deadline = time.monotonic() + 120\n"
+        "    while len(os.listdir(ready)) < 2 and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    with lock(cache):\n"
+        "        yield\n"
+        "b.locked = together\n"
+        "from fastdiff.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    args = ["cache", "--model", str(sd15), "--data", str(data), "--output", str(cache)]
+    args += ["--resolution", "32", "--bucket-step", "8", "--batch-size", "1", "--num-threads", "1"]
+    args += ["--device", "cpu", "--dtype", "f32"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(ready), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    summaries = sorted(out for out, _ in outs)
+    # One encoded everything, the other (after waiting for the lock) nothing.
+    assert "latents 0 encoded / 3 needed, text 0 encoded / 4 needed" in summaries[0], summaries
+    assert "latents 3 encoded / 3 needed, text 4 encoded / 4 needed" in summaries[1], summaries
+    assert sum("waiting for another `fastdiff cache`" in err for _, err in outs) == 1, outs
+    store = _fastdiff.CacheStore(cache)
+    assert store.corrupt_shards() == [] and not list(cache.glob(".*.partial"))
+    # Every entry is in exactly one shard: no key was encoded twice.
+    served: list[str] = []
+    for shard in sorted(cache.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            served += {name.split("/")[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert len(served) == len(set(served)) == 3 + 4
+    assert sorted(served) == sorted(store.keys("latents") + store.keys("text"))
+    again = build(sd15, data, cache)
+    assert (again.latents_decoded, again.latents_encoded, again.text_encoded) == (0, 0, 0)
+
+
 def test_train_from_the_cache_never_constructs_the_vae_or_text_encoder(
     sd15: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,6 +391,64 @@ def test_a_truncated_shard_is_never_served_and_its_entries_are_re_encoded(
     assert store.keys("latents") == [] and [Path(p) for p, _ in store.corrupt_shards()] == [shard]
     report = build(sd15, data, cache)
     assert report.latents_encoded == 3 and report.text_encoded == 0
+
+
+def scan_cache(data: Path, cache: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
+    """``fastdiff scan DATA --cache CACHE`` with the build's loader options: its exit status 0 and the
+    ``cache`` part of its JSON."""
+    argv = ["scan", str(data), "--cache", str(cache), "--resolution", "32", "--bucket-step", "8"]
+    capsys.readouterr()
+    assert cli.main([*argv, *flags]) == 0
+    text = capsys.readouterr().out
+    assert cli.main([*argv, *flags, "--json"]) == 0
+    coverage = json.loads(capsys.readouterr().out)["cache"]
+    for half in ("latents", "text"):
+        present, needed = coverage[f"{half}_present"], coverage[f"{half}_needed"]
+        line = f"{half}: not in this cache" if needed is None else f"{half}: {present} / {needed} present"
+        assert line in text, text
+    assert f"corrupt shards: {len(coverage['corrupt_shards'])}" in text
+    assert f"failed images (manifest): {coverage['failed']}" in text
+    return cast(dict[str, Any], coverage)
+
+
+def test_scan_reports_the_coverage_of_a_cache(
+    sd15: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = data / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    cache = tmp_path / "cache"
+    build(sd15, data, cache)
+    got = scan_cache(data, cache, capsys)
+    # 3 images (the broken one is skipped by the scan and recorded as failed), 3 captions + "".
+    assert got == {
+        "cache": str(cache),
+        "latents_present": 3,
+        "latents_needed": 3,
+        "text_present": 4,
+        "text_needed": 4,
+        "corrupt_shards": [],
+        "failed": 1,
+    }
+    # Other options, other keys: none of them is cached (the manifest's salts still apply).
+    other = scan_cache(data, cache, capsys, "--resolution", "48")
+    assert (other["latents_present"], other["latents_needed"], other["text_present"]) == (0, 3, 4)
+    # One image edited: 2 of its 3 entries; a truncated shard: not served, listed.
+    image = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTS and p != broken)[0]
+    with Image.open(image) as im:
+        edited = im.convert("RGB")
+    edited.putpixel((0, 0), (255 - edited.getpixel((0, 0))[0], 0, 0))
+    edited.save(image, format=Image.registered_extensions()[image.suffix.lower()])
+    assert scan_cache(data, cache, capsys)["latents_present"] == 2
+    (shard,) = cache.glob("text-*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    got = scan_cache(data, cache, capsys)
+    assert (got["text_present"], got["text_needed"]) == (0, 4)
+    assert [Path(p) for p, _ in got["corrupt_shards"]] == [shard]
+    # A latents-only cache: text is not in it.
+    only = tmp_path / "only"
+    build_for_config(settings(sd15, data, only), text=False, dtype="f32", progress=False)
+    got = scan_cache(data, only, capsys)
+    assert (got["latents_present"], got["text_needed"]) == (3, None)
 
 
 def test_gc_deletes_the_shards_of_an_old_resolution(
@@ -410,7 +554,18 @@ def test_on_miss_encode_fills_exactly_the_missing_entries(
         list(strict)
     assert set(cache.glob("*.safetensors")) == shards_before
 
+    # The encode goes through the builder's missing-only plan: it decodes the new image's 4 samples only.
+    reports: list[BuildReport] = []
+    real_build = builder.build
+
+    def recording_build(*args: Any, **kwargs: Any) -> BuildReport:
+        reports.append(real_build(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(builder, "build", recording_build)
     fastdiff.DataLoader(data, cache=cache, on_miss="encode", model=sd15, batch_size=1, **opts)
+    (filling,) = reports
+    assert (filling.latents_decoded, filling.latents_encoded, filling.text_encoded) == (4, 4, 1)
     after = _fastdiff.CacheStore(cache)
     plan = fastdiff.DataLoader(data, cache=full, pixels=True, batch_size=1, **opts)
     samples = [
@@ -458,6 +613,7 @@ def test_a_rebuild_without_dtype_keeps_the_caches_dtype(sd15: Path, data: Path, 
     cache = tmp_path / "cache"
     build_for_config(settings(sd15, data, cache), dtype="bf16", progress=False)  # the VAE is stored f32
     again = build_for_config(settings(sd15, data, cache), progress=False)
-    assert (again.latents_encoded, again.text_encoded) == (0, 0)
+    # The bf16 salt is kept, so the missing-only plan is empty: nothing decoded either.
+    assert (again.latents_decoded, again.latents_encoded, again.text_encoded) == (0, 0, 0)
     manifest = read_manifest(cache)
     assert manifest["latents"]["dtype"] == manifest["text"]["dtype"] == "bf16"

@@ -179,8 +179,10 @@ class NativeLoader:
         """Each accepted image's content hash (32 hex digits) with a cache; None otherwise."""
     def caption_variants(self) -> list[tuple[str, str | None]]:
         """Every caption a sample can get, sorted, with its text key (hex) when the cache has text."""
-    def iter_build(self, start_batch: int = 0) -> NativeEpochIter:
+    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> NativeEpochIter:
         """The cache build's pixel batches: every distinct (image, crop variant, flip state) once."""
+    def build_latent_keys(self) -> list[tuple[str | None, bool]]:
+        """Per sample of the full build plan: (latent key hex or None, whether the cache has it)."""
     def report(self) -> dict[str, Any]: ...
     def iter_epoch(
         self,
@@ -315,6 +317,10 @@ class CacheStore:
         """The served keys of ``kind``, sorted."""
     def corrupt_shards(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of each shard that is not served."""
+    def salt(self, kind: Literal["latents", "text"]) -> str | None:
+        """The salt (32 hex) of the manifest's ``kind`` half; None when the manifest lacks it."""
+    def failed(self) -> list[tuple[str, str]]:
+        """The manifest's ``failed``: ``(content hash, reason)`` per image the builder could not decode."""
     def provenance(self, key: str) -> str | None:
         """The entry's metadata JSON (its ``meta`` plus ``"checksum"``), or None when not served."""
     def read(self, key: str) -> dict[str, np.ndarray]:

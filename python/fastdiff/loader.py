@@ -375,7 +375,7 @@ class DataLoader:
             return self._on_cuda(batches, self.device)
         return (_to_device(b, self.device) for b in batches)
 
-    def iter_build(self, start_batch: int = 0) -> Iterator[Batch]:
+    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
         """The pixel batches a cache of this loader must encode (for ``fastdiff cache``).
 
         Every distinct (image, crop variant, flip state) once, whatever the rank: per bucket in
@@ -387,10 +387,26 @@ class DataLoader:
         the images' captions as read. A file that fails is left out of its batch (no stand-in) and added
         to :attr:`report`; with ``on_error="raise"`` it raises.
 
+        With ``missing_only``, only the samples the cache lacks (those :meth:`build_latent_keys` gives
+        as not cached), in the same order: on a complete cache no batch, and no image is read or
+        decoded. That plan is fixed by the cache as this loader opened it.
+
         Raises:
             ValueError: A random crop without ``crop_variants`` (its crops change every epoch).
         """
-        return self._batches(self._native.iter_build(start_batch), None)
+        return self._batches(self._native.iter_build(start_batch, missing_only), None)
+
+    def build_latent_keys(self) -> list[tuple[str | None, bool]]:
+        """Per sample of the full :meth:`iter_build` plan, in its order, without decoding anything:
+        ``(latent key, cached)``. The key is 32 hex digits, or ``None`` without a cache or a latent half
+        or for a file that could not be read; ``cached`` is whether the cache, as this loader opened it,
+        needs nothing encoded for it: the store serves the key (not from a corrupt shard) or the image's
+        content hash is in the manifest's ``failed``.
+
+        Raises:
+            ValueError: As :meth:`iter_build`.
+        """
+        return self._native.build_latent_keys()
 
     def caption_variants(self) -> list[tuple[str, str | None]]:
         """Every caption a sample can get, each once, sorted, with its text key (32 hex digits; ``None``
@@ -521,7 +537,7 @@ def _encode_missing(
     model loading, which ``import fastdiff`` must not)."""
     from pathlib import Path
 
-    from fastdiff.cache.build import build_from_model, samples_per_image
+    from fastdiff.cache.build import build_from_model
 
     # The build plan's loader: the same samples, float pixels in [-1, 1] for the VAE.
     plan = {
@@ -541,7 +557,6 @@ def _encode_missing(
         make_loader,
         Path(model),
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-        samples_per_image=samples_per_image(values["crop"], values["crop_variants"], values["flip_prob"]),
     )
 
 

@@ -187,6 +187,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=32,
         toml=DATASET_TABLES,
         state="unless_default",
+        scan=True,
     ),
     _loader(
         "text_variants",
@@ -204,6 +205,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=32,
         toml=DATASET_TABLES,
         state="unless_default",
+        scan=True,
     ),
     _loader(
         "shuffle",
@@ -372,6 +374,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "A folder without ``fastdiff-cache.json`` is a ``FileNotFoundError``, an unreadable manifest a "
         "``fastdiff.CorruptCacheError``.",
         state="never",
+        scan=True,
     ),
     _loader(
         "pixels",

@@ -1,21 +1,24 @@
 """``fastdiff scan``: what a folder or dataset config holds, without decoding pixels.
 
-A thin view of :attr:`fastdiff.DataLoader.report`. Its flags are the loader options whose schema entry
-(:mod:`fastdiff.options`) says ``scan``; this module must not define options of its own.
+A thin view of :attr:`fastdiff.DataLoader.report`, and with ``--cache`` of the cache folder's coverage
+of that loader (:func:`cache_coverage`: the entries its build plan and captions need, how many the
+cache serves, its corrupt shards and recorded failures). Its flags are the loader options whose schema
+entry (:mod:`fastdiff.options`) says ``scan``; this module must not define options of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, TypedDict
 
+from fastdiff import _fastdiff
 from fastdiff.loader import DataLoader
 from fastdiff.options import LOADER_OPTIONS
 from fastdiff.types import Report
 
 _SCAN_OPTIONS = tuple(o for o in LOADER_OPTIONS if o.scan)
-_PARSERS = {"int": int, "float": float, "str": str, "choice": str}
+_PARSERS = {"int": int, "float": float, "str": str, "choice": str, "path": str}
 
 
 def add_scan_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,75 @@ def format_report(report: Report, batches: int) -> str:
     return "\n".join(lines)
 
 
+def format_coverage(c: CacheCoverage) -> str:
+    """Human-readable summary of a :func:`cache_coverage`."""
+
+    def half(present: int, needed: int | None, what: str) -> str:
+        return "not in this cache" if needed is None else f"{present} / {needed} present ({what})"
+
+    lines = [
+        f"cache: {c['cache']}",
+        f"  latents: {half(c['latents_present'], c['latents_needed'], 'distinct build samples')}",
+        f"  text: {half(c['text_present'], c['text_needed'], 'distinct captions')}",
+        f"  corrupt shards: {len(c['corrupt_shards'])}",
+        *(f"    {path}: {why}" for path, why in c["corrupt_shards"]),
+        f"  failed images (manifest): {c['failed']}",
+    ]
+    return "\n".join(lines)
+
+
+class CacheCoverage(TypedDict):
+    """What a cache folder holds of what a loader needs (:func:`cache_coverage`).
+
+    Keys:
+        cache: The cache folder.
+        latents_present: Of ``latents_needed``, the keys the cache serves.
+        latents_needed: Distinct latent keys of the loader's build plan (every distinct image, crop
+            variant and flip state, whatever the rank); ``None`` when the manifest has no latents half.
+        text_present: Of ``text_needed``, the keys the cache serves.
+        text_needed: Distinct text keys: every caption a sample can get, plus ``""`` (the builder always
+            encodes the dropped caption); ``None`` when the manifest has no text half.
+        corrupt_shards: ``[path, reason]`` of each shard not served (truncated or unparsable header).
+        failed: Images the builder could not decode (the manifest's ``failed``).
+    """
+
+    cache: str
+    latents_present: int
+    latents_needed: int | None
+    text_present: int
+    text_needed: int | None
+    corrupt_shards: list[tuple[str, str]]
+    failed: int
+
+
+def cache_coverage(loader: DataLoader) -> CacheCoverage:
+    """The coverage of ``loader``'s cache (built with ``cache=``): computed from the image headers, the
+    content hashes the loader took and the shard headers; nothing is decoded.
+
+    Raises:
+        ValueError: ``loader`` has no cache, or as :meth:`fastdiff.DataLoader.build_latent_keys` and
+            :meth:`fastdiff.DataLoader.caption_variants`.
+    """
+    if loader.cache is None:
+        raise ValueError("cache_coverage needs a loader built with cache=")
+    store = _fastdiff.CacheStore(loader.cache)
+    latent_keys = sorted({k for k, _ in loader.build_latent_keys() if k is not None})
+    text_salt = store.salt("text")
+    text_keys: list[str] = []
+    if text_salt is not None:
+        captions = {c for c, _ in loader.caption_variants()} | {""}
+        text_keys = sorted({_fastdiff.text_key(c, text_salt) for c in captions})
+    return CacheCoverage(
+        cache=str(loader.cache),
+        latents_present=sum(store.contains(latent_keys)),
+        latents_needed=None if store.salt("latents") is None else len(latent_keys),
+        text_present=sum(store.contains(text_keys)),
+        text_needed=None if text_salt is None else len(text_keys),
+        corrupt_shards=store.corrupt_shards(),
+        failed=len(store.failed()),
+    )
+
+
 def run_scan(args: argparse.Namespace) -> int:
     """Body of ``fastdiff scan``: print the report of ``args.root`` (as text, or JSON with ``--json``).
 
@@ -87,8 +159,14 @@ def run_scan(args: argparse.Namespace) -> int:
     else:
         loader = DataLoader(args.root, **extra)
     report = loader.report
+    coverage = None if loader.cache is None else cache_coverage(loader)
     if args.json:
-        print(json.dumps({**report, "batches_per_epoch": len(loader)}, indent=2, ensure_ascii=False))
+        out: dict[str, Any] = {**report, "batches_per_epoch": len(loader)}
+        if coverage is not None:
+            out["cache"] = coverage
+        print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, len(loader)))
+        if coverage is not None:
+            print(format_coverage(coverage))
     return 0

@@ -4,12 +4,14 @@
 of interleaving manifests), writes the manifest with the halves being built (the loader keys its
 samples by the manifest's salts, so it comes first), then walks ``loader.iter_build()`` — every
 distinct (image, crop variant, flip) once, decoded by the Rust workers while the VAE encodes the
-previous batch (the loader prefetches) — encoding only the samples whose ``latent_keys`` the store
-lacks, and the distinct captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption)
-the same way. Entries go through the native ``ShardWriter``: a shard is finished (fsynced and renamed
-into place) every :data:`SHARD_ENTRIES` entries or :data:`SHARD_BYTES` bytes, so a killed build loses
-at most one shard's worth, and its rerun encodes only what is missing. Images that cannot be decoded
-are recorded in the manifest's ``failed`` by content hash (a served sample of one is that failure).
+previous batch (the loader prefetches) — with ``missing_only``, so only the samples whose latent key
+the store lacks are read and decoded at all (a rerun on a complete cache decodes nothing; the progress
+bar's total is the count ``loader.build_latent_keys()`` gives as not cached), and the distinct
+captions of ``loader.caption_variants()`` (plus ``""``, the dropped caption) the same way. Entries go
+through the native ``ShardWriter``: a shard is finished (fsynced and renamed into place) every
+:data:`SHARD_ENTRIES` entries or :data:`SHARD_BYTES` bytes, so a killed build loses at most one shard's
+worth, and its rerun encodes only what is missing. Images that cannot be decoded are recorded in the
+manifest's ``failed`` by content hash (a served sample of one is that failure).
 
 :func:`build_from_model` is the one way a model's encoders fill a cache: it loads only the VAE and/or
 the text encoders, runs :func:`build` and frees them. ``fastdiff cache``, ``fastdiff train
@@ -38,7 +40,7 @@ from fastdiff.cache.encoders import LatentEncoder, TextEncoder, stored_dtype
 from fastdiff.cache.manifest import Manifest, StorageDtype, read_manifest, with_halves, write_manifest
 from fastdiff.cache.shards import Shards
 from fastdiff.training.sd_pipeline import pipeline_kind
-from fastdiff.types import Batch, Report, SkippedFile
+from fastdiff.types import Batch, LoadStats, Report, SkippedFile
 
 #: Captions encoded per text-encoder call.
 TEXT_BATCH = 64
@@ -51,18 +53,21 @@ class BuildPlan(Protocol):
     folder being built and ``pixels=True`` (see the methods of the same names there)."""
 
     @property
-    def captions(self) -> list[str]:
-        """Each image's caption as read."""
-        ...
-
-    @property
     def report(self) -> Report:
         """The scan's report, with the files that failed so far."""
         ...
 
-    def iter_build(self, start_batch: int = 0) -> Iterator[Batch]:
-        """Every distinct (image, crop variant, flip) once, as float pixel batches with
-        ``latent_keys`` and ``latent_provenance``."""
+    def stats(self) -> LoadStats | None:
+        """The last iteration's counts (``samples``, ``failed``); ``None`` before any."""
+        ...
+
+    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
+        """Every distinct (image, crop variant, flip) once, or with ``missing_only`` only those the
+        cache lacks, as float pixel batches with ``latent_keys`` and ``latent_provenance``."""
+        ...
+
+    def build_latent_keys(self) -> list[tuple[str | None, bool]]:
+        """Per sample of the full build plan, without decoding: ``(latent key, cached)``."""
         ...
 
     def caption_variants(self) -> list[tuple[str, str | None]]:
@@ -77,6 +82,8 @@ class BuildReport:
     Attributes:
         latents_needed: Distinct latent keys of the build plan.
         latents_encoded: Of them, encoded by this build (the rest were in the cache).
+        latents_decoded: Build-plan samples this build read and decoded (loaded or failed): the
+            missing ones only, 0 on a complete cache.
         text_needed: Distinct text keys (captions) needed.
         text_encoded: Of them, encoded by this build.
         failed: ``{content hash: reason}`` of the images that could not be decoded.
@@ -86,6 +93,7 @@ class BuildReport:
 
     latents_needed: int = 0
     latents_encoded: int = 0
+    latents_decoded: int = 0
     text_needed: int = 0
     text_encoded: int = 0
     failed: dict[str, str] = field(default_factory=dict)
@@ -113,16 +121,6 @@ def locked(cache: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def samples_per_image(crop: str | None, crop_variants: int | None, flip_prob: float | None) -> int:
-    """Build-plan samples per image of a loader with these options: its crops (``crop_variants`` with
-    a random crop, else 1) times its flip states (2 when ``0 < flip_prob < 1``); for the progress bar's
-    total, an estimate (crops that coincide count once in the plan, and subsets may set their own
-    ``crop`` and ``flip_prob``)."""
-    crops = (crop_variants or 1) if crop == "random" else 1
-    flips = 2 if flip_prob is not None and 0 < flip_prob < 1 else 1
-    return crops * flips
-
-
 def build_from_model(
     cache: Path,
     make_loader: Callable[[], BuildPlan],
@@ -133,7 +131,6 @@ def build_from_model(
     latents: bool = True,
     text: bool = True,
     dtype: StorageDtype | None = None,
-    samples_per_image: int = 1,
     progress: bool = True,
 ) -> BuildReport:
     """Load only the VAE (``latents``) and/or the text encoders (``text``) of ``model`` on ``device``,
@@ -150,7 +147,6 @@ def build_from_model(
         dtype: Storage dtype of both halves; ``None``: per half, the dtype the cache already has for
             it (so entries under its salt are reused), else
             :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
-        samples_per_image: As :func:`build` (see :func:`samples_per_image`).
         progress: Show progress bars.
 
     Returns:
@@ -184,7 +180,6 @@ def build_from_model(
             text=encoders,
             model=str(model),
             kind=pipeline_kind(model, model_config),
-            samples_per_image=samples_per_image,
             progress=progress,
         )
     finally:
@@ -218,7 +213,6 @@ def build(
     text: TextEncoder | None,
     model: str,
     kind: str,
-    samples_per_image: int = 1,
     progress: bool = True,
 ) -> BuildReport:
     """Encode into ``cache`` every entry the loader's build plan needs that the cache lacks.
@@ -230,8 +224,6 @@ def build(
         text: The text side, or ``None`` (``--no-text``).
         model: The ``--model`` path, recorded in the manifest.
         kind: ``"sd"`` or ``"sdxl"``.
-        samples_per_image: Build-plan samples per image (crop variants × flip states; an upper
-            bound where variants coincide), for the progress bar's total and ETA.
         progress: Show tqdm bars (images/s and ETA).
 
     Returns:
@@ -257,16 +249,22 @@ def build(
         store = _fastdiff.CacheStore(cache)
         if latents is not None:
             shards = Shards(cache, "latents", latents.spec["dtype"])
-            total = len(loader.captions) * samples_per_image
+            # A None key: a file that could not be read to hash it (in the report; not decodable).
+            plan = [(k, cached) for k, cached in loader.build_latent_keys() if k is not None]
+            report.live_latents = {k for k, _ in plan}
+            total = sum(not cached for _, cached in plan)
+            encoded: set[str] = set()
             with tqdm(total=total, desc="latents", unit="img", disable=not progress) as bar:
                 try:
-                    for batch in loader.iter_build():
-                        encode_latent_batch(batch, latents, store, shards, report)
+                    for batch in loader.iter_build(missing_only=True):
+                        encode_latent_batch(batch, latents, encoded, shards, report)
                         bar.update(len(batch["latent_keys"]))
                         bar.set_postfix(encoded=report.latents_encoded, refresh=False)
                 finally:
                     shards.finish()
                     report.shards += shards.written
+            stats = loader.stats()
+            report.latents_decoded = 0 if stats is None else stats["samples"] + stats["failed"]
             report.latents_needed = len(report.live_latents)
             for skipped in loader.report["skipped"]:
                 record_failure(skipped, report)
@@ -281,34 +279,35 @@ def build(
 def encode_latent_batch(
     batch: Batch,
     encoder: LatentEncoder,
-    store: _fastdiff.CacheStore,
+    encoded: set[str],
     shards: Shards,
     report: BuildReport,
 ) -> None:
-    """Encode the samples of one build batch whose latent key neither the store nor this build has.
+    """Encode the samples of one ``missing_only`` build batch whose latent key this build has not
+    encoded yet (two files with the same bytes in one bucket share a key).
 
     Args:
-        batch: A batch of ``iter_build()``: float ``pixel_values`` ``[B, 3, H, W]`` in ``[-1, 1]``,
-            ``latent_keys`` and ``latent_provenance``.
+        batch: A batch of ``iter_build(missing_only=True)``: float ``pixel_values`` ``[B, 3, H, W]``
+            in ``[-1, 1]``, ``latent_keys`` and ``latent_provenance``; only samples the cache lacks.
         encoder: The VAE side; its entries are ``[C, H / f, W / f]`` each.
-        store: The cache as opened before this build (what it already serves).
+        encoded: The latent keys this build has encoded so far; updated.
         shards: Where the new entries go.
-        report: Updated: ``live_latents`` gets every key of the batch, ``latents_encoded`` the count.
+        report: Updated: ``latents_encoded`` gets the count.
 
     Raises:
         ValueError, OSError: As :meth:`~fastdiff.cache.shards.Shards.add`.
     """
-    # A build batch's samples were all read, so all hashed: no None key.
-    keys = [k for k in batch["latent_keys"] if k is not None]
-    stored = store.contains(keys)
-    todo = [i for i, k in enumerate(keys) if not stored[i] and k not in report.live_latents]
-    report.live_latents.update(keys)
+    todo: list[tuple[int, str]] = []
+    for i, key in enumerate(batch["latent_keys"]):
+        if key is not None and key not in encoded:
+            encoded.add(key)
+            todo.append((i, key))
     if not todo:
         return
-    out = encoder.encode(batch["pixel_values"][todo])
-    for j, i in enumerate(todo):
+    out = encoder.encode(batch["pixel_values"][[i for i, _ in todo]])
+    for j, (i, key) in enumerate(todo):
         meta = json.loads(batch["latent_provenance"][i])
-        shards.add(keys[i], meta, {name: t[j] for name, t in out.items()})
+        shards.add(key, meta, {name: t[j] for name, t in out.items()})
     report.latents_encoded += len(todo)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import _fastdiff
-from fastdiff.cache.build import BuildReport, build_from_model, locked, samples_per_image
+from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
 from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
 from fastdiff.training.sd import with_model_defaults
@@ -122,7 +122,6 @@ def build_for_config(
         latents=latents,
         text=text,
         dtype=dtype,
-        samples_per_image=samples_per_image(config.crop, config.crop_variants, config.flip_prob),
         progress=progress,
     )
 

@@ -155,6 +155,27 @@ impl CacheStore {
             .collect()
     }
 
+    /// The salt (hex) of the manifest's `kind` half (`"latents"` or `"text"`), or None when the
+    /// manifest lacks that half.
+    fn salt(&self, kind: &str) -> PyResult<Option<String>> {
+        let m = self.inner.manifest();
+        let salt = match parse("kind", kind)? {
+            Kind::Latents => m.latents.as_ref().map(|l| l.salt),
+            Kind::Text => m.text.as_ref().map(|t| t.salt),
+        };
+        Ok(salt.as_ref().map(cache::key_hex))
+    }
+
+    /// The manifest's `failed`: `(content hash hex, reason)` of each image the builder could not
+    /// decode, sorted by hash.
+    fn failed(&self) -> Vec<(String, String)> {
+        let mut failed: Vec<(String, String)> = (self.inner.manifest().failed.iter())
+            .map(|(k, why)| (cache::key_hex(k), why.clone()))
+            .collect();
+        failed.sort_unstable();
+        failed
+    }
+
     /// The entry's metadata JSON, or None when not served.
     fn provenance(&self, key: &str) -> PyResult<Option<String>> {
         Ok(self.inner.provenance(&self::key(key)?).map(str::to_string))

@@ -209,13 +209,31 @@ impl NativeLoader {
     }
 
     /// The cache build's pixel batches from batch `start_batch` on: every distinct (image, crop
-    /// variant, flip state) once (see the core's `Loader::iter_build`).
-    #[pyo3(signature = (start_batch = 0))]
-    fn iter_build(&self, py: Python<'_>, start_batch: usize) -> PyResult<NativeEpochIter> {
+    /// variant, flip state) once, or with `missing_only` only those the cache lacks (see the
+    /// core's `Loader::iter_build`).
+    #[pyo3(signature = (start_batch = 0, missing_only = false))]
+    fn iter_build(
+        &self,
+        py: Python<'_>,
+        start_batch: usize,
+        missing_only: bool,
+    ) -> PyResult<NativeEpochIter> {
         let it = py
-            .detach(|| self.inner.iter_build(start_batch))
+            .detach(|| self.inner.iter_build(start_batch, missing_only))
             .map_err(to_pyerr)?;
         Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None)), true))
+    }
+
+    /// Each sample of the full build plan, in order: (latent key hex or None, whether the cache
+    /// has it) (see the core's `Loader::build_latent_keys`).
+    fn build_latent_keys(&self, py: Python<'_>) -> PyResult<Vec<(Option<String>, bool)>> {
+        let keys = py
+            .detach(|| self.inner.build_latent_keys())
+            .map_err(to_pyerr)?;
+        Ok(keys
+            .into_iter()
+            .map(|(k, cached)| (k.as_ref().map(key_hex), cached))
+            .collect())
     }
 
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).

@@ -71,46 +71,23 @@ impl Loader {
     /// recorded in the report (with [`OnError::Raise`](super::OnError::Raise), yielded as the
     /// error).
     ///
+    /// With `missing_only`, the plan holds only the samples the cache lacks (see
+    /// [`Loader::build_latent_keys`]), so on a complete cache it is empty and no image is read or
+    /// decoded; its order is the full plan's with the others left out, and it is fixed for the
+    /// cache as opened by this loader (`start_batch` resumes it against that same state; after
+    /// entries were added, a new loader's `missing_only` plan is the resume).
+    ///
     /// Errors: [`Error::InvalidArgument`] when an image has a random crop and `crop_variants` is
     /// not set (its crops change every epoch: no cache can hold them).
-    pub fn iter_build(&self, start_batch: usize) -> Result<EpochIter> {
+    pub fn iter_build(&self, start_batch: usize, missing_only: bool) -> Result<EpochIter> {
         let inner = Arc::clone(&self.inner);
-        let n = inner.images.len();
-        if (0..n)
-            .any(|i| inner.crop_mode(i) == CropMode::Random && inner.opts.crop_variants.is_none())
-        {
-            return Err(Error::InvalidArgument(
-                "a random crop changes every epoch, so it cannot be cached: set crop_variants \
-                 (e.g. 4) to cache that many seeded crops per image, or use crop=\"center\""
-                    .into(),
-            ));
-        }
-        let mut first_sample = vec![usize::MAX; n];
-        for (s, &i) in inner.sample_image.iter().enumerate().rev() {
-            first_sample[i] = s;
-        }
-        let mut per_bucket = vec![Vec::new(); inner.buckets.len()];
-        for (image, &first) in first_sample.iter().enumerate() {
-            let p = inner.flip_prob(image);
-            let flips = [false, true]
-                .into_iter()
-                .filter(|&f| if f { p > 0.0 } else { p < 1.0 });
-            let flips: Vec<bool> = flips.collect();
-            let bucket = inner.bucket_of[image];
-            // Two variants may land on the same offsets (little room): one entry serves both.
-            let mut seen = HashSet::new();
-            for variant in 0..inner.crop_variants_of(image).unwrap_or(1) {
-                for &flip in &flips {
-                    let p = inner.variant_placement(image, inner.buckets[bucket], variant, flip);
-                    if seen.insert(p) {
-                        let draw = Draw::Fixed { variant, flip };
-                        per_bucket[bucket].push((first, image, draw));
-                    }
-                }
-            }
-        }
+        let per_bucket = self.build_slots()?;
         let plan = (per_bucket.into_iter().enumerate())
             .flat_map(|(bucket, slots)| {
+                let slots: Vec<_> = (slots.into_iter())
+                    .filter(|s| !missing_only || !s.cached)
+                    .map(|s| s.slot)
+                    .collect();
                 (slots.chunks(inner.opts.batch_size).map(|c| Planned {
                     bucket,
                     slots: c.to_vec(),
@@ -126,6 +103,71 @@ impl Loader {
             None,
             (true, false),
         ))
+    }
+
+    /// The latent key of every sample of the full build plan ([`Loader::iter_build`] without
+    /// `missing_only`), in its order, with whether the cache has it: `(key, cached)`, computed from
+    /// the image headers and content hashes (nothing is decoded). A sample is cached when the
+    /// store serves its key (an entry in a corrupt shard is not served) or when its image's content
+    /// hash is in the manifest's `failed` (the builder could not decode those bytes: served as that
+    /// failure). The key is `None` without a cache, without a latent half, or for an image whose
+    /// file could not be read (never cached).
+    ///
+    /// Errors: as [`Loader::iter_build`].
+    pub fn build_latent_keys(&self) -> Result<Vec<(Option<Key>, bool)>> {
+        Ok((self.build_slots()?.into_iter().flatten())
+            .map(|s| (s.key, s.cached))
+            .collect())
+    }
+
+    /// The full build plan's samples per bucket (see [`Loader::iter_build`]), with their keys.
+    fn build_slots(&self) -> Result<Vec<Vec<BuildSlot>>> {
+        let inner = &*self.inner;
+        let n = inner.images.len();
+        if (0..n)
+            .any(|i| inner.crop_mode(i) == CropMode::Random && inner.opts.crop_variants.is_none())
+        {
+            return Err(Error::InvalidArgument(
+                "a random crop changes every epoch, so it cannot be cached: set crop_variants \
+                 (e.g. 4) to cache that many seeded crops per image, or use crop=\"center\""
+                    .into(),
+            ));
+        }
+        let mut first_sample = vec![usize::MAX; n];
+        for (s, &i) in inner.sample_image.iter().enumerate().rev() {
+            first_sample[i] = s;
+        }
+        let cache = inner.cache.as_ref();
+        let mut per_bucket: Vec<Vec<BuildSlot>> = vec![Vec::new(); inner.buckets.len()];
+        for (image, &first) in first_sample.iter().enumerate() {
+            let p = inner.flip_prob(image);
+            let flips = [false, true]
+                .into_iter()
+                .filter(|&f| if f { p > 0.0 } else { p < 1.0 });
+            let flips: Vec<bool> = flips.collect();
+            let bucket = inner.bucket_of[image];
+            let failed = cache.is_some_and(|c| {
+                (c.content[image].as_ref()).is_ok_and(|h| c.store.manifest().failed.contains_key(h))
+            });
+            // Two variants may land on the same offsets (little room): one entry serves both.
+            let mut seen = HashSet::new();
+            for variant in 0..inner.crop_variants_of(image).unwrap_or(1) {
+                for &flip in &flips {
+                    let p = inner.variant_placement(image, inner.buckets[bucket], variant, flip);
+                    if seen.insert(p) {
+                        let key = cache.and_then(|c| c.latent_key(inner, image, &p));
+                        let served =
+                            cache.is_some_and(|c| key.is_some_and(|k| c.store.contains(&k)));
+                        per_bucket[bucket].push(BuildSlot {
+                            slot: (first, image, Draw::Fixed { variant, flip }),
+                            key,
+                            cached: key.is_some() && (served || failed),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(per_bucket)
     }
 
     /// Every caption a sample of this loader can get, each once, sorted, with its text key (with
@@ -174,6 +216,15 @@ impl Loader {
             })
             .collect())
     }
+}
+
+/// One sample of the build plan: its slot (sample index, image, draw), latent key, and whether
+/// the cache has it.
+#[derive(Clone)]
+struct BuildSlot {
+    slot: (usize, usize, Draw),
+    key: Option<Key>,
+    cached: bool,
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ mod tests {
     /// A cache of `loader`'s build batches: latents = [`pool8`] of the pixels, text = [len, 1].
     fn build_cache(dir: &Path, loader: &Loader) {
         let mut w = ShardWriter::new(dir, Kind::Latents).unwrap();
-        for b in loader.iter_build(0).unwrap() {
+        for b in loader.iter_build(0, false).unwrap() {
             let b = b.unwrap();
             let (h, wd) = (b.bucket.height as usize, b.bucket.width as usize);
             let per = 3 * h * wd;
@@ -272,5 +272,54 @@ mod tests {
             "{}",
             skip.message
         );
+    }
+
+    #[test]
+    fn a_missing_only_build_plan_leaves_out_what_the_cache_serves() {
+        let data = dataset();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(cache.path().join("fastdiff-cache.json"), MANIFEST).unwrap();
+        let o = LoaderOptions {
+            crop: CropMode::Random,
+            crop_variants: Some(2),
+            flip_prob: 0.5,
+            cache: Some(cache.path().to_path_buf()),
+            pixels: true,
+            ..opts()
+        };
+        let samples = |it: EpochIter| -> Vec<SampleMeta> {
+            collect(it).into_iter().flat_map(|b| b.samples).collect()
+        };
+        let empty = Loader::new(data.path(), o.clone()).unwrap();
+        let full = samples(empty.iter_build(0, false).unwrap());
+        let keys = empty.build_latent_keys().unwrap();
+        assert_eq!(
+            keys.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            full.iter().map(|s| s.latent_key).collect::<Vec<_>>()
+        );
+        assert!(keys.iter().all(|(k, cached)| k.is_some() && !cached));
+        // Nothing cached yet: the missing plan is the full plan.
+        assert_eq!(samples(empty.iter_build(0, true).unwrap()), full);
+        build_cache(cache.path(), &empty);
+
+        // Complete: the missing plan is empty and reads no file.
+        let complete = Loader::new(data.path(), o.clone()).unwrap();
+        assert!(complete.build_latent_keys().unwrap().iter().all(|k| k.1));
+        let mut it = complete.iter_build(0, true).unwrap();
+        assert_eq!(it.remaining(), 0);
+        assert!(it.next().is_none());
+        assert_eq!((it.stats().samples, it.stats().read_s), (0, 0.0));
+
+        // One image edited: exactly its samples, in the full plan's order.
+        let edited = data.path().join("img01.png");
+        write_image_with(&edited, 120, 80, F::Png, |x, y| [x as u8, y as u8, 7]);
+        let loader = Loader::new(data.path(), o).unwrap();
+        let missing = samples(loader.iter_build(0, true).unwrap());
+        let want: Vec<_> = samples(loader.iter_build(0, false).unwrap())
+            .into_iter()
+            .filter(|s| s.path == edited)
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(missing, want);
     }
 }
