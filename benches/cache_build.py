@@ -68,7 +68,12 @@ def make_encoder(width: int) -> LatentEncoder:
         "channels": 4,
         "downscale": 8,
         "tensors": list(LATENT_TENSORS),
-        "vae": {"digest": f"bench-{width}", "scaling_factor": 0.18215, "shift_factor": None, "class": "AutoencoderKL"},
+        "vae": {
+            "digest": f"bench-{width}",
+            "scaling_factor": 0.18215,
+            "shift_factor": None,
+            "class": "AutoencoderKL",
+        },
     }
     return LatentEncoder(vae, spec)
 
@@ -91,7 +96,9 @@ def run_round(root: Path, args: argparse.Namespace, encoder: LatentEncoder) -> d
     with tempfile.TemporaryDirectory() as tmp:
         empty = Path(tmp) / "empty"
         empty.mkdir()
-        manifest = with_halves(read_manifest(empty), latents=encoder.spec, text=None, model="bench", kind="sd")
+        manifest = with_halves(
+            read_manifest(empty), latents=encoder.spec, text=None, model="bench", kind="sd"
+        )
         write_manifest(empty, manifest)
         loader = make_loader(empty)
         t0 = time.perf_counter()

@@ -12,9 +12,9 @@
 //! Shards are immutable once renamed into place (writers only create new files, `gc` only unlinks),
 //! which is what makes mapping them for the header parse sound. Entries are read with positioned
 //! reads (`pread`) straight into the batch buffers, not through a mapping: the kernel copies from the
-//! page cache into memory the pool already holds, so a read costs no page faults (a fresh mapping
-//! faults every page once per process, which cost about a third of a one-epoch read), and a shard
-//! truncated by another program while open is an I/O error naming it, not a fault of the process.
+//! page cache into memory the pool already holds (one copy, as through a mapping), and a shard
+//! truncated by another program while open is an error naming it, where a mapping would kill the
+//! process with `SIGBUS` on the first read past the new end.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -517,6 +517,29 @@ mod tests {
         assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert!(reasons[1].contains("does not parse"), "{reasons:?}");
         assert!(reasons[2].contains("too short"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_shard_truncated_after_opening_is_an_error_not_a_crash() {
+        let dir = cache_dir();
+        let path = write(dir.path(), Kind::Latents, &[[1; 16], [2; 16]], 5);
+        let store = Store::open(dir.path()).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        // The bf16 latents are last in the file: entry [2; 16]'s now ends past the end.
+        let err = read(&store, &[2; 16]).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.contains(path.to_str().unwrap()) && msg.contains("truncated after it was opened"),
+            "{msg}"
+        );
+        assert_eq!(read(&store, &[1; 16]).unwrap(), ([1; 4], [5; 4]));
     }
 
     #[test]
