@@ -6,7 +6,7 @@ usage: python benches/cached_epoch.py [ROOT] [--resolution 1024] [--channels 4] 
 ``pixels``: ``fastdiff.DataLoader(ROOT, resolution=R)`` decoding, resizing and cropping every image
 (bf16 ``pixel_values``, what a trainer that encodes latents itself is fed). ``cached``: the same
 loader with ``cache=`` a cache of the same samples (same buckets, order and crops), reading bf16
-latents ``[C, H/8, W/8]`` from its mmapped shards instead. The cache is written once beside the
+latents ``[C, H/8, W/8]`` from its shards instead. The cache is written once beside the
 other bench files (``$FASTDIFF_CACHE/latent-bench``) with seeded random latents: reading does not
 look at the values, and this measures the loader, not a VAE. Each run is its own process; building a
 loader (the scan, and with a cache the content hash of every file) is not timed. ROOT defaults to

@@ -13,7 +13,8 @@ loop one ``[B, C, h, w]`` tensor per batch:
 - ``pt``: one ``torch.save`` file per image (SimpleTuner, OneTrainer), ``torch.load`` in the same loader;
 - ``safetensors``: one ``.safetensors`` per image (ai-toolkit), ``safetensors.torch.load_file``;
 - ``fastdiff-tN``: ``fastdiff.DataLoader(images, cache=CACHE, num_threads=N)`` on the folder of images
-  the cache was made for (one 1024 px bucket), reading its mmapped shards in the Rust workers;
+  the cache was made for (one 1024 px bucket), reading its shards in the Rust workers (positioned
+  reads into the batch buffers);
 - ``ceiling``: one thread copying the same bytes, laid out in one file, from the page cache into one
   reused buffer, a batch at a time (``readinto``): what reading the latents costs at the least.
 

@@ -88,6 +88,8 @@ class BuildReport:
         failed: ``{content hash: reason}`` of the images that could not be decoded.
         shards: The shard files this build wrote.
         seconds: Wall time in seconds.
+        write_seconds: Of it, the time spent writing entries into shards (``Shards.seconds``; the
+            rest is decoding, encoding and, where they overlap, waiting on the slower of the two).
     """
 
     latents_needed: int = 0
@@ -98,6 +100,7 @@ class BuildReport:
     failed: dict[str, str] = field(default_factory=dict)
     shards: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    write_seconds: float = 0.0
     #: Every latent key the plan needs (what ``gc`` keeps).
     live_latents: set[str] = field(default_factory=set)
     #: Every text key needed.
@@ -273,6 +276,7 @@ def build(
                 finally:
                     shards.finish()
                     report.shards += shards.written
+                    report.write_seconds += shards.seconds
             stats = loader.stats()
             report.latents_decoded = 0 if stats is None else stats["samples"] + stats["failed"]
             report.latents_needed = len(report.live_latents)
@@ -373,3 +377,4 @@ def encode_captions(
         finally:
             shards.finish()
             report.shards += shards.written
+            report.write_seconds += shards.seconds

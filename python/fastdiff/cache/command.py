@@ -153,7 +153,8 @@ def run_cache(args: argparse.Namespace) -> int:
     line = (
         f"cache {config.cache}: latents {report.latents_encoded} encoded / {report.latents_needed} needed, "
         f"text {report.text_encoded} encoded / {report.text_needed} needed, {len(report.failed)} failed, "
-        f"{len(report.shards)} shards written in {report.seconds:.1f} s"
+        f"{len(report.shards)} shards written in {report.seconds:.1f} s "
+        f"(shard writing {report.write_seconds:.1f} s)"
     )
     if args.gc:
         with locked(config.cache):

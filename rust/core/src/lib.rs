@@ -23,7 +23,7 @@
 //!    recycled or from a caller's [`BufferSource`]; [`pipeline::stats`] times each stage.
 //!
 //! The latent and text-embedding cache is [`cache`] (`cache/mod.rs`): keys, shards, the manifest,
-//! the mmapped [`cache::Store`] the workers read entries from, and its garbage collection.
+//! the [`cache::Store`] the workers read entries from, and its garbage collection.
 //!
 //! Errors are one type, [`Error`] (`error.rs`), with a [`SkipCode`] per reason. The Python bindings
 //! live in `rust/py`; nothing here knows about Python.

@@ -59,7 +59,7 @@ pub fn gc(dir: &Path, live: &HashSet<Key>) -> Result<GcReport> {
         if serves_live {
             report.kept += 1;
         } else {
-            remove(&shard.path, shard.map.len() as u64, &mut report)?;
+            remove(&shard.path, shard.len, &mut report)?;
             report.orphans += 1;
         }
     }

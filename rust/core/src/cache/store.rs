@@ -1,7 +1,8 @@
 //! [`Store`]: a cache folder opened for reading: the manifest, every shard's header as the index,
-//! and the shards memory-mapped for the workers' reads.
+//! and the shards kept open for the workers' reads.
 //!
-//! Opening reads each shard's safetensors header, never its data. A shard whose file is shorter or
+//! Opening reads each shard's safetensors header (through a memory map that is dropped once the
+//! header is parsed), never its data. A shard whose file is shorter or
 //! longer than its header says (truncated), whose header does not parse, or whose metadata does not
 //! describe its tensors is listed in [`Store::corrupt_shards`] and none of its entries is served.
 //! When two shards hold a key, the first in file-name order serves it. [`Store::read_entry`]
@@ -9,11 +10,16 @@
 //! data.
 //!
 //! Shards are immutable once renamed into place (writers only create new files, `gc` only unlinks),
-//! which is what makes mapping them sound: a shard truncated by another program while mapped would
-//! fault the process, as with any mmapped file.
+//! which is what makes mapping them for the header parse sound. Entries are read with positioned
+//! reads (`pread`) straight into the batch buffers, not through a mapping: the kernel copies from the
+//! page cache into memory the pool already holds (one copy, as through a mapping), and a shard
+//! truncated by another program while open is an error naming it, where a mapping would kill the
+//! process with `SIGBUS` on the first read past the new end.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,7 +33,12 @@ use super::shard::{from_st_dtype, is_partial, shard_kind, Kind};
 use crate::error::{Error, Result};
 use crate::transform::OutputDtype;
 
-/// One tensor of an entry, located in its shard's mapping.
+thread_local! {
+    /// Where a worker reads an entry's tensors that no destination asked for, to hash them.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One tensor of an entry, located in its shard's file.
 #[derive(Debug)]
 pub(super) struct TensorLoc {
     pub(super) name: Arc<str>,
@@ -50,7 +61,8 @@ pub(super) struct Entry {
 pub(super) struct Shard {
     pub(super) path: PathBuf,
     pub(super) kind: Kind,
-    pub(super) map: Mmap,
+    pub(super) file: File,
+    pub(super) len: u64,
     pub(super) entries: Vec<(Key, Entry)>,
 }
 
@@ -98,11 +110,14 @@ pub(super) fn scan(dir: &Path) -> Result<Scan> {
         }
         // SAFETY: shards are never written after they are renamed into place (module docs).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        match parse_header(&map, kind, len) {
+        let parsed = parse_header(&map, kind, len);
+        drop(map);
+        match parsed {
             Ok(entries) => out.shards.push(Shard {
                 path,
                 kind,
-                map,
+                file,
+                len,
                 entries,
             }),
             Err(why) => out.corrupt.push((path, why, len)),
@@ -204,18 +219,18 @@ fn parse_header(
 pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
-    shards: Vec<(PathBuf, Kind, Mmap)>,
+    shards: Vec<(PathBuf, Kind, File)>,
     /// Key -> (index into `shards`, entry); the first shard in name order wins.
     index: HashMap<Key, (usize, Entry)>,
     corrupt: Vec<(PathBuf, String)>,
 }
 
 impl Store {
-    /// Open the cache folder `dir`: its manifest and every shard's header; shards are mapped, not
-    /// read. Leftover `.partial` files and other files are ignored.
+    /// Open the cache folder `dir`: its manifest and every shard's header; shards are kept open,
+    /// their data not read. Leftover `.partial` files and other files are ignored.
     ///
     /// Errors: those of [`Manifest::read`]; [`Error::Io`] naming the folder or a shard that cannot be
-    /// listed, opened or mapped. A corrupt shard is not an error: see [`Store::corrupt_shards`].
+    /// listed, opened or mapped for the header parse. A corrupt shard is not an error: see [`Store::corrupt_shards`].
     pub fn open(dir: &Path) -> Result<Store> {
         let manifest = Manifest::read(dir)?;
         let scan = scan(dir)?;
@@ -225,7 +240,7 @@ impl Store {
             for (key, entry) in shard.entries {
                 index.entry(key).or_insert((i, entry));
             }
-            shards.push((shard.path, shard.kind, shard.map));
+            shards.push((shard.path, shard.kind, shard.file));
         }
         Ok(Store {
             dir: dir.to_path_buf(),
@@ -273,7 +288,8 @@ impl Store {
     ///
     /// Errors: [`Error::CacheMiss`] naming the cache folder when `key` is not served;
     /// [`Error::Corrupt`] naming the shard and the key when the entry has no tensor `name`, its
-    /// size differs from `out`'s, or the checksum does not match (then `outs` hold garbage).
+    /// size differs from `out`'s, the file is now shorter than the entry, or the checksum does not
+    /// match (then `outs` hold garbage); [`Error::Io`] naming the shard when the read fails.
     pub fn read_entry(&self, key: &Key, outs: &mut [(&str, &mut [u8])]) -> Result<()> {
         let Some((shard, entry)) = self.index.get(key) else {
             return Err(Error::CacheMiss {
@@ -281,7 +297,7 @@ impl Store {
                 reason: format!("no entry {}", key_hex(key)),
             });
         };
-        let (path, _, map) = &self.shards[*shard];
+        let (path, _, file) = &self.shards[*shard];
         let corrupt = |reason: String| Error::Corrupt {
             path: path.clone(),
             reason: format!("entry {}: {reason}", key_hex(key)),
@@ -302,17 +318,29 @@ impl Store {
                 )));
             }
         }
+        let read = |t: &TensorLoc, out: &mut [u8]| {
+            file.read_exact_at(out, t.start as u64)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => corrupt(format!(
+                        "tensor {:?} ends past the end of the file (truncated after it was opened)",
+                        t.name
+                    )),
+                    _ => Error::io(path, e),
+                })
+        };
         let mut hasher = blake3::Hasher::new();
         for t in entry.tensors.iter() {
-            let src = &map[t.start..t.end];
             match outs.iter_mut().find(|(name, _)| *name == &*t.name) {
                 Some((_, out)) => {
-                    out.copy_from_slice(src);
+                    read(t, out)?;
                     hasher.update(out);
                 }
-                None => {
-                    hasher.update(src);
-                }
+                None => SCRATCH.with_borrow_mut(|scratch| {
+                    scratch.resize(t.end - t.start, 0);
+                    read(t, scratch)?;
+                    hasher.update(scratch);
+                    Ok::<_, Error>(())
+                })?,
             }
         }
         let got = truncate(hasher.finalize());
@@ -489,6 +517,29 @@ mod tests {
         assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert!(reasons[1].contains("does not parse"), "{reasons:?}");
         assert!(reasons[2].contains("too short"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_shard_truncated_after_opening_is_an_error_not_a_crash() {
+        let dir = cache_dir();
+        let path = write(dir.path(), Kind::Latents, &[[1; 16], [2; 16]], 5);
+        let store = Store::open(dir.path()).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        // The bf16 latents are last in the file: entry [2; 16]'s now ends past the end.
+        let err = read(&store, &[2; 16]).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.contains(path.to_str().unwrap()) && msg.contains("truncated after it was opened"),
+            "{msg}"
+        );
+        assert_eq!(read(&store, &[1; 16]).unwrap(), ([1; 4], [5; 4]));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The cache stage of a worker: copy a sample's cached entries (its latent entry by placement, its
-//! text entry by caption) from the mmapped shards into its slots of the batch's tensor buffers.
+//! text entry by caption) from the shards into its slots of the batch's tensor buffers.
 //!
 //! Runs in place of (with `pixels = false`) or before the decode; the checksum of every entry is
 //! verified as it is copied ([`Store::read_entry`](crate::cache::Store::read_entry)), so a damaged

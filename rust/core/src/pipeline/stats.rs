@@ -223,9 +223,12 @@ mod tests {
     #[test]
     fn laps_add_up_and_other_is_the_rest() {
         let h = StatsHandle::start();
+        let before = Instant::now();
         let mut w = Stopwatch::start();
         std::thread::sleep(Duration::from_millis(2));
         w.lap(Stage::Read);
+        // A loaded machine may oversleep: the read lap is bounded by what really elapsed.
+        let read_at_most = before.elapsed().as_secs_f64();
         w.skip();
         std::thread::sleep(Duration::from_millis(3));
         w.lap(Stage::Write);
@@ -238,7 +241,7 @@ mod tests {
         h.add_batch();
         let s = h.snapshot();
         assert_eq!((s.samples, s.failed, s.batches, s.threads), (1, 1, 1, 1));
-        assert!(s.read_s >= 0.002 && s.read_s < 0.01, "{s:?}");
+        assert!(s.read_s >= 0.002 && s.read_s <= read_at_most, "{s:?}");
         assert!((s.resize_s - 0.001).abs() < 1e-9, "{s:?}");
         assert!(s.write_s >= 0.002, "{s:?}");
         let stages = s.read_s + s.probe_s + s.decode_s + s.resize_s + s.write_s + s.other_s;
