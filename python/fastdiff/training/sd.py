@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdiff.training.config import TrainConfig
-from fastdiff.training.objective import add_training_noise, diffusion_loss_from
-from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.objective import add_training_noise, diffusion_loss_from, rank_rows
+from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import (
     component_config,
     encode_latents,
@@ -338,6 +338,7 @@ class PipelineTask:
             generator=generator,
             noise_offset=self.config.noise_offset,
             input_perturbation=self.config.input_perturbation,
+            **share_of(batch),
         )
         autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast, torch.set_grad_enabled(not self._frozen_text):
@@ -360,12 +361,16 @@ class PipelineTask:
         """float32 ``[B, C, h, w]`` scaled latents: encoded from ``pixel_values``, or drawn from the
         cached posterior (``latents``, ``latents_std``)."""
         if self.vae is not None:
-            return encode_latents(self.vae, batch["pixel_values"], generator)
+            return encode_latents(self.vae, batch["pixel_values"], generator, **share_of(batch))
         mean, std = batch["latents"], batch["latents_std"]
         # As diffusers' DiagonalGaussianDistribution.sample draws for the uncached run: randn_tensor of
         # the latents' shape in the VAE's dtype; then float32, whatever dtype the cache stores.
         dtype = torch.bfloat16 if self.config.vae_dtype == "bf16" else torch.float32
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+        eps = rank_rows(
+            lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, device=mean.device, dtype=dtype),
+            mean.shape[0],
+            **share_of(batch),
+        )
         return mean.float() + std.float() * eps.float()
 
     def _conditioning(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -263,20 +263,42 @@ def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> DiagonalGaussianDistr
         return vae.encode(pixels.to(vae.dtype)).latent_dist
 
 
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_latents(
+    vae: AutoencoderKL,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
     """Sample VAE latents of ``pixels`` and scale them as the pipelines expect.
 
-    ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``), then
-    :func:`scale_latents`.
+    ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``: ``mean + std *
+    eps``, ``eps`` drawn as diffusers' ``DiagonalGaussianDistribution.sample`` draws it, in the VAE's
+    dtype on the generator's device), then :func:`scale_latents`.
 
     Args:
         vae: A diffusers ``AutoencoderKL`` (frozen; run without gradients in its own dtype).
         pixels: float ``[B, 3, H, W]`` in ``[-1, 1]``, ``H`` and ``W`` multiples of the VAE's downsampling.
-        generator: Source of the latent draw, on ``pixels``' device.
+        generator: Source of the latent draw.
+        rank: With data parallelism, the rank whose share of the global batch ``pixels`` is: ``eps``
+            is drawn for the global batch (:func:`fastdiff.training.objective.rank_rows`).
+        world_size: Ranks sharing the global batch.
 
     Returns:
         float32 ``[B, latent_channels, H / f, W / f]``.
     """
+    from fastdiff.training.objective import rank_rows
+
+    dist = posterior(vae, pixels)
+    mean = dist.mean
+    shape, dtype = mean.shape[1:], dist.parameters.dtype
+    eps = rank_rows(
+        lambda n: torch.randn((n, *shape), generator=generator, device=generator.device, dtype=dtype),
+        mean.shape[0],
+        rank,
+        world_size,
+    )
     with torch.no_grad():
-        sample = posterior(vae, pixels).sample(generator=generator)
+        sample = mean + dist.std * eps.to(mean.device)
     return scale_latents(vae.config, sample)
