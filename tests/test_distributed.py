@@ -135,14 +135,18 @@ def test_elastic_resume_consumes_each_remaining_sample_once(wallpapers: Path, tm
         _loaders(folder, 2, 1, bad)
 
 
-#: A tiny from-scratch run with everything random (random crops, flips, caption dropout, offset noise)
-#: and 2 micro-batches per step; 12 images in one 64x64 bucket, so global batches of 4 divide every
-#: epoch (3 per epoch: the checkpoint at step 2 is one batch into epoch 1).
+#: Every run: everything random (random crops, flips, caption dropout, offset noise), 2 micro-batches
+#: per step, one thread.
 TRAIN_ARGS = [
-    *("--resolution", "64", "--bucket-step", "64", "--max-steps", "4", "--checkpoint-every", "2"),
     *("--gradient-accumulation-steps", "2", "--crop", "random", "--flip-prob", "0.5"),
-    *("--caption-dropout", "0.3", "--noise-offset", "0.05", "--unet-channels", "16", "32"),
+    *("--caption-dropout", "0.3", "--noise-offset", "0.05"),
     *("--device", "cpu", "--torch-threads", "1", "--num-threads", "1", "--seed", "7"),
+]
+#: The tiny from-scratch run: 12 images in one 64x64 bucket, so global batches of 4 divide every epoch
+#: (3 per epoch: the checkpoint at step 2 is one batch into epoch 1).
+TINY_ARGS = [
+    *("--resolution", "64", "--bucket-step", "64", "--unet-channels", "16", "32"),
+    *("--max-steps", "4", "--checkpoint-every", "2"),
 ]
 
 
@@ -179,7 +183,7 @@ def two_rank_run(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """(data, output, per-rank logs) of ``torchrun --nproc_per_node 2 -m fastdiff train`` at batch 2."""
     root = tmp_path_factory.mktemp("ddp")
     data = smallest(wallpapers, root / "data", 12)
-    _train(data, root / "two", "--batch-size", "2", ranks=2, logs=root / "logs")
+    _train(data, root / "two", *TINY_ARGS, "--batch-size", "2", ranks=2, logs=root / "logs")
     return data, root / "two", root / "logs"
 
 
@@ -187,7 +191,7 @@ def two_rank_run(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_two_ranks_match_one_process_with_the_global_batch(two_rank_run: tuple[Path, Path, Path]) -> None:
     data, two, _ = two_rank_run
     one = two.parent / "one"
-    _train(data, one, "--batch-size", "4")
+    _train(data, one, *TINY_ARGS, "--batch-size", "4")
     # Same samples per step, same draws (made for the global batch on every rank); only the float
     # summation order differs (DDP averages two half-batch gradients: ~1e-7 relative in fp32).
     a, b = _losses(two), _losses(one)
@@ -238,7 +242,7 @@ def test_resume_under_torchrun_reproduces_the_uninterrupted_run(
 ) -> None:
     data, two, _ = two_rank_run
     resumed = two.parent / "resumed"
-    _train(data, resumed, "--batch-size", "2", "--resume", str(two / "checkpoint-2"), ranks=2)
+    _train(data, resumed, *TINY_ARGS, "--batch-size", "2", "--resume", str(two / "checkpoint-2"), ranks=2)
     full = _losses(two)
     assert _losses(resumed) == {3: full[3], 4: full[4]}  # bit-exact (as written to 6 digits)
     wa, wb = _weights(resumed), _weights(two)
@@ -276,3 +280,22 @@ def test_changed_batch_size_resumes_at_the_step_of_the_samples_seen(
     assert "its step 2 (8 samples seen) is step 4 here" in caplog.text
     after = json.loads((tmp_path / "two" / "checkpoint-6" / "loader.json").read_text())
     assert after["epoch"] == 1 and after["segments"] == [{"batch_size": 2, "world_size": 1, "batches": 0}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_stable_diffusion_on_two_ranks_matches_one_process(
+    wallpapers: Path, tmp_path: Path, lora_rank: int
+) -> None:
+    from tiny_sd import build_sd15
+
+    # LoRA and full fine-tune of a tiny SD 1.x pipeline: VAE latents drawn, caption dropout, min-SNR.
+    model = build_sd15(tmp_path / "sd15")
+    data = smallest(wallpapers, tmp_path / "data", 8)
+    sd = ["--model", str(model), "--resolution", "32", "--bucket-step", "32", "--learning-rate", "1e-3"]
+    sd += ["--lora-rank", str(lora_rank), "--snr-gamma", "5", "--max-steps", "2", "--checkpoint-every", "0"]
+    _train(data, tmp_path / "two", *sd, "--batch-size", "2", ranks=2)
+    _train(data, tmp_path / "one", *sd, "--batch-size", "4")
+    a, b = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert a.keys() == b.keys() == {1, 2}
+    assert all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a), (a, b)
