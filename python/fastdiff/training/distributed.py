@@ -122,8 +122,8 @@ class DataParallel:
     DDP broadcasts rank 0's trainable parameters when built, and all-reduces (averages) each
     parameter's gradient in buckets while the backward runs, so every rank ends the backward with the
     same gradients: those of the mean loss over the global batch when every rank's batch has the same
-    size (the loader makes it so). Buffers are not broadcast (the tasks' modules have none that
-    training changes).
+    size (the loader makes it so). The module DDP wraps holds the parameters only, so no buffers are
+    synchronised (the tasks' modules have none that training changes).
 
     Args:
         task: The model side; its ``trainable()`` parameters are the ones reduced (every one must get
@@ -134,7 +134,7 @@ class DataParallel:
         self.task = task
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         if world_size() > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(_Trainable(task), broadcast_buffers=False)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(_Trainable(task))
 
     def loss(
         self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
