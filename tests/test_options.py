@@ -201,12 +201,13 @@ def test_scan_flags_are_the_schema_scan_options(folder: Path, capsys: pytest.Cap
 
 
 def test_state_records_the_options_that_change_batches(folder: Path) -> None:
-    # Saved states from before the schema must keep loading: these are the keys they hold.
+    # Saved states from before the schema must keep loading: these are the keys they hold (but
+    # batch_size and world_size, which the state's segments record since elastic resume).
     loader = fastdiff.DataLoader(folder, resolution=64, num_threads=1)
-    saved = loader.state_dict()["options"]
+    state = loader.state_dict()
+    saved = state["options"]
     assert set(saved) == {
         "resolution",
-        "batch_size",
         "bucket_step",
         "min_bucket_side",
         "max_bucket_side",
@@ -220,12 +221,15 @@ def test_state_records_the_options_that_change_batches(folder: Path) -> None:
         "background",
         "filter",
         "max_pixels",
-        "world_size",
         "remainder",
         "subsets",
     }
     assert saved["dtype"] == "float32" and saved["background"] == [255, 255, 255]
-    assert saved["caption_extensions"] == [".txt", ".caption"] and saved["world_size"] == 1
+    assert saved["caption_extensions"] == [".txt", ".caption"]
+    assert state["segments"] == [{"batch_size": 1, "world_size": 1, "batches": 0}]
+    # A state of before: the geometry in its options, no segments.
+    old = {k: v for k, v in state.items() if k != "segments"}
+    loader.load_state_dict({**old, "options": {**saved, "batch_size": 1, "world_size": 1}})
     assert set(saved["subsets"][0]) == {o.name for o in SUBSET_OPTIONS} - {"image_dir", "metadata_file"}
     upscale = fastdiff.DataLoader(folder, resolution=64, no_upscale=True).state_dict()["options"]
     assert upscale["no_upscale"] is True  # a newer option: recorded only when set

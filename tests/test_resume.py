@@ -89,8 +89,9 @@ def test_mid_epoch_resume_yields_exactly_the_rest(folder: Path) -> None:
 
 def test_state_from_other_options_or_dataset_is_rejected(folder: Path, tmp_path: Path) -> None:
     state = fastdiff.DataLoader(folder, **OPTS).state_dict()
+    # (batch_size and world_size may change: elastic resume, test_distributed.py.)
     for change, name in (
-        ({"batch_size": 3}, "batch_size=2"),
+        ({"drop_last": True}, "drop_last"),
         ({"seed": 4}, "seed=3"),
         ({"flip_prob": 0.0}, "flip_prob"),
     ):

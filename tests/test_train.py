@@ -373,7 +373,7 @@ def test_run_settings_win_over_the_dataset_config_and_seeds_must_agree(tmp_path:
     cfg = with_dataset_options(TrainConfig(data=dataset, output=tmp_path, batch_size=3))
     assert (cfg.resolution, cfg.batch_size, cfg.bucket_step, cfg.crop) == (32, 3, 16, "center")
     loader = make_loader(cfg)
-    assert (loader.state_dict()["options"]["batch_size"], len(loader)) == (3, 3)  # 6 square: 2, 1 wide: 1
+    assert (loader.batch_size, len(loader)) == (3, 3)  # 6 square: 2, 1 wide: 1
     assert loader.captions == [f"a blue square, tone {i}" for i in range(3)] + ["a yellow zebra"]
     dataset.write_text(dataset.read_text().replace("[general]\n", "[general]\nseed = 5\n"))
     with pytest.raises(ValueError, match=r"seed = 5 differs from the run's seed 0"):

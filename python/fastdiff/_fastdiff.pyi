@@ -1,6 +1,6 @@
 """Type stubs of the private native module (hand-written; the public API is ``fastdiff.DataLoader``)."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from typing import Any, Literal, final
 
@@ -184,13 +184,21 @@ class NativeLoader:
     def build_latent_keys(self) -> list[tuple[str | None, bool]]:
         """Per sample of the full build plan: (latent key hex or None, whether the cache has it)."""
     def report(self) -> dict[str, Any]: ...
+    def rest_batches(self, epoch: int, done: Sequence[tuple[int, int, int]]) -> int:
+        """Batches of this rank's rest of epoch ``epoch`` after the stretches ``done`` (as ``iter_epoch``)."""
     def iter_epoch(
         self,
         epoch: int,
         start_batch: int = 0,
         buffer_factory: Callable[[int], torch.Tensor] | None = None,
+        done: Sequence[tuple[int, int, int]] = ...,
     ) -> NativeEpochIter:
         """Start one epoch's worker threads from batch ``start_batch`` on.
+
+        ``done``: stretches of the epoch already consumed with other geometries, as ``(batch_size,
+        world_size, global batches)`` (elastic resume); the plan is then the rest of the epoch and
+        ``start_batch`` counts its batches. A ``done`` that does not fit the epoch is raised as a
+        ``ValueError`` by ``__next__``.
 
         ``buffer_factory(nbytes)``, if given, is called once per batch in plan order and must return a
         contiguous 1-D ``torch.uint8`` CPU tensor (pinned or not) of at least ``nbytes`` bytes, 64-byte

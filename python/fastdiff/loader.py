@@ -76,8 +76,12 @@ class DataLoader:
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
 
     Resuming (torchdata ``StatefulDataLoader`` protocol): :meth:`state_dict` captures the epoch and the
-    batches consumed of it; :meth:`load_state_dict` on a loader built the same way makes the next
-    iteration yield exactly the rest of that epoch, as an uninterrupted run would have.
+    global batches consumed of it; :meth:`load_state_dict` on a loader built the same way makes the next
+    iteration yield exactly the rest of that epoch, as an uninterrupted run would have. Elastic resume:
+    the loader resuming may have another ``batch_size`` or ``world_size`` (a checkpoint of 4 ranks
+    resumed on 2 or 3); the rest of the epoch is then every sample no consumed global batch held,
+    planned anew with the new geometry, each once but for the ``remainder``/``drop_last`` policy at
+    each bucket's last global batch (see :meth:`load_state_dict`).
 
     Several ranks (``torchrun``): each rank takes its slice of every global batch of
     ``batch_size * world_size`` samples, so all ranks run ``len(loader)`` steps, use the same bucket at
@@ -222,9 +226,17 @@ class DataLoader:
         self._loss_weights = [float(s.loss_weight) for s in subsets]
         self.root = os.fspath(subsets[0].image_dir)
         self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size
         self._epoch = 0
-        # Batches of epoch `_epoch` to skip on the next iteration (set by load_state_dict).
+        # Batches of epoch `_epoch` to skip on the next iteration (set by load_state_dict), after the
+        # stretches `_resume_done` of it consumed with other geometries (batch_size, world_size,
+        # global batches), whose rest has `_resume_total` batches on this rank.
         self._resume_batch = 0
+        self._resume_done: list[tuple[int, int, int]] = []
+        self._resume_total: int | None = None
+        # `_resume_done` and the plan length of the iteration in progress (or last started).
+        self._iter_done: list[tuple[int, int, int]] = []
+        self._iter_total = 0
         # (epoch, plan position) of the iteration in progress; None when none is.
         self._position: tuple[int, int] | None = None
         # The native iterator of the iteration running or last run, for stats(); held only while its
@@ -267,7 +279,7 @@ class DataLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch != self._epoch:
-            self._resume_batch = 0
+            self._resume_batch, self._resume_done, self._resume_total = 0, [], None
         self._epoch, self._position = epoch, None
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,18 +287,31 @@ class DataLoader:
 
         Returns:
             A dict of plain values: ``epoch`` and ``batches_consumed`` (the next iteration resumes there;
-            at the end of an epoch this is the next epoch and 0), ``num_batches``, ``rank``,
-            ``dataset_digest`` (16 hex digits over relative paths and headers) and ``options`` (every
-            option that changes the batches; not ``num_threads``, ``prefetch``, ``on_error`` or rank).
+            at the end of an epoch this is the next epoch and 0); ``segments``, the global sample
+            cursor: the stretches of the epoch consumed so far, each ``{"batch_size", "world_size",
+            "batches"}`` (global batches of ``batch_size * world_size`` samples; the last is this
+            loader's, with ``batches_consumed``; earlier ones exist after an elastic resume);
+            ``num_batches``, ``rank``, ``world_size``, ``dataset_digest`` (16 hex digits over relative
+            paths and headers) and ``options`` (every option that changes the batches; not
+            ``batch_size``, ``world_size`` or rank, which the segments record, nor ``num_threads``,
+            ``prefetch`` or ``on_error``).
         """
-        epoch, consumed = self._position if self._position is not None else (self._epoch, self._resume_batch)
-        if consumed >= len(self):
-            epoch, consumed = epoch + 1, 0
+        if self._position is not None:
+            (epoch, consumed), done, total = self._position, self._iter_done, self._iter_total
+        else:
+            epoch, consumed, done = self._epoch, self._resume_batch, self._resume_done
+            total = len(self) if self._resume_total is None else self._resume_total
+        if consumed >= total:
+            epoch, consumed, done = epoch + 1, 0, []
+        segments = [{"batch_size": b, "world_size": w, "batches": k} for b, w, k in done]
+        segments.append({"batch_size": self.batch_size, "world_size": self.world_size, "batches": consumed})
         return {
             "epoch": epoch,
             "batches_consumed": consumed,
+            "segments": segments,
             "num_batches": len(self),
             "rank": self.rank,
+            "world_size": self.world_size,
             "dataset_digest": self._native.dataset_digest,
             "options": copy.deepcopy(self._state_options),
         }
@@ -298,14 +323,33 @@ class DataLoader:
         :meth:`set_epoch` with the same epoch keeps that, another epoch starts it from the beginning. A
         state from another rank of the same run is fine (all ranks are at the same step).
 
+        Elastic resume: when this loader's ``batch_size`` or ``world_size`` differs from the state's
+        last segment, the rest of the epoch is planned anew (``plan_rest`` in
+        ``rust/core/src/sampler.rs``): the samples of every consumed global batch are removed from
+        their buckets' shuffled order, and the remaining ones are cut into global batches of this
+        loader's ``batch_size * world_size`` in a new seeded batch order. So each remaining sample
+        appears exactly once, except at each bucket's last global batch, where this loader's policy
+        applies as in any epoch: ``remainder="pad"`` repeats up to ``world_size - 1`` of its samples,
+        ``remainder="drop"`` leaves out ``n % world_size`` of them, ``drop_last`` the whole short batch.
+        Samples the saving run's geometry would have dropped or padded are in the remaining set, not
+        lost. The resumed epoch then has :attr:`batches_left` batches instead of ``len(self)``; the
+        next epochs are planned as usual.
+
         Raises:
-            ValueError: A key is missing, the dataset differs (digest), or an option differs (the message
-                names the option with both values).
+            ValueError: A key is missing, the dataset differs (digest), an option differs (the message
+                names the option with both values), or the segments do not fit the epoch.
         """
         missing = {"epoch", "batches_consumed", "dataset_digest", "options"} - set(state)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}")
-        options = state["options"]
+        options = dict(state["options"])
+        if "segments" in state:
+            segments = [
+                (int(g["batch_size"]), int(g["world_size"]), int(g["batches"])) for g in state["segments"]
+            ]
+        else:  # a state saved before segments: its options held the geometry
+            geometry = (int(options.pop("batch_size", 1)), int(options.pop("world_size", 1)))
+            segments = [(*geometry, int(state["batches_consumed"]))]
         for name in sorted(set(options) | set(self._state_options)):
             saved, here = options.get(name), self._state_options.get(name)
             if saved != here:
@@ -319,10 +363,25 @@ class DataLoader:
                 f"{self._native.dataset_digest}: {report['loaded']} images under {self.root}); the files "
                 "or their sizes differ"
             )
-        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        if epoch < 0 or not 0 <= consumed <= len(self):
-            raise ValueError(f"state_dict has epoch={epoch}, batches_consumed={consumed} (of {len(self)})")
+        epoch = int(state["epoch"])
+        if epoch < 0 or not segments or any(min(g) < 0 or min(g[:2]) < 1 for g in segments):
+            raise ValueError(f"state_dict has epoch={epoch}, segments={segments}")
+        *done, (batch_size, world_size, consumed) = segments
+        if (batch_size, world_size) != (self.batch_size, self.world_size):
+            # Another geometry: its stretch is done (unless it consumed nothing), the rest is planned anew.
+            done, consumed = done + [(batch_size, world_size, consumed)] * (consumed > 0), 0
+        total = self._native.rest_batches(epoch, done) if done else len(self)
+        if consumed > total:
+            raise ValueError(f"state_dict has epoch={epoch}, batches_consumed={consumed} (of {total})")
         self._epoch, self._resume_batch, self._position = epoch, consumed, None
+        self._resume_done, self._resume_total = done, (total if done else None)
+
+    @property
+    def batches_left(self) -> int:
+        """Batches the next iteration yields: ``len(self)`` less those consumed of a resumed epoch (its
+        rest after an elastic resume may hold more or fewer than ``len(self)``)."""
+        total = len(self) if self._resume_total is None else self._resume_total
+        return total - self._resume_batch
 
     @property
     def epoch(self) -> int:
@@ -365,11 +424,12 @@ class DataLoader:
         return None if self._last_stats is None else self._last_stats.copy()
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self._epoch, self._resume_batch
-        self._epoch, self._resume_batch = epoch + 1, 0
+        epoch, start, done = self._epoch, self._resume_batch, self._resume_done
+        self._iter_done, self._iter_total = done, self.batches_left + start
+        self._epoch, self._resume_batch, self._resume_done, self._resume_total = epoch + 1, 0, [], None
         self._position = (epoch, start)
         factory = _pinned_buffer if self.pin_memory else None
-        batches = self._batches(self._native.iter_epoch(epoch, start, factory), epoch)
+        batches = self._batches(self._native.iter_epoch(epoch, start, factory, done), epoch)
         if self.device is None:
             return batches
         if self.device.type == "cuda":
@@ -427,7 +487,7 @@ class DataLoader:
 
     def _batches(self, it: _fastdiff.NativeEpochIter, epoch: int | None) -> Iterator[Batch]:
         weights = self._loss_weights
-        total = len(self)
+        total = self._iter_total
         self._stats_source = it
         try:
             for (

@@ -106,6 +106,8 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         unit="images",
         minimum=1,
         bits=64,
+        # A resumed loader may change it (elastic resume): the state records it per segment.
+        state="never",
         toml=DATASET_TABLES,
         scan=True,
     ),
@@ -340,6 +342,8 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         default_doc="``torch.distributed.get_world_size()`` when initialised, else 1",
         minimum=1,
         bits=64,
+        # A resumed loader may change it (elastic resume): the state records it per segment.
+        state="never",
     ),
     _loader(
         "remainder",

@@ -15,6 +15,8 @@ A batch's route through a run, file by file:
    min-SNR weights, MSE), ``dit`` with ``flow`` (rectified flow, timestep sampling and shift, weights).
 5. ``checkpoint`` / ``outputs`` — the files: ``checkpoint-STEP/`` with every RNG state, ``loss.csv``,
    ``loss.png``, preview and sample grids.
+6. ``distributed`` — several ranks under torchrun: the process group, DDP over the task's trainable
+   parameters, the loss averaged over ranks, what only rank 0 writes.
 
 ``protocols`` holds what the mechanics (``loop``, ``objective``, ``checkpoint``, ``outputs``) need of
 the rest (loader, task, settings), so they never import ``config`` or ``run``. ``demo`` draws a

@@ -52,7 +52,6 @@ RESUME_MUST_MATCH = (
     "lora_alpha",
     "lora_target_modules",
     "train_text_encoder",
-    "batch_size",
     "gradient_accumulation_steps",
     "mixed_precision",
     "use_8bit_adam",

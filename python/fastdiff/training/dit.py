@@ -45,7 +45,7 @@ from fastdiff.training.dit_pipeline import (
 )
 from fastdiff.training.families import Conditioning, Family, PredictInputs
 from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
-from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents
 
 if TYPE_CHECKING:
@@ -276,10 +276,12 @@ class DiTTask:
         config = self.config
         assert config.timestep_sampling is not None and config.max_sequence_length is not None
         if self.vae is not None:
-            latents = encode_latents(self.vae, batch["pixel_values"], generator)
+            latents = encode_latents(self.vae, batch["pixel_values"], generator, **share_of(batch))
         else:
             dtype = torch.bfloat16 if config.vae_dtype == "bf16" else torch.float32
-            latents = draw_cached_latents(batch["latents"], batch["latents_std"], generator, dtype)
+            latents = draw_cached_latents(
+                batch["latents"], batch["latents_std"], generator, dtype, **share_of(batch)
+            )
         tokens = latents.shape[-2] * latents.shape[-1] // self.patch**2
         noised = add_flow_noise(
             latents,
@@ -289,6 +291,7 @@ class DiTTask:
             logit_mean=config.logit_mean,
             logit_std=config.logit_std,
             mode_scale=config.mode_scale,
+            **share_of(batch),
         )
         autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast, torch.no_grad():

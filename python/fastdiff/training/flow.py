@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fastdiff.training.objective import weighted_mse
+from fastdiff.training.objective import rank_rows, weighted_mse
 
 #: Densities of the training timesteps (``t`` in ``[0, 1]``): uniform, logit-normal(m, s) (the
 #: sigmoid of a normal draw), and SD3's "mode" density with heavy tails (scale ``mode_scale``).
@@ -155,6 +155,8 @@ def add_flow_noise(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> FlowNoised:
     """Noise clean latents along straight lines and give the velocity target.
 
@@ -166,20 +168,34 @@ def add_flow_noise(
         generator: Source of every draw, on ``x0``'s device.
         sampling, logit_mean, logit_std, mode_scale: As :func:`sample_timesteps`.
         shift: ``s`` of :func:`shift_timesteps` (1: none).
+        rank: With data parallelism, the rank whose share of the global batch ``x0`` is: ε and ``t`` are
+            drawn for the global batch and this rank keeps its rows
+            (:func:`fastdiff.training.objective.rank_rows`), so ranks draw what one process draws.
+        world_size: Ranks sharing the global batch.
 
     Returns:
         ``noisy`` (like ``x0``), ``sigmas`` (the shifted ``t``, float32 ``[B]``) and ``target``
         ``ε - x_0`` (like ``x0``).
     """
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    t = sample_timesteps(
-        x0.shape[0],
-        sampling,
-        generator=generator,
-        device=x0.device,
-        logit_mean=logit_mean,
-        logit_std=logit_std,
-        mode_scale=mode_scale,
+    share = {"rank": rank, "world_size": world_size}
+    rows = x0.shape[0]
+    noise = rank_rows(
+        lambda n: torch.randn((n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype),
+        rows,
+        **share,
+    )
+    t = rank_rows(
+        lambda n: sample_timesteps(
+            n,
+            sampling,
+            generator=generator,
+            device=x0.device,
+            logit_mean=logit_mean,
+            logit_std=logit_std,
+            mode_scale=mode_scale,
+        ),
+        rows,
+        **share,
     )
     sigmas = shift_timesteps(t.float(), shift)
     s = sigmas.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
 from fastdiff.training.objective import drop_captions
 from fastdiff.training.outputs import LossLog, save_sample_grid
@@ -124,8 +126,10 @@ def make_lr_scheduler(
 def epochs_of(loader: BatchLoader, first_epoch: int) -> Generator[Batch, None, None]:
     """Batches of ``loader`` over epochs ``first_epoch, first_epoch + 1, …`` (``set_epoch`` each time).
 
+    The first epoch may yield none when it is the empty rest of a resumed epoch.
+
     Raises:
-        RuntimeError: An epoch yielded no batches.
+        RuntimeError: An epoch yielded no batches (the loader has none per epoch).
     """
     epoch = first_epoch
     while True:
@@ -134,9 +138,26 @@ def epochs_of(loader: BatchLoader, first_epoch: int) -> Generator[Batch, None, N
         for batch in loader:
             count += 1
             yield batch
-        if count == 0:
+        if count == 0 and (epoch != first_epoch or len(loader) == 0):
             raise RuntimeError(f"epoch {epoch} of the loader yielded no batches")
         epoch += 1
+
+
+def resumed_step(step: int, saved_samples: int, samples: int) -> int:
+    """The step count of a run resumed with ``samples`` samples per optimizer step from a checkpoint
+    of ``step`` steps of ``saved_samples``: the steps of the samples seen, ``step * saved_samples //
+    samples`` (rounded down: the part of a step left over is not counted)."""
+    return step * saved_samples // samples
+
+
+def advance_lr_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Step a fresh ``scheduler`` ``steps`` times: the state a run of that many steps leaves (the
+    schedules of :func:`make_lr_scheduler` are functions of the step count alone)."""
+    with warnings.catch_warnings():
+        # torch warns when the scheduler steps before the optimizer ever did: intended here.
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def run(
@@ -178,6 +199,16 @@ def run(
 
     After the last step, EMA weights (when on) are copied into the model before the caller saves it.
 
+    Several ranks (a torchrun process group, :mod:`~fastdiff.training.distributed`): the loss goes
+    through DDP, so the gradients are averaged over the ranks at each step's last micro-batch
+    (``no_sync`` before it); every random draw is made for the global batch (see
+    :class:`~fastdiff.training.protocols.TrainBatch`), so all ranks keep identical weights, optimizer
+    states and generators; the logged loss is the mean over ranks (a non-finite loss on any rank
+    skips the step on all). Rank 0 alone writes ``loss.csv``, previews, checkpoints and the progress
+    bar and log lines; a checkpoint holds every rank's RNG states (gathered) and the number of ranks.
+    A run resumed with another global batch (``batch_size`` × ranks × accumulation) continues at the
+    step of the samples seen (:func:`resumed_step`; the LR schedule too), and says so in the log.
+
     Args:
         task: The model side.
         loader: Batches (``pixel_values`` or cached ``latents``/``prompt_embeds``, ``captions``,
@@ -218,6 +249,10 @@ def run(
     caption_rng = random.Random(config.seed)
     pin = device.type == "cuda"
     checkpointer = Checkpointer(config.output, config.to_json(), resume_must_match, task, loader)
+    rank, world_size, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    model = distributed.DataParallel(task)
+    accumulation = config.gradient_accumulation_steps
+    samples_per_step = (config.batch_size or 1) * world_size * accumulation
 
     step = skipped = consecutive = overflow = 0
     first_epoch = 0
@@ -230,18 +265,44 @@ def run(
         if ema is not None:
             ema.load_state_dict(state["ema"])
             ema.to(device)  # the loaded averages are on the CPU (map_location), the weights on `device`
-        set_rng_state(state["rng"], noise_gen, caption_rng)
+        # Every rank's own states when the rank count is the same; else rank 0's, which all ranks
+        # shared (every draw is made for the global batch).
+        saved_ranks = int(state.get("world_size", 1))
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(rngs[rank] if saved_ranks == world_size else rngs[0], noise_gen, caption_rng)
         step, skipped, consecutive, overflow = (
             int(state[k]) for k in ("step", "skipped", "consecutive", "overflow")
         )
+        saved_samples = int(state.get("samples_per_step", samples_per_step))
+        if saved_samples != samples_per_step:
+            steps = resumed_step(step, saved_samples, samples_per_step)
+            if main:
+                log.warning(
+                    "resuming with %d samples per step (batch_size %s x %d ranks x %d accumulation) from "
+                    "a checkpoint of %d (%d ranks): its step %d (%d samples seen) is step %d here",
+                    samples_per_step,
+                    config.batch_size,
+                    world_size,
+                    accumulation,
+                    saved_samples,
+                    saved_ranks,
+                    step,
+                    step * saved_samples,
+                    steps,
+                )
+            step = steps
+            lr_scheduler = make_lr_scheduler(optimizer, config)
+            advance_lr_scheduler(lr_scheduler, step)
         first_epoch = loader.epoch  # type: ignore[attr-defined]
-        log.info("resumed from %s at step %d", folder, step)
+        if main:
+            log.info("resumed from %s at step %d", folder, step)
 
-    config.output.mkdir(parents=True, exist_ok=True)
     first_step = step + 1
-    loss_log = LossLog(config.output / "loss.csv", first_step)
+    loss_log = None
+    if main:
+        config.output.mkdir(parents=True, exist_ok=True)
+        loss_log = LossLog(config.output / "loss.csv", first_step)
     batches = epochs_of(loader, first_epoch)
-    accumulation = config.gradient_accumulation_steps
     losses: list[float] = []
     task.train_mode(True)
     start = time.perf_counter()
@@ -281,7 +342,7 @@ def run(
         save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
 
     try:
-        with tqdm(total=config.max_steps, initial=step, desc="train", unit="step") as bar:
+        with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not main) as bar:
             while step < config.max_steps:
                 step += 1
                 waited = time.perf_counter()
@@ -289,10 +350,18 @@ def run(
                 data_seconds += time.perf_counter() - waited
                 values: list[float] = []
                 finite = True
-                for loaded in micro:
-                    captions, dropped = drop_captions(loaded["captions"], config.caption_dropout, caption_rng)
+                for i, loaded in enumerate(micro):
+                    captions, dropped = drop_captions(
+                        loaded["captions"], config.caption_dropout, caption_rng, rank, world_size
+                    )
                     # A copy: the loader's batch keeps its own tensors and captions.
-                    on_device: dict[str, Any] = {**loaded, "captions": captions, "captions_dropped": dropped}
+                    on_device: dict[str, Any] = {
+                        **loaded,
+                        "captions": captions,
+                        "captions_dropped": dropped,
+                        "rank": rank,
+                        "world_size": world_size,
+                    }
                     for name in ON_DEVICE:
                         if name in on_device:
                             tensor = on_device[name]
@@ -300,13 +369,16 @@ def run(
                                 device, non_blocking=pin
                             )
                     batch = cast(TrainBatch, on_device)
-                    loss = task.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
-                    value = loss.item()
-                    values.append(value)
-                    if not math.isfinite(value):
-                        finite = False
-                        break
-                    scaler.scale(loss / accumulation).backward()
+                    last = i == accumulation - 1
+                    with model.no_sync(not last):
+                        loss = model.loss(batch, generator=noise_gen, amp_dtype=amp_dtype)
+                        # The mean over ranks: every rank skips a step that is not finite on one.
+                        value = distributed.mean(loss)
+                        values.append(value)
+                        if not math.isfinite(value):
+                            finite = False
+                            break
+                        scaler.scale(loss / accumulation).backward()
                 step_loss = float(np.mean(values)) if finite else values[-1]
                 reason = "" if finite else "loss"
                 if finite:
@@ -333,7 +405,10 @@ def run(
                     skipped += 1
                     consecutive += 1
                     paths = [p for b in micro for p in b.get("paths", [])]
-                    log.warning("step %d skipped: non-finite %s (batch: %s)", step, reason, ", ".join(paths))
+                    if main:
+                        log.warning(
+                            "step %d skipped: non-finite %s (batch: %s)", step, reason, ", ".join(paths)
+                        )
                     if consecutive >= config.max_consecutive_skips:
                         raise RuntimeError(
                             f"{consecutive} consecutive steps (up to step {step}) had a non-finite {reason}; "
@@ -343,7 +418,8 @@ def run(
                 else:
                     consecutive = 0
                 losses.append(step_loss)
-                loss_log.write(step, step_loss)
+                if loss_log is not None:
+                    loss_log.write(step, step_loss)
                 bar.set_postfix(loss=f"{step_loss:.4f}", skipped=skipped, refresh=False)
                 bar.update()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -357,14 +433,19 @@ def run(
                         "scaler": scaler.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
                         "rng": rng_state(noise_gen, caption_rng),
+                        "world_size": world_size,
+                        "samples_per_step": samples_per_step,
                     }
-                    checkpointer.save(step, state, user_files)
-                if config.preview_every and step % config.preview_every == 0:
+                    state["rng_ranks"] = distributed.gather(state["rng"])
+                    if main:
+                        checkpointer.save(step, state, user_files)
+                if main and config.preview_every and step % config.preview_every == 0:
                     preview(step)
-        if config.preview_every and step % config.preview_every != 0:
+        if main and config.preview_every and step % config.preview_every != 0:
             preview(step)
     finally:
-        loss_log.close()
+        if loss_log is not None:
+            loss_log.close()
         batches.close()
     seconds = time.perf_counter() - start
     if ema is not None:

@@ -12,7 +12,7 @@ to register their arguments, and must start fast and report a missing extra itse
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -20,6 +20,32 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
+
+
+def rank_rows(
+    draw: Callable[[int], torch.Tensor], rows: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """This rank's rows of a draw made for the whole global batch.
+
+    With data parallelism each rank holds rows ``[rank * rows, (rank + 1) * rows)`` of a global batch
+    of ``rows * world_size`` samples (the loader's split). Every rank makes the draw a single process
+    with the global batch makes, ``draw(rows * world_size)`` (first dimension the batch), from a
+    generator in the same state on every rank, and keeps its own rows: so ``world_size`` ranks draw
+    the same numbers for the same samples as one process does, and their generators stay in step.
+    With one rank this is ``draw(rows)``.
+
+    Args:
+        draw: Makes a draw with a first dimension of the given size.
+        rows: Rows of this rank's share (its batch size).
+        rank: This rank, ``< world_size``.
+        world_size: Ranks sharing the global batch.
+
+    Returns:
+        ``draw(rows * world_size)[rank * rows : (rank + 1) * rows]``.
+    """
+    if world_size == 1:
+        return draw(rows)
+    return draw(rows * world_size)[rank * rows : (rank + 1) * rows]
 
 
 class Noised(NamedTuple):
@@ -37,6 +63,8 @@ def add_training_noise(
     generator: torch.Generator,
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Noised:
     """Noise clean samples at uniformly drawn timesteps and give the network's regression target.
 
@@ -56,6 +84,9 @@ def add_training_noise(
         generator: Source of every random draw, on ``x0``'s device.
         noise_offset: Offset-noise strength (0: off).
         input_perturbation: Input-perturbation strength γ (0: off).
+        rank: With data parallelism, the rank whose share of the global batch ``x0`` is; every draw is
+            made for the global batch of ``world_size`` equal shares (:func:`rank_rows`).
+        world_size: Ranks sharing the global batch (1: ``x0`` is the whole batch).
 
     Returns:
         ``noisy`` (``x_t``, like ``x0``), ``timesteps`` (int64 ``[B]``) and ``target``: ε for
@@ -65,15 +96,21 @@ def add_training_noise(
     Raises:
         ValueError: Another ``prediction_type``.
     """
-    device = x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    device, rows, share = x0.device, x0.shape[0], (rank, world_size)
+
+    def randn(*shape: int) -> Callable[[int], torch.Tensor]:
+        return lambda n: torch.randn((n, *shape), generator=generator, device=device, dtype=x0.dtype)
+
+    noise = rank_rows(randn(*x0.shape[1:]), rows, *share)
     steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=device)
+    timesteps = rank_rows(
+        lambda n: torch.randint(0, steps, (n,), generator=generator, device=device), rows, *share
+    )
     if noise_offset:
-        offset = torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+        offset = rank_rows(randn(x0.shape[1], 1, 1), rows, *share)
         noise = noise + noise_offset * offset
     if input_perturbation:
-        extra = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        extra = rank_rows(randn(*x0.shape[1:]), rows, *share)
         noisy = noise_scheduler.add_noise(x0, noise + input_perturbation * extra, timesteps)
     else:
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)
@@ -156,14 +193,17 @@ def diffusion_loss_from(
 
 
 def drop_captions(
-    captions: Sequence[str], probability: float, rng: random.Random
+    captions: Sequence[str], probability: float, rng: random.Random, rank: int = 0, world_size: int = 1
 ) -> tuple[list[str], list[bool]]:
     """Replace each caption by ``""`` with ``probability`` (classifier-free guidance training, Ho &
-    Salimans 2022, arXiv:2207.12598); one ``rng.random()`` draw per caption.
+    Salimans 2022, arXiv:2207.12598); one ``rng.random()`` draw per caption of the global batch
+    (``captions`` being share ``rank`` of ``world_size`` equal shares of it; see :func:`rank_rows`).
 
     Returns:
         (captions, dropped): the new captions, and which of them were dropped (a task may give those
         another unconditional embedding than that of ``""``, as SDXL's zeros).
     """
-    dropped = [rng.random() < probability for _ in captions]
+    n = len(captions)
+    draws = [rng.random() < probability for _ in range(n * world_size)]
+    dropped = draws[rank * n : (rank + 1) * n]
     return ["" if d else c for c, d in zip(captions, dropped, strict=True)], dropped

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import torch
 
@@ -42,12 +42,30 @@ class TrainBatch(Batch, total=False):
     """A loader :class:`~fastdiff.types.Batch` as the loop hands it to :meth:`Task.loss`.
 
     Keys (besides the batch's own): ``captions_dropped``, ``B`` flags of the captions that caption
-    dropout replaced by ``""`` (for classifier-free guidance); ``pixel_values`` is on the run's device.
-    A cache-served batch's ``latents``/``latents_std``/``prompt_embeds``/``pooled_prompt_embeds`` are
-    on the run's device too; its embeddings are of the loader's captions (before caption dropout).
+    dropout replaced by ``""`` (for classifier-free guidance); ``rank`` and ``world_size``: with data
+    parallelism the batch is share ``rank`` of ``world_size`` equal shares of the step's global batch,
+    and a task draws its noise for the global batch and keeps its rows
+    (:func:`fastdiff.training.objective.rank_rows`), so that N ranks draw what one process with the
+    global batch draws (absent: 0 of 1). ``pixel_values`` is on the run's device. A cache-served
+    batch's ``latents``/``latents_std``/``prompt_embeds``/``pooled_prompt_embeds`` are on the run's
+    device too; its embeddings are of the loader's captions (before caption dropout).
     """
 
     captions_dropped: list[bool]
+    rank: int
+    world_size: int
+
+
+class Share(TypedDict):
+    """Whose share of the global batch a batch is: the ``rank`` of ``world_size`` ranks."""
+
+    rank: int
+    world_size: int
+
+
+def share_of(batch: TrainBatch) -> Share:
+    """The batch's ``rank``/``world_size`` (0 of 1 when absent), as keyword arguments of the draws."""
+    return {"rank": batch.get("rank", 0), "world_size": batch.get("world_size", 1)}
 
 
 class Task(Protocol):
@@ -82,6 +100,8 @@ class LoopSettings(Protocol):
 
     @property
     def output(self) -> Path: ...
+    @property
+    def batch_size(self) -> int | None: ...
     @property
     def max_steps(self) -> int: ...
     @property

@@ -24,7 +24,7 @@ from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import model_kind
 from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
-from fastdiff.training import loop
+from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
     RESUME_MUST_MATCH,
@@ -152,6 +152,12 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     safetensors), ``tokenizer/``, ``scheduler/``; a full fine-tune the whole pipeline; LoRA
     ``pytorch_lora_weights.safetensors`` (what diffusers' ``load_lora_weights`` reads).
 
+    Under torchrun (``WORLD_SIZE > 1``) the process joins the process group
+    (:func:`fastdiff.training.distributed.join`; the caller may :func:`~fastdiff.training.distributed.leave`
+    it after) and trains data-parallel: each rank's loader takes its slice of every global batch of
+    ``batch_size * world_size``; rank 0 alone writes the files (and builds the cache with
+    ``cache_build``, the others waiting).
+
     Args:
         config: The run's settings.
         loader: Batches to train on; ``None`` builds :func:`make_loader` from the resolved config. The
@@ -169,7 +175,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     """
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    device = resolve_device(config.device)
+    device = distributed.join(resolve_device(config.device))
     autocast_dtype(config.mixed_precision, device)  # fail before loading anything
     config = with_dataset_options(config)
     pipeline = None
@@ -182,7 +188,9 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         task = TinyTask(config, device, captions)
     else:
         if config.cache_build:
-            build_for_config(config)
+            if distributed.is_main():
+                build_for_config(config)
+            distributed.barrier()
         cached = cached_halves(config)
         cache = config.cache
         family = dit_family(config.model)
@@ -204,8 +212,10 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         first_lines = (c.split("\n", 1)[0] for c in captions if c)
         prompts = tuple(dict.fromkeys(first_lines))[:DEFAULT_PREVIEW_PROMPTS]
 
-    config.output.mkdir(parents=True, exist_ok=True)
-    (config.output / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    main = distributed.is_main()
+    if main:
+        config.output.mkdir(parents=True, exist_ok=True)
+        (config.output / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     result = loop.run(
         task,
         batches,
@@ -217,8 +227,9 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     )
     name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
-    plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
-    task.save(config.output)
+    if main:
+        plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
+        task.save(config.output)
     models: dict[str, Any] = (
         {"transformer": task.transformer}
         if isinstance(task, DiTTask)
@@ -245,8 +256,14 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff train``: train, print a summary; returns the exit status (0)."""
-    result = train(config_from_args(args))
+    """Body of ``fastdiff train``: train, print a summary (rank 0); returns the exit status (0)."""
+    try:
+        result = train(config_from_args(args))
+        main = distributed.is_main()
+    finally:
+        distributed.leave()
+    if not main:
+        return 0
     last = result.losses[-1] if result.losses else float("nan")
     waiting = 100 * result.data_seconds / max(result.seconds, 1e-9)
     print(

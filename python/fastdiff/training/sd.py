@@ -32,7 +32,7 @@ import torch
 
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.objective import add_training_noise, diffusion_loss_from
-from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import (
     component_config,
     draw_cached_latents,
@@ -345,6 +345,7 @@ class PipelineTask:
             generator=generator,
             noise_offset=self.config.noise_offset,
             input_perturbation=self.config.input_perturbation,
+            **share_of(batch),
         )
         autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast, torch.set_grad_enabled(not self._frozen_text):
@@ -367,9 +368,11 @@ class PipelineTask:
         """float32 ``[B, C, h, w]`` scaled latents: encoded from ``pixel_values``, or drawn from the
         cached posterior (``latents``, ``latents_std``)."""
         if self.vae is not None:
-            return encode_latents(self.vae, batch["pixel_values"], generator)
+            return encode_latents(self.vae, batch["pixel_values"], generator, **share_of(batch))
         dtype = torch.bfloat16 if self.config.vae_dtype == "bf16" else torch.float32
-        return draw_cached_latents(batch["latents"], batch["latents_std"], generator, dtype)
+        return draw_cached_latents(
+            batch["latents"], batch["latents_std"], generator, dtype, **share_of(batch)
+        )
 
     def _conditioning(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(hidden [B, L, D], pooled [B, P] or None)`` of the batch's (possibly dropped) captions."""

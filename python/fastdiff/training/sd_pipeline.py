@@ -264,27 +264,55 @@ def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> DiagonalGaussianDistr
         return vae.encode(pixels.to(vae.dtype)).latent_dist
 
 
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_latents(
+    vae: AutoencoderKL,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
     """Sample VAE latents of ``pixels`` and scale them as the pipelines expect.
 
-    ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``), then
-    :func:`scale_latents`.
+    ``z ~ q(z | x)`` (a draw from the encoder's diagonal Gaussian, with ``generator``: ``mean + std *
+    eps``, ``eps`` drawn as diffusers' ``DiagonalGaussianDistribution.sample`` draws it, in the VAE's
+    dtype on the generator's device), then :func:`scale_latents`.
 
     Args:
         vae: A diffusers ``AutoencoderKL`` (frozen; run without gradients in its own dtype).
         pixels: float ``[B, 3, H, W]`` in ``[-1, 1]``, ``H`` and ``W`` multiples of the VAE's downsampling.
-        generator: Source of the latent draw, on ``pixels``' device.
+        generator: Source of the latent draw.
+        rank: With data parallelism, the rank whose share of the global batch ``pixels`` is: ``eps``
+            is drawn for the global batch (:func:`fastdiff.training.objective.rank_rows`).
+        world_size: Ranks sharing the global batch.
 
     Returns:
         float32 ``[B, latent_channels, H / f, W / f]``.
     """
+    from fastdiff.training.objective import rank_rows
+
+    dist = posterior(vae, pixels)
+    mean = dist.mean
+    shape, dtype = mean.shape[1:], dist.parameters.dtype
+    eps = rank_rows(
+        lambda n: torch.randn((n, *shape), generator=generator, device=generator.device, dtype=dtype),
+        mean.shape[0],
+        rank,
+        world_size,
+    )
     with torch.no_grad():
-        sample = posterior(vae, pixels).sample(generator=generator)
+        sample = mean + dist.std * eps.to(mean.device)
     return scale_latents(vae.config, sample)
 
 
 def draw_cached_latents(
-    latents: torch.Tensor, latents_std: torch.Tensor, generator: torch.Generator, vae_dtype: torch.dtype
+    latents: torch.Tensor,
+    latents_std: torch.Tensor,
+    generator: torch.Generator,
+    vae_dtype: torch.dtype,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """:func:`encode_latents`' draw from a cached posterior: ``latents + latents_std * eps``.
 
@@ -298,9 +326,21 @@ def draw_cached_latents(
         latents_std: Their scaled standard deviations, same shape.
         generator: Source of the draw, on the latents' device.
         vae_dtype: ``torch.float32``, or ``torch.bfloat16`` for ``vae_dtype = "bf16"``.
+        rank: With data parallelism, the rank whose share of the global batch ``latents`` is: ``eps``
+            is drawn for the global batch (:func:`fastdiff.training.objective.rank_rows`).
+        world_size: Ranks sharing the global batch.
 
     Returns:
         float32 ``[B, C, h, w]``.
     """
-    eps = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=vae_dtype)
+    from fastdiff.training.objective import rank_rows
+
+    eps = rank_rows(
+        lambda n: torch.randn(
+            (n, *latents.shape[1:]), generator=generator, device=latents.device, dtype=vae_dtype
+        ),
+        latents.shape[0],
+        rank=rank,
+        world_size=world_size,
+    )
     return latents.float() + latents_std.float() * eps.float()

@@ -23,7 +23,7 @@ import torch
 
 from fastdiff.training.config import HEAD_DIM, NORM_GROUPS, SAMPLERS, TrainConfig
 from fastdiff.training.objective import add_training_noise, diffusion_loss_from
-from fastdiff.training.protocols import TrainBatch
+from fastdiff.training.protocols import TrainBatch, share_of
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -203,6 +203,8 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     input_perturbation: float = 0.0,
     sample_weights: torch.Tensor | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """The denoising loss of one batch of the from-scratch model (Ho et al. 2020, algorithm 1).
 
@@ -225,6 +227,9 @@ def diffusion_loss(
         input_perturbation: Input-perturbation strength (0: off).
         sample_weights: Per-sample loss weights, float ``[B]`` (the loader's ``loss_weights``), or
             ``None``.
+        rank: With data parallelism, whose share of the global batch ``pixels`` is (see
+            :func:`fastdiff.training.objective.add_training_noise`).
+        world_size: Ranks sharing the global batch.
 
     Returns:
         The loss, a float32 scalar tensor (not finite if the batch or model is not).
@@ -235,6 +240,8 @@ def diffusion_loss(
         generator=generator,
         noise_offset=noise_offset,
         input_perturbation=input_perturbation,
+        rank=rank,
+        world_size=world_size,
     )
     with torch.autocast(pixels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         hidden = text_encoder(input_ids).last_hidden_state
@@ -298,6 +305,7 @@ class TinyTask:
             noise_offset=self.config.noise_offset,
             input_perturbation=self.config.input_perturbation,
             sample_weights=batch.get("loss_weights"),
+            **share_of(batch),
         )
 
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:

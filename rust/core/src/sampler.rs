@@ -102,6 +102,26 @@ pub struct BatchPlan {
     pub indices: Vec<usize>,
 }
 
+/// A stretch of an epoch already consumed with one geometry: its first `batches` global batches
+/// of `batch_size * world_size` samples (what an elastic resume replays, see [`plan_rest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Samples per batch and rank in that stretch (>= 1).
+    pub batch_size: usize,
+    /// Ranks in that stretch (>= 1).
+    pub world_size: usize,
+    /// Global batches of that stretch's plan consumed.
+    pub batches: usize,
+}
+
+/// A global batch: samples `start..end` of its bucket's (shuffled, not yet consumed) sample list.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    bucket: usize,
+    start: usize,
+    end: usize,
+}
+
 /// This rank's batches of epoch `epoch`.
 ///
 /// `bucket_of[i]` is the bucket of sample `i` (each `< num_buckets`). Algorithm, with
@@ -126,38 +146,129 @@ pub fn plan_epoch(
     s: &Sampling,
     epoch: u64,
 ) -> Vec<BatchPlan> {
+    let members = shuffled_members(bucket_of, num_buckets, s, epoch);
+    rank_slices(&members, s, epoch, 0)
+}
+
+/// This rank's batches of what remains of epoch `epoch` after the stretches `done` (elastic resume:
+/// a checkpoint taken with another `batch_size` or `world_size`); `done = []` is [`plan_epoch`].
+///
+/// The epoch's sample order is steps 1–2 of [`plan_epoch`]. Then, for each segment `i` in turn, the
+/// samples not consumed yet are planned with that segment's geometry (steps 3–4, the batch order
+/// keyed `(seed, epoch, ShuffleBatches, i)`; so segment 0 is the original plan) and the samples of
+/// its first `batches` global batches are removed from their buckets, which keep their order.
+/// What remains is planned with this `s` (keyed `i = done.len()`) and cut into rank slices (step 5).
+///
+/// So every sample that no consumed global batch held appears once in the result, but for the
+/// remainder policy of `s` at each bucket's last global batch (`pad` repeats up to `world_size - 1`
+/// samples, `drop` and `drop_last` leave some out). Samples an earlier geometry dropped or padded
+/// in a batch that was not consumed are not lost: they are still in the remaining set.
+///
+/// Errors: [`Error::InvalidArgument`] when a segment has a zero `batch_size` or `world_size`, or
+/// consumed more global batches than its plan of the remaining samples holds.
+///
+/// Panics as [`plan_epoch`].
+pub fn plan_rest(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+    done: &[Segment],
+) -> Result<Vec<BatchPlan>> {
+    let mut members = shuffled_members(bucket_of, num_buckets, s, epoch);
+    for (i, seg) in done.iter().enumerate() {
+        if seg.batch_size == 0 || seg.world_size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "resume segment {i} has batch_size {} and world_size {}: both must be at least 1",
+                seg.batch_size, seg.world_size
+            )));
+        }
+        let geometry = Sampling {
+            batch_size: seg.batch_size,
+            world_size: seg.world_size,
+            rank: 0,
+            ..*s
+        };
+        let chunks = global_batches(&members, &geometry, epoch, i as u64);
+        if seg.batches > chunks.len() {
+            return Err(Error::InvalidArgument(format!(
+                "resume segment {i} consumed {} global batches of {} x {}, but its plan of the \
+                 epoch's remaining samples holds {}",
+                seg.batches,
+                seg.batch_size,
+                seg.world_size,
+                chunks.len()
+            )));
+        }
+        let mut consumed: Vec<Vec<bool>> = members.iter().map(|m| vec![false; m.len()]).collect();
+        for c in &chunks[..seg.batches] {
+            consumed[c.bucket][c.start..c.end].fill(true);
+        }
+        for (samples, gone) in members.iter_mut().zip(&consumed) {
+            let mut flags = gone.iter();
+            samples.retain(|_| !flags.next().copied().unwrap_or(false));
+        }
+    }
+    Ok(rank_slices(&members, s, epoch, done.len() as u64))
+}
+
+/// Steps 1–2 of [`plan_epoch`]: each bucket's samples, ascending, shuffled when `shuffle`.
+fn shuffled_members(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
     assert!(s.batch_size > 0, "batch_size must be at least 1");
     assert!(s.rank < s.world_size, "rank must be below world_size");
-    let global = s.batch_size * s.world_size;
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); num_buckets];
     for (sample, &bucket) in bucket_of.iter().enumerate() {
         members[bucket].push(sample);
     }
-    let mut plan = Vec::with_capacity(num_batches(bucket_of, num_buckets, s));
-    for (bucket, mut samples) in members.into_iter().enumerate() {
-        if s.shuffle {
+    if s.shuffle {
+        for (bucket, samples) in members.iter_mut().enumerate() {
             SplitMix64::new(s.seed, epoch, Stream::ShuffleWithinBucket, bucket as u64)
-                .shuffle(&mut samples);
+                .shuffle(samples);
         }
-        for chunk in samples.chunks(global) {
-            let k = s.per_rank(chunk.len());
-            if k == 0 {
-                continue;
+    }
+    members
+}
+
+/// Steps 3–4 of [`plan_epoch`] over `members` with the geometry of `s`, the batch order keyed
+/// `(seed, epoch, ShuffleBatches, order_key)`.
+fn global_batches(members: &[Vec<usize>], s: &Sampling, epoch: u64, order_key: u64) -> Vec<Chunk> {
+    let global = s.batch_size * s.world_size;
+    let mut chunks = Vec::new();
+    for (bucket, samples) in members.iter().enumerate() {
+        for start in (0..samples.len()).step_by(global) {
+            let end = (start + global).min(samples.len());
+            if s.per_rank(end - start) > 0 {
+                chunks.push(Chunk { bucket, start, end });
             }
-            // Pad repeats the chunk from its start; Drop (k * world_size <= len) just truncates.
-            let mine = (s.rank * k..(s.rank + 1) * k).map(|i| chunk[i % chunk.len()]);
-            plan.push(BatchPlan {
-                bucket,
-                indices: mine.collect(),
-            });
         }
     }
     if s.shuffle {
-        // Every rank has the same number of batches per bucket in the same order, so the same
-        // permutation keeps them in step.
-        SplitMix64::new(s.seed, epoch, Stream::ShuffleBatches, 0).shuffle(&mut plan);
+        SplitMix64::new(s.seed, epoch, Stream::ShuffleBatches, order_key).shuffle(&mut chunks);
     }
-    plan
+    chunks
+}
+
+/// Step 5 of [`plan_epoch`]: this rank's slice of each global batch of `members` (order as
+/// [`global_batches`] with `order_key`).
+fn rank_slices(members: &[Vec<usize>], s: &Sampling, epoch: u64, order_key: u64) -> Vec<BatchPlan> {
+    let chunks = global_batches(members, s, epoch, order_key);
+    (chunks.iter())
+        .map(|c| {
+            let chunk = &members[c.bucket][c.start..c.end];
+            let k = s.per_rank(chunk.len());
+            // Pad repeats the chunk from its start; Drop (k * world_size <= len) just truncates.
+            let mine = (s.rank * k..(s.rank + 1) * k).map(|i| chunk[i % chunk.len()]);
+            BatchPlan {
+                bucket: c.bucket,
+                indices: mine.collect(),
+            }
+        })
+        .collect()
 }
 
 /// Number of batches [`plan_epoch`] returns (the same for every seed, epoch and rank): the sum over
@@ -415,5 +526,132 @@ mod tests {
         assert_eq!("drop".parse::<Remainder>().unwrap(), Remainder::Drop);
         let err = "keep".parse::<Remainder>().unwrap_err();
         assert!(err.to_string().contains("remainder"), "{err}");
+    }
+
+    /// Samples of every rank's first `k` batches of `plans` (one plan per rank), with multiplicity.
+    fn taken(plans: &[Vec<BatchPlan>], k: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (plans.iter())
+            .flat_map(|p| p[..k].iter().flat_map(|b| b.indices.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn ranks(
+        a: &[usize],
+        world_size: usize,
+        bs: usize,
+        epoch: u64,
+        done: &[Segment],
+    ) -> Vec<Vec<BatchPlan>> {
+        (0..world_size)
+            .map(|rank| {
+                let s = Sampling {
+                    rank,
+                    world_size,
+                    remainder: Remainder::Drop,
+                    ..Sampling::single(bs, false, true, 5)
+                };
+                plan_rest(a, 4, &s, epoch, done).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rest_without_segments_is_the_plan() {
+        let a = assignment();
+        for world_size in [1, 3] {
+            for rank in 0..world_size {
+                let s = sharded(world_size, rank, Remainder::Pad, false);
+                assert_eq!(
+                    plan_rest(&a, 4, &s, 2, &[]).unwrap(),
+                    plan_epoch(&a, 4, &s, 2)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn elastic_rest_consumes_every_remaining_sample_once() {
+        // 48 samples in buckets of 24 and 24; (world_size, batch_size) before and after: 4 -> 2
+        // ranks, 4 -> 3, batch 2 -> 3 on 4 ranks, 2 x 3 -> 4 x 1.
+        let a: Vec<usize> = (0..48).map(|i| i % 2).collect();
+        for (before, after) in [
+            ((4, 2), (2, 2)),
+            ((4, 2), (3, 2)),
+            ((4, 2), (4, 3)),
+            ((2, 3), (4, 1)),
+        ] {
+            let old = ranks(&a, before.0, before.1, 1, &[]);
+            for k in 0..=old[0].len() {
+                let seg = Segment {
+                    batch_size: before.1,
+                    world_size: before.0,
+                    batches: k,
+                };
+                let rest = ranks(&a, after.0, after.1, 1, &[seg]);
+                let n = rest[0].len();
+                assert!(rest.iter().all(|p| p.len() == n));
+                let consumed = taken(&old, k);
+                let mut left = taken(&rest, n);
+                let total = left.len();
+                left.dedup();
+                // drop leaves out each bucket's last n % world_size samples; nothing repeats.
+                assert_eq!(total, left.len(), "{before:?} -> {after:?} after {k}");
+                let mut all: Vec<usize> = consumed.iter().chain(&left).copied().collect();
+                all.sort();
+                let lost = 48 - all.len();
+                all.dedup();
+                assert_eq!(all.len(), 48 - lost, "a sample came twice");
+                let g = after.0 * after.1;
+                let remaining = |b: usize| 24 - consumed.iter().filter(|&&i| a[i] == b).count();
+                let dropped: usize = (0..2).map(|b| remaining(b) % g % after.0).sum();
+                assert_eq!(lost, dropped, "{before:?} -> {after:?} after {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn elastic_segments_chain_and_reject_overruns() {
+        let a = assignment();
+        let s0 = Segment {
+            batch_size: 4,
+            world_size: 3,
+            batches: 2,
+        };
+        let after0 = ranks(&a, 2, 3, 0, &[s0]);
+        // A second stretch on 2 ranks, then the rest on one: nothing consumed twice, the
+        // remainder policy (drop) only leaves out each bucket's odd last samples.
+        let s1 = Segment {
+            batch_size: 3,
+            world_size: 2,
+            batches: 3,
+        };
+        let after1 = ranks(&a, 1, 5, 0, &[s0, s1]);
+        let mut all = taken(&ranks(&a, 3, 4, 0, &[]), 2);
+        all.extend(taken(&after0, 3));
+        all.extend(taken(&after1, after1[0].len()));
+        let n = all.len();
+        all.dedup();
+        assert_eq!(all.len(), n, "a sample was consumed twice");
+        // One rank without drop_last keeps every remaining sample: the whole epoch is covered.
+        assert_eq!(n, a.len());
+        let too_far = Segment {
+            batch_size: 4,
+            world_size: 3,
+            batches: 7,
+        };
+        let s = Sampling::single(4, false, true, 5);
+        let err = plan_rest(&a, 4, &s, 0, &[too_far]).unwrap_err();
+        assert!(
+            err.to_string().contains("consumed 7 global batches"),
+            "{err}"
+        );
+        let zero = Segment {
+            batch_size: 0,
+            world_size: 3,
+            batches: 0,
+        };
+        assert!(plan_rest(&a, 4, &s, 0, &[zero]).is_err());
     }
 }

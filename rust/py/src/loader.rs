@@ -12,6 +12,7 @@ use fastdiff_core::cache::key_hex;
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
 use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions};
+use fastdiff_core::sampler::Segment;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -249,21 +250,43 @@ impl NativeLoader {
     /// call (its memory used by nothing else until the batch is dropped); the batch is written into
     /// it and `__next__` returns that tensor in place of the numpy array. The loader uses it to fill
     /// pinned tensors.
-    #[pyo3(signature = (epoch, start_batch = 0, buffer_factory = None))]
+    ///
+    /// `done`: stretches of the epoch already consumed with other geometries, as `(batch_size,
+    /// world_size, global batches)` (elastic resume; `start_batch` then counts batches of the rest).
+    /// Batches of this rank's plan of what remains of epoch `epoch` after the stretches `done`
+    /// (as in `iter_epoch`). Raises `ValueError` when `done` does not fit the epoch.
+    fn rest_batches(&self, epoch: u64, done: Vec<(usize, usize, usize)>) -> PyResult<usize> {
+        (self.inner.rest_batches(epoch, &segments(done))).map_err(to_pyerr)
+    }
+
+    #[pyo3(signature = (epoch, start_batch = 0, buffer_factory = None, done = Vec::new()))]
     fn iter_epoch(
         &self,
         py: Python<'_>,
         epoch: u64,
         start_batch: usize,
         buffer_factory: Option<Py<PyAny>>,
+        done: Vec<(usize, usize, usize)>,
     ) -> NativeEpochIter {
+        let done = segments(done);
         let factory_error = Arc::new(Mutex::new(None));
         let source = buffer_factory.map(|factory| {
             Box::new(PyBufferSource::new(factory, Arc::clone(&factory_error)))
                 as Box<dyn BufferSource>
         });
-        let it = py.detach(|| self.inner.iter_epoch_into(epoch, start_batch, source));
+        let it = py.detach(|| self.inner.iter_rest_into(epoch, &done, start_batch, source));
         let cache_items = self.inner.options().cache.is_some();
         NativeEpochIter::new(it, factory_error, cache_items)
     }
+}
+
+/// `(batch_size, world_size, batches)` triples as the sampler's segments.
+fn segments(done: Vec<(usize, usize, usize)>) -> Vec<Segment> {
+    (done.into_iter())
+        .map(|(batch_size, world_size, batches)| Segment {
+            batch_size,
+            world_size,
+            batches,
+        })
+        .collect()
 }

@@ -160,6 +160,18 @@ impl std::fmt::Debug for EpochIter {
 }
 
 impl EpochIter {
+    /// An iterator that yields `err` once and ends (a plan that could not be made).
+    pub(super) fn failed(
+        inner: Arc<Inner>,
+        epoch: u64,
+        err: Error,
+        mode: (bool, bool),
+    ) -> EpochIter {
+        let mut it = EpochIter::start(inner, Vec::new(), epoch, 0, None, mode);
+        it.start_error = Some(err);
+        it
+    }
+
     /// Batches of the plan not yet yielded (counting from `start_batch`; 0 once the iterator ended).
     /// An upper bound when whole batches are skipped.
     pub fn remaining(&self) -> usize {

@@ -40,14 +40,45 @@ impl Loader {
         start_batch: usize,
         source: Option<Box<dyn BufferSource>>,
     ) -> EpochIter {
+        self.iter_rest_into(epoch, &[], start_batch, source)
+    }
+
+    /// Batches in this rank's plan of what remains of epoch `epoch` after the stretches `done`
+    /// ([`Loader::iter_rest_into`]); with `done = []`, [`Loader::num_batches`].
+    ///
+    /// Errors: as [`sampler::plan_rest`].
+    pub fn rest_batches(&self, epoch: u64, done: &[sampler::Segment]) -> Result<usize> {
+        let inner = &self.inner;
+        let s = inner.opts.sampling();
+        let plan = sampler::plan_rest(&inner.sample_bucket, inner.buckets.len(), &s, epoch, done)?;
+        Ok(plan.len())
+    }
+
+    /// As [`Loader::iter_epoch_into`], over what remains of epoch `epoch` after the stretches
+    /// `done` consumed with other geometries (elastic resume; [`sampler::plan_rest`]); `start_batch`
+    /// counts batches of that rest. A `done` that does not fit the epoch (a segment consumed more
+    /// batches than its plan holds) is yielded as one [`Error::InvalidArgument`].
+    pub fn iter_rest_into(
+        &self,
+        epoch: u64,
+        done: &[sampler::Segment],
+        start_batch: usize,
+        source: Option<Box<dyn BufferSource>>,
+    ) -> EpochIter {
         let inner = Arc::clone(&self.inner);
         let o = &inner.opts;
-        let plan = sampler::plan_epoch(
+        let mode = (o.pixels, o.cache.is_some());
+        let plan = sampler::plan_rest(
             &inner.sample_bucket,
             inner.buckets.len(),
             &o.sampling(),
             epoch,
+            done,
         );
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(err) => return EpochIter::failed(inner, epoch, err, mode),
+        };
         let plan = (plan.into_iter())
             .map(|p| Planned {
                 bucket: p.bucket,
@@ -56,7 +87,6 @@ impl Loader {
                     .collect(),
             })
             .collect();
-        let mode = (o.pixels, o.cache.is_some());
         EpochIter::start(inner, plan, epoch, start_batch, source, mode)
     }
 
