@@ -230,7 +230,17 @@ def test_state_records_the_options_that_change_batches(folder: Path) -> None:
     # A state of before: the geometry in its options, no segments.
     old = {k: v for k, v in state.items() if k != "segments"}
     loader.load_state_dict({**old, "options": {**saved, "batch_size": 1, "world_size": 1}})
-    assert set(saved["subsets"][0]) == {o.name for o in SUBSET_OPTIONS} - {"image_dir", "metadata_file"}
+    always = {o.name for o in SUBSET_OPTIONS if o.state == "always"}
+    assert set(saved["subsets"][0]) == always - {"image_dir", "metadata_file"}
+    assert {o.name for o in SUBSET_OPTIONS if o.state == "unless_default"} == {
+        "class_tokens",
+        "caption_prefix",
+        "caption_suffix",
+        "keep_tokens_separator",
+        "secondary_separator",
+        "enable_wildcard",
+        "caption_dropout_every_n_epochs",
+    }  # newer options: recorded only when set
     upscale = fastdiff.DataLoader(folder, resolution=64, no_upscale=True).state_dict()["options"]
     assert upscale["no_upscale"] is True  # a newer option: recorded only when set
     with pytest.raises(ValueError, match="no_upscale"):
@@ -273,7 +283,7 @@ def imports_of(module: Path, *, module_level: bool = False) -> set[str]:
 def test_the_loader_modules_import_one_way() -> None:
     # Bottom to top; each may import only modules before it (and the native module). The loader
     # also calls the cache builder (on_miss="encode"), importing it inside that function only.
-    layers = ["types", "option", "options", "docs", "dataset", "loader", "scan"]
+    layers = ["types", "option", "kohya", "options", "docs", "dataset", "loader", "group", "scan"]
     called = {"loader": {"cache"}}
     for i, name in enumerate(layers):
         allowed = {*layers[:i], "_fastdiff"}

@@ -25,7 +25,8 @@ from fastdiff._fastdiff import (
 )
 
 if TYPE_CHECKING:
-    from fastdiff.dataset import Subset, load_config
+    from fastdiff.dataset import Subset, load_config, load_datasets
+    from fastdiff.group import DatasetGroup
     from fastdiff.loader import DataLoader
     from fastdiff.types import Batch, LoadStats, Report
 
@@ -33,10 +34,12 @@ if TYPE_CHECKING:
 _LAZY = {
     "Batch": "fastdiff.types",
     "DataLoader": "fastdiff.loader",
+    "DatasetGroup": "fastdiff.group",
     "LoadStats": "fastdiff.types",
     "Report": "fastdiff.types",
     "Subset": "fastdiff.dataset",
     "load_config": "fastdiff.dataset",
+    "load_datasets": "fastdiff.dataset",
 }
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "CacheMissError",
     "CorruptCacheError",
     "DataLoader",
+    "DatasetGroup",
     "DecodeError",
     "FastdiffError",
     "ImageTooSmallError",
@@ -53,6 +57,7 @@ __all__ = [
     "Subset",
     "__version__",
     "load_config",
+    "load_datasets",
 ]
 
 

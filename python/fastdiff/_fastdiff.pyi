@@ -9,6 +9,7 @@ import torch
 from typing_extensions import Buffer, Self
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "BatchMemory",
     "CacheMissError",
     "CacheStore",
@@ -28,6 +29,8 @@ __all__ = [
     "text_key",
 ]
 
+#: The image file extensions the scan accepts (any letter case), each with its dot.
+IMAGE_EXTENSIONS: list[str]
 __version__: str
 
 class FastdiffError(Exception):
@@ -119,6 +122,13 @@ class NativeSubset:
         caption_separator: str = ",",
         flip_prob: float | None = None,
         crop: str | None = None,
+        class_tokens: str | None = None,
+        caption_dropout_every_n_epochs: int = 0,
+        caption_prefix: str | None = None,
+        caption_suffix: str | None = None,
+        keep_tokens_separator: str | None = None,
+        secondary_separator: str | None = None,
+        enable_wildcard: bool = False,
     ) -> Self: ...
 
 @final

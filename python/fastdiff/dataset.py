@@ -18,7 +18,16 @@ from typing import Any
 
 from fastdiff import _fastdiff
 from fastdiff.docs import with_args
-from fastdiff.options import ALL_TABLES, LOADER_OPTIONS, SUBSET, SUBSET_OPTIONS, Table, saved
+from fastdiff.options import (
+    ALL_TABLES,
+    KOHYA_KEYS,
+    LOADER,
+    LOADER_OPTIONS,
+    SUBSET,
+    SUBSET_OPTIONS,
+    Table,
+    saved,
+)
 from fastdiff.types import Crop
 
 METADATA_NAME = "metadata.jsonl"
@@ -36,13 +45,23 @@ _TOML_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+#: Options a TOML may also give in another form (kohya's ``resolution = [w, h]``).
+_OTHER_FORMS: dict[str, type] = {"resolution": list}
+
+
 def _table_keys(table: Table) -> dict[str, type | tuple[type, ...]]:
     keys: dict[str, type | tuple[type, ...]] = {}
     for o in (*LOADER_OPTIONS, *SUBSET_OPTIONS):
         if table in o.toml:
+            want = _TOML_TYPES[o.kind]
+            if o.name in _OTHER_FORMS:
+                want = (*(want if isinstance(want, tuple) else (want,)), _OTHER_FORMS[o.name])
             for key in (o.name, o.alias):
                 if key is not None:
-                    keys[key] = _TOML_TYPES[o.kind]
+                    keys[key] = want
+    for k in KOHYA_KEYS:
+        if table in k.toml:
+            keys[k.key] = k.toml_type
     return keys
 
 
@@ -52,6 +71,8 @@ TABLE_KEYS: dict[Table, dict[str, type | tuple[type, ...]]] = {t: _table_keys(t)
 LOADER_KEYS = frozenset(o.name for o in LOADER_OPTIONS if o.toml)
 #: Every alias a config table accepts, with the name it stands for.
 ALIASES = {o.alias: o.name for o in (*LOADER_OPTIONS, *SUBSET_OPTIONS) if o.alias is not None}
+#: The kohya-ss keys that are not option names or aliases, by key.
+KOHYA = {k.key: k for k in KOHYA_KEYS}
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,14 @@ class Subset:
     Args:
         (the options: see fastdiff.options)
 
-    All randomness (variant choice, dropout, tag shuffle) is a pure function of (seed, epoch, sample).
+    All randomness (variant choice, dropout, wildcards, tag shuffle) is a pure function of (seed,
+    epoch, sample). The caption operations run in the order of kohya-ss sd-scripts'
+    ``BaseDataset.process_caption`` (``library/train_util.py``): ``caption_prefix`` / ``caption_suffix``;
+    whole-caption dropout (``caption_dropout_rate``, ``caption_dropout_every_n_epochs``); one line
+    (``caption_per_line`` or ``enable_wildcard``); the ``{a|b}`` wildcards (``enable_wildcard``); the
+    tag shuffle with ``keep_tokens`` / ``keep_tokens_separator`` (``shuffle_caption``); tag dropout
+    (``caption_tag_dropout_rate``); ``secondary_separator`` replaced by ``caption_separator``. (Rust:
+    ``fastdiff_core::caption::CaptionOptions::apply_keyed``, which lists where fastdiff differs.)
     """
 
     image_dir: str | os.PathLike[str]
@@ -79,6 +107,13 @@ class Subset:
     crop: Crop | None = None
     metadata_file: str | os.PathLike[str] | None = None
     caption_column: str = "text"
+    class_tokens: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    keep_tokens_separator: str | None = None
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_dropout_every_n_epochs: int = 0
 
     def options(self) -> dict[str, Any]:
         """The options a loader's ``state_dict`` records (JSON-compatible values)."""
@@ -105,9 +140,11 @@ class Subset:
         metadata = _find_metadata(root, self.metadata_file)
         captions = None
         per_line = self.caption_per_line
-        if metadata is not None:
+        if metadata is not None and metadata.suffix.lower() == ".jsonl":
             captions, several = read_metadata(metadata, root, self.caption_column)
             per_line = per_line or several
+        elif metadata is not None:
+            captions = read_kohya_metadata(metadata, root, self.caption_separator, self.enable_wildcard)
         return _fastdiff.NativeSubset(
             root,
             caption_extensions=None if self.caption_extension is None else [self.caption_extension],
@@ -190,6 +227,84 @@ def read_metadata(path: Path, root: str, column: str = "text") -> tuple[dict[str
     return captions, several
 
 
+def read_kohya_metadata(
+    path: Path, root: str, separator: str = ",", wildcard: bool = False
+) -> dict[str, str]:
+    """Captions from a kohya-ss sd-scripts metadata JSON (``finetune/merge_captions_to_metadata.py``).
+
+    The file is one object ``{"<image key>": {"caption": str, "tags": str, ...}}``; other fields
+    (``train_resolution``, ``image_size``...) are ignored. A key is an image path, absolute or relative to
+    ``root``, with or without its extension (``merge_captions_to_metadata.py`` writes the file stem
+    unless ``--full_path``); without one it names the image of that stem (any extension of
+    ``fastdiff._fastdiff.IMAGE_EXTENSIONS``, any case). The caption is kohya's (``FineTuningDataset``):
+    ``caption + separator + tags`` (only the one that is present or non-empty); with ``wildcard``
+    (``enable_wildcard``) the tags, their newlines replaced by ``separator``, are added to each
+    non-blank line of the caption instead.
+
+    Args:
+        path: The JSON file.
+        root: The subset folder; every image must lie inside it.
+        separator: The subset's ``caption_separator``.
+        wildcard: The subset's ``enable_wildcard``.
+
+    Returns:
+        Captions by image path (``root``-prefixed, normalised, as the scan finds them).
+
+    Raises:
+        ValueError: The file is not a JSON object of objects whose ``caption`` / ``tags`` are strings, a
+            key names no image or several, two keys name one image, or an image lies outside ``root``
+            (the message names the file and the key).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e}); a .jsonl file is read as HF imagefolder metadata"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a kohya metadata file is one JSON object keyed by image")
+    extensions = {e.lower() for e in _fastdiff.IMAGE_EXTENSIONS}
+    base = os.path.abspath(root)
+    captions: dict[str, str] = {}
+    for key, entry in data.items():
+        where = f"{path}: {key!r}"
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(f), (str, type(None))) for f in ("caption", "tags")
+        ):
+            raise ValueError(f"{where}: each value must be an object whose 'caption' and 'tags' are strings")
+        named = os.path.abspath(os.path.join(root, key))
+        if os.path.commonpath([named, base]) != base:
+            raise ValueError(f"{where}: the image lies outside the subset folder {root}")
+        if os.path.isfile(named):
+            found = [named]
+        else:
+            folder, stem = os.path.split(named)
+            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            found = [
+                os.path.join(folder, n)
+                for n in names
+                if os.path.splitext(n)[0] == stem and os.path.splitext(n)[1].lower() in extensions
+            ]
+        if len(found) != 1:
+            what = (
+                "no image"
+                if not found
+                else f"several images ({', '.join(os.path.basename(f) for f in found)})"
+            )
+            raise ValueError(f"{where}: names {what} in {os.path.dirname(named)}")
+        image = os.path.normpath(os.path.join(root, os.path.relpath(found[0], base)))
+        if image in captions:
+            raise ValueError(f"{where}: names {image}, which another key names too")
+        caption, tags = entry.get("caption") or "", entry.get("tags")
+        if wildcard and tags is not None:
+            tags = tags.replace("\n", separator)
+            caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
+        elif tags:
+            caption = f"{caption}{separator}{tags}" if caption else tags
+        captions[image] = caption
+    return captions
+
+
 def _load_toml(path: Path) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
@@ -219,19 +334,63 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> 
 
 
 def _canonical(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``table`` with aliases renamed to the names they stand for (both in one table: an error)."""
+    """``table`` with aliases renamed to the names they stand for and kohya's ``flip_aug`` /
+    ``random_crop`` / ``resolution = [w, h]`` read as fastdiff options (a key and another that stands
+    for the same option in one table: an error); refused kohya keys raise ``ValueError`` naming them
+    and what to use instead."""
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for key, value in table.items():
-        name = ALIASES.get(key, key)
+        name, value = _kohya(key, value, where)
+        if name is None:
+            continue
         if name in out:
-            alias = key if key != name else next(a for a, n in ALIASES.items() if n == name and a in table)
-            raise ValueError(f"{where}: give one of {alias!r} and {name!r}, not both")
-        out[name] = value
+            first, second = (key, given[name]) if given[name] == name else (given[name], key)
+            raise ValueError(f"{where}: give one of {first!r} and {second!r}, not both")
+        out[name], given[name] = value, key
     return out
 
 
+def _kohya(key: str, value: Any, where: str) -> tuple[str | None, Any]:
+    """The option a TOML key sets and its value (``None``: the key changes nothing)."""
+    if key == "resolution" and isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{where}: 'resolution' must be an int or a list [width, height], got {value!r}")
+        if value[0] != value[1]:
+            raise ValueError(
+                f"{where}: resolution = {value!r}: fastdiff trains at square target areas "
+                "(buckets of at most resolution² pixels, or with enable_bucket = false one "
+                f"resolution × resolution size); give an int, such as {int((value[0] * value[1]) ** 0.5)}"
+            )
+        return "resolution", value[0]
+    kohya = KOHYA.get(key)
+    if kohya is None:
+        return ALIASES.get(key, key), value
+    if key == "flip_aug":
+        return "flip_prob", 0.5 if value else 0.0
+    if key == "random_crop":
+        return "crop", "random" if value else "center"
+    if key == "enable_bucket":
+        return key, value
+    if any(value == v and type(value) is type(v) for v in kohya.accepted):
+        return None, value
+    raise ValueError(f"{where}: {key} = {value!r} is not supported: {kohya.doc.replace('``', '`')}")
+
+
+def _without_buckets(loader: dict[str, Any], where: str) -> dict[str, Any]:
+    """The loader options of kohya's ``enable_bucket`` (popped from ``loader``): with ``false``, one
+    fixed ``resolution × resolution`` bucket, whatever the bucket keys say."""
+    if loader.pop("enable_bucket", True):
+        return loader
+    side = loader.get("resolution", LOADER["resolution"].default)
+    if not isinstance(side, int) or side < 1:
+        raise ValueError(f"{where}: resolution must be a positive int, got {side!r}")
+    fixed = {"bucket_step": side, "min_bucket_side": side, "max_bucket_side": side, "no_upscale": False}
+    return {**loader, **fixed}
+
+
 def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], list[Subset]]:
-    """Read and validate a dataset config (a TOML file path, or the same structure as a dict).
+    """Read and validate a dataset config of one dataset (a TOML file path, or the same structure as a dict).
 
     Layout (kohya-ss sd-scripts style)::
 
@@ -240,7 +399,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
         batch_size = 4
         shuffle_caption = true
 
-        [[datasets]]                   # exactly one dataset per loader
+        [[datasets]]                   # one dataset per loader (several: load_datasets)
         resolution = 1024              # loader options here override [general]
 
           [[datasets.subsets]]         # one or more
@@ -255,53 +414,91 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
     Each table takes the keys :data:`TABLE_KEYS` lists, from the schema in :mod:`fastdiff.options`
     (the TOML column of the README's options table): loader options in ``[general]`` /
     ``[[datasets]]``; subset fields in a subset, most of them also there as defaults of every subset;
-    kohya-ss names (``bucket_reso_steps`` ...) as aliases.
+    kohya-ss names (``bucket_reso_steps`` ...) as aliases; the other keys kohya documents
+    (:data:`fastdiff.options.KOHYA_KEYS`: ``flip_aug``, ``random_crop``, ``enable_bucket``; refused:
+    ``color_aug`` ...) and ``resolution = [w, w]``.
 
     Returns:
         (loader keyword arguments, subsets).
 
     Raises:
-        ValueError: Unknown key (named, with its table), wrong type, no or several datasets, no subsets, a
-            subset without ``image_dir``, or invalid TOML.
+        ValueError: As :func:`load_datasets`, or the config has several datasets.
         ImportError: A TOML file on Python 3.10 without the ``tomli`` package.
     """
+    datasets = load_datasets(config)
+    if len(datasets) != 1:
+        raise ValueError(
+            f"{_source(config)}: {len(datasets)} [[datasets]] tables: one loader reads one dataset; "
+            "fastdiff.DatasetGroup.from_config reads several (fastdiff train does)"
+        )
+    return datasets[0]
+
+
+def _source(config: str | os.PathLike[str] | Mapping[str, Any]) -> str:
+    return "config" if isinstance(config, Mapping) else os.fspath(config)
+
+
+def load_datasets(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+) -> list[tuple[dict[str, Any], list[Subset]]]:
+    """Read and validate a dataset config of one or more ``[[datasets]]`` (see :func:`load_config`).
+
+    Returns:
+        Per dataset, in order: (loader keyword arguments, subsets); ``[general]`` holds the defaults of
+        every dataset.
+
+    Raises:
+        ValueError: Unknown key (named, with its table), wrong type, a refused kohya key (named, with
+            what to use instead), no datasets, a dataset without subsets, a subset without
+            ``image_dir``, or invalid TOML.
+        ImportError: A TOML file on Python 3.10 without the ``tomli`` package.
+    """
+    source = _source(config)
     if isinstance(config, Mapping):
-        data, source, base = dict(config), "config", Path.cwd()
+        data, base = dict(config), Path.cwd()
     else:
         path = Path(config)
-        data, source, base = _load_toml(path), os.fspath(path), path.parent
+        data, base = _load_toml(path), path.parent
     _check(data, {"general": dict, "datasets": list}, source)
     general = data.get("general", {})
     _check(general, TABLE_KEYS["[general]"], f"{source} [general]")
     datasets = data.get("datasets", [])
-    if len(datasets) != 1:
-        raise ValueError(
-            f"{source}: exactly one [[datasets]] table is needed per loader, got {len(datasets)}"
-        )
-    dataset = datasets[0]
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{source}: [[datasets]] must be a table")
-    _check(dataset, {**TABLE_KEYS["[[datasets]]"], "subsets": list}, f"{source} [[datasets]]")
+    if not datasets:
+        raise ValueError(f"{source}: no [[datasets]] table")
+    out = []
+    for n, dataset in enumerate(datasets):
+        where = f"{source} [[datasets]]" + (f" #{n + 1}" if len(datasets) > 1 else "")
+        if not isinstance(dataset, dict):
+            raise ValueError(f"{where}: must be a table")
+        out.append(_dataset(general, dataset, source, where, base))
+    return out
+
+
+def _dataset(
+    general: Mapping[str, Any], dataset: Mapping[str, Any], source: str, where: str, base: Path
+) -> tuple[dict[str, Any], list[Subset]]:
+    _check(dataset, {**TABLE_KEYS["[[datasets]]"], "subsets": list}, where)
     # Aliases are resolved per table, so a subset's `loss_weight` overrides a `weight` default.
     merged = {
         **_canonical(general, f"{source} [general]"),
-        **_canonical({k: v for k, v in dataset.items() if k != "subsets"}, f"{source} [[datasets]]"),
+        **_canonical({k: v for k, v in dataset.items() if k != "subsets"}, where),
     }
-    loader = {k: v for k, v in merged.items() if k in LOADER_KEYS}
-    subset_defaults = {k: v for k, v in merged.items() if k not in LOADER_KEYS}
+    loader = {k: v for k, v in merged.items() if k in LOADER_KEYS or k == "enable_bucket"}
+    loader = _without_buckets(loader, where)
+    subset_defaults = {k: v for k, v in merged.items() if k not in LOADER_KEYS and k != "enable_bucket"}
     raw_subsets = dataset.get("subsets", [])
     if not raw_subsets:
-        raise ValueError(f"{source}: [[datasets]] has no [[datasets.subsets]]")
+        raise ValueError(f"{where}: has no [[datasets.subsets]]")
     subsets = []
     for i, raw in enumerate(raw_subsets):
-        where = f"{source} [[datasets.subsets]] #{i + 1}"
+        at = f"{where} [[datasets.subsets]] #{i + 1}"
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: must be a table")
-        _check(raw, TABLE_KEYS["[[datasets.subsets]]"], where)
+            raise ValueError(f"{at}: must be a table")
+        _check(raw, TABLE_KEYS["[[datasets.subsets]]"], at)
         for o in SUBSET_OPTIONS:
             if o.default is dataclasses.MISSING and o.name not in raw:
-                raise ValueError(f"{where}: {o.name!r} is required")
-        entry = {**subset_defaults, **_canonical(raw, where)}
+                raise ValueError(f"{at}: {o.name!r} is required")
+        entry = {**subset_defaults, **_canonical(raw, at)}
         for o in SUBSET_OPTIONS:
             if o.kind == "path" and o.name in entry:
                 entry[o.name] = os.fspath(base / entry[o.name])

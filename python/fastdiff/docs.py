@@ -8,7 +8,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from fastdiff.options import ALL_TABLES, LOADER_OPTIONS, SUBSET_OPTIONS, Option
+from fastdiff.options import ALL_TABLES, KOHYA_KEYS, LOADER_OPTIONS, SUBSET_OPTIONS, KohyaKey, Option
 
 #: The line of a docstring's ``Args:`` section that :func:`with_args` replaces by the options' entries.
 ARGS_MARKER = "(the options: see fastdiff.options)"
@@ -56,8 +56,7 @@ def markdown_table() -> str:
         return rst.replace("``", "`").replace("|", "\\|")
 
     def toml(o: Option) -> str:
-        where = "any" if o.toml == ALL_TABLES else ", ".join(f"`{t}`" for t in o.toml)
-        return where + (f"; kohya: `{o.alias}`" if o.alias else "")
+        return toml_tables(o.toml) + (f"; kohya: `{o.alias}`" if o.alias else "")
 
     header = (
         "| Option | Default | Allowed | Unit | TOML tables | `scan` flag | What it does |\n"
@@ -78,4 +77,23 @@ def markdown_table() -> str:
             for o in options
         ]
         parts.append(f"{title}:\n\n{header}\n" + "\n".join(rows))
+    kohya = [f"| `{k.key}` | {toml_tables(k.toml)} | {_sets(k)} | {md(k.doc)} |" for k in KOHYA_KEYS]
+    parts.append(
+        "The other keys of kohya-ss sd-scripts' `docs/config_README-en.md` (TOML only; "
+        "`resolution = [w, w]` is `resolution = w`):\n\n"
+        "| Key | TOML tables | Sets | What fastdiff does |\n|---|---|---|---|\n" + "\n".join(kohya)
+    )
     return "\n\n".join(parts)
+
+
+def toml_tables(tables: Sequence[str]) -> str:
+    """The README's TOML-tables cell: ``any`` for all three tables, else each named."""
+    return "any" if tuple(tables) == ALL_TABLES else ", ".join(f"`{t}`" for t in tables)
+
+
+def _sets(k: KohyaKey) -> str:
+    """The options a kohya key sets, or ``refused`` with the values it accepts."""
+    if not k.refused:
+        return ", ".join(f"`{o}`" for o in k.options)
+    accepted = ", ".join(f"`{str(v).lower() if isinstance(v, bool) else repr(v)}`" for v in k.accepted)
+    return "refused" + (f" unless {accepted}" if accepted else "")

@@ -269,6 +269,35 @@ class Option:
         return ""
 
 
+@dataclass(frozen=True)
+class KohyaKey:
+    """A key of kohya-ss sd-scripts' dataset config (``docs/config_README-en.md``) that is neither an
+    option name nor an alias: read as fastdiff options, or refused.
+
+    Attributes:
+        key: The TOML key.
+        toml_type: The Python type its TOML value must have.
+        toml: The tables that accept it.
+        doc: What fastdiff does with it (RST), the README's kohya table and, for a refused value, the
+            error message: what to use instead.
+        options: The fastdiff options it sets (empty: refused).
+        accepted: For a refused key, the values accepted because they change nothing (kohya's
+            defaults, such as ``color_aug = false``).
+    """
+
+    key: str
+    toml_type: type
+    toml: tuple[Table, ...]
+    doc: str
+    options: tuple[str, ...] = ()
+    accepted: tuple[Any, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        """Whether fastdiff refuses the key (values other than :attr:`accepted`)."""
+        return not self.options
+
+
 def _is_protocol(annotation: Any) -> bool:
     """Whether ``annotation`` is a ``typing.Protocol`` class that ``isinstance`` can check."""
     return isinstance(annotation, type) and bool(getattr(annotation, "_is_runtime_protocol", False))

@@ -22,17 +22,20 @@ from typing import Any
 
 import torch
 
-from fastdiff.option import ALL_TABLES, DATASET_TABLES, SUBSET_TABLE, Option, Table
+from fastdiff.kohya import KOHYA_KEYS
+from fastdiff.option import ALL_TABLES, DATASET_TABLES, SUBSET_TABLE, KohyaKey, Option, Table
 from fastdiff.types import Crop, Device, Filter, OnError, OnMiss, Remainder, Tokenizer
 
 __all__ = [
     "ALL_TABLES",
     "DATASET_TABLES",
+    "KOHYA_KEYS",
     "LOADER",
     "LOADER_OPTIONS",
     "SUBSET",
     "SUBSET_OPTIONS",
     "SUBSET_TABLE",
+    "KohyaKey",
     "Option",
     "Table",
     "saved",
@@ -196,11 +199,12 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         int | None,
         None,
         "The number of seeded results the subsets' caption operations (``caption_per_line`` choice, "
-        "tag shuffle, tag dropout) have per image; each sample uses one, drawn per epoch.",
+        "wildcards, tag shuffle, tag dropout) have per image; each sample uses one, drawn per epoch.",
         details="Variant ``t`` of an image's caption is keyed by ``(seed, t, image)``, and a sample of "
         "epoch ``e`` uses ``t = floor(K * u(seed, e, sample))``, so a text-embedding cache can hold "
-        'all ``K``. Whole-caption dropout (``caption_dropout_rate``) stays a per-epoch draw giving ``""`` '
-        "(one shared cache entry). Without it (``None``) every epoch applies the operations anew.",
+        "all ``K``. Whole-caption dropout (``caption_dropout_rate``, ``caption_dropout_every_n_epochs``) "
+        'stays a per-epoch draw giving ``""`` (one shared cache entry). Without it (``None``) every epoch '
+        "applies the operations anew.",
         default_doc="new caption operations per sample and epoch",
         unit="captions",
         minimum=1,
@@ -557,10 +561,15 @@ SUBSET_OPTIONS: tuple[Option, ...] = (
         "metadata_file",
         str | os.PathLike[str] | None,
         None,
-        "HF imagefolder ``metadata.jsonl`` giving the captions.",
-        details="One JSON object per line with ``file_name`` (relative to the file's folder, which must "
-        "lie inside ``image_dir``) and ``caption_column`` (a string, or a list of strings = several "
-        "captions).",
+        "Metadata file giving the captions: an HF imagefolder ``.jsonl``, or kohya-ss sd-scripts' "
+        "``.json`` (any other name).",
+        details="``.jsonl``: one JSON object per line with ``file_name`` (relative to the file's folder, "
+        "which must lie inside ``image_dir``) and ``caption_column`` (a string, or a list of strings = "
+        "several captions). Otherwise kohya's format (``finetune/merge_captions_to_metadata.py``): one "
+        'object ``{"<image>": {"caption": ..., "tags": ...}}`` whose keys are image paths or paths '
+        "without the extension, absolute or relative to ``image_dir`` (and inside it); the caption is "
+        "``caption + caption_separator + tags`` (either may be missing), with ``enable_wildcard`` the "
+        "tags added to each line. Images the file does not list have no caption (``class_tokens``).",
         default_doc="``image_dir/metadata.jsonl`` if it exists, else caption files",
         state="never",
         native=False,
@@ -569,8 +578,75 @@ SUBSET_OPTIONS: tuple[Option, ...] = (
         "caption_column",
         str,
         "text",
-        "Metadata column holding the caption.",
+        "Metadata column holding the caption (of a ``.jsonl`` metadata file).",
         native=False,
+    ),
+    _subset(
+        "class_tokens",
+        str | None,
+        None,
+        "The caption of an image that has none (no caption file, no metadata entry): kohya-ss "
+        'DreamBooth ``class_tokens`` (``"sks dog"``).',
+        details="Caption operations apply to it as to any caption; ``report['captions_missing']`` still "
+        "counts such images.",
+        default_doc="the empty caption",
+        toml=SUBSET_TABLE,
+        state="unless_default",
+    ),
+    _subset(
+        "caption_prefix",
+        str | None,
+        None,
+        "Put before every caption, with a space, before the other caption operations (so shuffles and "
+        "dropout include it; kohya-ss ``caption_prefix``).",
+        state="unless_default",
+    ),
+    _subset(
+        "caption_suffix",
+        str | None,
+        None,
+        "Put after every caption, with a space, before the other caption operations (kohya-ss "
+        "``caption_suffix``).",
+        state="unless_default",
+    ),
+    _subset(
+        "keep_tokens_separator",
+        str | None,
+        None,
+        "Marks the fixed parts of a caption for the tag shuffle and tag dropout: in ``a, b ||| c, d "
+        '||| e`` with ``"|||"``, ``a, b`` and ``e`` stay in place; replaces ``keep_tokens`` in a '
+        "caption that contains it.",
+        details="As in kohya-ss sd-scripts it acts only with ``shuffle_caption`` or "
+        "``caption_tag_dropout_rate``; otherwise it stays in the caption.",
+        state="unless_default",
+    ),
+    _subset(
+        "secondary_separator",
+        str | None,
+        None,
+        "Joins several tags into one for the tag shuffle and tag dropout (``sky;;;cloud`` with "
+        '``";;;"``), then is replaced by ``caption_separator`` (``sky,cloud``).',
+        state="unless_default",
+    ),
+    _subset(
+        "enable_wildcard",
+        bool,
+        False,
+        "Use one random line of a multi-line caption and replace each ``{a|b|c}`` by one of its "
+        "options (``{{`` and ``}}`` are literal braces).",
+        details="Drawn per sample and epoch (or among ``text_variants``), as the other caption operations.",
+        state="unless_default",
+    ),
+    _subset(
+        "caption_dropout_every_n_epochs",
+        int,
+        0,
+        'Every caption is ``""`` in every ``n``-th epoch (counting epochs from 1, as kohya-ss does: '
+        "with 0-based ``epoch``, when ``(epoch + 1) % n == 0``); 0 = never.",
+        unit="epochs",
+        minimum=0,
+        bits=64,
+        state="unless_default",
     ),
 )
 

@@ -37,7 +37,8 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
-from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
+from fastdiff.training.sd_pipeline import pipeline_kind
+from fastdiff.training.setup import make_batches, make_loader, resolve_device, with_dataset_options
 from fastdiff.training.tiny import TinyTask
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
 
     Args:
         config: The run's settings.
-        loader: Batches to train on; ``None`` builds :func:`make_loader` from the resolved config. The
+        loader: Batches to train on; ``None`` builds :func:`make_batches` from the resolved config. The
             from-scratch vocabulary and the default preview prompts come from
             :func:`dataset_captions`.
 
@@ -183,7 +184,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     checkpoint_files: Callable[[Path], None] | None = None
     if config.model is None:
         config = config.resolved(resolution=64, bucket_step=16, learning_rate=1e-3, prediction_type="epsilon")
-        batches = make_loader(config) if loader is None else loader
+        batches = make_batches(config) if loader is None else loader
         captions = dataset_captions(config, batches)
         task = TinyTask(config, device, captions)
     else:
@@ -203,7 +204,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         config = task.config
         pipeline = task.pipeline
         checkpoint_files = task.checkpoint_files
-        batches = make_loader(config) if loader is None else loader
+        batches = make_batches(config) if loader is None else loader
         captions = dataset_captions(config, batches) if config.preview_every else []
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fastdiff.dataset import load_config
+from fastdiff.dataset import load_datasets
+from fastdiff.group import DatasetGroup
 from fastdiff.loader import DataLoader
 from fastdiff.training.config import DATASET_FIELDS, LOADER_DEFAULTS, TrainConfig
 
@@ -26,21 +27,47 @@ def with_dataset_options(config: TrainConfig) -> TrainConfig:
 
     Fields filled (when ``config.data`` is a ``.toml`` that sets them in ``[general]`` or
     ``[[datasets]]``): :data:`DATASET_FIELDS`; then ``batch_size``, ``crop`` and ``flip_prob`` still
-    at ``None`` get :data:`LOADER_DEFAULTS`. A folder ``data`` only gets the defaults.
+    at ``None`` get :data:`LOADER_DEFAULTS`. A folder ``data`` only gets the defaults. With several
+    ``[[datasets]]`` the fields come from the first (for previews and the log; each dataset's loader
+    keeps its own, see :func:`make_batches`), and none may be set here.
 
     Raises:
-        ValueError: The dataset config is invalid (as :func:`fastdiff.load_config`), or it sets a
-            ``seed`` other than ``config.seed``.
+        ValueError: The dataset config is invalid (as :func:`fastdiff.load_datasets`), a dataset sets a
+            ``seed`` other than ``config.seed``, or the config has several datasets and ``config`` sets
+            one of :data:`DATASET_FIELDS` (or ``cache``).
     """
     if is_dataset_config(config.data):
-        options, _ = load_config(config.data)
-        if options.get("seed", config.seed) != config.seed:
+        datasets = load_datasets(config.data)
+        for options, _ in datasets:
+            if options.get("seed", config.seed) != config.seed:
+                raise ValueError(
+                    f"{config.data}: seed = {options['seed']} differs from the run's seed {config.seed} "
+                    "(--seed); set it in one place"
+                )
+        given = [k for k in (*DATASET_FIELDS, "cache") if getattr(config, k) is not None]
+        if len(datasets) > 1 and given:
             raise ValueError(
-                f"{config.data}: seed = {options['seed']} differs from the run's seed {config.seed} "
-                "(--seed); set it in one place"
+                f"{config.data} has {len(datasets)} [[datasets]], each with its own loader options: set "
+                f"{', '.join(given)} in the file's [general] or [[datasets]] tables, not for the run "
+                "(a cache holds one dataset)"
             )
+        options = datasets[0][0]
         config = config.resolved(**{k: options[k] for k in DATASET_FIELDS if k in options})
     return config.resolved(**LOADER_DEFAULTS)
+
+
+def make_batches(config: TrainConfig) -> DataLoader | DatasetGroup:
+    """The batches a run trains on: :func:`make_loader`'s loader, or for a dataset config with several
+    ``[[datasets]]`` a :class:`fastdiff.DatasetGroup` of them (float32 pixel batches, the config's own
+    options per dataset, the run's ``seed`` and ``num_threads``).
+
+    Raises:
+        ValueError: As :func:`make_loader` or :meth:`fastdiff.DatasetGroup.from_config`.
+    """
+    if is_dataset_config(config.data) and len(load_datasets(config.data)) > 1:
+        threads = {} if config.num_threads is None else {"num_threads": config.num_threads}
+        return DatasetGroup.from_config(config.data, dtype=torch.float32, seed=config.seed, **threads)
+    return make_loader(config)
 
 
 def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoader:
@@ -59,7 +86,8 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoade
         The loader.
 
     Raises:
-        ValueError: As :class:`fastdiff.DataLoader`.
+        ValueError: As :class:`fastdiff.DataLoader`, or the dataset config has several datasets
+            (:func:`make_batches` reads those).
     """
     options: dict[str, Any] = {
         "resolution": config.resolution,

@@ -92,6 +92,9 @@ pub struct CaptionOptions {
     pub caption_per_line: bool,
     /// Probability in `[0, 1]` that a sample's whole caption becomes `""` (classifier-free guidance).
     pub caption_dropout_rate: f64,
+    /// Every caption of every `n`-th epoch is `""` (kohya's 1-based epochs: `(epoch + 1) % n == 0`
+    /// with this crate's 0-based `epoch`); 0 = never.
+    pub caption_dropout_every_n_epochs: u64,
     /// Tags (the caption split at `separator`, trimmed) at the start that never move or drop out.
     pub keep_tokens: usize,
     /// Shuffle the tags after the first `keep_tokens`.
@@ -100,6 +103,18 @@ pub struct CaptionOptions {
     pub caption_tag_dropout_rate: f64,
     /// What separates tags (non-empty). Default `","`; tags are re-joined with it plus a space.
     pub separator: String,
+    /// Put before the caption with a space (`""` = nothing).
+    pub prefix: String,
+    /// Put after the caption with a space (`""` = nothing).
+    pub suffix: String,
+    /// Marks the fixed parts of a caption for the tag operations (`""` = none): `fixed ||| free |||
+    /// fixed suffix`; replaces `keep_tokens` in a caption that contains it.
+    pub keep_tokens_separator: String,
+    /// Joins several tags into one for the tag operations, then becomes `separator` (`""` = none).
+    pub secondary_separator: String,
+    /// A random line of a multi-line caption, and `{a|b|c}` replaced by one of its options
+    /// (`{{` and `}}` are literal braces).
+    pub enable_wildcard: bool,
 }
 
 impl Default for CaptionOptions {
@@ -107,10 +122,16 @@ impl Default for CaptionOptions {
         CaptionOptions {
             caption_per_line: false,
             caption_dropout_rate: 0.0,
+            caption_dropout_every_n_epochs: 0,
             keep_tokens: 0,
             shuffle_caption: false,
             caption_tag_dropout_rate: 0.0,
             separator: ",".into(),
+            prefix: String::new(),
+            suffix: String::new(),
+            keep_tokens_separator: String::new(),
+            secondary_separator: String::new(),
+            enable_wildcard: false,
         }
     }
 }
@@ -149,16 +170,33 @@ impl CaptionOptions {
     }
 
     /// The caption after every operation, its random draws keyed by `(seed, ops.0, stream,
-    /// ops.1)` for the variant choice and the tags and by `(seed, dropout.0, stream, dropout.1)`
-    /// for the whole-caption dropout (the loader passes `(epoch, sample)` for both, or with
-    /// `text_variants` `(variant, image)` for `ops`).
+    /// ops.1)` for the line choice, the wildcards and the tags and by `(seed, dropout.0, stream,
+    /// dropout.1)` for the whole-caption dropout (the loader passes `(epoch, sample)` for both, or
+    /// with `text_variants` `(variant, image)` for `ops`; `dropout.0` is the epoch).
     ///
-    /// In order: pick a variant (one line, uniformly, [`Stream::CaptionChoice`]) if
-    /// `caption_per_line`; drop the whole caption with probability `caption_dropout_rate`
-    /// ([`Stream::CaptionDropout`]); then, if `shuffle_caption` or `caption_tag_dropout_rate > 0`,
-    /// split into tags at `separator`, keep the first `keep_tokens` in place, shuffle the others
-    /// and drop each of them with probability `caption_tag_dropout_rate` (one [`SplitMix64`] keyed
-    /// [`Stream::Tags`]), and join with `separator` + `" "`. Empty tags are removed.
+    /// The order is kohya-ss sd-scripts' `BaseDataset.process_caption` (library/train_util.py):
+    /// 1. `prefix + " "` before and `" " + suffix` after the caption (so with several lines, the
+    ///    prefix goes to the first and the suffix to the last);
+    /// 2. the whole caption becomes `""` with probability `caption_dropout_rate`
+    ///    ([`Stream::CaptionDropout`]) and in every `caption_dropout_every_n_epochs`-th epoch;
+    ///    otherwise [`CaptionOptions::variant`] does steps 3–6:
+    /// 3. with `caption_per_line` or `enable_wildcard`, one non-empty line, uniformly
+    ///    ([`Stream::CaptionChoice`]);
+    /// 4. with `enable_wildcard`, each `{a|b|c}` becomes one of its `|`-separated options, uniformly
+    ///    ([`Stream::Wildcard`]), after `{{` / `}}` were set aside as literal `{` / `}`;
+    /// 5. if `shuffle_caption` or `caption_tag_dropout_rate > 0`: the tags (the caption split at
+    ///    `separator`, trimmed, empty ones removed) are the fixed ones — the part before the first
+    ///    `keep_tokens_separator` and after the second one when the caption contains it, else the
+    ///    first `keep_tokens` — and the free ones, which are shuffled (`shuffle_caption`), then each
+    ///    dropped with probability `caption_tag_dropout_rate` (one [`SplitMix64`] keyed
+    ///    [`Stream::Tags`]); joined with `separator + " "`: leading fixed, free, trailing fixed;
+    /// 6. every `secondary_separator` becomes `separator`.
+    ///
+    /// As in kohya, `keep_tokens_separator` only acts within step 5 (without shuffle or tag dropout
+    /// it stays in the caption). Differences from kohya: empty tags are removed (kohya keeps them
+    /// when no `keep_tokens_separator` is present), tags are joined with `separator + " "` (kohya:
+    /// always `", "`), step 3 never picks an empty line, and a caption of several lines without
+    /// `caption_per_line` or `enable_wildcard` stays whole (kohya keeps its first line).
     pub fn apply_keyed(
         &self,
         text: &str,
@@ -169,49 +207,87 @@ impl CaptionOptions {
         if self.is_identity() {
             return text.to_owned();
         }
-        if self.caption_dropout_rate > 0.0
-            && rng::uniform(seed, dropout.0, Stream::CaptionDropout, dropout.1)
-                < self.caption_dropout_rate
+        let every = self.caption_dropout_every_n_epochs;
+        if (every > 0 && (dropout.0 + 1).is_multiple_of(every))
+            || (self.caption_dropout_rate > 0.0
+                && rng::uniform(seed, dropout.0, Stream::CaptionDropout, dropout.1)
+                    < self.caption_dropout_rate)
         {
             return String::new();
         }
         self.variant(text, seed, ops)
     }
 
-    /// Whether any operation but the whole-caption dropout can change a caption (a variant choice,
-    /// a tag shuffle or tag dropout): the operations `text_variants` precomputes.
+    /// Whether any operation but the whole-caption dropout can change a caption differently from
+    /// one draw to the next (a line choice, a wildcard, a tag shuffle or tag dropout): the
+    /// operations `text_variants` precomputes.
     pub fn has_variants(&self) -> bool {
-        self.caption_per_line || self.shuffle_caption || self.caption_tag_dropout_rate > 0.0
+        self.caption_per_line
+            || self.enable_wildcard
+            || self.shuffle_caption
+            || self.caption_tag_dropout_rate > 0.0
     }
 
-    /// The caption after the variant choice and the tag operations, without the whole-caption
-    /// dropout, their draws keyed by `(seed, ops.0, stream, ops.1)` (see
-    /// [`CaptionOptions::apply_keyed`], which equals this whenever the caption is not dropped).
+    /// The caption after steps 1 and 3–6 of [`CaptionOptions::apply_keyed`] (everything but the
+    /// whole-caption dropout), their draws keyed by `(seed, ops.0, stream, ops.1)`; equal to
+    /// `apply_keyed` whenever the caption is not dropped.
     pub fn variant(&self, text: &str, seed: u64, ops: (u64, u64)) -> String {
-        let mut caption = text;
-        if self.caption_per_line {
-            let lines: Vec<&str> = text
+        let mut caption = text.to_owned();
+        if !self.prefix.is_empty() {
+            caption = format!("{} {caption}", self.prefix);
+        }
+        if !self.suffix.is_empty() {
+            caption = format!("{caption} {}", self.suffix);
+        }
+        if self.caption_per_line || self.enable_wildcard {
+            let lines: Vec<&str> = caption
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
             if !lines.is_empty() {
                 let u = rng::uniform(seed, ops.0, Stream::CaptionChoice, ops.1);
-                caption = lines[((u * lines.len() as f64) as usize).min(lines.len() - 1)];
+                caption =
+                    lines[((u * lines.len() as f64) as usize).min(lines.len() - 1)].to_owned();
             }
         }
-        if !self.shuffle_caption && self.caption_tag_dropout_rate == 0.0 {
-            return caption.to_owned();
+        if self.enable_wildcard {
+            let mut g = SplitMix64::new(seed, ops.0, Stream::Wildcard, ops.1);
+            caption = replace_wildcards(&caption, &mut g);
         }
-        let tags: Vec<&str> = caption
-            .split(self.separator.as_str())
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .collect();
-        let keep = self.keep_tokens.min(tags.len());
-        let (fixed, rest) = tags.split_at(keep);
-        let mut rest = rest.to_vec();
-        let mut g = SplitMix64::new(seed, ops.0, Stream::Tags, ops.1);
+        if self.shuffle_caption || self.caption_tag_dropout_rate > 0.0 {
+            caption = self.tag_ops(
+                &caption,
+                &mut SplitMix64::new(seed, ops.0, Stream::Tags, ops.1),
+            );
+        }
+        if !self.secondary_separator.is_empty() {
+            caption = caption.replace(self.secondary_separator.as_str(), &self.separator);
+        }
+        caption
+    }
+
+    /// Step 5 of [`CaptionOptions::apply_keyed`].
+    fn tag_ops(&self, caption: &str, g: &mut SplitMix64) -> String {
+        let split = |part: &str| -> Vec<String> {
+            part.split(self.separator.as_str())
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let kts = self.keep_tokens_separator.as_str();
+        let (fixed, mut rest, suffix) = match caption.split_once(kts).filter(|_| !kts.is_empty()) {
+            Some((fixed, flex)) => match flex.split_once(kts) {
+                Some((flex, tail)) => (split(fixed), split(flex), split(tail)),
+                None => (split(fixed), split(flex), Vec::new()),
+            },
+            None => {
+                let mut tags = split(caption);
+                let rest = tags.split_off(self.keep_tokens.min(tags.len()));
+                (tags, rest, Vec::new())
+            }
+        };
         if self.shuffle_caption {
             g.shuffle(&mut rest);
         }
@@ -219,14 +295,46 @@ impl CaptionOptions {
             let rate = self.caption_tag_dropout_rate;
             rest.retain(|_| (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64 >= rate);
         }
-        let joiner = format!("{} ", self.separator);
-        fixed
-            .iter()
-            .chain(rest.iter())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(&joiner)
+        [fixed, rest, suffix]
+            .concat()
+            .join(&format!("{} ", self.separator))
     }
+}
+
+/// `caption` with each `{a|b|c}` replaced by one of its `|`-separated options (each drawn with
+/// `g.below`, left to right) and `{{` / `}}` read as literal `{` / `}`: kohya-ss sd-scripts'
+/// wildcard step (`re.sub(r"\{([^}]+)\}", ...)` on the caption with the doubled braces set aside).
+fn replace_wildcards(caption: &str, g: &mut SplitMix64) -> String {
+    // Each character, and whether it is a brace written doubled (a literal, never a group's edge).
+    let mut chars: Vec<(char, bool)> = Vec::with_capacity(caption.len());
+    let mut it = caption.chars().peekable();
+    while let Some(c) = it.next() {
+        let doubled = (c == '{' || c == '}') && it.next_if_eq(&c).is_some();
+        chars.push((c, doubled));
+    }
+    let is = |k: usize, brace: char| chars[k] == (brace, false);
+    let mut out = String::with_capacity(caption.len());
+    let mut i = 0;
+    while i < chars.len() {
+        // A group is `{`, at least one character that is not `}`, then `}`.
+        let end = is(i, '{')
+            .then(|| (i + 1..chars.len()).find(|&k| is(k, '}')))
+            .flatten()
+            .filter(|&end| end > i + 1);
+        match end {
+            Some(end) => {
+                let body: String = chars[i + 1..end].iter().map(|&(c, _)| c).collect();
+                let options: Vec<&str> = body.split('|').collect();
+                out.push_str(options[g.below(options.len())]);
+                i = end + 1;
+            }
+            None => {
+                out.push(chars[i].0);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -420,5 +528,104 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("caption_tag_dropout_rate"));
+    }
+
+    fn kohya(shuffle: bool, tag_dropout: f64) -> CaptionOptions {
+        // The "secondary_separator, wildcard notation, keep_tokens_separator" example of kohya-ss
+        // sd-scripts docs/config_README-en.md.
+        CaptionOptions {
+            shuffle_caption: shuffle,
+            caption_tag_dropout_rate: tag_dropout,
+            keep_tokens_separator: "|||".into(),
+            secondary_separator: ";;;".into(),
+            enable_wildcard: true,
+            prefix: "1girl, hatsune miku, vocaloid |||".into(),
+            suffix: ", anime screencap ||| masterpiece, rating: general".into(),
+            ..CaptionOptions::default()
+        }
+    }
+
+    #[test]
+    fn kohya_example_keeps_the_fixed_parts_and_joins_secondary_tags() {
+        let text = "upper body, {simple|white} background, sky;;;cloud;;;day, outdoors";
+        // Every free tag dropped: the prefix's and the suffix's fixed parts remain.
+        assert_eq!(
+            kohya(false, 1.0).apply(text, 1, 0, 0),
+            "1girl, hatsune miku, vocaloid, masterpiece, rating: general"
+        );
+        let mut backgrounds = std::collections::HashSet::new();
+        for sample in 0..40 {
+            let out = kohya(true, 0.0).apply(text, 5, 0, sample);
+            let tags = split(&out);
+            assert_eq!(&tags[..3], ["1girl", "hatsune miku", "vocaloid"], "{out}");
+            assert_eq!(&tags[tags.len() - 2..], ["masterpiece", "rating: general"]);
+            let mut free: Vec<&str> = tags[3..tags.len() - 2].to_vec();
+            let background = *free.iter().find(|t| t.ends_with(" background")).unwrap();
+            backgrounds.insert(background.to_owned());
+            free.sort();
+            let mut want = [
+                "anime screencap",
+                background,
+                "outdoors",
+                "sky,cloud,day",
+                "upper body",
+            ];
+            want.sort();
+            assert_eq!(free, want, "{out}");
+        }
+        assert_eq!(
+            backgrounds,
+            ["simple background", "white background"]
+                .map(String::from)
+                .into()
+        );
+    }
+
+    #[test]
+    fn each_kohya_step_alone() {
+        let plain = CaptionOptions::default;
+        let with = |f: fn(&mut CaptionOptions)| {
+            let mut o = plain();
+            f(&mut o);
+            o
+        };
+        let prefixed = with(|o| {
+            o.prefix = "masterpiece,".into();
+            o.suffix = ", from side".into();
+        });
+        // Prefix before the first line, suffix after the last (kohya adds them to the whole text).
+        assert_eq!(
+            prefixed.apply("a\nb", 0, 0, 0),
+            "masterpiece, a\nb , from side"
+        );
+        let secondary = with(|o| o.secondary_separator = ";;;".into());
+        assert_eq!(secondary.apply("a, sky;;;cloud", 0, 0, 0), "a, sky,cloud");
+        // keep_tokens_separator acts only with shuffle or tag dropout, as in kohya.
+        let kts = with(|o| o.keep_tokens_separator = "|||".into());
+        assert_eq!(kts.apply("a ||| b, c", 0, 0, 0), "a ||| b, c");
+        let kts_drop = with(|o| {
+            o.keep_tokens_separator = "|||".into();
+            o.keep_tokens = 2;
+            o.caption_tag_dropout_rate = 1.0;
+        });
+        // The separator replaces keep_tokens; without it keep_tokens counts.
+        assert_eq!(kts_drop.apply("a ||| b, c ||| d", 0, 0, 0), "a, d");
+        assert_eq!(kts_drop.apply("a, b, c, d", 0, 0, 0), "a, b");
+        let wild = with(|o| o.enable_wildcard = true);
+        assert_eq!(
+            wild.apply("a {x} b {} {{retro style}}", 0, 0, 0),
+            "a x b {} {retro style}"
+        );
+        assert!(["a", ""].contains(&wild.apply("{a|}", 0, 0, 0).as_str()));
+        assert!(wild.has_variants());
+        // A random line, then its wildcards: every (line, option) pair shows up.
+        let seen: std::collections::HashSet<String> = (0..64)
+            .map(|s| wild.apply("{p|q} one\n\n{p|q} two", 3, 0, s))
+            .collect();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        let every = with(|o| o.caption_dropout_every_n_epochs = 2);
+        // kohya's epochs count from 1: its 2nd and 4th are epochs 1 and 3 here.
+        let by_epoch: Vec<String> = (0..4).map(|e| every.apply("a", 0, e, 7)).collect();
+        assert_eq!(by_epoch, ["a", "", "a", ""]);
     }
 }

@@ -28,6 +28,9 @@ pub struct Subset {
     /// Captions by image path (`root.join(relative)`), replacing caption files: what an HF
     /// imagefolder `metadata.jsonl` gives. Images not in the map have no caption.
     pub captions: Option<BTreeMap<PathBuf, String>>,
+    /// The caption of an image that has none (no caption file, or not in `captions`): kohya-ss
+    /// sd-scripts' DreamBooth `class_tokens`. `None`: such images have the empty caption.
+    pub class_tokens: Option<String>,
     /// Caption variants, dropout and tag operations.
     pub caption: CaptionOptions,
     /// Flip probability for this subset; `None` = the loader's `flip_prob`.
@@ -46,6 +49,7 @@ impl Subset {
             is_reg: false,
             caption_extensions: None,
             captions: None,
+            class_tokens: None,
             caption: CaptionOptions::default(),
             flip_prob: None,
             crop: None,
@@ -75,6 +79,54 @@ impl Subset {
             validate_caption_extensions(exts).map_err(named)?;
         }
         self.caption.validate().map_err(named)
+    }
+
+    /// Its options as [`crate::pipeline::Loader::dataset_digest`] hashes them (not its folder): the
+    /// `Debug` text subsets had before the kohya-ss caption options and `class_tokens` existed, those
+    /// appended only when set, so that digests (and saved loader states) without them stay valid.
+    pub fn digest_text(&self) -> String {
+        let c = &self.caption;
+        let mut text = format!(
+            "Subset {{ root: \"\", num_repeats: {:?}, is_reg: {:?}, caption_extensions: {:?}, captions: {:?}, \
+             caption: CaptionOptions {{ caption_per_line: {:?}, caption_dropout_rate: {:?}, keep_tokens: {:?}, \
+             shuffle_caption: {:?}, caption_tag_dropout_rate: {:?}, separator: {:?} }}, flip_prob: {:?}, \
+             crop: {:?} }}",
+            self.num_repeats,
+            self.is_reg,
+            self.caption_extensions,
+            self.captions,
+            c.caption_per_line,
+            c.caption_dropout_rate,
+            c.keep_tokens,
+            c.shuffle_caption,
+            c.caption_tag_dropout_rate,
+            c.separator,
+            self.flip_prob,
+            self.crop,
+        );
+        let kohya = (
+            &self.class_tokens,
+            c.caption_dropout_every_n_epochs,
+            &c.prefix,
+            &c.suffix,
+            &c.keep_tokens_separator,
+            &c.secondary_separator,
+            c.enable_wildcard,
+        );
+        let default = CaptionOptions::default();
+        let unset = (
+            &None,
+            default.caption_dropout_every_n_epochs,
+            &default.prefix,
+            &default.suffix,
+            &default.keep_tokens_separator,
+            &default.secondary_separator,
+            default.enable_wildcard,
+        );
+        if kohya != unset {
+            text.push_str(&format!(" {kohya:?}"));
+        }
+        text
     }
 }
 
@@ -122,5 +174,21 @@ mod tests {
             let msg = s.validate().unwrap_err().to_string();
             assert!(msg.contains(name) && msg.contains("/d/a"), "{msg}");
         }
+    }
+
+    #[test]
+    fn digests_of_subsets_without_the_kohya_options_are_unchanged() {
+        // The derived `Debug` of a default subset before the kohya-ss options existed.
+        let before = "Subset { root: \"\", num_repeats: 1, is_reg: false, caption_extensions: None, \
+                      captions: None, caption: CaptionOptions { caption_per_line: false, \
+                      caption_dropout_rate: 0.0, keep_tokens: 0, shuffle_caption: false, \
+                      caption_tag_dropout_rate: 0.0, separator: \",\" }, flip_prob: None, crop: None }";
+        assert_eq!(Subset::new("/any/where").digest_text(), before);
+        let mut kohya = Subset::new("/d");
+        kohya.caption.enable_wildcard = true;
+        assert_eq!(
+            kohya.digest_text(),
+            format!("{before} (None, 0, \"\", \"\", \"\", \"\", true)")
+        );
     }
 }

@@ -37,6 +37,8 @@ pub enum Stream {
     VariantCropY = 12,
     /// Which of an image's `text_variants` caption variants a sample uses, per (epoch, sample).
     TextVariant = 13,
+    /// The option each `{a|b|c}` wildcard of one sample's caption takes (caption.rs).
+    Wildcard = 14,
 }
 
 fn mix(mut z: u64) -> u64 {

@@ -43,6 +43,9 @@ pub struct ScanOptions {
     /// files when given (an HF imagefolder `metadata.jsonl`); an image not in the map has none.
     /// Default `None`.
     pub captions: Option<BTreeMap<PathBuf, String>>,
+    /// The caption of an image without one (kohya's `class_tokens`); it still counts as missing
+    /// ([`ImageEntry::caption_found`] is false). Default `None` (the empty caption).
+    pub class_tokens: Option<String>,
 }
 
 impl Default for ScanOptions {
@@ -52,6 +55,7 @@ impl Default for ScanOptions {
             max_pixels: DecodeOptions::default().max_pixels,
             num_threads: 0,
             captions: None,
+            class_tokens: None,
         }
     }
 }
@@ -63,7 +67,8 @@ pub struct ImageEntry {
     pub path: PathBuf,
     /// The file's header (stored size and EXIF orientation; see [`Header::upright_size`]).
     pub header: Header,
-    /// Caption text (see [`crate::caption::read_caption`]); empty when no caption file exists.
+    /// Caption text (see [`crate::caption::read_caption`]); [`ScanOptions::class_tokens`] (or empty)
+    /// when no caption file exists.
     pub caption: String,
     /// Whether a caption file was found (an existing but empty file counts as found).
     pub caption_found: bool,
@@ -262,7 +267,7 @@ fn probe_one(path: &Path, opts: &ScanOptions) -> std::result::Result<ImageEntry,
     let mut entry = ImageEntry {
         path: path.to_path_buf(),
         header,
-        caption: String::new(),
+        caption: opts.class_tokens.clone().unwrap_or_default(),
         caption_found: false,
         caption_fallback_encoding: false,
     };

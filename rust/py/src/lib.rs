@@ -47,6 +47,10 @@ fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cache::latent_key, m)?)?;
     m.add_function(wrap_pyfunction!(cache::text_key, m)?)?;
     m.add_function(wrap_pyfunction!(cache::cache_gc, m)?)?;
+    m.add(
+        "IMAGE_EXTENSIONS",
+        fastdiff_core::scan::IMAGE_EXTENSIONS.map(|e| format!(".{e}")),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

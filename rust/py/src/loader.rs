@@ -33,7 +33,10 @@ impl NativeSubset {
     #[pyo3(signature = (
         root, *, num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
         caption_per_line = false, caption_dropout_rate = 0.0, keep_tokens = 0, shuffle_caption = false,
-        caption_tag_dropout_rate = 0.0, caption_separator = ",", flip_prob = None, crop = None
+        caption_tag_dropout_rate = 0.0, caption_separator = ",", flip_prob = None, crop = None,
+        class_tokens = None, caption_dropout_every_n_epochs = 0, caption_prefix = None,
+        caption_suffix = None, keep_tokens_separator = None, secondary_separator = None,
+        enable_wildcard = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -50,6 +53,13 @@ impl NativeSubset {
         caption_separator: &str,
         flip_prob: Option<f64>,
         crop: Option<&str>,
+        class_tokens: Option<String>,
+        caption_dropout_every_n_epochs: u64,
+        caption_prefix: Option<String>,
+        caption_suffix: Option<String>,
+        keep_tokens_separator: Option<String>,
+        secondary_separator: Option<String>,
+        enable_wildcard: bool,
     ) -> PyResult<Self> {
         let inner = Subset {
             root,
@@ -57,13 +67,20 @@ impl NativeSubset {
             is_reg,
             caption_extensions,
             captions: captions.map(|c| c.into_iter().collect::<BTreeMap<_, _>>()),
+            class_tokens,
             caption: CaptionOptions {
                 caption_per_line,
                 caption_dropout_rate,
+                caption_dropout_every_n_epochs,
                 keep_tokens,
                 shuffle_caption,
                 caption_tag_dropout_rate,
                 separator: caption_separator.to_owned(),
+                prefix: caption_prefix.unwrap_or_default(),
+                suffix: caption_suffix.unwrap_or_default(),
+                keep_tokens_separator: keep_tokens_separator.unwrap_or_default(),
+                secondary_separator: secondary_separator.unwrap_or_default(),
+                enable_wildcard,
             },
             flip_prob,
             crop: crop.map(|c| parse("crop", c)).transpose()?,

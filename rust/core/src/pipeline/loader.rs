@@ -149,6 +149,7 @@ impl Loader {
                     max_pixels: opts.max_pixels,
                     num_threads: opts.num_threads,
                     captions: subset.captions.take(),
+                    class_tokens: subset.class_tokens.clone(),
                 },
             )?;
             let mut kept = Vec::with_capacity(scanned.images.len());
@@ -293,16 +294,7 @@ impl Loader {
         let inner = &*self.inner;
         let mut h = Fnv::default();
         for s in &inner.subsets {
-            h.write(
-                format!(
-                    "{:?}",
-                    Subset {
-                        root: PathBuf::new(),
-                        ..s.clone()
-                    }
-                )
-                .as_bytes(),
-            );
+            h.write(s.digest_text().as_bytes());
         }
         for (e, &k) in inner.images.iter().zip(&inner.subset_of) {
             let rel = e
