@@ -37,7 +37,6 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
-from fastdiff.training.sd_pipeline import pipeline_kind
 from fastdiff.training.setup import make_batches, make_loader, resolve_device, with_dataset_options
 from fastdiff.training.tiny import TinyTask
 
