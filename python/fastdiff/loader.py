@@ -49,8 +49,10 @@ class DataLoader:
     """Iterable of aspect-bucketed training batches decoded by fastdiff's Rust core.
 
     At construction the folder is scanned (headers only, in parallel): every ``.jpg .jpeg .jfif .png
-    .webp .bmp .dib .tif .tiff .gif`` file in any letter case, recursively, hidden files and ``._*``
-    stubs ignored (``.avif .heic .heif .jxl`` files are found too, and skipped as ``unsupported``); each
+    .webp .bmp .dib .tif .tiff .gif .jxl`` file in any letter case, recursively, and any other file whose
+    first bytes are an image's, hidden files and ``._*`` stubs left out (``.avif .heic .heif`` files are
+    found too, and skipped as ``unsupported``; the files passed over are counted in
+    ``report["passed_over"]``); each
     image is paired with the caption in a sibling file of the same stem (first of ``caption_extensions``
     found; none gives ``""``), or, when the folder holds an HF imagefolder ``metadata.jsonl``, with its
     caption (see :class:`fastdiff.Subset`). Each image goes to the aspect-ratio bucket nearest in log aspect

@@ -47,6 +47,9 @@ def format_report(report: Report, batches: int) -> str:
     lines = [
         f"root: {report['root']}" if len(subsets) <= 1 else f"subsets: {len(subsets)} (listed below)",
         f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}",
+        f"other files passed over: {report['passed_over']['other_files']}"
+        f"  caption files: {report['passed_over']['caption_files']}"
+        f"  hidden: {report['passed_over']['hidden']}",
         "formats: " + ", ".join(f"{k} {v}" for k, v in sorted(report["formats"].items())),
         f"size range (h x w): {report['min_size'][0]}x{report['min_size'][1]}"
         f" .. {report['max_size'][0]}x{report['max_size'][1]}",

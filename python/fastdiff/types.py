@@ -98,7 +98,7 @@ class Batch(_BatchMeta, total=False):
 
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable
 #: (``io``), not a decodable image (``decode``), an image of a format this build does not decode, such
-#: as AVIF, HEIF/HEIC or JPEG XL (``unsupported``), header over ``max_pixels`` (``too_large``), under
+#: as AVIF or HEIF/HEIC (``unsupported``), header over ``max_pixels`` (``too_large``), under
 #: one ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), no
 #: cache entry for it (``cache_miss``), a damaged cache file (``corrupt``), a bug caught while loading
 #: it (``panic``), memory or a codec handle refused (``resource``), an internal failure (``internal``).
@@ -149,15 +149,32 @@ class SubsetReport(TypedDict):
     images_per_bucket: list[tuple[tuple[int, int], int]]
 
 
+class PassedOver(TypedDict):
+    """Files in the dataset folders that are not images (:attr:`Report.passed_over`).
+
+    Keys:
+        caption_files: Files ending in a caption extension (``.txt``, ``.caption``, or the subset's).
+        other_files: Other files: no image extension and no image magic bytes.
+        hidden: Hidden entries (name starting with ``.``) left out; a hidden folder counts once and
+            is not entered.
+    """
+
+    caption_files: int
+    other_files: int
+    hidden: int
+
+
 class Report(TypedDict):
     """What the scan and the loading so far found (:attr:`fastdiff.DataLoader.report`).
 
     Keys:
         root: The first subset's folder.
-        found: Image files found.
+        found: Image files found: by extension, or by their first bytes whatever their name.
         loaded: Files accepted; ``loaded + len(skipped) == found`` always.
         skipped: Files left out, with the reason; files failing while decoding are added as they are met.
-        formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``, ``"bmp"``, ``"tiff"``, ``"gif"``).
+        passed_over: The other files met, by kind (caption files, other files, hidden entries).
+        formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``, ``"bmp"``, ``"tiff"``, ``"gif"``,
+            ``"jxl"``).
         min_size: Upright ``(h, w)`` in pixels of the smallest accepted image, by area.
         max_size: The same of the largest.
         captions_missing: Accepted images without a caption.
@@ -175,6 +192,7 @@ class Report(TypedDict):
     found: int
     loaded: int
     skipped: list[SkippedFile]
+    passed_over: PassedOver
     formats: dict[str, int]
     min_size: tuple[int, int]
     max_size: tuple[int, int]

@@ -23,8 +23,8 @@ import torch
 import fastdiff
 
 #: What fastdiff's scan picks up and decodes (compared lowercased); the baseline lists the same files.
-#: The scan also finds ``.avif .heic .heif .jxl`` files, only to report them as ``unsupported``
-#: skips, so they are left out here: neither loader reads them.
+#: The scan also finds ``.avif .heic .heif`` files, only to report them as ``unsupported`` skips, and
+#: reads ``.jxl``, which the baseline cannot: both are left out here.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif")
 #: Caption files tried in order, as fastdiff's default ``caption_extensions``.
 CAPTION_EXTENSIONS = (".txt", ".caption")

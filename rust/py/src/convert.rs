@@ -150,6 +150,11 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
     d.set_item("max_size", (r.max_size.1, r.max_size.0))?;
     d.set_item("captions_missing", r.captions_missing)?;
     d.set_item("captions_fallback_encoding", r.captions_fallback_encoding)?;
+    let passed_over = PyDict::new(py);
+    passed_over.set_item("caption_files", r.passed_over.caption_files)?;
+    passed_over.set_item("other_files", r.passed_over.other_files)?;
+    passed_over.set_item("hidden", r.passed_over.hidden)?;
+    d.set_item("passed_over", passed_over)?;
     let per_bucket = PyList::empty(py);
     for (b, n) in &r.images_per_bucket {
         per_bucket.append(((b.height, b.width), n))?;

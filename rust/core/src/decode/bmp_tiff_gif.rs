@@ -1,6 +1,11 @@
-//! BMP, TIFF (first page) and GIF (first frame) through the `image` crate's pure-Rust decoders, to
-//! RGB8 as stored; and the header walks that give their size (and TIFF's orientation) without
-//! decoding pixels.
+//! BMP and GIF (first frame) through the `image` crate's pure-Rust decoders, TIFF (first page)
+//! through the `tiff` crate beneath it, to RGB8 as stored; and the header walks that give their size
+//! (and TIFF's orientation) without decoding pixels.
+//!
+//! TIFF is read with the `tiff` crate directly because the `image` crate converts CMYK its own way
+//! (`(255 - c) * (255 - k) / 255`, truncated) and refuses planar CMYK: here every 8/16-bit gray,
+//! gray + alpha, RGB, RGBA and CMYK TIFF, chunky or planar (`PlanarConfiguration` 2), is read and
+//! CMYK converted exactly as Pillow's `convert("RGB")` does (its `cmyk2rgb`).
 //!
 //! As for PNG, our own header walk gives the size before the `image` crate allocates anything, and
 //! the crate's limits are set so that only corrupt headers reach them. Pixel conversion is
@@ -11,10 +16,13 @@ use std::path::Path;
 
 use image::codecs::bmp::BmpDecoder;
 use image::codecs::gif::GifDecoder;
-use image::codecs::tiff::TiffDecoder;
-use image::ImageError;
+use image::{ColorType, ImageError};
+use tiff::decoder::{Decoder as TiffReader, DecodingResult, Limits as TiffLimits};
+use tiff::tags::Tag;
+use tiff::TiffError;
 
 use super::header::{need, parse_header, SliceSource, Source};
+use super::pixels::{cmyk_to_rgb, round16};
 use super::png_webp::{image_limits, into_rgb, read_all};
 use super::{check_pixels, DecodeOptions, ImageFormat, RgbImage};
 use crate::error::{Error, Result};
@@ -108,7 +116,8 @@ pub(super) fn tiff_header(
     }
 }
 
-/// Decode a BMP, TIFF or GIF with the `image` crate to RGB8 as stored (orientation not applied).
+/// Decode a BMP or GIF with the `image` crate, a TIFF with the `tiff` crate, to RGB8 as stored
+/// (orientation not applied).
 pub(super) fn decode_bmp_tiff_gif(
     bytes: &[u8],
     path: &Path,
@@ -117,13 +126,14 @@ pub(super) fn decode_bmp_tiff_gif(
 ) -> Result<RgbImage> {
     let header = parse_header(&mut SliceSource(bytes), path, false)?;
     check_pixels(path, header.width, header.height, opts.max_pixels)?;
+    if format == ImageFormat::Tiff {
+        return decode_tiff(bytes, path, (header.width, header.height), opts);
+    }
     let name = match format {
         ImageFormat::Bmp => "BMP",
-        ImageFormat::Tiff => "TIFF",
         _ => "GIF",
     };
-    // A feature the decoder lacks (a TIFF compression, float samples) is the build's limit, not
-    // the file's fault.
+    // A feature the decoder lacks is the build's limit, not the file's fault.
     let bad = |e: ImageError| match e {
         ImageError::Unsupported(e) => Error::unsupported(path, format!("this {name} file ({e})")),
         e => Error::decode(path, format!("corrupt {name}: {e}")),
@@ -132,9 +142,6 @@ pub(super) fn decode_bmp_tiff_gif(
     let cursor = Cursor::new(bytes);
     let (dims, color, raw) = match format {
         ImageFormat::Bmp => read_all(BmpDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?,
-        ImageFormat::Tiff => {
-            read_all(TiffDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?
-        }
         _ => read_all(GifDecoder::new(cursor).map_err(bad)?, limits).map_err(bad)?,
     };
     into_rgb(
@@ -144,6 +151,113 @@ pub(super) fn decode_bmp_tiff_gif(
         (dims, color, raw),
         opts.background,
     )
+}
+
+/// A TIFF's first page with the `tiff` crate: 1-bit gray expanded to 0/255; 8/16-bit gray, gray +
+/// alpha, RGB and RGBA handed to `pixels` (16-bit rounded, alpha composited); CMYK (16-bit rounded
+/// to 8 first) through Pillow's `cmyk2rgb`; planar pages interleaved first. Other colour types
+/// (palette, YCbCr, Lab, CMYK + alpha, float or signed samples) and compressions the crate lacks are
+/// [`Error::Unsupported`]; `dims` is the size our header walk read.
+fn decode_tiff(
+    bytes: &[u8],
+    path: &Path,
+    dims: (u32, u32),
+    opts: &DecodeOptions,
+) -> Result<RgbImage> {
+    let bad = |e: TiffError| match e {
+        TiffError::UnsupportedError(e) => Error::unsupported(path, format!("this TIFF file ({e})")),
+        e => Error::decode(path, format!("corrupt TIFF: {e}")),
+    };
+    let unsupported = |what: String| Error::unsupported(path, format!("TIFF {what}"));
+    let mut limits = TiffLimits::default();
+    // Every plane of the largest allowed image at 16 bits and 5 samples, so that only corrupt
+    // headers reach the limit.
+    let max_bytes = opts.max_pixels.saturating_mul(10).saturating_add(64 << 20);
+    limits.decoding_buffer_size = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let mut reader = TiffReader::new(Cursor::new(bytes))
+        .map_err(bad)?
+        .with_limits(limits);
+    let formats = reader
+        .find_tag_unsigned_vec::<u16>(Tag::SampleFormat)
+        .map_err(bad)?;
+    if let Some(f) = formats.unwrap_or_default().into_iter().find(|&f| f != 1) {
+        return Err(unsupported(format!(
+            "sample format {f} (only unsigned integers are read)"
+        )));
+    }
+    let tiff_color = reader.colortype().map_err(bad)?;
+    let mut result = DecodingResult::U8(Vec::new());
+    let layout = reader.read_image_to_buffer(&mut result).map_err(bad)?;
+    let (raw, sample_bytes) = match result {
+        DecodingResult::U8(v) => (v, 1),
+        DecodingResult::U16(v) => (v.iter().flat_map(|s| s.to_ne_bytes()).collect(), 2),
+        _ => return Err(unsupported(format!("colour type {tiff_color:?}"))),
+    };
+    if raw.len() < layout.complete_len {
+        return Err(Error::decode(
+            path,
+            "corrupt TIFF: planes larger than the image",
+        ));
+    }
+    let raw = if layout.planes > 1 {
+        let stride = layout.plane_stride.map_or(0, |s| s.get());
+        interleave_planes(&raw, layout.planes, stride, sample_bytes)
+    } else {
+        raw
+    };
+    use tiff::ColorType as T;
+    let (color, raw) = match tiff_color {
+        T::Gray(1) => (ColorType::L8, expand_bits(&raw, dims.0)),
+        T::Gray(8) => (ColorType::L8, raw),
+        T::Gray(16) => (ColorType::L16, raw),
+        T::GrayA(8) => (ColorType::La8, raw),
+        T::GrayA(16) => (ColorType::La16, raw),
+        T::RGB(8) => (ColorType::Rgb8, raw),
+        T::RGB(16) => (ColorType::Rgb16, raw),
+        T::RGBA(8) => (ColorType::Rgba8, raw),
+        T::RGBA(16) => (ColorType::Rgba16, raw),
+        T::CMYK(8) => (ColorType::Rgb8, cmyk_to_rgb(&raw)),
+        T::CMYK(16) => {
+            let cmyk: Vec<u8> = raw
+                .chunks_exact(2)
+                .map(|s| round16(u16::from_ne_bytes([s[0], s[1]])))
+                .collect();
+            (ColorType::Rgb8, cmyk_to_rgb(&cmyk))
+        }
+        other => return Err(unsupported(format!("colour type {other:?}"))),
+    };
+    let size = reader.dimensions().map_err(bad)?;
+    into_rgb(path, "TIFF", dims, (size, color, raw), opts.background)
+}
+
+/// Planes `[plane 0][plane 1]...` of `stride` bytes each to interleaved samples of `sample_bytes`.
+fn interleave_planes(raw: &[u8], planes: usize, stride: usize, sample_bytes: usize) -> Vec<u8> {
+    let per_plane = stride / sample_bytes;
+    let mut out = vec![0u8; per_plane * planes * sample_bytes];
+    for (p, plane) in raw.chunks_exact(stride).take(planes).enumerate() {
+        for (i, sample) in plane.chunks_exact(sample_bytes).enumerate() {
+            let at = (i * planes + p) * sample_bytes;
+            out[at..at + sample_bytes].copy_from_slice(sample);
+        }
+    }
+    out
+}
+
+/// 1-bit rows (each padded to a whole byte, most significant bit first) to one byte per pixel,
+/// 0 or 255.
+fn expand_bits(raw: &[u8], width: u32) -> Vec<u8> {
+    let w = width as usize;
+    raw.chunks_exact(w.div_ceil(8))
+        .flat_map(|row| {
+            (0..w).map(move |x| {
+                if row[x / 8] & (0x80 >> (x % 8)) != 0 {
+                    255
+                } else {
+                    0
+                }
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -215,6 +329,116 @@ mod tests {
         out
     }
 
+    /// An uncompressed little-endian TIFF, one strip per plane: `samples` samples of `bits` bits
+    /// per pixel, `photometric` 1 (gray), 2 (RGB) or 5 (CMYK), `planar` 1 (chunky) or 2 (one plane
+    /// per sample); `data` holds the strips in order.
+    fn uncompressed_tiff(
+        (w, h): (u32, u32),
+        (bits, samples): (u16, u16),
+        photometric: u16,
+        planar: u16,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let planes = if planar == 2 { u32::from(samples) } else { 1 };
+        let strip = data.len() as u32 / planes;
+        let shorts = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let longs = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let offsets: Vec<u32> = (0..planes).map(|p| 8 + p * strip).collect();
+        // (tag, type, count, value bytes): values over 4 bytes go after the strips.
+        let tags: [(u16, u16, u32, Vec<u8>); 10] = [
+            (256, 4, 1, longs(&[w])),
+            (257, 4, 1, longs(&[h])),
+            (
+                258,
+                3,
+                u32::from(samples),
+                shorts(&vec![bits; usize::from(samples)]),
+            ),
+            (259, 3, 1, shorts(&[1])),
+            (262, 3, 1, shorts(&[photometric])),
+            (273, 4, planes, longs(&offsets)),
+            (277, 3, 1, shorts(&[samples])),
+            (278, 4, 1, longs(&[h])),
+            (279, 4, planes, longs(&vec![strip; planes as usize])),
+            (284, 3, 1, shorts(&[planar])),
+        ];
+        let mut extra = Vec::new();
+        let extra_at = 8 + data.len() as u32;
+        let mut entries = Vec::new();
+        for (tag, typ, count, value) in tags {
+            entries.extend_from_slice(&tag.to_le_bytes());
+            entries.extend_from_slice(&typ.to_le_bytes());
+            entries.extend_from_slice(&count.to_le_bytes());
+            if value.len() <= 4 {
+                entries.extend_from_slice(&value);
+                entries.resize(entries.len() + 4 - value.len(), 0);
+            } else {
+                entries.extend_from_slice(&(extra_at + extra.len() as u32).to_le_bytes());
+                extra.extend_from_slice(&value);
+            }
+        }
+        let mut out = b"II*\0".to_vec();
+        out.extend_from_slice(&(extra_at + extra.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(&extra);
+        out.extend_from_slice(&10u16.to_le_bytes());
+        out.extend_from_slice(&entries);
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn tiff_cmyk_converts_like_pillow() {
+        // Pillow's cmyk2rgb: r = (255 - k) - round(c * (255 - k) / 255). For c = 100, k = 50:
+        // 205 - round(80.39) = 125 (the image crate's (255 - c) * (255 - k) / 255 truncates to 124).
+        let cmyk = [
+            100, 0, 255, 50, 0, 0, 0, 0, 255, 255, 255, 255, 37, 128, 201, 0,
+        ];
+        let want = [125, 205, 0, 255, 255, 255, 0, 0, 0, 218, 127, 54];
+        let chunky = uncompressed_tiff((4, 1), (8, 4), 5, 1, &cmyk);
+        assert_eq!(decode(&chunky).unwrap().data, want);
+        // Planar: all C, then all M, Y, K.
+        let planar: Vec<u8> = (0..4)
+            .flat_map(|c| cmyk.iter().skip(c).step_by(4).copied())
+            .collect();
+        let file = uncompressed_tiff((4, 1), (8, 4), 5, 2, &planar);
+        assert_eq!(decode(&file).unwrap().data, want);
+        // 16-bit CMYK: each sample rounded to 8 bits first (0x6400 -> 100, 0x327F -> 50).
+        let cmyk16: Vec<u8> = [0x6400u16, 0, 0xFFFF, 0x327F]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let file = uncompressed_tiff((1, 1), (16, 4), 5, 1, &cmyk16);
+        assert_eq!(decode(&file).unwrap().data, want[..3]);
+    }
+
+    #[test]
+    fn tiff_planar_rgb_gray_alpha_and_1_bit() {
+        let q = quadrants(6, 4);
+        let planes: Vec<u8> = (0..3)
+            .flat_map(|c| q.iter().skip(c).step_by(3).copied())
+            .collect();
+        let file = uncompressed_tiff((6, 4), (8, 3), 2, 2, &planes);
+        assert_eq!(decode(&file).unwrap().data, q);
+        // 16-bit planar RGB rounds each sample.
+        let rgb16: Vec<u8> = [0xFFFFu16, 0x0080, 0x807F, 0, 0x8080, 0xFF7F]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let file = uncompressed_tiff((2, 1), (16, 3), 2, 2, &rgb16);
+        assert_eq!(decode(&file).unwrap().data, [255, 128, 128, 0, 0, 255]);
+        // 1-bit rows padded to whole bytes: 0b1010_0000 for a 3-pixel row.
+        let file = uncompressed_tiff((3, 2), (1, 1), 1, 1, &[0b1010_0000, 0b0100_0000]);
+        let gray: Vec<u8> = decode(&file)
+            .unwrap()
+            .data
+            .iter()
+            .step_by(3)
+            .copied()
+            .collect();
+        assert_eq!(gray, [255, 0, 255, 0, 255, 0]);
+    }
+
     #[test]
     fn new_magics_are_sniffed() {
         let q = quadrants(6, 4);
@@ -246,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn avif_heif_jxl_jpeg2000_are_unsupported_by_name() {
+    fn avif_heif_jpeg2000_are_unsupported_by_name() {
         let ftyp = |major: &[u8; 4], compatible: &[u8]| {
             let mut b = ((16 + compatible.len()) as u32).to_be_bytes().to_vec();
             b.extend_from_slice(b"ftyp");
@@ -256,17 +480,12 @@ mod tests {
             b.extend_from_slice(&[0; 16]);
             b
         };
-        let cases: [(Vec<u8>, &str); 8] = [
+        let cases: [(Vec<u8>, &str); 6] = [
             (ftyp(b"avif", b"mif1miaf"), "AVIF"),
             (ftyp(b"mif1", b"avifmiaf"), "AVIF"),
             (ftyp(b"heic", b"mif1heic"), "HEIF/HEIC"),
             (ftyp(b"mif1", b"heic"), "HEIF/HEIC"),
             (ftyp(b"msf1", b"hevc"), "HEIF/HEIC"),
-            (b"\xff\x0a\xfa\x7f\x01\x90\x08".to_vec(), "JPEG XL"),
-            (
-                b"\0\0\0\x0cJXL \r\n\x87\n\0\0\0\x14ftypjxl ".to_vec(),
-                "JPEG XL",
-            ),
             (b"\0\0\0\x0cjP  \r\n\x87\n".to_vec(), "JPEG 2000"),
         ];
         for (bytes, name) in cases {
@@ -284,7 +503,7 @@ mod tests {
         // An ISO media file of no image brand (an MP4) is not an image at all.
         let mp4 = decode_err(&ftyp(b"isom", b"mp41"));
         assert!(
-            mp4.contains("not a JPEG, PNG, WebP, BMP, TIFF or GIF file"),
+            mp4.contains("not a JPEG, PNG, WebP, BMP, TIFF, GIF or JPEG XL file"),
             "{mp4}"
         );
     }

@@ -1,5 +1,6 @@
 //! Header walks: the format from the magic bytes, then the stored size and (when asked) the EXIF
-//! block of a JPEG, PNG or WebP file (BMP, TIFF and GIF headers are walked in `bmp_tiff_gif`), over
+//! block of a JPEG, PNG or WebP file (BMP, TIFF and GIF headers are walked in `bmp_tiff_gif`, JPEG
+//! XL's in `jxl`), over
 //! a random-access [`Source`] (a slice, or a file read in small windows so that skipping a large
 //! segment costs no reading).
 //!
@@ -12,11 +13,12 @@ use std::path::Path;
 
 use super::bmp_tiff_gif::{bmp_header, gif_header, tiff_header};
 use super::exif::exif_orientation;
+use super::jxl::jxl_header;
 use super::{Header, ImageFormat};
 use crate::error::{Error, Result};
 
 /// The error for bytes that are not an image format we decode: [`Error::Unsupported`] naming the
-/// format for images we recognise but do not read (AVIF, HEIF/HEIC, JPEG XL, JPEG 2000), else
+/// format for images we recognise but do not read (AVIF, HEIF/HEIC, JPEG 2000), else
 /// [`Error::Decode`] saying what the bytes start with.
 pub(super) fn unknown_format(path: &Path, head: &[u8]) -> Error {
     if head.is_empty() {
@@ -27,7 +29,7 @@ pub(super) fn unknown_format(path: &Path, head: &[u8]) -> Error {
         None => Error::decode(
             path,
             format!(
-                "not a JPEG, PNG, WebP, BMP, TIFF or GIF file (starts with '{}')",
+                "not a JPEG, PNG, WebP, BMP, TIFF, GIF or JPEG XL file (starts with '{}')",
                 head[..head.len().min(16)].escape_ascii()
             ),
         ),
@@ -35,12 +37,8 @@ pub(super) fn unknown_format(path: &Path, head: &[u8]) -> Error {
 }
 
 /// The image format announced by magic bytes we recognise but cannot decode, if any.
-fn unsupported_format(head: &[u8]) -> Option<&'static str> {
-    const JXL_BOX: &[u8] = b"\0\0\0\x0cJXL \r\n\x87\n";
+pub(super) fn unsupported_format(head: &[u8]) -> Option<&'static str> {
     const JP2_BOX: &[u8] = b"\0\0\0\x0cjP  \r\n\x87\n";
-    if head.starts_with(&[0xFF, 0x0A]) || head.starts_with(JXL_BOX) {
-        return Some("JPEG XL");
-    }
     if head.starts_with(JP2_BOX) || head.starts_with(&[0xFF, 0x4F, 0xFF, 0x51]) {
         return Some("JPEG 2000");
     }
@@ -173,6 +171,7 @@ pub(super) fn parse_header(
         ImageFormat::Bmp => bmp_header(src, path)?,
         ImageFormat::Tiff => tiff_header(src, path, with_orientation)?,
         ImageFormat::Gif => gif_header(src, path)?,
+        ImageFormat::JpegXl => jxl_header(src, path, with_orientation)?,
     };
     if width == 0 || height == 0 {
         return Err(Error::decode(

@@ -1,7 +1,7 @@
 //! Image headers and decoding: JPEG (libjpeg-turbo through `turbojpeg`), PNG, WebP, BMP, TIFF and
-//! GIF (the `image` crate's pure-Rust decoders), always to upright 8-bit RGB. AVIF, HEIF/HEIC,
-//! JPEG XL and JPEG 2000 are recognised by their magic bytes and refused as
-//! [`Error::Unsupported`].
+//! GIF (the `image` crate's pure-Rust decoders) and JPEG XL (jxl-oxide, pure Rust), always to
+//! upright 8-bit RGB. AVIF, HEIF/HEIC and JPEG 2000 are recognised by their magic bytes and refused
+//! as [`Error::Unsupported`].
 //!
 //! * [`probe`] / [`probe_bytes`] read only the header: format (by magic bytes, never by extension),
 //!   stored size in pixels and EXIF orientation. No pixel data is decoded.
@@ -19,7 +19,8 @@
 //! the dispatch on the sniffed format); `header` (magic bytes and the header walks of each format,
 //! reading as little of the file as it can); `exif` (the orientation tag and what it means);
 //! `jpeg` (libjpeg-turbo, DCT scaling), `png_webp` or `bmp_tiff_gif` (the `image` crate, which
-//! also walks BMP, TIFF and GIF headers); `pixels` (conversion to
+//! also walks BMP, TIFF and GIF headers), `jxl` (jxl-oxide, and the JPEG XL header and `Exif` box
+//! walk); `pixels` (conversion to
 //! RGB8, alpha compositing, CMYK, and the orientation pass).
 //!
 //! Nothing here knows about buckets, batches or threads, and nothing trusts a file: every size is
@@ -30,6 +31,7 @@ mod bmp_tiff_gif;
 mod exif;
 mod header;
 mod jpeg;
+mod jxl;
 mod pixels;
 mod png_webp;
 #[cfg(test)]
@@ -45,7 +47,8 @@ use bmp_tiff_gif::decode_bmp_tiff_gif;
 use exif::transposes;
 use header::{parse_header, unknown_format, FileSource, SliceSource};
 use jpeg::{decompressor_error, new_decompressor};
-use pixels::apply_orientation;
+use jxl::{decode_jxl, CONTAINER_SIGNATURE};
+use pixels::{apply_orientation, undo_orientation};
 use png_webp::decode_png_webp;
 
 /// The image formats fastdiff reads, identified by their magic bytes.
@@ -64,10 +67,14 @@ pub enum ImageFormat {
     Tiff,
     /// GIF, 87a or 89a (`GIF87a`, `GIF89a`); the first frame is read.
     Gif,
+    /// JPEG XL, a bare codestream (`FF 0A`) or in its ISO BMFF container (`....JXL \r\n\x87\n`);
+    /// the first frame is read.
+    JpegXl,
 }
 
 impl ImageFormat {
-    /// Lower-case name used in reports: `"jpeg"`, `"png"`, `"webp"`, `"bmp"`, `"tiff"` or `"gif"`.
+    /// Lower-case name used in reports: `"jpeg"`, `"png"`, `"webp"`, `"bmp"`, `"tiff"`, `"gif"` or
+    /// `"jxl"`.
     pub fn name(&self) -> &'static str {
         match self {
             ImageFormat::Jpeg => "jpeg",
@@ -76,6 +83,7 @@ impl ImageFormat {
             ImageFormat::Bmp => "bmp",
             ImageFormat::Tiff => "tiff",
             ImageFormat::Gif => "gif",
+            ImageFormat::JpegXl => "jxl",
         }
     }
 
@@ -93,9 +101,26 @@ impl ImageFormat {
             Some(ImageFormat::Tiff)
         } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
             Some(ImageFormat::Gif)
+        } else if head.starts_with(&[0xFF, 0x0A]) || head.starts_with(CONTAINER_SIGNATURE) {
+            Some(ImageFormat::JpegXl)
         } else {
             None
         }
+    }
+}
+
+/// Whether `head`, a file's first bytes (32 when it has them), announces an image: a format we read
+/// (for BMP, whose `BM` may just as well start a text, the DIB header size must also be one of
+/// BMP's: 12, 16, 40, 52, 56, 64, 108 or 124) or one we recognise and skip as unsupported (AVIF,
+/// HEIF/HEIC, JPEG 2000). The scan uses it to find images whatever their extension.
+pub fn is_image_magic(head: &[u8]) -> bool {
+    match ImageFormat::sniff(head) {
+        Some(ImageFormat::Bmp) => head.get(14..18).is_some_and(|b| {
+            let dib = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            matches!(dib, 12 | 16 | 40 | 52 | 56 | 64 | 108 | 124)
+        }),
+        Some(_) => true,
+        None => header::unsupported_format(head).is_some(),
     }
 }
 
@@ -163,11 +188,14 @@ impl Default for DecodeOptions {
 /// not need: up to the SOF marker for JPEG (EXIF is the first `APP1 "Exif"` segment, as in Pillow),
 /// up to the first `IDAT` for PNG (EXIF from an `eXIf` chunk placed before it), and for WebP the
 /// first chunk plus, when the `VP8X` EXIF flag is set, the chunk headers up to `EXIF`; for BMP the
-/// file and DIB headers, for GIF the screen descriptor, and for TIFF the 8-byte header and the
-/// entries of the first IFD (size, and the orientation tag 274).
+/// file and DIB headers, for GIF the screen descriptor, for TIFF the 8-byte header and the
+/// entries of the first IFD (size, and the orientation tag 274), and for JPEG XL the codestream up
+/// to the end of its image header plus, in a container whose codestream says orientation 1, the box
+/// headers up to an `Exif` box (the codestream's orientation wins, as the format defines; the `Exif`
+/// one is used when the codestream's is 1, as Pillow does).
 ///
 /// Errors: [`Error::Io`] if the file cannot be opened or read; [`Error::Unsupported`] for an AVIF,
-/// HEIF/HEIC, JPEG XL or JPEG 2000 file (the message names the format); [`Error::Decode`] if it is
+/// HEIF/HEIC or JPEG 2000 file (the message names the format); [`Error::Decode`] if it is
 /// empty, not an image we know (the message says what it starts with), or its header is truncated
 /// or corrupt. The size limit is not checked here (see [`DecodeOptions::max_pixels`]).
 pub fn probe(path: &Path) -> Result<Header> {
@@ -220,11 +248,15 @@ impl Decoder {
     /// like Pillow's `convert("RGB")`; CMYK TIFFs are converted by the `image` crate
     /// (`(255 - c) * (255 - k) / 255`, truncated; about half a level from Pillow's on average). Animated WebP and APNG give their first frame (APNG: the
     /// default image), animated GIF its first frame drawn on the logical screen, with the GIF's
-    /// transparent colour composited like alpha; multi-page TIFF its first page.
+    /// transparent colour composited like alpha; multi-page TIFF its first page. JPEG XL (jxl-oxide,
+    /// one thread) gives its first frame, gray or RGB, with or without alpha, 8 or 16 bits (deeper
+    /// samples are rendered at 16 bits and rounded like PNG's), upright by the codestream's
+    /// orientation, then turned to `orientation` if that differs (an `Exif` box's, see [`probe`]).
     ///
     /// Errors: [`Error::TooLarge`] if the stored `width * height` exceeds `opts.max_pixels`, before
-    /// any pixel buffer is allocated; [`Error::Unsupported`] for AVIF, HEIF/HEIC, JPEG XL, JPEG 2000,
-    /// and the variants the `image` crate cannot read (such as float or JPEG-compressed TIFFs);
+    /// any pixel buffer is allocated; [`Error::Unsupported`] for AVIF, HEIF/HEIC, JPEG 2000,
+    /// CMYK JPEG XL, and the variants the `image` crate cannot read (such as float or
+    /// JPEG-compressed TIFFs);
     /// [`Error::Decode`] for empty, unknown, corrupt or truncated
     /// data, with a message saying what was wrong (libjpeg-turbo warnings such as "Premature end of
     /// JPEG file" count as failures). Never panics on bad input.
@@ -242,6 +274,13 @@ impl Decoder {
             ImageFormat::Png | ImageFormat::WebP => decode_png_webp(bytes, path, format, opts)?,
             ImageFormat::Bmp | ImageFormat::Tiff | ImageFormat::Gif => {
                 decode_bmp_tiff_gif(bytes, path, format, opts)?
+            }
+            ImageFormat::JpegXl => {
+                let (upright, own) = decode_jxl(bytes, path, opts)?;
+                if own == orientation {
+                    return Ok(upright);
+                }
+                undo_orientation(upright, own)
             }
         };
         Ok(apply_orientation(img, orientation))
@@ -272,7 +311,7 @@ mod tests {
         let html = decode_err(b"<html><body>404</body></html>");
         assert!(
             html.contains(
-                "not a JPEG, PNG, WebP, BMP, TIFF or GIF file (starts with '<html><body>404<')"
+                "not a JPEG, PNG, WebP, BMP, TIFF, GIF or JPEG XL file (starts with '<html><body>404<')"
             ),
             "{html}"
         );
@@ -294,6 +333,28 @@ mod tests {
                 probe_bytes(bytes, &p()),
                 Err(Error::Decode { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn image_magic_finds_images_not_texts() {
+        let png_bytes = png(&quadrants(4, 2), 4, 2, ExtendedColorType::Rgb8);
+        assert!(is_image_magic(&png_bytes[..32]));
+        assert!(is_image_magic(&jpeg(&quadrants(8, 8), 8, 8)[..32]));
+        assert!(is_image_magic(b"\xff\x0a\xfa\x7f\x01\x90\x08"));
+        assert!(is_image_magic(b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf"));
+        // A BMP needs a DIB header size BMP defines; text starting with "BM" has none.
+        let mut bmp = b"BM\0\0\0\0\0\0\0\0\0\0\0\0".to_vec();
+        bmp.extend_from_slice(&40u32.to_le_bytes());
+        assert!(is_image_magic(&bmp));
+        for text in [
+            &b"BMW on a road, sunny"[..],
+            b"BM",
+            b"",
+            b"<html>",
+            b"\0\0\0\x18ftypisom",
+        ] {
+            assert!(!is_image_magic(text), "{}", text.escape_ascii());
         }
     }
 

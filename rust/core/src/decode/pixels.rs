@@ -17,22 +17,31 @@ fn muldiv255(a: u32, b: u32) -> u32 {
 
 /// CMYK as stored by Adobe (Photoshop) JPEGs, i.e. inverted (0 = full ink), to RGB, exactly like
 /// Pillow: its JPEG plugin reads CMYK with raw mode `CMYK;I` ("assume adobe conventions") and
-/// `convert("RGB")` computes `r = (255 - k) - MULDIV255(c, 255 - k)` per channel.
+/// `convert("RGB")` is then [`cmyk_to_rgb`]'s.
 pub(super) fn adobe_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    cmyk_pixels_to_rgb(cmyk, |v| 255 - v)
+}
+
+/// CMYK (0 = no ink, as TIFF stores it) to RGB exactly like Pillow's `convert("RGB")`
+/// (`cmyk2rgb` in libImaging/Convert.c): `r = (255 - k) - MULDIV255(c, 255 - k)` per channel.
+pub(super) fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    cmyk_pixels_to_rgb(cmyk, |v| v)
+}
+
+/// Pillow's `cmyk2rgb` on samples that `ink` maps to ink amounts (0 = none, 255 = full).
+fn cmyk_pixels_to_rgb(cmyk: &[u8], ink: impl Fn(u32) -> u32) -> Vec<u8> {
     let mut rgb = vec![0u8; cmyk.len() / 4 * 3];
     for (px, out) in cmyk.chunks_exact(4).zip(rgb.chunks_exact_mut(3)) {
-        // Stored values are 255 - ink, so `255 - k` is the stored K byte itself.
-        let nk = u32::from(px[3]);
-        for (o, &stored) in out.iter_mut().zip(&px[..3]) {
-            let ink = 255 - u32::from(stored);
-            *o = (nk - muldiv255(ink, nk)) as u8;
+        let nk = 255 - ink(u32::from(px[3]));
+        for (o, &c) in out.iter_mut().zip(&px[..3]) {
+            *o = (nk - muldiv255(ink(u32::from(c)), nk)) as u8;
         }
     }
     rgb
 }
 
 /// 16-bit sample to 8 bits, rounding to nearest: `(v * 255 + 32767) / 65535`.
-fn round16(v: u16) -> u8 {
+pub(super) fn round16(v: u16) -> u8 {
     ((u32::from(v) * 255 + 32767) / 65535) as u8
 }
 
@@ -148,6 +157,17 @@ pub(super) fn apply_orientation(img: RgbImage, orientation: u8) -> RgbImage {
     }
 }
 
+/// Undo `orientation` (1..=8) on pixels it was applied to: 6 and 8 undo each other, every other
+/// orientation undoes itself.
+pub(super) fn undo_orientation(img: RgbImage, orientation: u8) -> RgbImage {
+    let inverse = match orientation {
+        6 => 8,
+        8 => 6,
+        o => o,
+    };
+    apply_orientation(img, inverse)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testkit::*;
@@ -172,6 +192,22 @@ mod tests {
         }
         for o in [0, 9, 255] {
             assert_eq!(apply_orientation(src.clone(), o), src);
+        }
+    }
+
+    #[test]
+    fn undo_orientation_restores_the_stored_pixels() {
+        let src = RgbImage {
+            width: 3,
+            height: 2,
+            data: (1..=18u8).collect(),
+        };
+        for o in 1..=8u8 {
+            assert_eq!(
+                undo_orientation(apply_orientation(src.clone(), o), o),
+                src,
+                "{o}"
+            );
         }
     }
 

@@ -17,7 +17,7 @@ use crate::cache::Key;
 use crate::dataset::Subset;
 use crate::error::{Error, Result, Skip};
 use crate::sampler;
-use crate::scan::{self, ImageEntry, ScanOptions};
+use crate::scan::{self, ImageEntry, PassedOver, ScanOptions};
 
 /// A scanned and bucketed dataset; cheap to share (`Send + Sync`), iterate epochs with
 /// [`Loader::iter_epoch`] (several iterators may run at once; they share the report).
@@ -58,6 +58,8 @@ pub(super) struct Inner {
     pub(super) bucket_samples: Vec<Vec<usize>>,
     pub(super) num_batches: usize,
     pub(super) found: usize,
+    /// The files of every subset's folder that are not image candidates.
+    pub(super) passed_over: PassedOver,
     pub(super) scan_skipped: Vec<Skip>,
     pub(super) failed: Mutex<Failed>,
     /// Recycled batch buffers, sized for the largest batch (`batch_size` samples of the largest
@@ -137,6 +139,7 @@ impl Loader {
         let mut images = Vec::new();
         let mut subset_of = Vec::new();
         let mut found = 0;
+        let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
             let mut scanned = scan::scan(
@@ -191,6 +194,7 @@ impl Loader {
                 });
             }
             found += scanned.found;
+            passed_over += scanned.passed_over;
             scan_skipped.extend(scanned.skipped);
             subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
             images.extend(scanned.images);
@@ -247,6 +251,7 @@ impl Loader {
             bucket_samples,
             num_batches,
             found,
+            passed_over,
             scan_skipped,
             failed: Mutex::new(Failed::default()),
             pool,

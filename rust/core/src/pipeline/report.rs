@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use super::loader::Loader;
 use crate::bucket::Bucket;
 use crate::error::Skip;
+use crate::scan::PassedOver;
 
 /// Summary of the dataset: what the scan found and what failed since.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +23,11 @@ pub struct Report {
     /// Files not loaded, with reasons, sorted by path: the scan's skips plus samples that failed while
     /// iterating with [`OnError::Skip`] (each file once).
     pub skipped: Vec<Skip>,
-    /// Loaded images per format name (`"jpeg"`, `"png"`, `"webp"`, from the header); sums to `loaded`.
+    /// Files in the subsets' folders that are not image candidates, by kind (caption files, other
+    /// files, hidden entries).
+    pub passed_over: PassedOver,
+    /// Loaded images per format name (`"jpeg"`, `"png"`, `"webp"`, ..., from the header); sums to
+    /// `loaded`.
     pub formats: BTreeMap<String, usize>,
     /// Smallest loaded image by upright area, as (width, height); (0, 0) when none is loaded.
     pub min_size: (u32, u32),
@@ -130,6 +135,7 @@ impl Loader {
             subsets,
             root: inner.root.clone(),
             found: inner.found,
+            passed_over: inner.passed_over,
             loaded: inner.found - skipped.len(),
             skipped,
             formats,
@@ -164,6 +170,12 @@ mod tests {
         assert_eq!(r.max_size, (128, 128));
         assert_eq!(r.captions_missing, 8);
         assert_eq!(r.captions_fallback_encoding, 0);
+        // The testkit dataset's caption files; nothing else.
+        let passed_over = PassedOver {
+            caption_files: 9,
+            ..PassedOver::default()
+        };
+        assert_eq!(r.passed_over, passed_over);
         assert_eq!(r.images_per_bucket.iter().map(|x| x.1).sum::<usize>(), 17);
         assert!(r.images_per_bucket.iter().all(|x| x.1 > 0));
         let order: Vec<usize> = r

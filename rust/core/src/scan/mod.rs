@@ -1,7 +1,9 @@
 //! Dataset scan: find the image files under a folder, read their headers and captions.
 //!
 //! Only headers are read (format, size, EXIF orientation), never pixels, so a scan of a large folder
-//! is I/O bound and fast; the headers are enough to assign buckets and plan epochs. Files that cannot
+//! is I/O bound and fast. A file is an image candidate by its extension or, failing that, by its
+//! first bytes (an image saved without or under a wrong extension is found too); every other file
+//! is counted in [`PassedOver`], so nothing in the folder disappears unseen; the headers are enough to assign buckets and plan epochs. Files that cannot
 //! be used are recorded as [`Skip`]s with the reason instead of aborting the scan, so one bad file in a
 //! million does not stop training.
 //!
@@ -13,15 +15,19 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use walkdir::WalkDir;
 
 use crate::caption::decode_caption;
 use crate::decode::{self, DecodeOptions, Header};
 use crate::error::{Error, Result, Skip};
+use walk::{has_caption_extension, starts_like_image, walk, Walk};
+
+mod walk;
 
 /// Image file extensions accepted by the scan (compared case-insensitively, without the dot). The
-/// formats named by the last four (AVIF, HEIF/HEIC, JPEG XL) are listed so that such files are
-/// reported as `unsupported` skips instead of disappearing from the dataset unseen.
+/// formats named by `avif`, `heic` and `heif` are listed so that such files are reported as
+/// `unsupported` skips instead of disappearing from the dataset unseen. Files with any other
+/// extension are candidates too when their first bytes are an image's (see
+/// [`decode::is_image_magic`]).
 pub const IMAGE_EXTENSIONS: [&str; 14] = [
     "jpg", "jpeg", "jfif", "png", "webp", "bmp", "dib", "tif", "tiff", "gif", "avif", "heic",
     "heif", "jxl",
@@ -77,6 +83,28 @@ pub struct ImageEntry {
     pub caption_fallback_encoding: bool,
 }
 
+/// Files under the scan root that are not image candidates, by kind; with the candidates
+/// ([`Scan::found`]) they account for every entry below the root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassedOver {
+    /// Files ending in one of the caption extensions (whether or not an image of their stem
+    /// exists); never sniffed for image bytes, so a caption starting with "BM" stays a caption.
+    pub caption_files: usize,
+    /// Other files: no image extension and no image magic bytes (or unreadable first bytes).
+    pub other_files: usize,
+    /// Hidden entries directly met (a name starting with `.`: files, and folders, which are not
+    /// entered, each counted once).
+    pub hidden: usize,
+}
+
+impl std::ops::AddAssign for PassedOver {
+    fn add_assign(&mut self, other: Self) {
+        self.caption_files += other.caption_files;
+        self.other_files += other.other_files;
+        self.hidden += other.hidden;
+    }
+}
+
 /// Result of [`scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scan {
@@ -93,6 +121,8 @@ pub struct Scan {
     /// Images in `images` whose caption was not valid in its encoding and was decoded by fallback
     /// (see [`crate::caption::Caption::fallback_encoding`]).
     pub captions_fallback_encoding: usize,
+    /// The files that are not image candidates, counted by kind.
+    pub passed_over: PassedOver,
 }
 
 /// Scan `root` for images.
@@ -100,8 +130,10 @@ pub struct Scan {
 /// Walks recursively, following symlinks (a link cycle or unreadable folder is recorded as a skip, as
 /// is a broken link whose name looks like an image). Accepts files ending in any of
 /// [`IMAGE_EXTENSIONS`] (`.jpg .jpeg .jfif .png .webp .bmp .dib .tif .tiff .gif .avif .heic .heif
-/// .jxl`) in any letter case; ignores every hidden entry below `root` (name starting with `.`, which
-/// includes macOS `._*` AppleDouble stubs and `.DS_Store`, and prunes hidden folders). Reads headers
+/// .jxl`) in any letter case, and any other file whose first 32 bytes are an image's
+/// ([`decode::is_image_magic`]) except caption files; leaves out every hidden entry below `root`
+/// (name starting with `.`, which includes macOS `._*` AppleDouble stubs and `.DS_Store`, and prunes
+/// hidden folders). What is left out is counted in [`Scan::passed_over`]. Reads first bytes, headers
 /// and captions in parallel on a rayon pool built for this call with `num_threads` threads and
 /// dropped before returning — never rayon's global pool, whose threads do not survive a `fork()`
 /// (PyTorch DataLoader workers fork).
@@ -120,22 +152,17 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         Ok(_) => return Err(no_images(root, "not a directory")),
         Err(e) => return Err(no_images(root, &e.to_string())),
     }
-    let (candidates, mut skipped) = walk(root);
-    if candidates.is_empty() && skipped.is_empty() {
-        return Err(no_images(
-            root,
-            &format!(
-                "no files ending in {} (any case)",
-                IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(" ")
-            ),
-        ));
-    }
-
+    let Walk {
+        mut candidates,
+        others,
+        mut skipped,
+        hidden,
+    } = walk(root);
     let threads = match opts.num_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
-    .clamp(1, candidates.len().max(1));
+    .clamp(1, candidates.len().max(others.len()).max(1));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("fastdiff-scan-{i}"))
@@ -146,6 +173,33 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
                 std::io::Error::other(format!("cannot start scan threads: {e}")),
             )
         })?;
+    let mut passed_over = PassedOver {
+        hidden,
+        ..PassedOver::default()
+    };
+    let (captions, others): (Vec<PathBuf>, Vec<PathBuf>) = others
+        .into_iter()
+        .partition(|p| has_caption_extension(p, &opts.caption_extensions));
+    passed_over.caption_files = captions.len();
+    let sniffed: Vec<bool> =
+        pool.install(|| others.par_iter().map(|p| starts_like_image(p)).collect());
+    for (path, image) in others.into_iter().zip(sniffed) {
+        if image {
+            candidates.push(path);
+        } else {
+            passed_over.other_files += 1;
+        }
+    }
+    if candidates.is_empty() && skipped.is_empty() {
+        return Err(no_images(
+            root,
+            &format!(
+                "no files ending in {} (any case) or starting with an image's magic bytes",
+                IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(" ")
+            ),
+        ));
+    }
+    candidates.sort();
     let probed: Vec<std::result::Result<ImageEntry, Skip>> =
         pool.install(|| candidates.par_iter().map(|p| probe_one(p, opts)).collect());
     drop(pool);
@@ -170,6 +224,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         skipped,
         captions_missing,
         captions_fallback_encoding,
+        passed_over,
     })
 }
 
@@ -191,52 +246,6 @@ fn no_images(root: &Path, reason: &str) -> Error {
         path: root.to_path_buf(),
         reason: reason.to_owned(),
     }
-}
-
-fn is_hidden(name: &std::ffi::OsStr) -> bool {
-    name.as_encoded_bytes().starts_with(b".")
-}
-
-fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-}
-
-/// Candidate image files (sorted by path) and the walk errors worth reporting.
-fn walk(root: &Path) -> (Vec<PathBuf>, Vec<Skip>) {
-    let mut candidates = Vec::new();
-    let mut skipped = Vec::new();
-    let walker = WalkDir::new(root)
-        .follow_links(true)
-        .into_iter()
-        // Depth 0 is the root itself, which may legitimately live in a hidden folder.
-        .filter_entry(|e| e.depth() == 0 || !is_hidden(e.file_name()));
-    for item in walker {
-        match item {
-            Ok(entry) => {
-                if entry.file_type().is_file() && has_image_extension(entry.path()) {
-                    candidates.push(entry.into_path());
-                }
-            }
-            Err(err) => {
-                // Errors bypass filter_entry, so hidden names are filtered here too. An entry with
-                // a non-image extension (a dangling `notes.txt` link) could never have been an image;
-                // everything else (image-named links, unreadable folders, link cycles) is reported
-                // so that no part of the dataset disappears silently.
-                let Some(path) = err.path().map(Path::to_path_buf) else {
-                    continue;
-                };
-                let hidden = path.file_name().is_some_and(is_hidden);
-                let other_file = path.extension().is_some() && !has_image_extension(&path);
-                if !hidden && !other_file {
-                    skipped.push(Skip::new(&path, &Error::io(&path, err.into())));
-                }
-            }
-        }
-    }
-    candidates.sort();
-    (candidates, skipped)
 }
 
 /// `<dir>/<stem><ext>` for the image `<dir>/<stem>.<image ext>`.
@@ -436,6 +445,14 @@ pub(crate) mod tests {
         assert!(s.skipped[1].message.contains("broken.jpg"));
         assert_eq!(s.found, 12);
         assert_eq!(s.found, s.images.len() + s.skipped.len());
+        // Caption-named files (the link's copy of f.txt and the dangling .txt link included), the
+        // readme, and the hidden entries (linkdir's ._f.png too).
+        let passed_over = PassedOver {
+            caption_files: 9,
+            other_files: 1,
+            hidden: 6,
+        };
+        assert_eq!(s.passed_over, passed_over);
 
         let by_name = |n: &str| s.images.iter().find(|e| e.path == r.join(n)).unwrap();
         let a = by_name("a.jpg");
@@ -458,6 +475,38 @@ pub(crate) mod tests {
         assert_eq!(by_name("renamed.png").header.format, ImageFormat::Jpeg);
         assert_eq!(s.captions_missing, 2);
         assert_eq!(s.captions_fallback_encoding, 1);
+    }
+
+    #[test]
+    fn images_are_found_by_magic_bytes_whatever_their_name() {
+        use image::ImageFormat as F;
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        write_image(&r.join("photo"), 8, 6, F::Png);
+        write_image(&r.join("scan.dat"), 8, 6, F::Jpeg);
+        write_image(&r.join("sub/x.jpg.part"), 8, 6, F::Bmp);
+        std::fs::write(r.join("photo.txt"), "BMW on a road").unwrap();
+        std::fs::write(r.join("notes.md"), "BM is not a bitmap here").unwrap();
+        std::fs::write(r.join("empty"), "").unwrap();
+        let s = scan(r, &ScanOptions::default()).unwrap();
+        assert_eq!(
+            names(r, s.images.iter().map(|e| e.path.clone())),
+            ["photo", "scan.dat", "sub/x.jpg.part"]
+        );
+        let formats: Vec<ImageFormat> = s.images.iter().map(|e| e.header.format).collect();
+        assert_eq!(
+            formats,
+            [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Bmp]
+        );
+        // The caption-named file is never sniffed and pairs with the extensionless image.
+        assert_eq!(s.images[0].caption, "BMW on a road");
+        assert_eq!((s.found, s.skipped.len()), (3, 0));
+        let passed_over = PassedOver {
+            caption_files: 1,
+            other_files: 2,
+            hidden: 0,
+        };
+        assert_eq!(s.passed_over, passed_over);
     }
 
     #[test]
