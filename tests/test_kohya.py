@@ -443,4 +443,4 @@ def test_run_flags_that_each_dataset_sets_are_refused_with_several(tmp_path: Pat
     assert (resolved.resolution, resolved.batch_size) == (512, 4)  # the first dataset's, for the log
     batches = make_batches(resolved)
     assert isinstance(batches, fastdiff.DatasetGroup)
-    assert [x.state_dict()["options"]["batch_size"] for x in batches.loaders] == [4, 2]
+    assert [x.batch_size for x in batches.loaders] == [4, 2]
