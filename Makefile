@@ -9,7 +9,7 @@ WHEEL_STAMP := $(VENV)/.fastdiff-wheel
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 PY_SOURCES := $(shell find python -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
 
-.PHONY: setup wheel develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench fuzz clean
+.PHONY: setup wheel develop demo test test-fast test-rust test-python lint typecheck fmt corpus bench bench-cache fuzz clean
 
 setup: $(WHEEL_STAMP)
 
@@ -125,6 +125,16 @@ bench: setup corpus
 	  res=$$(echo $$args | cut -d' ' -f2); \
 	  $(BIN)/python benches/side_by_side.py $(CORPUS)/$$c $$args \
 	    --json benches/results/$$c-$$res.json --plot benches/results/$$c-$$res.png || exit 1; done
+
+# Issue 11's table (benches/RESULTS.md): cached latents read against the peers' per-image files (SDXL and
+# SD3/FLUX shapes) and a copy ceiling, a cached epoch against the pixel epoch on the phone JPEGs, and
+# `fastdiff cache`'s build against the loader and the VAE alone. About 20 minutes on 2 cores.
+bench-cache: setup
+	$(MAKE) corpus BENCH_CORPORA=large
+	$(BIN)/python benches/latent_cache.py --shape 4x128x128 --samples 2000 --rounds 3
+	$(BIN)/python benches/latent_cache.py --shape 16x128x128 --samples 1000 --rounds 3
+	$(BIN)/python benches/cached_epoch.py $(CORPUS)/large --resolution 1024 --rounds 3
+	$(BIN)/python benches/cache_build.py $(CORPUS)/wallpapers --resolution 512 --vae-width 16 --rounds 3
 
 # Longer fuzzing of probe + decode + transform than the seconds-long smoke run inside `cargo test`
 # (knobs: header of rust/core/tests/fuzz.rs; FUZZ_SEEDS=DIR adds real files as seeds).
