@@ -46,7 +46,7 @@ from fastdiff.training.dit_pipeline import (
 from fastdiff.training.families import Conditioning, Family, PredictInputs
 from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
 from fastdiff.training.protocols import TrainBatch, share_of
-from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents
+from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents, preview_images
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -358,25 +358,18 @@ class DiTTask:
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler and shift), one CPU generator per (prompt, seed);
         the components a cache stands in for are loaded for the preview only."""
-        texts = [p for p in prompts for _ in seeds]
-        generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
-        dtype = self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None)
-        with (
-            self._frozen_components(),
-            torch.no_grad(),
-            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
-        ):
-            images = self.pipeline(
-                texts,
-                height=self.config.resolution,
-                width=self.config.resolution,
-                num_inference_steps=steps,
+        with self._frozen_components():
+            return preview_images(
+                self.pipeline,
+                prompts,
+                seeds=seeds,
+                steps=steps,
+                resolution=self.config.resolution,
                 guidance_scale=self.config.preview_guidance_scale,
-                generator=generators,
+                device_type=self.device.type,
+                dtype=self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None),
                 max_sequence_length=self.config.max_sequence_length,
-                output_type="pt",
-            ).images
-        return images.float().clamp(0, 1).cpu()
+            )
 
     def save_lora(self, folder: Path) -> Path:
         """Write the adapter as ``folder/pytorch_lora_weights.safetensors`` with peft's adapter config

@@ -41,6 +41,7 @@ from fastdiff.training.sd_pipeline import (
     load_component,
     load_pipeline,
     pipeline_kind,
+    preview_images,
     zero_dropped,
 )
 from fastdiff.types import Batch
@@ -422,24 +423,17 @@ class PipelineTask:
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed); the
         components a cache stands in for are loaded for the preview only."""
-        texts = [p for p in prompts for _ in seeds]
-        generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
-        dtype = self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None)
-        with (
-            self._frozen_components(),
-            torch.no_grad(),
-            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
-        ):
-            images = self.pipeline(
-                texts,
-                height=self.config.resolution,
-                width=self.config.resolution,
-                num_inference_steps=steps,
+        with self._frozen_components():
+            return preview_images(
+                self.pipeline,
+                prompts,
+                seeds=seeds,
+                steps=steps,
+                resolution=self.config.resolution,
                 guidance_scale=self.config.preview_guidance_scale,
-                generator=generators,
-                output_type="pt",
-            ).images
-        return images.float().clamp(0, 1).cpu()
+                device_type=self.device.type,
+                dtype=self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None),
+            )
 
     def save_lora(self, folder: Path) -> Path:
         """Write the adapters as ``folder/pytorch_lora_weights.safetensors`` (diffusers' LoRA format,

@@ -344,3 +344,48 @@ def draw_cached_latents(
         world_size=world_size,
     )
     return latents.float() + latents_std.float() * eps.float()
+
+
+def preview_images(
+    pipeline: Any,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    resolution: int | None,
+    guidance_scale: float,
+    device_type: str,
+    dtype: torch.dtype | None,
+    **extra: Any,
+) -> torch.Tensor:
+    """Sample ``pipeline`` once per (prompt, seed), prompt-major, each with its own CPU generator seeded
+    by the seed, under autocast to ``dtype`` (none when ``None``), with its own scheduler.
+
+    Args:
+        pipeline: A diffusers text-to-image pipeline with all its components loaded.
+        prompts, seeds: What to sample; ``len(prompts) * len(seeds)`` images.
+        steps: Inference steps.
+        resolution: Height and width in pixels; ``None``: the pipeline's default size.
+        guidance_scale: Classifier-free guidance scale (FLUX.1-dev's distilled guidance value).
+        device_type: ``"cuda"`` or ``"cpu"``, for autocast.
+        dtype: The autocast dtype, or ``None``.
+        extra: More keyword arguments of the pipeline's call (the DiTs' ``max_sequence_length``).
+
+    Returns:
+        float32 ``[N, 3, H, W]`` (``resolution`` each) in ``[0, 1]``, on the CPU.
+    """
+    texts = [p for p in prompts for _ in seeds]
+    generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        images = pipeline(
+            texts,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="pt",
+            **extra,
+        ).images
+    out: torch.Tensor = images.float().clamp(0, 1).cpu()
+    return out
