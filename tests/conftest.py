@@ -6,10 +6,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import corpus  # scripts/corpus.py: pyproject's [tool.pytest.ini_options] puts scripts/ on the path
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from fastdiff.training.config import TrainConfig
 
 CACHE = corpus.cache_dir()
 
@@ -58,3 +62,19 @@ def copy_with_captions(images: list[Path], dest: Path) -> Path:
         shutil.copy(image, dest / image.name)
         shutil.copy(image.with_suffix(".txt"), dest / f"{image.stem}.txt")
     return dest
+
+
+def tiny_run(model: Path, data: Path, output: Path, **settings: object) -> TrainConfig:
+    """The settings of a few CPU steps on a tiny local pipeline: resolution 32 with 8-pixel bucket steps,
+    batches of 2, no checkpoints, one loader thread; ``settings`` set or override any others."""
+    from fastdiff.training.config import TrainConfig
+
+    base: dict[str, object] = {
+        "resolution": 32,
+        "bucket_step": 8,
+        "batch_size": 2,
+        "checkpoint_every": 0,
+        "num_threads": 1,
+        "device": "cpu",
+    }
+    return TrainConfig(data=data, output=output, model=model, **{**base, **settings})  # type: ignore[arg-type]

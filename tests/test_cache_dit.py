@@ -18,7 +18,7 @@ from typing import Any
 import fastdiff
 import pytest
 import torch
-from conftest import copy_with_captions, smallest_images
+from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import AutoencoderKL
 from fastdiff import cli
 from fastdiff.cache.command import build_for_config
@@ -52,23 +52,19 @@ def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:
     """3 CPU LoRA steps at resolution 32, batches of 2, half the captions dropped."""
-    base = TrainConfig(
-        data=data,
-        output=output,
-        model=model,
-        resolution=32,
-        bucket_step=8,
-        batch_size=2,
-        max_steps=3,
-        learning_rate=1e-3,
-        lora_rank=4,
-        caption_dropout=0.5,
-        checkpoint_every=0,
-        max_sequence_length=SEQUENCE_TOKENS,
-        num_threads=1,
-        device="cpu",
+    return tiny_run(
+        model,
+        data,
+        output,
+        **{
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "lora_rank": 4,
+            "caption_dropout": 0.5,
+            "max_sequence_length": SEQUENCE_TOKENS,
+            **overrides,
+        },
     )
-    return replace(base, **overrides)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -17,7 +17,7 @@ from pathlib import Path
 import fastdiff
 import pytest
 import torch
-from conftest import copy_with_captions, smallest_images
+from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from fastdiff import _fastdiff
 from fastdiff.cache import digest, manifest
@@ -213,20 +213,7 @@ def test_manifest_write_is_atomic_and_read_checks_the_format(tmp_path: Path) -> 
 
 
 def task_config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:
-    base = TrainConfig(
-        data=data,
-        output=output,
-        model=model,
-        resolution=32,
-        bucket_step=8,
-        batch_size=2,
-        max_steps=2,
-        learning_rate=1e-2,
-        checkpoint_every=0,
-        num_threads=1,
-        device="cpu",
-    )
-    return replace(base, **overrides)
+    return tiny_run(model, data, output, **{"max_steps": 2, "learning_rate": 1e-2, **overrides})
 
 
 def cached_batch(model: Path, batch: fastdiff.types.Batch) -> TrainBatch:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import copy_with_captions, smallest_images
+from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import DiffusionPipeline, FluxPipeline
 from fastdiff import cli
 from fastdiff.training import dit, families, flow
@@ -56,21 +56,12 @@ def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:
     """3 CPU steps at resolution 32 (latents 16x16, 64 tokens), batches of 2, one loader thread."""
-    base = TrainConfig(
-        data=data,
-        output=output,
-        model=model,
-        resolution=32,
-        bucket_step=8,
-        batch_size=2,
-        max_steps=3,
-        learning_rate=1e-3,
-        checkpoint_every=0,
-        max_sequence_length=SEQUENCE_TOKENS,
-        num_threads=1,
-        device="cpu",
+    return tiny_run(
+        model,
+        data,
+        output,
+        **{"max_steps": 3, "learning_rate": 1e-3, "max_sequence_length": SEQUENCE_TOKENS, **overrides},
     )
-    return replace(base, **overrides)
 
 
 def load(model: Path) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_with_captions, smallest_images
+from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from fastdiff import cli
 from fastdiff.training import loop, objective, sd, sd_pipeline
@@ -55,20 +55,7 @@ def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(model: Path, data: Path, output: Path, **overrides: object) -> TrainConfig:
     """3 CPU steps at resolution 32 (latents 16x16), batches of 2, one loader thread."""
-    base = TrainConfig(
-        data=data,
-        output=output,
-        model=model,
-        resolution=32,
-        bucket_step=8,
-        batch_size=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        checkpoint_every=0,
-        num_threads=1,
-        device="cpu",
-    )
-    return replace(base, **overrides)
+    return tiny_run(model, data, output, **{"max_steps": 3, "learning_rate": 1e-2, **overrides})
 
 
 def read_csv(path: Path) -> list[list[str]]:
