@@ -4,6 +4,8 @@ the checkout (``$FASTDIFF_CACHE``, else ``~/.cache/fastdiff/corpus``)."""
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,3 +80,13 @@ def tiny_run(model: Path, data: Path, output: Path, **settings: object) -> Train
         "device": "cpu",
     }
     return TrainConfig(data=data, output=output, model=model, **{**base, **settings})  # type: ignore[arg-type]
+
+
+def write_header_png(path: Path, width: int, height: int) -> Path:
+    """A ``width`` x ``height`` PNG that is only its signature and IHDR chunk: ``DataLoader`` scans it
+    (it reads headers only) but cannot decode it, so bucketing, planning and reports can be tested on any
+    shapes without pixels. Returns ``path``."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(ihdr))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + crc)
+    return path

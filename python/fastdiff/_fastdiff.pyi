@@ -173,6 +173,8 @@ class NativeLoader:
         text_variants: int | None = None,
         cache: str | None = None,
         pixels: bool = True,
+        min_bucket_fill: int | None = None,
+        max_extra_crop: float = 0.1,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

@@ -129,6 +129,8 @@ class DataLoader:
         min_bucket_side: int | None = None,
         max_bucket_side: int | None = None,
         no_upscale: bool = False,
+        min_bucket_fill: int | None = None,
+        max_extra_crop: float = 0.10,
         crop: Crop = "center",
         flip_prob: float = 0.0,
         crop_variants: int | None = None,
@@ -409,8 +411,9 @@ class DataLoader:
     def report(self) -> Report:
         """What the scan and the loading so far found: a :class:`fastdiff.types.Report` (its docstring
         gives every key): ``found``, ``loaded``, ``skipped`` (path, code, message; ``loaded +
-        len(skipped) == found`` always), formats, sizes, images per bucket, samples, small buckets and
-        the same per subset. Files failing while decoding are added as they are met."""
+        len(skipped) == found`` always), formats, sizes, images per bucket, samples, small buckets,
+        ``images_trained`` per epoch, ``bucket_merges`` (``min_bucket_fill``) and the same per subset.
+        Files failing while decoding are added as they are met."""
         return cast(Report, self._native.report())
 
     def stats(self) -> LoadStats | None:

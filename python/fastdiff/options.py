@@ -172,6 +172,47 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         scan=True,
         state="unless_default",
     ),
+    _loader(
+        "min_bucket_fill",
+        int | None,
+        None,
+        "Merge buckets holding fewer than this many samples into the nearest bucket in log-aspect, "
+        "when the extra crop stays within ``max_extra_crop``.",
+        details="A bucket's count is its samples per epoch over all ranks (images times their subset's "
+        "``num_repeats``): to fill whole global batches use ``batch_size * world_size``. Greedy and "
+        "deterministic (``merge_small_buckets`` in ``rust/core/src/bucket.rs``): repeatedly the "
+        "bucket with the fewest samples below the fill (ties: the earlier bucket in "
+        "``DataLoader.buckets``) moves all its images into the nearest bucket by "
+        "``|ln(w/h) - ln(w'/h')|`` that each of them may move to, preferring one still below the fill "
+        "(two small buckets fill each other), ties to the earlier bucket; with ``no_upscale`` only into "
+        "buckets no larger than the image. A bucket with nowhere to go stays as it is "
+        '(``report["small_buckets"]``). Moved images get the new bucket\'s size, crop, '
+        '``crop_top_lefts`` and ``target_sizes`` like its own images; ``report["bucket_merges"]`` '
+        "says how many moved and their mean and max aspect error.",
+        default_doc="no merging",
+        unit="samples",
+        minimum=1,
+        bits=64,
+        toml=DATASET_TABLES,
+        scan=True,
+        state="unless_default",
+    ),
+    _loader(
+        "max_extra_crop",
+        float,
+        0.10,
+        "Largest extra crop ``min_bucket_fill`` may give an image, as a share of its area.",
+        details="An image of aspect ``a = w/h`` resized to cover a bucket of aspect ``b`` keeps "
+        "``min(a, b) / max(a, b)`` of its area, so the bucket crops ``c(b) = 1 - exp(-|ln a - ln b|)`` "
+        "away (before rounding to whole pixels). Moving it from its own bucket ``b0`` to ``b1`` is "
+        "allowed when ``c(b1) - c(b0) <= max_extra_crop``, measured against its own bucket however "
+        "often it moved: at 0.10 a square image may go to 10:9 but not to 5:4.",
+        minimum=0,
+        maximum=1,
+        toml=DATASET_TABLES,
+        scan=True,
+        state="unless_default",
+    ),
     CROP,
     FLIP_PROB,
     _loader(
@@ -234,7 +275,9 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bool,
         False,
         "Drop each bucket's last batch when it is smaller than ``batch_size``.",
+        details='Its samples are not trained that epoch: ``report["images_trained"]`` counts what is.',
         toml=DATASET_TABLES,
+        scan=True,
     ),
     _loader(
         "num_threads",

@@ -56,6 +56,7 @@ def format_report(report: Report, batches: int) -> str:
         f"captions missing: {report['captions_missing']}"
         f"  read as Windows-1252: {report['captions_fallback_encoding']}",
         f"batches per epoch: {batches}",
+        f"images trained per epoch: {report['images_trained']} of {report['loaded']}",
         "images per bucket (h x w: count):",
     ]
     lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["images_per_bucket"]]
@@ -65,8 +66,18 @@ def format_report(report: Report, batches: int) -> str:
             kind = "reg" if sub["is_reg"] else "train"
             per = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sub["images_per_bucket"])
             lines.append(
-                f"  subset {sub['root']} ({kind}, x{sub['num_repeats']}): {sub['images']} images ({per})"
+                f"  subset {sub['root']} ({kind}, x{sub['num_repeats']}): {sub['images']} images ({per}); "
+                f"trained per epoch: {sub['images_trained']} of {sub['images']}"
             )
+    merges = report["bucket_merges"]
+    if merges["images_moved"]:
+        lines.append(
+            f"bucket merges (min_bucket_fill): {merges['images_moved']} images moved"
+            f" ({merges['samples_moved']} samples), aspect error |ln(w/h) - ln(bw/bh)|"
+            f" mean {merges['mean_aspect_error']:.4f} max {merges['max_aspect_error']:.4f},"
+            f" extra crop mean {merges['mean_extra_crop']:.1%} max {merges['max_extra_crop']:.1%}"
+        )
+        lines += [f"  {fh}x{fw} -> {th}x{tw}: {n}" for (fh, fw), (th, tw), n in merges["moves"]]
     if report["small_buckets"]:
         lines.append("buckets smaller than one batch (short batch, or none with drop_last):")
         lines += [f"  {h:5d} x {w:<5d} {n}" for (h, w), n in report["small_buckets"]]

@@ -140,6 +140,7 @@ class SubsetReport(TypedDict):
         num_repeats: Samples per image and epoch.
         images: Images accepted (repeats not counted).
         images_per_bucket: ``((h, w), images)`` for each bucket holding some of them.
+        images_trained: Of ``images``, those an epoch trains (as :attr:`Report.images_trained`).
     """
 
     root: str
@@ -147,6 +148,31 @@ class SubsetReport(TypedDict):
     num_repeats: int
     images: int
     images_per_bucket: list[tuple[tuple[int, int], int]]
+    images_trained: int
+
+
+class BucketMerges(TypedDict):
+    """What ``min_bucket_fill`` merged (:attr:`Report.bucket_merges`); zeros and ``[]`` without it.
+
+    Keys:
+        images_moved: Images moved out of their own bucket.
+        samples_moved: Their samples (repeats counted).
+        mean_aspect_error: Mean over the moved images of ``|ln(w/h) - ln(bw/bh)|`` at their new bucket
+            (log-aspect; 0.1 is about a 10% aspect difference); 0 when none moved.
+        max_aspect_error: The largest of those.
+        mean_extra_crop: Mean extra share of the image area cropped away by the new bucket beyond what
+            the image's own bucket crops (see ``max_extra_crop``).
+        max_extra_crop: The largest; at most the ``max_extra_crop`` option.
+        moves: ``((h, w) own bucket, (h, w) new bucket, images)`` per pair, in bucket order.
+    """
+
+    images_moved: int
+    samples_moved: int
+    mean_aspect_error: float
+    max_aspect_error: float
+    mean_extra_crop: float
+    max_extra_crop: float
+    moves: list[tuple[tuple[int, int], tuple[int, int], int]]
 
 
 class PassedOver(TypedDict):
@@ -185,6 +211,11 @@ class Report(TypedDict):
         small_buckets: ``((h, w), samples)`` of buckets with fewer samples than one global batch
             (``batch_size * world_size``): with ``drop_last`` they yield nothing, otherwise one short
             batch split by ``remainder``.
+        images_trained: Of ``loaded``, the images epoch 0 trains: in at least one batch of some rank
+            (``remainder="pad"`` repeats count once; samples ``drop_last`` or ``remainder="drop"`` leave
+            out are not trained). The same every epoch unless a subset repeats its images and a bucket's
+            last global batch is cut (which repeats are cut then varies).
+        bucket_merges: What ``min_bucket_fill`` merged.
         subsets: Per subset, in order.
     """
 
@@ -201,6 +232,8 @@ class Report(TypedDict):
     images_per_bucket: list[tuple[tuple[int, int], int]]
     samples: int
     small_buckets: list[tuple[tuple[int, int], int]]
+    images_trained: int
+    bucket_merges: BucketMerges
     subsets: list[SubsetReport]
 
 

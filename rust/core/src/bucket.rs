@@ -223,6 +223,140 @@ pub fn assign(buckets: &[Bucket], width: u32, height: u32) -> usize {
     best
 }
 
+/// Share of an image's area a bucket crops away: the image (upright `width x height`, both > 0)
+/// resized to cover the bucket (see [`crate::transform::Placement`]) keeps the fraction
+/// `min(a, b) / max(a, b)` of its area, where `a = width / height` and `b = bw / bh`; this is
+/// `1 - exp(-|ln a - ln b|)`, in `[0, 1)`, computed from the aspect ratios (before the resize
+/// rounds to whole pixels).
+pub fn crop_fraction(width: u32, height: u32, bucket: Bucket) -> f64 {
+    1.0 - (-aspect_error(width, height, bucket)).exp()
+}
+
+/// Distance in log-aspect between an image (upright `width x height`) and a bucket:
+/// `|ln(width / height) - ln(bw / bh)|`, the measure [`assign`] minimises.
+pub fn aspect_error(width: u32, height: u32, bucket: Bucket) -> f64 {
+    let ln = |w: u32, h: u32| (f64::from(w) / f64::from(h)).ln();
+    (ln(width, height) - ln(bucket.width, bucket.height)).abs()
+}
+
+/// One image moved by [`merge_small_buckets`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Move {
+    /// The image (index into the `sizes` given).
+    pub image: usize,
+    /// Its own bucket before merging (index into the bucket list).
+    pub from: usize,
+    /// Its bucket after merging.
+    pub to: usize,
+    /// [`aspect_error`] of the image at `to`.
+    pub aspect_error: f64,
+    /// Extra crop: [`crop_fraction`] at `to` minus [`crop_fraction`] at `from` (may be negative
+    /// when `to` fits the image better than its own bucket did, e.g. under `no_upscale`).
+    pub extra_crop: f64,
+}
+
+/// What [`merge_small_buckets`] needs besides the images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergeRule {
+    /// A bucket with `0 < samples < min_fill` is merged away when it can be (>= 1).
+    pub min_fill: usize,
+    /// Largest extra crop (share of the image area, in `[0, 1]`) an image may get by moving.
+    pub max_extra_crop: f64,
+    /// Never move an image into a bucket larger than itself on either side (`no_upscale`).
+    pub no_upscale: bool,
+}
+
+/// Merge buckets holding fewer than `rule.min_fill` samples into the nearest bucket in log-aspect
+/// that every image of theirs may move to; updates `bucket_of` and returns the images moved, in
+/// image order, each with its final bucket.
+///
+/// `buckets` is the bucket list (sorted by aspect, as [`BucketConfig::buckets`]), `sizes[i]` image
+/// `i`'s upright size, `samples[i]` its sample count (its subset's repeats), `bucket_of[i]` its own
+/// bucket. A bucket's count is the sum of `samples` of its images (over all ranks: compare
+/// `min_fill` with a global batch, `batch_size * world_size`, to fill whole global batches).
+///
+/// Algorithm (greedy, deterministic): repeat: take the *source*, the bucket with the fewest samples
+/// among those with `0 < count < min_fill` not yet given up (ties: the lower bucket index). Its
+/// *candidates* are the other non-empty buckets such that every image now in the source moves with
+/// an extra crop `crop_fraction(image, candidate) - crop_fraction(image, own bucket)` of at most
+/// `max_extra_crop` (measured against the image's own bucket, however often it moved) and, with
+/// `no_upscale`, is at least the candidate's size on both sides. The target is the candidate that
+/// is itself still below `min_fill` if any (so two small buckets fill each other), else any; among
+/// those the nearest in `|ln(bw / bh) - ln(sw / sh)|` to the source, ties to the lower bucket index.
+/// All images of the source move there. A source without candidates is given up (it stays small).
+/// Each step empties a bucket, so this ends after fewer steps than there are buckets.
+///
+/// Panics if a bucket index is out of range or `sizes`, `samples` and `bucket_of` differ in length.
+pub fn merge_small_buckets(
+    buckets: &[Bucket],
+    sizes: &[(u32, u32)],
+    samples: &[usize],
+    bucket_of: &mut [usize],
+    rule: &MergeRule,
+) -> Vec<Move> {
+    assert!(sizes.len() == samples.len() && sizes.len() == bucket_of.len());
+    let own: Vec<usize> = bucket_of.to_vec();
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); buckets.len()];
+    let mut count = vec![0usize; buckets.len()];
+    for (image, &b) in bucket_of.iter().enumerate() {
+        members[b].push(image);
+        count[b] += samples[image];
+    }
+    let ln = |b: &Bucket| (f64::from(b.width) / f64::from(b.height)).ln();
+    let mut given_up = vec![false; buckets.len()];
+    let fits = |image: usize, to: usize| {
+        let (w, h) = sizes[image];
+        let b = buckets[to];
+        let extra = crop_fraction(w, h, b) - crop_fraction(w, h, buckets[own[image]]);
+        extra <= rule.max_extra_crop && (!rule.no_upscale || (w >= b.width && h >= b.height))
+    };
+    loop {
+        let source = (0..buckets.len())
+            .filter(|&b| count[b] > 0 && count[b] < rule.min_fill && !given_up[b])
+            .min_by_key(|&b| (count[b], b));
+        let Some(source) = source else { break };
+        let candidates = (0..buckets.len())
+            .filter(|&b| b != source && count[b] > 0)
+            .filter(|&b| members[source].iter().all(|&i| fits(i, b)));
+        let target = candidates.min_by(|&a, &b| {
+            let key = |x: usize| {
+                (
+                    count[x] >= rule.min_fill,
+                    (ln(&buckets[x]) - ln(&buckets[source])).abs(),
+                )
+            };
+            let (ka, kb) = (key(a), key(b));
+            ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1)).then(a.cmp(&b))
+        });
+        match target {
+            Some(target) => {
+                let moved = std::mem::take(&mut members[source]);
+                for &i in &moved {
+                    bucket_of[i] = target;
+                }
+                count[target] += count[source];
+                count[source] = 0;
+                members[target].extend(moved);
+            }
+            None => given_up[source] = true,
+        }
+    }
+    (0..sizes.len())
+        .filter(|&i| bucket_of[i] != own[i])
+        .map(|i| {
+            let (w, h) = sizes[i];
+            let (from, to) = (own[i], bucket_of[i]);
+            Move {
+                image: i,
+                from,
+                to,
+                aspect_error: aspect_error(w, h, buckets[to]),
+                extra_crop: crop_fraction(w, h, buckets[to]) - crop_fraction(w, h, buckets[from]),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,5 +543,94 @@ mod tests {
         // Symmetric in log space: 2:1 and 1:2 are equally far from 1:1; larger area wins.
         let list = [b(128, 64), b(128, 256)];
         assert_eq!(assign(&list, 50, 50), 1);
+    }
+
+    fn merged(
+        sizes: &[(u32, u32)],
+        samples: &[usize],
+        min_fill: usize,
+        max_extra_crop: f64,
+    ) -> (Vec<usize>, Vec<Move>) {
+        let list = kohya_512();
+        let mut bucket_of: Vec<usize> = sizes.iter().map(|&(w, h)| assign(&list, w, h)).collect();
+        let rule = MergeRule {
+            min_fill,
+            max_extra_crop,
+            no_upscale: false,
+        };
+        let moves = merge_small_buckets(&list, sizes, samples, &mut bucket_of, &rule);
+        (bucket_of, moves)
+    }
+
+    #[test]
+    fn crop_fraction_is_the_area_share_the_cover_resize_cuts_away() {
+        // 200x100 into a square: resized to 200x100 -> 100x100 kept of 200x100, half cut.
+        assert!((crop_fraction(200, 100, b(512, 512)) - 0.5).abs() < 1e-12);
+        assert!((aspect_error(200, 100, b(512, 512)) - 2f64.ln()).abs() < 1e-12);
+        assert_eq!(crop_fraction(576, 448, b(576, 448)), 0.0);
+        // 576x448 (ln 9/7 = 0.2513) into 512x512: 1 - 7/9 cut.
+        assert!((crop_fraction(576, 448, b(512, 512)) - 2.0 / 9.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn small_buckets_merge_only_within_the_crop_bound() {
+        // Indices in kohya_512: 512x512 is 8, 576x448 is 9, 1024x256 is 16.
+        let sizes = [(512, 512), (512, 512), (512, 512), (576, 448), (1024, 256)];
+        let ones = [1; 5];
+        // 2/9 = 22.2% extra crop for the 576x448 image: allowed at 0.25, not at 0.2.
+        let (bucket_of, moves) = merged(&sizes, &ones, 4, 0.25);
+        assert_eq!(bucket_of, [8, 8, 8, 8, 16]);
+        assert_eq!(moves.len(), 1);
+        let m = moves[0];
+        assert_eq!((m.image, m.from, m.to), (3, 9, 8));
+        assert!((m.aspect_error - (9f64 / 7.0).ln()).abs() < 1e-12);
+        assert!((m.extra_crop - 2.0 / 9.0).abs() < 1e-12);
+        // 1024x256 would lose 3/4 of itself in the square: it stays, alone.
+        let (bucket_of, moves) = merged(&sizes, &ones, 4, 0.2);
+        assert_eq!(bucket_of, [8, 8, 8, 9, 16]);
+        assert!(moves.is_empty());
+        // A bucket at min_fill is no source: nothing moves at min_fill 1.
+        assert!(merged(&sizes, &ones, 1, 1.0).1.is_empty());
+    }
+
+    #[test]
+    fn a_small_target_is_preferred_and_repeats_count() {
+        // 448x576 (7) with one sample, 512x512 (8) full with 5, 576x448 (9) with 2 repeats of one
+        // image. At 0.45, 7 may reach 9 (39.5% extra): both small, they fill each other (3 samples)
+        // although 8 is nearer.
+        let sizes = [(448, 576), (512, 512), (576, 448)];
+        let (bucket_of, moves) = merged(&sizes, &[1, 5, 2], 3, 0.45);
+        assert_eq!(bucket_of, [9, 8, 9]);
+        assert_eq!(moves.len(), 1);
+        // At 0.3 it cannot: into the nearest, 8; then 9 (2 < 3) into 8 as well.
+        let (bucket_of, moves) = merged(&sizes, &[1, 5, 2], 3, 0.3);
+        assert_eq!(bucket_of, [8, 8, 8]);
+        assert_eq!(moves.iter().map(|m| m.image).collect::<Vec<_>>(), [0, 2]);
+        // Repeats fill a bucket: 9 with 3 samples is not small at min_fill 3.
+        let (bucket_of, _) = merged(&sizes, &[1, 5, 3], 3, 0.45);
+        assert_eq!(bucket_of, [8, 8, 9]);
+    }
+
+    #[test]
+    fn merging_never_enlarges_under_no_upscale_and_images_count_against_their_own_bucket() {
+        let list = [b(448, 448), b(480, 480), b(512, 512)];
+        // Same aspect, so no extra crop: only the size decides.
+        let sizes = [(500, 500), (600, 600), (600, 600)];
+        let mut bucket_of = vec![0, 2, 2];
+        let rule = MergeRule {
+            min_fill: 2,
+            max_extra_crop: 0.0,
+            no_upscale: true,
+        };
+        let moves = merge_small_buckets(&list, &sizes, &[1, 1, 1], &mut bucket_of, &rule);
+        // 500x500 does not cover 512x512: it stays in 448x448.
+        assert_eq!((bucket_of, moves.len()), (vec![0, 2, 2], 0));
+        let mut bucket_of = vec![0, 2, 2];
+        let rule = MergeRule {
+            no_upscale: false,
+            ..rule
+        };
+        merge_small_buckets(&list, &sizes, &[1, 1, 1], &mut bucket_of, &rule);
+        assert_eq!(bucket_of, [2, 2, 2]);
     }
 }

@@ -271,6 +271,32 @@ fn rank_slices(members: &[Vec<usize>], s: &Sampling, epoch: u64, order_key: u64)
         .collect()
 }
 
+/// Which samples epoch `epoch` trains: `out[i]` is whether sample `i` is in some batch of some
+/// rank's [`plan_epoch`] (the union over ranks `0..world_size`). The padding of
+/// [`Remainder::Pad`] repeats samples already counted; with `drop_last` or [`Remainder::Drop`] the
+/// samples left out of a bucket's last global batch are not trained. Without `shuffle` or
+/// without any dropping it is the same for every epoch.
+///
+/// Panics as [`plan_epoch`] (but for `rank`, which it does not use).
+pub fn trained_samples(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+) -> Vec<bool> {
+    let s = Sampling { rank: 0, ..*s };
+    let members = shuffled_members(bucket_of, num_buckets, &s, epoch);
+    let mut out = vec![false; bucket_of.len()];
+    for c in global_batches(&members, &s, epoch, 0) {
+        let chunk = &members[c.bucket][c.start..c.end];
+        let taken = (s.per_rank(chunk.len()) * s.world_size).min(chunk.len());
+        for &sample in &chunk[..taken] {
+            out[sample] = true;
+        }
+    }
+    out
+}
+
 /// Number of batches [`plan_epoch`] returns (the same for every seed, epoch and rank): the sum over
 /// buckets of the global batches kept by the rules of [`plan_epoch`]; with one rank that is
 /// `ceil(n / batch_size)`, or `floor(n / batch_size)` with `drop_last`, where `n` is the bucket's
@@ -653,5 +679,45 @@ mod tests {
             batches: 0,
         };
         assert!(plan_rest(&a, 4, &s, 0, &[zero]).is_err());
+    }
+    #[test]
+    fn trained_samples_is_the_union_of_the_ranks_plans() {
+        // Buckets of 5, 2 and 7 samples.
+        let a: Vec<usize> = [vec![0; 5], vec![1; 2], vec![2; 7]].concat();
+        for (world_size, drop_last, remainder, want) in [
+            // batch 2 x 1 rank: everything without drop_last; 4 + 2 + 6 with it.
+            (1, false, Remainder::Pad, 14),
+            (1, true, Remainder::Pad, 12),
+            // 2 x 2 ranks: pad trains all (and repeats some); drop leaves out 1 + 0 + 1 of the
+            // short global batches (1 -> 0, 2 -> 2, 3 -> 2); drop_last leaves out all three.
+            (2, false, Remainder::Pad, 14),
+            (2, false, Remainder::Drop, 12),
+            (2, true, Remainder::Pad, 8),
+        ] {
+            for epoch in 0..3 {
+                let mut union = vec![false; a.len()];
+                for rank in 0..world_size {
+                    let s = Sampling {
+                        rank,
+                        world_size,
+                        remainder,
+                        ..Sampling::single(2, drop_last, true, 9)
+                    };
+                    for b in plan_epoch(&a, 3, &s, epoch) {
+                        for i in b.indices {
+                            union[i] = true;
+                        }
+                    }
+                }
+                let s = Sampling {
+                    world_size,
+                    remainder,
+                    ..Sampling::single(2, drop_last, true, 9)
+                };
+                let got = trained_samples(&a, 3, &s, epoch);
+                assert_eq!(got, union, "{world_size} {drop_last} {remainder:?}");
+                assert_eq!(got.iter().filter(|&&t| t).count(), want);
+            }
+        }
     }
 }

@@ -173,9 +173,24 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
         item.set_item("num_repeats", s.num_repeats)?;
         item.set_item("images", s.images)?;
         item.set_item("images_per_bucket", hw(&s.images_per_bucket))?;
+        item.set_item("images_trained", s.images_trained)?;
         subsets.append(item)?;
     }
     d.set_item("subsets", subsets)?;
+    d.set_item("images_trained", r.images_trained)?;
+    let m = &r.bucket_merges;
+    let merges = PyDict::new(py);
+    merges.set_item("images_moved", m.images_moved)?;
+    merges.set_item("samples_moved", m.samples_moved)?;
+    merges.set_item("mean_aspect_error", m.mean_aspect_error)?;
+    merges.set_item("max_aspect_error", m.max_aspect_error)?;
+    merges.set_item("mean_extra_crop", m.mean_extra_crop)?;
+    merges.set_item("max_extra_crop", m.max_extra_crop)?;
+    let moves: Vec<((u32, u32), (u32, u32), usize)> = (m.moves.iter())
+        .map(|(from, to, n)| ((from.height, from.width), (to.height, to.width), *n))
+        .collect();
+    merges.set_item("moves", moves)?;
+    d.set_item("bucket_merges", merges)?;
     Ok(d)
 }
 

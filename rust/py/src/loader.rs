@@ -103,7 +103,8 @@ impl NativeLoader {
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
-        crop_variants = None, text_variants = None, cache = None, pixels = true
+        crop_variants = None, text_variants = None, cache = None, pixels = true,
+        min_bucket_fill = None, max_extra_crop = 0.1
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -135,8 +136,12 @@ impl NativeLoader {
         text_variants: Option<u32>,
         cache: Option<PathBuf>,
         pixels: bool,
+        min_bucket_fill: Option<usize>,
+        max_extra_crop: f64,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
+            min_bucket_fill,
+            max_extra_crop,
             resolution,
             batch_size,
             bucket_step,

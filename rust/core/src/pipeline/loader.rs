@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::buffer::BufferPool;
 use super::cached::{check_cacheable, Cache};
 use super::options::{LoaderOptions, OnError};
-use crate::bucket::{assign, Bucket};
+use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
 use crate::error::{Error, Result, Skip};
@@ -43,8 +43,10 @@ pub(super) struct Inner {
     pub(super) root: PathBuf,
     pub(super) buckets: Vec<Bucket>,
     pub(super) images: Vec<ImageEntry>,
-    /// Bucket index per image.
+    /// Bucket index per image (after `min_bucket_fill`'s merges).
     pub(super) bucket_of: Vec<usize>,
+    /// The images `min_bucket_fill` moved out of their own bucket, in image order.
+    pub(super) merges: Vec<Move>,
     /// The subsets, in order (captions maps dropped after the scan).
     pub(super) subsets: Vec<Subset>,
     /// Subset index per image.
@@ -108,7 +110,10 @@ impl Loader {
     /// every image to the bucket nearest its upright aspect ratio (see [`assign`]); with
     /// [`LoaderOptions::no_upscale`], to [`BucketConfig::no_upscale_bucket`](crate::bucket::BucketConfig::no_upscale_bucket) instead (those buckets
     /// join the list, and images too small for any bucket are skipped with code `too_small`).
-    /// Images are listed subset by subset, each subset sorted by path.
+    /// Images are listed subset by subset, each subset sorted by path. With
+    /// [`LoaderOptions::min_bucket_fill`], small buckets are then merged
+    /// ([`merge_small_buckets`]): a moved image's samples get the target bucket's size and
+    /// placement (crop, `crop_top_left`, `target_size`) like any image of that bucket.
     ///
     /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`] or [`Subset::validate`],
     /// or for an empty subset list; [`Error::NoImages`] if a subset's folder is not a directory,
@@ -206,7 +211,23 @@ impl Loader {
         }
         let index: std::collections::HashMap<Bucket, usize> =
             buckets.iter().enumerate().map(|(i, b)| (*b, i)).collect();
-        let bucket_of: Vec<usize> = image_bucket.iter().map(|b| index[b]).collect();
+        let mut bucket_of: Vec<usize> = image_bucket.iter().map(|b| index[b]).collect();
+        let merges = match opts.min_bucket_fill {
+            Some(min_fill) => {
+                let sizes: Vec<(u32, u32)> =
+                    images.iter().map(|e| e.header.upright_size()).collect();
+                let samples: Vec<usize> = (subset_of.iter())
+                    .map(|&k| subsets[k].num_repeats)
+                    .collect();
+                let rule = MergeRule {
+                    min_fill,
+                    max_extra_crop: opts.max_extra_crop,
+                    no_upscale: opts.no_upscale,
+                };
+                merge_small_buckets(&buckets, &sizes, &samples, &mut bucket_of, &rule)
+            }
+            None => Vec::new(),
+        };
         let sample_image: Vec<usize> = (0..images.len())
             .flat_map(|i| std::iter::repeat_n(i, subsets[subset_of[i]].num_repeats))
             .collect();
@@ -244,6 +265,7 @@ impl Loader {
             buckets,
             images,
             bucket_of,
+            merges,
             subsets,
             subset_of,
             sample_image,
@@ -293,13 +315,17 @@ impl Loader {
 
     /// A 64-bit fingerprint of the dataset as scanned: per image its subset, path relative to the
     /// subset folder, format, stored size and orientation, plus each subset's options (not its
-    /// folder). Equal on any machine the same files are found on, whatever the absolute paths; used
+    /// folder), plus `min_bucket_fill` and `max_extra_crop` when merging is on (they change every
+    /// moved image's bucket; off, the digest is what it was before the option existed). Equal on any machine the same files are found on, whatever the absolute paths; used
     /// to check that a saved loader state belongs to this dataset.
     pub fn dataset_digest(&self) -> u64 {
         let inner = &*self.inner;
         let mut h = Fnv::default();
         for s in &inner.subsets {
             h.write(s.digest_text().as_bytes());
+        }
+        if let Some(k) = inner.opts.min_bucket_fill {
+            h.write(format!("min_bucket_fill {k} {}\0", inner.opts.max_extra_crop).as_bytes());
         }
         for (e, &k) in inner.images.iter().zip(&inner.subset_of) {
             let rel = e

@@ -46,5 +46,5 @@ pub use buffer::{BufferSource, PixelBuffer};
 pub use epoch::EpochIter;
 pub use loader::Loader;
 pub use options::{LoaderOptions, OnError};
-pub use report::{Report, SubsetReport};
+pub use report::{BucketMerges, Report, SubsetReport};
 pub use stats::{LoadStats, StatsHandle};

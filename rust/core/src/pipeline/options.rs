@@ -57,6 +57,13 @@ pub struct LoaderOptions {
     /// the largest step-aligned bucket it covers instead, see [`BucketConfig::no_upscale_bucket`];
     /// one narrower or shorter than `bucket_step` is skipped with code `too_small`. Default false.
     pub no_upscale: bool,
+    /// `Some(k)`: buckets holding fewer than `k` samples (repeats counted, over all ranks) are
+    /// merged into the nearest bucket in log-aspect whose extra crop stays within
+    /// `max_extra_crop`, see [`crate::bucket::merge_small_buckets`]. `None` (default): no merging.
+    pub min_bucket_fill: Option<usize>,
+    /// Largest extra crop, as a share of the image area in `[0, 1]`, an image may get from
+    /// `min_bucket_fill` moving it (see [`crate::bucket::crop_fraction`]). Default 0.10.
+    pub max_extra_crop: f64,
     /// Where the bucket-sized window is cut from the resized image. Default [`CropMode::Center`].
     pub crop: CropMode,
     /// Probability in `[0, 1]` of a horizontal flip per sample. Default 0.
@@ -117,6 +124,8 @@ impl Default for LoaderOptions {
             min_bucket_side: None,
             max_bucket_side: None,
             no_upscale: false,
+            min_bucket_fill: None,
+            max_extra_crop: 0.10,
             crop: CropMode::Center,
             flip_prob: 0.0,
             crop_variants: None,
@@ -145,7 +154,8 @@ impl LoaderOptions {
     /// Check every option.
     ///
     /// Errors: [`Error::InvalidArgument`] naming the argument: `batch_size` 0, `prefetch` 0,
-    /// `flip_prob` outside `[0, 1]` (or NaN), `max_pixels` 0, `crop_variants` or `text_variants`
+    /// `flip_prob` or `max_extra_crop` outside `[0, 1]` (or NaN), `min_bucket_fill` `Some(0)`,
+    /// `max_pixels` 0, `crop_variants` or `text_variants`
     /// `Some(0)`, `pixels` false without a `cache`, a caption extension without its leading dot,
     /// and the bucket options as in [`BucketConfig::new`].
     pub fn validate(&self) -> Result<()> {
@@ -170,6 +180,17 @@ impl LoaderOptions {
             return Err(Error::InvalidArgument(format!(
                 "rank must be in [0, world_size) and world_size at least 1, got rank {} of {}",
                 self.rank, self.world_size
+            )));
+        }
+        if self.min_bucket_fill == Some(0) {
+            return Err(Error::InvalidArgument(
+                "min_bucket_fill must be at least 1 (or None), got 0".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_extra_crop) {
+            return Err(Error::InvalidArgument(format!(
+                "max_extra_crop must be in [0, 1], got {}",
+                self.max_extra_crop
             )));
         }
         for (name, k) in [

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use super::loader::Loader;
 use crate::bucket::Bucket;
 use crate::error::Skip;
+use crate::sampler;
 use crate::scan::PassedOver;
 
 /// Summary of the dataset: what the scan found and what failed since.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     /// The dataset folder as given (the first subset's).
     pub root: PathBuf,
@@ -45,8 +46,37 @@ pub struct Report {
     /// sample count (repeats counted): with `drop_last` they yield nothing, otherwise one short batch
     /// split across ranks by [`Remainder`].
     pub small_buckets: Vec<(Bucket, usize)>,
+    /// Of the `loaded` images, those epoch 0 trains: in at least one batch of some rank's plan
+    /// ([`Loader::images_trained`]; padding repeats count once, `drop_last`/`remainder = drop`
+    /// leave samples out). The same every epoch unless a subset repeats its images and some
+    /// bucket's last global batch drops samples (which repeats are dropped then varies by epoch).
+    pub images_trained: usize,
+    /// What `min_bucket_fill` merged (all zero and empty without it).
+    pub bucket_merges: BucketMerges,
     /// Per subset, in order.
     pub subsets: Vec<SubsetReport>,
+}
+
+/// What [`LoaderOptions::min_bucket_fill`](super::LoaderOptions::min_bucket_fill) did: the images
+/// moved out of their own bucket (see [`crate::bucket::merge_small_buckets`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BucketMerges {
+    /// Images moved.
+    pub images_moved: usize,
+    /// Their samples (repeats counted).
+    pub samples_moved: usize,
+    /// Mean over the moved images of [`crate::bucket::aspect_error`] at their new bucket
+    /// (`|ln(w / h) - ln(bw / bh)|`); 0 when none moved.
+    pub mean_aspect_error: f64,
+    /// The largest of those; 0 when none moved.
+    pub max_aspect_error: f64,
+    /// Mean extra crop of the moved images (share of the image area, see [`crate::bucket::Move`]).
+    pub mean_extra_crop: f64,
+    /// The largest extra crop; at most `max_extra_crop`.
+    pub max_extra_crop: f64,
+    /// `(own bucket, new bucket, images)` per pair that moved images, by own bucket then new
+    /// bucket in bucket-list order.
+    pub moves: Vec<(Bucket, Bucket, usize)>,
 }
 
 /// What the report says about one subset.
@@ -62,12 +92,64 @@ pub struct SubsetReport {
     pub images: usize,
     /// Loaded images per bucket, for buckets with at least one, in bucket-list order.
     pub images_per_bucket: Vec<(Bucket, usize)>,
+    /// Of `images`, those epoch 0 trains (as [`Report::images_trained`]).
+    pub images_trained: usize,
 }
 
 impl Loader {
-    /// A snapshot of the report, including samples that failed in any epoch so far.
+    /// Images epoch `epoch` trains, in total and per subset: the loaded images (not failed so
+    /// far) with a sample in some batch of some rank's plan ([`sampler::trained_samples`]).
+    pub fn images_trained(&self, epoch: u64) -> (usize, Vec<usize>) {
+        let inner = &*self.inner;
+        let trained = sampler::trained_samples(
+            &inner.sample_bucket,
+            inner.buckets.len(),
+            &inner.opts.sampling(),
+            epoch,
+        );
+        let failed = inner.failed();
+        let mut image_trained = vec![false; inner.images.len()];
+        for (sample, &image) in inner.sample_image.iter().enumerate() {
+            image_trained[image] |= trained[sample] && !failed.images.contains(&image);
+        }
+        let mut per_subset = vec![0; inner.subsets.len()];
+        for (image, &t) in image_trained.iter().enumerate() {
+            per_subset[inner.subset_of[image]] += usize::from(t);
+        }
+        (per_subset.iter().sum(), per_subset)
+    }
+
+    /// What `min_bucket_fill` merged (computed at construction).
+    fn bucket_merges(&self) -> BucketMerges {
+        let inner = &*self.inner;
+        let moved = &inner.merges;
+        if moved.is_empty() {
+            return BucketMerges::default();
+        }
+        let n = moved.len() as f64;
+        let mut pairs = BTreeMap::new();
+        for m in moved {
+            *pairs.entry((m.from, m.to)).or_insert(0) += 1;
+        }
+        BucketMerges {
+            images_moved: moved.len(),
+            samples_moved: (moved.iter())
+                .map(|m| inner.subsets[inner.subset_of[m.image]].num_repeats)
+                .sum(),
+            mean_aspect_error: moved.iter().map(|m| m.aspect_error).sum::<f64>() / n,
+            max_aspect_error: moved.iter().map(|m| m.aspect_error).fold(0.0, f64::max),
+            mean_extra_crop: moved.iter().map(|m| m.extra_crop).sum::<f64>() / n,
+            max_extra_crop: moved.iter().map(|m| m.extra_crop).fold(0.0, f64::max),
+            moves: (pairs.into_iter())
+                .map(|((from, to), k)| (inner.buckets[from], inner.buckets[to], k))
+                .collect(),
+        }
+    }
+
     /// A snapshot of the report, including samples that failed in any epoch so far.
     pub fn report(&self) -> Report {
+        let (images_trained, trained_per_subset) = self.images_trained(0);
+        let bucket_merges = self.bucket_merges();
         let inner = &*self.inner;
         let failed = inner.failed();
         let mut skipped = inner.scan_skipped.clone();
@@ -118,7 +200,9 @@ impl Loader {
             .subsets
             .iter()
             .zip(per_subset)
-            .map(|(s, counts)| SubsetReport {
+            .zip(trained_per_subset)
+            .map(|((s, counts), images_trained)| SubsetReport {
+                images_trained,
                 root: s.root.clone(),
                 is_reg: s.is_reg,
                 num_repeats: s.num_repeats,
@@ -127,6 +211,8 @@ impl Loader {
             })
             .collect();
         Report {
+            images_trained,
+            bucket_merges,
             samples: samples_per_bucket.iter().sum(),
             small_buckets: non_empty(samples_per_bucket)
                 .into_iter()
@@ -232,5 +318,88 @@ mod tests {
             "{}",
             r.skipped[0].message
         );
+    }
+    #[test]
+    fn min_bucket_fill_trains_every_image_of_the_issue_shaped_set() {
+        let (dir, o) = issue_shaped_dataset();
+        let drop_last = LoaderOptions {
+            drop_last: true,
+            ..o.clone()
+        };
+        // Unmerged: 42 buckets of 2 samples, no batch of 4; drop_last trains none of the 84.
+        let plain = Loader::new(dir.path(), drop_last.clone()).unwrap();
+        let r = plain.report();
+        assert_eq!((r.loaded, r.images_per_bucket.len()), (84, 42));
+        assert_eq!((r.images_trained, plain.num_batches()), (0, 0));
+        assert_eq!(r.small_buckets.len(), 42);
+        assert_eq!(r.bucket_merges, BucketMerges::default());
+        // Without drop_last all 84 are trained, in 42 half batches.
+        let short = Loader::new(dir.path(), o.clone()).unwrap();
+        assert_eq!(
+            (short.report().images_trained, short.num_batches()),
+            (84, 42)
+        );
+
+        let list = plain.buckets().to_vec();
+        let ln = |b: Bucket| (f64::from(b.width) / f64::from(b.height)).ln();
+        for base in [drop_last, o] {
+            let fill = LoaderOptions {
+                min_bucket_fill: Some(4),
+                ..base
+            };
+            let loader = Loader::new(dir.path(), fill.clone()).unwrap();
+            let r = loader.report();
+            // Bucket 11 + 2m (all 2 images) fills bucket 12 + 2m: 21 full buckets, 21 batches.
+            let pairs: Vec<(Bucket, Bucket, usize)> = (0..21)
+                .map(|m| (list[11 + 2 * m], list[12 + 2 * m], 2))
+                .collect();
+            let m = &r.bucket_merges;
+            assert_eq!(m.moves, pairs);
+            assert_eq!((m.images_moved, m.samples_moved), (42, 42));
+            let errors: Vec<f64> = (0..21)
+                .map(|m| ln(list[12 + 2 * m]) - ln(list[11 + 2 * m]))
+                .collect();
+            let max = errors.iter().copied().fold(0.0, f64::max);
+            assert!((m.max_aspect_error - max).abs() < 1e-12);
+            let mean = errors.iter().sum::<f64>() / 21.0;
+            assert!((m.mean_aspect_error - mean).abs() < 1e-12);
+            assert!((m.max_extra_crop - (1.0 - (-max).exp())).abs() < 1e-12);
+            assert!(m.max_extra_crop <= 0.10);
+            assert!(r.small_buckets.is_empty());
+            assert_eq!(r.images_per_bucket.len(), 21);
+            assert_eq!((r.images_trained, r.subsets[0].images_trained), (84, 84));
+            assert_eq!(loader.num_batches(), 21);
+            // Every image exactly once per epoch, in full batches of its target bucket.
+            let inner = &loader.inner;
+            for epoch in 0..3 {
+                let plan = sampler::plan_epoch(
+                    &inner.sample_bucket,
+                    inner.buckets.len(),
+                    &fill.sampling(),
+                    epoch,
+                );
+                let mut seen: Vec<usize> = plan.iter().flat_map(|b| b.indices.clone()).collect();
+                assert!(plan.iter().all(|b| b.indices.len() == 4));
+                seen.sort_unstable();
+                assert_eq!(seen, (0..84).collect::<Vec<_>>());
+            }
+            // A moved image's sample is placed in its new bucket (its size, crop and SDXL
+            // conditioning are that bucket's: the workers place by `sample_bucket`).
+            let moved = inner
+                .images
+                .iter()
+                .position(|e| e.path.ends_with("i000.png"))
+                .unwrap();
+            assert_eq!(inner.buckets[inner.sample_bucket[moved]], list[12]);
+            assert_ne!(loader.dataset_digest(), plain.dataset_digest());
+        }
+        // No room for extra crop: nothing moves.
+        let strict = LoaderOptions {
+            min_bucket_fill: Some(4),
+            max_extra_crop: 0.0,
+            ..plain.options().clone()
+        };
+        let r = Loader::new(dir.path(), strict).unwrap().report();
+        assert_eq!((r.bucket_merges.images_moved, r.images_trained), (0, 0));
     }
 }

@@ -121,3 +121,40 @@ pub(super) fn collect_plan_position(loader: &Loader, path: &Path) -> usize {
         .position(|p| p.indices.contains(&index))
         .unwrap()
 }
+
+/// A PNG of `w` x `h` that is only its signature and IHDR chunk: the header scan accepts it (it
+/// cannot be decoded), so bucketing and planning can be tested on any shapes at no cost.
+pub(super) fn write_header_png(path: &Path, w: u32, h: u32) {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0d".to_vec();
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32fast::hash(&ihdr).to_be_bytes());
+    std::fs::write(path, png).unwrap();
+}
+
+/// The shape of the coverage complaint in issue 15: 84 images over 42 aspect buckets, two per
+/// bucket. Resolution 512 with `bucket_step` 16 has 65 buckets; images `2j` and `2j + 1` are
+/// header-only PNGs of twice the size of bucket `11 + j` (its aspect exactly), `j` in `0..42`.
+/// Returns the folder and the options (batch 4) that bucket it so.
+pub(super) fn issue_shaped_dataset() -> (tempfile::TempDir, LoaderOptions) {
+    let o = LoaderOptions {
+        resolution: 512,
+        bucket_step: 16,
+        batch_size: 4,
+        ..opts()
+    };
+    let list = o.bucket_config().unwrap().buckets();
+    assert_eq!(list.len(), 65);
+    let dir = tempfile::tempdir().unwrap();
+    for j in 0..42 {
+        let b = list[11 + j];
+        for k in 0..2 {
+            let path = dir.path().join(format!("i{:03}.png", 2 * j + k));
+            write_header_png(&path, 2 * b.width, 2 * b.height);
+        }
+    }
+    (dir, o)
+}
