@@ -77,8 +77,16 @@ def test_issue_shaped_set_is_fully_trained_with_min_bucket_fill(
         assert m["max_extra_crop"] <= 0.10
         assert (r["images_trained"], r["subsets"][0]["images_trained"], len(loader)) == (84, 84, 21)
         assert r["small_buckets"] == []
-        assert loader.state_dict()["options"]["min_bucket_fill"] == 4
-        assert loader.state_dict()["dataset_digest"] != plain.state_dict()["dataset_digest"]
+        state = loader.state_dict()
+        assert state["options"]["min_bucket_fill"] == 4
+        assert state["dataset_digest"] != plain.state_dict()["dataset_digest"]
+        # A state of the merged plan does not resume an unmerged loader (its batches differ).
+        unmerged = fastdiff.DataLoader(root, batch_size=4, drop_last=drop_last, **GRID)
+        with pytest.raises(ValueError, match="min_bucket_fill"):
+            unmerged.load_state_dict(state)
+        fastdiff.DataLoader(
+            root, batch_size=4, drop_last=drop_last, min_bucket_fill=4, **GRID
+        ).load_state_dict(state)
 
     flags = ["--resolution", "512", "--bucket-step", "16", "--batch-size", "4", "--drop-last"]
     assert cli.main(["scan", str(root), *flags]) == 0

@@ -186,9 +186,10 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
     merges.set_item("max_aspect_error", m.max_aspect_error)?;
     merges.set_item("mean_extra_crop", m.mean_extra_crop)?;
     merges.set_item("max_extra_crop", m.max_extra_crop)?;
-    let moves: Vec<((u32, u32), (u32, u32), usize)> = (m.moves.iter())
-        .map(|(from, to, n)| ((from.height, from.width), (to.height, to.width), *n))
-        .collect();
+    let moves = PyList::empty(py);
+    for (from, to, n) in &m.moves {
+        moves.append(((from.height, from.width), (to.height, to.width), n))?;
+    }
     merges.set_item("moves", moves)?;
     d.set_item("bucket_merges", merges)?;
     Ok(d)

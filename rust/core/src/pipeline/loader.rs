@@ -316,8 +316,9 @@ impl Loader {
     /// A 64-bit fingerprint of the dataset as scanned: per image its subset, path relative to the
     /// subset folder, format, stored size and orientation, plus each subset's options (not its
     /// folder), plus `min_bucket_fill` and `max_extra_crop` when merging is on (they change every
-    /// moved image's bucket; off, the digest is what it was before the option existed). Equal on any machine the same files are found on, whatever the absolute paths; used
-    /// to check that a saved loader state belongs to this dataset.
+    /// moved image's bucket; off, the digest is what it was before the option existed). Equal on
+    /// any machine the same files are found on, whatever the absolute paths; used to check that a
+    /// saved loader state belongs to this dataset.
     pub fn dataset_digest(&self) -> u64 {
         let inner = &*self.inner;
         let mut h = Fnv::default();
