@@ -95,7 +95,8 @@ class TrainConfig:
     )
     output: Path = setting(  # noqa: RUF009 (a dataclasses.field)
         group="checkpoints",
-        help="Folder (created if missing) for loss.csv (step,loss), loss.png, train_config.json, "
+        help="Folder (created if missing) for loss.csv (step,loss,grad_norm,lr), loss.png, "
+        "loss_by_timestep.csv/.png, spikes.jsonl, train_config.json, "
         "checkpoint-STEP/ folders, previews/ and the weights: from scratch unet/, text_encoder/, "
         "tokenizer/, scheduler/; a full fine-tune the whole pipeline (save_pretrained); LoRA "
         "pytorch_lora_weights.safetensors. Required.",
@@ -342,6 +343,25 @@ class TrainConfig:
     )
     max_consecutive_skips: int = setting(
         20, group="optimisation", min=1, help="The run stops after this many non-finite steps in a row."
+    )
+    spike_k: float = setting(
+        6.0,
+        group="optimisation",
+        min=0,
+        help="Loss-spike detector (a one-sided Hampel filter): a step whose loss exceeds the median of the "
+        "last spike_window finite step losses by more than spike_k * 1.4826 * their MAD (median absolute "
+        "deviation) is a spike; its step and the batch's paths (every rank's) go to the log and to "
+        "OUTPUT/spikes.jsonl. It judges from the 10th finite loss on; 0 turns it off.",
+    )
+    spike_window: int = setting(
+        50, group="optimisation", min=10, help="Step losses in the spike detector's rolling window."
+    )
+    skip_spikes: bool = setting(
+        False,
+        group="optimisation",
+        help="Do not update the weights (nor EMA) on a spike step, on every rank, as for a non-finite "
+        "one; the step still counts and advances the LR schedule, and skipped spikes count towards "
+        "max_consecutive_skips. A skipped spike stays out of the detector's window.",
     )
     checkpoint_every: int = setting(
         500,

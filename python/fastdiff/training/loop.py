@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,8 +30,9 @@ import torch
 
 from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
+from fastdiff.training.monitor import MAD_SCALE, SpikeDetector, loss_by_noise_level
 from fastdiff.training.objective import drop_captions
-from fastdiff.training.outputs import LossLog, save_sample_grid
+from fastdiff.training.outputs import LossLog, SpikeLog, save_sample_grid, write_loss_by_timestep
 from fastdiff.training.protocols import BatchLoader, LoopSettings, Task, TrainBatch
 from fastdiff.types import Batch
 
@@ -51,7 +52,8 @@ class LoopResult:
             gradient accumulation the mean of the step's micro-batch losses.
         first_step: Number of the first of them (1, or the checkpoint's step + 1 on resume).
         skipped_steps: Steps (of the whole run, resumed ones included) whose loss or gradients were not
-            finite and that did not update the weights.
+            finite, or that were skipped loss spikes (``skip_spikes``), and that did not update the weights.
+        spike_steps: Steps of this process's run that the spike detector flagged (skipped or not).
         overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
             (normal while it calibrates its scale; not counted in ``skipped_steps``).
         seconds: Wall time of the loop in seconds.
@@ -65,6 +67,7 @@ class LoopResult:
     overflow_steps: int
     seconds: float
     data_seconds: float = 0.0
+    spike_steps: list[int] = field(default_factory=list)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -185,6 +188,16 @@ def run(
     still advances the step counter and the LR schedule. ``max_consecutive_skips`` skipped steps in a
     row stop the run.
 
+    Monitoring: each step's row of ``OUTPUT/loss.csv`` holds its loss, the global gradient norm before
+    clipping (as ``clip_grad_norm_`` returns it, of the unscaled gradients with fp16) and the learning
+    rate it used. The loss-spike detector (:class:`~fastdiff.training.monitor.SpikeDetector`,
+    ``spike_k``/``spike_window``) judges each finite step loss against the window of the ones before;
+    a spike is logged with every rank's batch paths (gathered) and written to ``OUTPUT/spikes.jsonl``;
+    with ``skip_spikes`` its update is skipped on every rank (all ranks see the same all-reduced loss,
+    so they decide alike) and counted in ``skipped_steps``. Every sample's unweighted loss and noise
+    level (:attr:`~fastdiff.training.protocols.Task.last_sample_losses`, every rank's, gathered at the
+    end) are binned into ``OUTPUT/loss_by_timestep.csv`` and ``.png`` (the steps this process ran).
+
     Checkpoints (every ``checkpoint_every`` steps, ``OUTPUT/checkpoint-STEP/``): the trainable
     parameters (``trainable.safetensors``), optimizer, LR scheduler, EMA, GradScaler, counters and
     every RNG state (``training_state.pt``), the loader's ``state_dict()`` (``loader.json``) and the
@@ -254,6 +267,7 @@ def run(
     accumulation = config.gradient_accumulation_steps
     samples_per_step = (config.batch_size or 1) * world_size * accumulation
 
+    detector = SpikeDetector(config.spike_k, config.spike_window)
     step = skipped = consecutive = overflow = 0
     first_epoch = 0
     if config.resume is not None:
@@ -273,6 +287,8 @@ def run(
         step, skipped, consecutive, overflow = (
             int(state[k]) for k in ("step", "skipped", "consecutive", "overflow")
         )
+        if state.get("spike_detector") is not None:
+            detector.load_state_dict(state["spike_detector"])
         saved_samples = int(state.get("samples_per_step", samples_per_step))
         if saved_samples != samples_per_step:
             steps = resumed_step(step, saved_samples, samples_per_step)
@@ -298,12 +314,16 @@ def run(
             log.info("resumed from %s at step %d", folder, step)
 
     first_step = step + 1
-    loss_log = None
+    loss_log = spike_log = None
     if main:
         config.output.mkdir(parents=True, exist_ok=True)
         loss_log = LossLog(config.output / "loss.csv", first_step)
+        spike_log = SpikeLog(config.output / "spikes.jsonl", first_step)
     batches = epochs_of(loader, first_epoch)
     losses: list[float] = []
+    spike_steps: list[int] = []
+    noise_levels: list[torch.Tensor] = []
+    sample_losses: list[torch.Tensor] = []
     task.train_mode(True)
     start = time.perf_counter()
     data_seconds = 0.0
@@ -378,12 +398,47 @@ def run(
                         if not math.isfinite(value):
                             finite = False
                             break
+                        if task.last_sample_losses is not None:
+                            noise_levels.append(task.last_sample_losses.noise_levels)
+                            sample_losses.append(task.last_sample_losses.losses)
                         scaler.scale(loss / accumulation).backward()
                 step_loss = float(np.mean(values)) if finite else values[-1]
+                lr = float(optimizer.param_groups[0]["lr"])
+                grad_norm = float("nan")
                 reason = "" if finite else "loss"
-                if finite:
+                spike = detector.check(step, step_loss)
+                if spike is not None:
+                    spike_steps.append(step)
+                    paths = [p for rank_paths in distributed.gather(batch_paths(micro)) for p in rank_paths]
+                    skip = config.skip_spikes
+                    if main:
+                        log.warning(
+                            "step %d: loss spike %.6g > %.6g (median %.6g + %g x %g x MAD %.6g)%s "
+                            "(batch: %s)",
+                            step,
+                            step_loss,
+                            spike.threshold,
+                            spike.median,
+                            config.spike_k,
+                            MAD_SCALE,
+                            spike.mad,
+                            ", update skipped" if skip else "",
+                            ", ".join(paths),
+                        )
+                    if spike_log is not None:
+                        spike_log.write({**asdict(spike), "skipped": skip, "paths": paths})
+                    if skip:
+                        reason = "spike"
+                        # The gradients' norm without unscale_ (whose GradScaler state a skipped
+                        # step must not leave behind): the scaled norm over the scale.
+                        grads = [p.grad for p in params if p.grad is not None]
+                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) / scaler.get_scale()
+                if not (spike is not None and config.skip_spikes):
+                    detector.add(step_loss)
+                if finite and not reason:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = float(norm)
                     grads_finite = bool(torch.isfinite(norm))
                     if scaler.is_enabled():
                         scale = scaler.get_scale()
@@ -404,22 +459,23 @@ def run(
                 if reason:
                     skipped += 1
                     consecutive += 1
-                    paths = [p for b in micro for p in b.get("paths", [])]
-                    if main:
+                    paths = batch_paths(micro)
+                    what = "a loss spike" if reason == "spike" else f"a non-finite {reason}"
+                    if main and reason != "spike":
                         log.warning(
                             "step %d skipped: non-finite %s (batch: %s)", step, reason, ", ".join(paths)
                         )
                     if consecutive >= config.max_consecutive_skips:
                         raise RuntimeError(
-                            f"{consecutive} consecutive steps (up to step {step}) had a non-finite {reason}; "
-                            f"stopping. Last batch: {', '.join(paths) or '?'}. Check those images, lower "
-                            "learning_rate, or use mixed_precision 'no' or 'bf16'."
+                            f"{consecutive} consecutive steps (up to step {step}) were skipped, the last for "
+                            f"{what}; stopping. Last batch: {', '.join(paths) or '?'}. Check those images, "
+                            "lower learning_rate, or use mixed_precision 'no' or 'bf16'."
                         )
                 else:
                     consecutive = 0
                 losses.append(step_loss)
                 if loss_log is not None:
-                    loss_log.write(step, step_loss)
+                    loss_log.write(step, step_loss, grad_norm, lr)
                 bar.set_postfix(loss=f"{step_loss:.4f}", skipped=skipped, refresh=False)
                 bar.update()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -432,6 +488,7 @@ def run(
                         "lr_scheduler": lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
+                        "spike_detector": detector.state_dict(),
                         "rng": rng_state(noise_gen, caption_rng),
                         "world_size": world_size,
                         "samples_per_step": samples_per_step,
@@ -444,10 +501,26 @@ def run(
         if main and config.preview_every and step % config.preview_every != 0:
             preview(step)
     finally:
-        if loss_log is not None:
-            loss_log.close()
+        for opened in (loss_log, spike_log):
+            if opened is not None:
+                opened.close()
         batches.close()
     seconds = time.perf_counter() - start
+    levels = [t for rank_levels in distributed.gather(noise_levels) for t in rank_levels]
+    per_sample = [t for rank_losses in distributed.gather(sample_losses) for t in rank_losses]
+    if main and levels:
+        rows = loss_by_noise_level(torch.cat(levels).numpy(), torch.cat(per_sample).numpy())
+        write_loss_by_timestep(
+            rows,
+            config.output / "loss_by_timestep.csv",
+            config.output / "loss_by_timestep.png",
+            title=f"loss by noise level, steps {first_step}-{step}",
+        )
     if ema is not None:
         ema.copy_to(params)
-    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds)
+    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps)
+
+
+def batch_paths(micro: Sequence[Batch]) -> list[str]:
+    """The image paths of a step's micro-batches, in order (none where a batch has no ``paths``)."""
+    return [p for b in micro for p in b.get("paths", [])]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,9 @@ class TrainResult:
         losses: Loss of every step this process ran, in order (``nan``/``inf`` where the step was
             skipped); a resumed run starts at ``first_step``.
         first_step: Step number of ``losses[0]``.
-        skipped_steps: Steps whose loss or gradients were not finite; they did not update the weights.
+        skipped_steps: Steps whose loss or gradients were not finite, or skipped loss spikes
+            (``skip_spikes``); they did not update the weights.
+        spike_steps: Steps of this run that the loss-spike detector flagged (see ``spikes.jsonl``).
         overflow_steps: fp16 steps skipped by the gradient scaler (see
             :class:`fastdiff.training.loop.LoopResult`).
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
@@ -79,6 +81,7 @@ class TrainResult:
     seconds: float
     data_seconds: float
     device: torch.device
+    spike_steps: list[int] = field(default_factory=list)
     unet: UNet2DConditionModel | None = None
     text_encoder: CLIPTextModel | None = None
     tokenizer: Any = None
@@ -88,7 +91,8 @@ class TrainResult:
 
     @property
     def loss_csv(self) -> Path:
-        """``output/loss.csv``: columns ``step,loss``, one row per step, steps counted from 1."""
+        """``output/loss.csv``: columns ``step,loss,grad_norm,lr``
+        (:data:`~fastdiff.training.outputs.LOSS_COLUMNS`), one row per step, steps counted from 1."""
         return self.output / "loss.csv"
 
     @property
@@ -146,8 +150,10 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     precision, EMA, the non-finite guard, checkpoints, ``--resume`` and previews. Epochs restart the
     loader with ``set_epoch`` until ``max_steps`` steps ran.
 
-    Files written to ``config.output``: ``loss.csv`` (``step,loss``, written as training goes),
-    ``loss.png`` (every step in ``loss.csv``), ``train_config.json`` (resolved settings), checkpoints,
+    Files written to ``config.output``: ``loss.csv`` (``step,loss,grad_norm,lr``, written as training
+    goes), ``loss.png`` (every step in ``loss.csv``), ``spikes.jsonl`` (flagged loss spikes and their
+    batches), ``loss_by_timestep.csv``/``.png`` (loss binned by noise level), ``train_config.json``
+    (resolved settings), checkpoints,
     previews, and the weights: from scratch ``unet/``, ``text_encoder/`` (``save_pretrained``,
     safetensors), ``tokenizer/``, ``scheduler/``; a full fine-tune the whole pipeline; LoRA
     ``pytorch_lora_weights.safetensors`` (what diffusers' ``load_lora_weights`` reads).
@@ -250,6 +256,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         seconds=result.seconds,
         data_seconds=result.data_seconds,
         device=device,
+        spike_steps=result.spike_steps,
         pipeline=pipeline,
         **models,
     )
@@ -269,6 +276,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"trained steps {result.first_step}-{result.first_step + len(result.losses) - 1} on {result.device} "
         f"in {result.seconds:.1f} s ({waiting:.0f}% waiting for data), last loss {last:.4f}, "
-        f"{result.skipped_steps} non-finite steps skipped; wrote {result.output}"
+        f"{result.skipped_steps} steps skipped (non-finite or spike), {len(result.spike_steps)} loss spikes; "
+        f"wrote {result.output}"
     )
     return 0
