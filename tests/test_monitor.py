@@ -186,3 +186,30 @@ def test_skip_spikes_leaves_the_weights_as_before_the_spike(images: Path, tmp_pa
         loader=CorruptLoader(make_loader(cfg), SPIKE_AT),
     )
     assert not all(torch.equal(want[k], kept.unet.state_dict()[k]) for k in want)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tensorboard_events_hold_the_logged_scalars_and_previews(images: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = ("a wallpaper", "a photo")
+    cfg = tiny(images, tmp_path, max_steps=4, report_to="tensorboard", preview_every=2, preview_steps=2)
+    cfg = replace(cfg, preview_prompts=prompts)
+    cfg = replace(cfg, validation_split=0.5, validate_every=2)
+    result = train(cfg)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected = ("train/loss", "train/grad_norm", "train/lr", "train/skipped_steps", "train/data_wait_share")
+    assert set(expected) | {"val/loss"} <= set(tags["scalars"])
+    table = rows(tmp_path / "loss.csv")[1:]
+    for column, tag in ((1, "train/loss"), (2, "train/grad_norm"), (3, "train/lr")):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert got == [(int(r[0]), pytest.approx(float(r[column]), rel=1e-5)) for r in table], tag
+    assert [e.value for e in events.Scalars("train/skipped_steps")] == [0, 0, 0, 0]
+    assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait_share"))
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("val/loss")] == result.validation
+    previews = events.Images("previews")
+    assert [e.step for e in previews] == [2, 4]
+    # A row per prompt, a column per preview seed, of 32x32 images.
+    assert (previews[0].height, previews[0].width) == (len(prompts) * 32, 2 * 32)

@@ -274,6 +274,7 @@ LOADER_FIELDS = (
     "flip_prob",
     "crop_variants",
     "text_variants",
+    "validation_split",
 )
 
 

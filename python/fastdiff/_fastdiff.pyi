@@ -173,6 +173,8 @@ class NativeLoader:
         text_variants: int | None = None,
         cache: str | None = None,
         pixels: bool = True,
+        validation_split: float = 0.0,
+        validation: bool = False,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

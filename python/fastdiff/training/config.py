@@ -26,6 +26,7 @@ from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
+from fastdiff.training.trackers import REPORT_TO
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -151,6 +152,11 @@ class TrainConfig:
         "batch_size",
         default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "
         f"{LOADER_DEFAULTS['batch_size']}.",
+    )
+    validation_split: float | None = loader_setting(
+        "validation_split",
+        default_doc="The held-out images give the validation loss (val_loss.csv, drawn in loss.png) every "
+        "--validate-every steps and after the last. Default: the dataset config's, else 0 (none).",
     )
     cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
@@ -375,6 +381,23 @@ class TrainConfig:
         help="A checkpoint-STEP folder (or a folder holding some: the highest step is taken) to "
         "continue from; the run then goes on to max_steps and appends to its own output.",
     )
+    validate_every: int = setting(
+        0,
+        group="logging",
+        min=0,
+        help="Compute the validation loss (needs validation_split > 0) every this many steps; it is "
+        "always computed after the last step (0: only then). Each held-out image is evaluated alone with "
+        "noise, timestep and VAE draw seeded by (seed, its path), center-cropped and unflipped, in eval "
+        "mode under no_grad, with the EMA weights when EMA is on; written to val_loss.csv.",
+    )
+    report_to: str = setting(
+        "none",
+        group="logging",
+        choices=REPORT_TO,
+        help="Also write the loss, validation loss, learning rate, gradient norm, skipped steps, "
+        "data-wait share and preview grids as TensorBoard event files in OUTPUT/tensorboard/ "
+        "(tensorboard; needs the tensorboard package). The CSV and PNG files are written either way.",
+    )
     preview_every: int = setting(
         0,
         group="logging",
@@ -465,6 +488,13 @@ class TrainConfig:
             check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
+        if self.validate_every and not self.validation_split:
+            raise ValueError("validate_every needs held-out images: set validation_split > 0")
+        if self.validation_split and self.cache is not None:
+            raise ValueError(
+                "validation_split with a cache is not supported yet: the cache holds the training images' "
+                "entries only; validate without --cache"
+            )
         if self.model is None:
             self._check_from_scratch()
         else:

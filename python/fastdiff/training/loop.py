@@ -32,8 +32,16 @@ from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
 from fastdiff.training.monitor import MAD_SCALE, SpikeDetector, loss_by_noise_level
 from fastdiff.training.objective import drop_captions
-from fastdiff.training.outputs import LossLog, SpikeLog, save_sample_grid, write_loss_by_timestep
+from fastdiff.training.outputs import (
+    LossLog,
+    SpikeLog,
+    ValidationLog,
+    save_sample_grid,
+    write_loss_by_timestep,
+)
 from fastdiff.training.protocols import BatchLoader, LoopSettings, Task, TrainBatch
+from fastdiff.training.trackers import make_tracker
+from fastdiff.training.validation import mean_loss, validation_losses
 from fastdiff.types import Batch
 
 log = logging.getLogger("fastdiff.train")
@@ -54,6 +62,7 @@ class LoopResult:
         skipped_steps: Steps (of the whole run, resumed ones included) whose loss or gradients were not
             finite, or that were skipped loss spikes (``skip_spikes``), and that did not update the weights.
         spike_steps: Steps of this process's run that the spike detector flagged (skipped or not).
+        validation: ``(step, validation loss)`` of each evaluation this process ran (rank 0 only).
         overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
             (normal while it calibrates its scale; not counted in ``skipped_steps``).
         seconds: Wall time of the loop in seconds.
@@ -68,6 +77,7 @@ class LoopResult:
     seconds: float
     data_seconds: float = 0.0
     spike_steps: list[int] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -172,6 +182,7 @@ def run(
     preview_prompts: Sequence[str] = (),
     resume_must_match: Sequence[str] = (),
     checkpoint_files: Callable[[Path], None] | None = None,
+    validation_loader: BatchLoader | None = None,
 ) -> LoopResult:
     """Train ``task`` for ``config.max_steps`` optimizer steps on ``loader``'s batches.
 
@@ -205,6 +216,17 @@ def run(
     them, so the next step's loss equals an uninterrupted run's (bit-exact on CPU with the same torch
     thread count), and appends to ``OUTPUT/loss.csv`` (rows after the checkpoint's step are dropped).
 
+    Validation (with ``validation_loader``: every ``validate_every`` steps and after the last): the
+    mean loss over its images with noise, timesteps and posterior draws fixed per sample
+    (:func:`~fastdiff.training.validation.validation_losses`), under ``torch.no_grad`` in eval mode,
+    with the EMA weights when EMA is on (the weights that are saved), under ``torch.random.fork_rng``;
+    appended to ``OUTPUT/val_loss.csv`` and logged. With several ranks rank 0 evaluates every image
+    (all ranks hold the same weights) while the others wait at a barrier.
+
+    Trackers (``report_to``, :mod:`~fastdiff.training.trackers`, rank 0): each step's loss, gradient
+    norm, learning rate, skipped steps so far and data-wait share so far, each validation loss and each
+    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/``.
+
     Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
     ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed``, EMA weights when EMA is on,
     under ``torch.random.fork_rng`` so that training randomness is unaffected; saved as
@@ -229,6 +251,8 @@ def run(
         config: The run's resolved settings (``learning_rate`` set).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
+        validation_loader: The held-out images (a loader built with ``validation=True``, unshuffled,
+            of this rank alone); ``None``: no validation loss.
         checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter), from
             the EMA weights when EMA is on, as the final output.
         resume_must_match: Settings (names in ``config.to_json()``) that ``config.resume``'s
@@ -314,11 +338,15 @@ def run(
             log.info("resumed from %s at step %d", folder, step)
 
     first_step = step + 1
-    loss_log = spike_log = None
+    loss_log = spike_log = val_log = tracker = None
     if main:
+        tracker = make_tracker(config.report_to, config.output)
         config.output.mkdir(parents=True, exist_ok=True)
         loss_log = LossLog(config.output / "loss.csv", first_step)
         spike_log = SpikeLog(config.output / "spikes.jsonl", first_step)
+        if validation_loader is not None:
+            val_log = ValidationLog(config.output / "val_loss.csv", first_step)
+    validation: list[tuple[int, float]] = []
     batches = epochs_of(loader, first_epoch)
     losses: list[float] = []
     spike_steps: list[int] = []
@@ -342,6 +370,36 @@ def run(
             if ema is not None:
                 ema.restore(params)
 
+    def validate(at: int) -> None:
+        if validation_loader is None:
+            return
+        if main:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if ema is not None:
+                    ema.store(params)
+                    ema.copy_to(params)
+                try:
+                    per_sample = validation_losses(
+                        task,
+                        validation_loader,
+                        seed=config.seed,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        on_device=ON_DEVICE,
+                    )
+                finally:
+                    if ema is not None:
+                        ema.restore(params)
+            value = mean_loss(per_sample)
+            validation.append((at, value))
+            if val_log is not None:
+                val_log.write(at, value, len(per_sample))
+            if tracker is not None:
+                tracker.scalars(at, {"val/loss": value})
+            weights = " (EMA weights)" if ema is not None else ""
+            log.info("step %d: validation loss %.6g over %d images%s", at, value, len(per_sample), weights)
+        distributed.barrier()
+
     def preview(at: int) -> None:
         if not preview_prompts:
             return
@@ -360,6 +418,11 @@ def run(
         folder = config.output / "previews"
         folder.mkdir(exist_ok=True)
         save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
+        if tracker is not None:
+            # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
+            rows, (channels, height, width) = len(preview_prompts), images.shape[1:]
+            grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
+            tracker.image(at, "previews", grid.reshape(channels, rows * height, -1))
 
     try:
         with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not main) as bar:
@@ -476,6 +539,18 @@ def run(
                 losses.append(step_loss)
                 if loss_log is not None:
                     loss_log.write(step, step_loss, grad_norm, lr)
+                if tracker is not None:
+                    elapsed = time.perf_counter() - start
+                    tracker.scalars(
+                        step,
+                        {
+                            "train/loss": step_loss,
+                            "train/grad_norm": grad_norm,
+                            "train/lr": lr,
+                            "train/skipped_steps": skipped,
+                            "train/data_wait_share": data_seconds / elapsed if elapsed > 0 else 0.0,
+                        },
+                    )
                 bar.set_postfix(loss=f"{step_loss:.4f}", skipped=skipped, refresh=False)
                 bar.update()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -496,12 +571,16 @@ def run(
                     state["rng_ranks"] = distributed.gather(state["rng"])
                     if main:
                         checkpointer.save(step, state, user_files)
+                if config.validate_every and step % config.validate_every == 0:
+                    validate(step)
                 if main and config.preview_every and step % config.preview_every == 0:
                     preview(step)
+        if not config.validate_every or step % config.validate_every != 0:
+            validate(step)
         if main and config.preview_every and step % config.preview_every != 0:
             preview(step)
     finally:
-        for opened in (loss_log, spike_log):
+        for opened in (loss_log, spike_log, val_log, tracker):
             if opened is not None:
                 opened.close()
         batches.close()
@@ -518,7 +597,7 @@ def run(
         )
     if ema is not None:
         ema.copy_to(params)
-    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps)
+    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps, validation)
 
 
 def batch_paths(micro: Sequence[Batch]) -> list[str]:

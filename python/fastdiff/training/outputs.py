@@ -57,6 +57,40 @@ class LossLog:
         self._file.close()
 
 
+#: Columns of ``val_loss.csv``: the step after which the validation loss was computed, the loss
+#: (mean over the validation images, written with all its digits) and the number of images.
+VAL_LOSS_COLUMNS = ("step", "val_loss", "images")
+
+
+class ValidationLog:
+    """``OUTPUT/val_loss.csv`` (:data:`VAL_LOSS_COLUMNS`), a row per evaluation; a resumed run keeps
+    the rows of steps before its start."""
+
+    def __init__(self, path: Path, first_step: int) -> None:
+        rows = _kept_lines(path, first_step, lambda line: int(line.split(",")[0]))
+        self._file = path.open("w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(VAL_LOSS_COLUMNS)
+        for row in rows:
+            self._file.write(row + "\r\n")
+        self._file.flush()
+
+    def write(self, step: int, loss: float, images: int) -> None:
+        self._writer.writerow([step, repr(loss), images])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_val_loss_csv(path: Path) -> list[tuple[int, float]]:
+    """``(step, val_loss)`` rows of a ``val_loss.csv`` (none if the file is absent)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [(int(r[0]), float(r[1])) for r in list(csv.reader(f))[1:] if r]
+
+
 def read_loss_csv(path: Path) -> list[float]:
     """Losses of ``loss.csv`` in step order."""
     with path.open(newline="") as f:
@@ -120,13 +154,21 @@ def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path) 
     fig.savefig(path)
 
 
-def plot_loss(losses: Sequence[float], path: Path, *, title: str) -> None:
-    """Plot the per-step loss and its running mean (log scale) to a PNG with matplotlib's Agg backend.
+def plot_loss(
+    losses: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+    validation: Sequence[tuple[int, float]] = (),
+) -> None:
+    """Plot the per-step loss and its running mean (log scale) to a PNG with matplotlib's Agg backend,
+    with the validation loss over the steps it was computed at.
 
     Args:
         losses: Loss per step; non-finite values are left out of the plot.
         path: PNG file to write.
         title: Figure title.
+        validation: ``(step, validation loss)`` points (:func:`read_val_loss_csv`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -142,6 +184,9 @@ def plot_loss(losses: Sequence[float], path: Path, *, title: str) -> None:
     if finite.sum() >= window:
         kernel = np.ones(window) / window
         ax.plot(steps[finite][window - 1 :], np.convolve(values[finite], kernel, "valid"), lw=2, label="mean")
+    points = [(s, v) for s, v in validation if np.isfinite(v)]
+    if points:
+        ax.plot(*zip(*points, strict=True), "o-", lw=1.5, ms=4, label="validation")
     if finite.any():
         ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -24,6 +24,7 @@ from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import model_kind
 from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
+from fastdiff.group import DatasetGroup
 from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
@@ -34,7 +35,7 @@ from fastdiff.training.config import (
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.loop import autocast_dtype
-from fastdiff.training.outputs import plot_loss, read_loss_csv
+from fastdiff.training.outputs import plot_loss, read_loss_csv, read_val_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
 from fastdiff.training.setup import make_batches, make_loader, resolve_device, with_dataset_options
@@ -58,6 +59,7 @@ class TrainResult:
         skipped_steps: Steps whose loss or gradients were not finite, or skipped loss spikes
             (``skip_spikes``); they did not update the weights.
         spike_steps: Steps of this run that the loss-spike detector flagged (see ``spikes.jsonl``).
+        validation: ``(step, validation loss)`` of each evaluation of this run (``val_loss.csv``).
         overflow_steps: fp16 steps skipped by the gradient scaler (see
             :class:`fastdiff.training.loop.LoopResult`).
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
@@ -82,6 +84,7 @@ class TrainResult:
     data_seconds: float
     device: torch.device
     spike_steps: list[int] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
     unet: UNet2DConditionModel | None = None
     text_encoder: CLIPTextModel | None = None
     tokenizer: Any = None
@@ -213,6 +216,11 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches) if config.preview_every else []
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")
+    validation_loader = None
+    if config.validation_split:
+        if isinstance(batches, DatasetGroup):
+            raise ValueError(f"validation_split needs one dataset: {config.data} has several [[datasets]]")
+        validation_loader = make_loader(config, validation=True)
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)
@@ -230,11 +238,19 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         preview_prompts=prompts,
         checkpoint_files=checkpoint_files,
         resume_must_match=RESUME_MUST_MATCH,
+        validation_loader=validation_loader,
     )
     name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
     if main:
-        plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
+        plot_loss(
+            read_loss_csv(config.output / "loss.csv"),
+            config.output / "loss.png",
+            title=title,
+            validation=read_val_loss_csv(config.output / "val_loss.csv")
+            if validation_loader is not None
+            else [],
+        )
         task.save(config.output)
     models: dict[str, Any] = (
         {"transformer": task.transformer}
@@ -257,6 +273,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         data_seconds=result.data_seconds,
         device=device,
         spike_steps=result.spike_steps,
+        validation=result.validation,
         pipeline=pipeline,
         **models,
     )
@@ -279,4 +296,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"{result.skipped_steps} steps skipped (non-finite or spike), {len(result.spike_steps)} loss spikes; "
         f"wrote {result.output}"
     )
+    if result.validation:
+        step, value = result.validation[-1]
+        print(f"validation loss at step {step}: {value:.6g} (val_loss.csv)")
     return 0

@@ -103,7 +103,8 @@ impl NativeLoader {
         subsets, *, resolution, batch_size, bucket_step, min_bucket_side, max_bucket_side, crop, flip_prob,
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
-        crop_variants = None, text_variants = None, cache = None, pixels = true
+        crop_variants = None, text_variants = None, cache = None, pixels = true,
+        validation_split = 0.0, validation = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -135,6 +136,8 @@ impl NativeLoader {
         text_variants: Option<u32>,
         cache: Option<PathBuf>,
         pixels: bool,
+        validation_split: f64,
+        validation: bool,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             resolution,
@@ -163,6 +166,8 @@ impl NativeLoader {
             remainder: parse("remainder", remainder)?,
             cache,
             pixels,
+            validation_split,
+            validation,
         };
         let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
         let inner = py
