@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import copy_with_captions, smallest_images
 from fastdiff.training.config import TrainConfig
-from fastdiff.training.monitor import MAD_SCALE, MIN_HISTORY, SpikeDetector, loss_by_noise_level
+from fastdiff.training.monitor import MAD_SCALE, MIN_HISTORY, LossByNoiseLevel, SpikeDetector
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.run import train
 from fastdiff.training.setup import make_loader
@@ -114,7 +114,10 @@ def test_detector_flags_only_losses_above_median_plus_k_scaled_mads() -> None:
 def test_loss_by_noise_level_bins_hand_values() -> None:
     levels = np.array([0.0, 0.05, 0.15, 0.95, 1.0, 0.5])
     losses = np.array([1.0, 3.0, 2.0, 0.5, 0.25, math.nan])
-    table = loss_by_noise_level(levels, losses, bins=10)
+    binned = LossByNoiseLevel(bins=10)
+    binned.add(levels[:3], losses[:3])
+    binned.add(levels[3:], losses[3:])
+    table = binned.rows()
     assert [r["count"] for r in table] == [2, 1, 0, 0, 0, 0, 0, 0, 0, 2]
     assert table[0]["mean_loss"] == 2.0 and table[1]["mean_loss"] == 2.0 and table[9]["mean_loss"] == 0.375
     assert math.isnan(table[2]["mean_loss"])

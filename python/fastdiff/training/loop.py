@@ -30,7 +30,7 @@ import torch
 
 from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
-from fastdiff.training.monitor import MAD_SCALE, SpikeDetector, loss_by_noise_level
+from fastdiff.training.monitor import MAD_SCALE, LossByNoiseLevel, SpikeDetector
 from fastdiff.training.objective import drop_captions
 from fastdiff.training.outputs import (
     LossLog,
@@ -350,8 +350,7 @@ def run(
     batches = epochs_of(loader, first_epoch)
     losses: list[float] = []
     spike_steps: list[int] = []
-    noise_levels: list[torch.Tensor] = []
-    sample_losses: list[torch.Tensor] = []
+    by_noise_level = LossByNoiseLevel()
     task.train_mode(True)
     start = time.perf_counter()
     data_seconds = 0.0
@@ -462,8 +461,8 @@ def run(
                             finite = False
                             break
                         if task.last_sample_losses is not None:
-                            noise_levels.append(task.last_sample_losses.noise_levels)
-                            sample_losses.append(task.last_sample_losses.losses)
+                            levels, per_sample = task.last_sample_losses
+                            by_noise_level.add(levels.numpy(), per_sample.numpy())
                         scaler.scale(loss / accumulation).backward()
                 step_loss = float(np.mean(values)) if finite else values[-1]
                 lr = float(optimizer.param_groups[0]["lr"])
@@ -585,12 +584,11 @@ def run(
                 opened.close()
         batches.close()
     seconds = time.perf_counter() - start
-    levels = [t for rank_levels in distributed.gather(noise_levels) for t in rank_levels]
-    per_sample = [t for rank_losses in distributed.gather(sample_losses) for t in rank_losses]
-    if main and levels:
-        rows = loss_by_noise_level(torch.cat(levels).numpy(), torch.cat(per_sample).numpy())
+    for other in distributed.gather(by_noise_level)[1:]:
+        by_noise_level.merge(other)
+    if main and by_noise_level.counts.any():
         write_loss_by_timestep(
-            rows,
+            by_noise_level.rows(),
             config.output / "loss_by_timestep.csv",
             config.output / "loss_by_timestep.png",
             title=f"loss by noise level, steps {first_step}-{step}",

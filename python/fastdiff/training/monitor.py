@@ -87,32 +87,44 @@ class SpikeDetector:
         self.history.extend(float(v) for v in state["history"])
 
 
-def loss_by_noise_level(
-    levels: np.ndarray, losses: np.ndarray, bins: int = NOISE_BINS
-) -> list[dict[str, float]]:
-    """Per-sample losses binned by noise level: ``bins`` equal bins of ``[0, 1]`` (the last closed).
+class LossByNoiseLevel:
+    """Per-sample losses binned by noise level as they come: ``bins`` equal bins of ``[0, 1]`` (the
+    last one closed), a sum and a count each (memory independent of the run's length).
 
     Args:
-        levels: float ``[N]`` in ``[0, 1]`` (:attr:`fastdiff.training.objective.SampleLosses.noise_levels`).
-        losses: float ``[N]``, the samples' unweighted losses; non-finite ones are left out.
-
-    Returns:
-        One row per bin: ``low``, ``high`` (its edges), ``count`` and ``mean_loss`` (``nan`` if empty).
+        bins: Number of bins.
     """
-    levels = np.asarray(levels, dtype=np.float64)
-    losses = np.asarray(losses, dtype=np.float64)
-    keep = np.isfinite(losses)
-    levels, losses = levels[keep], losses[keep]
-    index = np.clip((levels * bins).astype(np.int64), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        chosen = losses[index == b]
-        rows.append(
+
+    def __init__(self, bins: int = NOISE_BINS) -> None:
+        self.sums = np.zeros(bins, dtype=np.float64)
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def add(self, levels: np.ndarray, losses: np.ndarray) -> None:
+        """Add samples: noise levels float ``[N]`` in ``[0, 1]``
+        (:attr:`fastdiff.training.objective.SampleLosses.noise_levels`) and their unweighted losses
+        float ``[N]``; non-finite losses are left out."""
+        levels = np.asarray(levels, dtype=np.float64)
+        losses = np.asarray(losses, dtype=np.float64)
+        keep = np.isfinite(losses)
+        bins = self.sums.size
+        index = np.clip((levels[keep] * bins).astype(np.int64), 0, bins - 1)
+        np.add.at(self.sums, index, losses[keep])
+        np.add.at(self.counts, index, 1)
+
+    def merge(self, other: LossByNoiseLevel) -> None:
+        """Add another accumulator's samples (another rank's)."""
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def rows(self) -> list[dict[str, float]]:
+        """One row per bin: ``low``, ``high`` (its edges), ``count`` and ``mean_loss`` (``nan`` if empty)."""
+        bins = self.sums.size
+        return [
             {
                 "low": b / bins,
                 "high": (b + 1) / bins,
-                "count": float(chosen.size),
-                "mean_loss": float(chosen.mean()) if chosen.size else float("nan"),
+                "count": float(self.counts[b]),
+                "mean_loss": float(self.sums[b] / self.counts[b]) if self.counts[b] else float("nan"),
             }
-        )
-    return rows
+            for b in range(bins)
+        ]

@@ -201,7 +201,7 @@ def plot_loss(
 def write_loss_by_timestep(
     rows: Sequence[Mapping[str, float]], csv_path: Path, png_path: Path, *, title: str
 ) -> None:
-    """Write the loss-by-noise-level table (:func:`fastdiff.training.monitor.loss_by_noise_level`) as
+    """Write the loss-by-noise-level table (:meth:`fastdiff.training.monitor.LossByNoiseLevel.rows`) as
     ``low,high,count,mean_loss`` to ``csv_path`` and as a bar plot (matplotlib, Agg) to ``png_path``.
 
     The x axis is the noise level in ``[0, 1]`` (``t / T`` for DDPM, sigma for flow matching; 1 is
