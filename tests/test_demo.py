@@ -48,9 +48,14 @@ def test_every_demo_config_field_is_a_cli_flag() -> None:
 def check_outputs(out: Path, steps: int) -> None:
     with (out / "loss.csv").open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "loss"]
+    assert rows[0] == ["step", "loss", "grad_norm", "lr"]
     assert len(rows) == steps + 1
-    assert all(math.isfinite(float(loss)) for _, loss in rows[1:])
+    assert all(math.isfinite(float(loss)) for _, loss, _, _ in rows[1:])
+    with (out / "val_loss.csv").open(newline="") as f:
+        val = list(csv.reader(f))
+    assert val[0] == ["step", "val_loss", "images"]
+    assert [int(r[0]) for r in val[1:]] == list(range(100, steps + 1, 100)) + ([steps] if steps % 100 else [])
+    assert all(math.isfinite(float(r[1])) and int(r[2]) > 0 for r in val[1:])
     for png in ("loss.png", "samples.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG"

@@ -75,7 +75,7 @@ def test_full_finetune_changes_the_unet_only_and_saves_a_loadable_pipeline(
     result = train(config(sd15, images, tmp_path, lora_rank=0, mixed_precision="bf16", vae_dtype="bf16"))
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     rows = read_csv(tmp_path / "loss.csv")
-    assert rows[0] == ["step", "loss"] and [r[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert rows[0] == ["step", "loss", "grad_norm", "lr"] and [r[0] for r in rows[1:]] == ["1", "2", "3"]
     assert (tmp_path / "loss.png").is_file()
 
     source = UNet2DConditionModel.from_pretrained(sd15 / "unet")
@@ -210,7 +210,7 @@ def test_resume_from_checkpoint_reproduces_the_next_steps_exactly(
     assert resumed.first_step == 3
     assert resumed.losses == full.losses[2:]  # exact, not approximate
     assert read_csv(tmp_path / "resumed" / "loss.csv") == [
-        ["step", "loss"],
+        ["step", "loss", "grad_norm", "lr"],
         read_csv(tmp_path / "full" / "loss.csv")[3],
     ]
     want = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
@@ -256,7 +256,7 @@ def test_nan_batch_is_skipped_counted_logged_and_leaves_the_weights_unchanged(
         poisoned = train(two, loader=PoisonLoader(make_loader(poisoned_config(two)), {2}))
     assert poisoned.skipped_steps == 1
     assert poisoned.losses[0] == reference.losses[0] and math.isnan(poisoned.losses[1])
-    assert read_csv(tmp_path / "two" / "loss.csv")[2] == ["2", "nan"]
+    assert read_csv(tmp_path / "two" / "loss.csv")[2] == ["2", "nan", "nan", "0.01"]
     assert "step 2 skipped: non-finite loss" in caplog.text and str(images) in caplog.text
     want, got = reference.unet.state_dict(), poisoned.unet.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)

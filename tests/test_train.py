@@ -88,9 +88,11 @@ def test_loss_is_finite_and_logged_to_csv_and_png(run: TrainResult) -> None:
     assert run.skipped_steps == 0
     with run.loss_csv.open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "loss"]
+    assert rows[0] == ["step", "loss", "grad_norm", "lr"]
     assert [int(r[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
     assert [float(r[1]) for r in rows[1:]] == pytest.approx(run.losses, rel=1e-5)
+    assert all(math.isfinite(float(r[2])) and float(r[2]) > 0 for r in rows[1:])
+    assert [float(r[3]) for r in rows[1:]] == [run.config.learning_rate] * STEPS  # constant schedule
     with Image.open(run.loss_png) as im:
         assert im.format == "PNG"
         assert im.width > 100 and im.height > 100
@@ -210,10 +212,10 @@ def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None
     assert result.skipped_steps == 3
     assert all(math.isnan(v) for v in result.losses)
     assert (tmp_path / "out" / "loss.csv").read_text().splitlines() == [
-        "step,loss",
-        "1,nan",
-        "2,nan",
-        "3,nan",
+        "step,loss,grad_norm,lr",
+        "1,nan,nan,0.001",
+        "2,nan,nan,0.001",
+        "3,nan,nan,0.001",
     ]
     init = initial_models(result, cfg)
     assert_same_weights(result.unet, init.unet)
@@ -272,6 +274,7 @@ LOADER_FIELDS = (
     "flip_prob",
     "crop_variants",
     "text_variants",
+    "validation_split",
 )
 
 

@@ -175,6 +175,8 @@ class NativeLoader:
         pixels: bool = True,
         min_bucket_fill: int | None = None,
         max_extra_crop: float = 0.1,
+        validation_split: float = 0.0,
+        validation: bool = False,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

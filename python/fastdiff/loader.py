@@ -152,6 +152,8 @@ class DataLoader:
         remainder: Remainder = "pad",
         cache: str | os.PathLike[str] | None = None,
         pixels: bool | None = None,
+        validation_split: float = 0.0,
+        validation: bool = False,
         device: Device | None = None,
         tokenizer: Tokenizer | None = None,
         tokenizers: Sequence[Tokenizer] | None = None,
@@ -410,10 +412,11 @@ class DataLoader:
     @property
     def report(self) -> Report:
         """What the scan and the loading so far found: a :class:`fastdiff.types.Report` (its docstring
-        gives every key): ``found``, ``loaded``, ``skipped`` (path, code, message; ``loaded +
-        len(skipped) == found`` always), formats, sizes, images per bucket, samples, small buckets,
-        ``images_trained`` per epoch, ``bucket_merges`` (``min_bucket_fill``) and the same per subset.
-        Files failing while decoding are added as they are met."""
+        gives every key): ``found``, ``loaded``, ``held_out`` (by ``validation_split``), ``skipped``
+        (path, code, message; ``loaded + held_out + len(skipped) == found`` always), formats, sizes,
+        images per bucket, samples, small buckets, ``images_trained`` per epoch, ``bucket_merges``
+        (``min_bucket_fill``) and the same per subset. Files failing while decoding are added as they
+        are met."""
         return cast(Report, self._native.report())
 
     def stats(self) -> LoadStats | None:

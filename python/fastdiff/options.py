@@ -436,6 +436,33 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
     ),
     _loader(
+        "validation_split",
+        float,
+        0.0,
+        "Share in ``[0, 1)`` of the images held out for validation: this loader never yields them "
+        "(with ``validation=True`` it yields only them).",
+        details="An image is held out when a uniform draw keyed by (``seed``, a 64-bit FNV-1a hash of its "
+        "path relative to its subset's folder) is below the share, so the same images are held out on "
+        "every run, rank and resume, adding images never moves others in or out, and about that share "
+        "of each subset is held out (exactly so only on average). Held-out images are taken out right "
+        'after the scan and counted in ``report["held_out"]`` (``loaded + held_out + len(skipped) == '
+        "found``). A subset left with no image is a ``ValueError``.",
+        minimum=0.0,
+        maximum=1.0,
+        toml=DATASET_TABLES,
+        scan=True,
+        state="unless_default",
+    ),
+    _loader(
+        "validation",
+        bool,
+        False,
+        "Yield the images ``validation_split`` holds out instead of the others: the validation loader.",
+        details="Needs ``validation_split > 0`` (else ``ValueError``); build it with the training "
+        "loader's ``seed`` and ``validation_split`` (and ``shuffle=False`` for a fixed order).",
+        state="unless_default",
+    ),
+    _loader(
         "device",
         Device | None,
         None,

@@ -46,7 +46,8 @@ def format_report(report: Report, batches: int) -> str:
     subsets = report["subsets"]
     lines = [
         f"root: {report['root']}" if len(subsets) <= 1 else f"subsets: {len(subsets)} (listed below)",
-        f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}",
+        f"images found: {report['found']}  loaded: {report['loaded']}  skipped: {len(report['skipped'])}"
+        + (f"  held out for validation: {report['held_out']}" if report["held_out"] else ""),
         f"other files passed over: {report['passed_over']['other_files']}"
         f"  caption files: {report['passed_over']['caption_files']}"
         f"  hidden: {report['passed_over']['hidden']}",

@@ -196,7 +196,9 @@ class Report(TypedDict):
     Keys:
         root: The first subset's folder.
         found: Image files found: by extension, or by their first bytes whatever their name.
-        loaded: Files accepted; ``loaded + len(skipped) == found`` always.
+        loaded: Files accepted; ``loaded + held_out + len(skipped) == found`` always.
+        held_out: Images found but held out by ``validation_split``: the validation images in a
+            training loader, the others in a ``validation=True`` loader (0 without a split).
         skipped: Files left out, with the reason; files failing while decoding are added as they are met.
         passed_over: The other files met, by kind (caption files, other files, hidden entries).
         formats: Files per format (``"jpeg"``, ``"png"``, ``"webp"``, ``"bmp"``, ``"tiff"``, ``"gif"``,
@@ -222,6 +224,7 @@ class Report(TypedDict):
     root: str
     found: int
     loaded: int
+    held_out: int
     skipped: list[SkippedFile]
     passed_over: PassedOver
     formats: dict[str, int]

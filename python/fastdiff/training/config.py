@@ -26,6 +26,7 @@ from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
+from fastdiff.training.trackers import REPORT_TO
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -95,7 +96,8 @@ class TrainConfig:
     )
     output: Path = setting(  # noqa: RUF009 (a dataclasses.field)
         group="checkpoints",
-        help="Folder (created if missing) for loss.csv (step,loss), loss.png, train_config.json, "
+        help="Folder (created if missing) for loss.csv (step,loss,grad_norm,lr), loss.png, "
+        "loss_by_timestep.csv/.png, spikes.jsonl, train_config.json, "
         "checkpoint-STEP/ folders, previews/ and the weights: from scratch unet/, text_encoder/, "
         "tokenizer/, scheduler/; a full fine-tune the whole pipeline (save_pretrained); LoRA "
         "pytorch_lora_weights.safetensors. Required.",
@@ -150,6 +152,11 @@ class TrainConfig:
         "batch_size",
         default_doc="The last batch of a bucket may be smaller. Default: the dataset config's, else "
         f"{LOADER_DEFAULTS['batch_size']}.",
+    )
+    validation_split: float | None = loader_setting(
+        "validation_split",
+        default_doc="The held-out images give the validation loss (val_loss.csv, drawn in loss.png) every "
+        "--validate-every steps and after the last. Default: the dataset config's, else 0 (none).",
     )
     cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
@@ -343,6 +350,25 @@ class TrainConfig:
     max_consecutive_skips: int = setting(
         20, group="optimisation", min=1, help="The run stops after this many non-finite steps in a row."
     )
+    spike_k: float = setting(
+        6.0,
+        group="optimisation",
+        min=0,
+        help="Loss-spike detector (a one-sided Hampel filter): a step whose loss exceeds the median of the "
+        "last spike_window finite step losses by more than spike_k * 1.4826 * their MAD (median absolute "
+        "deviation) is a spike; its step and the batch's paths (every rank's) go to the log and to "
+        "OUTPUT/spikes.jsonl. It judges from the 10th finite loss on; 0 turns it off.",
+    )
+    spike_window: int = setting(
+        50, group="optimisation", min=10, help="Step losses in the spike detector's rolling window."
+    )
+    skip_spikes: bool = setting(
+        False,
+        group="optimisation",
+        help="Do not update the weights (nor EMA) on a spike step, on every rank, as for a non-finite "
+        "one; the step still counts and advances the LR schedule, and skipped spikes count towards "
+        "max_consecutive_skips. A skipped spike stays out of the detector's window.",
+    )
     checkpoint_every: int = setting(
         500,
         group="checkpoints",
@@ -354,6 +380,23 @@ class TrainConfig:
         group="checkpoints",
         help="A checkpoint-STEP folder (or a folder holding some: the highest step is taken) to "
         "continue from; the run then goes on to max_steps and appends to its own output.",
+    )
+    validate_every: int = setting(
+        0,
+        group="logging",
+        min=0,
+        help="Compute the validation loss (needs validation_split > 0) every this many steps; it is "
+        "always computed after the last step (0: only then). Each held-out image is evaluated alone with "
+        "noise, timestep and VAE draw seeded by (seed, its path), center-cropped and unflipped, in eval "
+        "mode under no_grad, with the EMA weights when EMA is on; written to val_loss.csv.",
+    )
+    report_to: str = setting(
+        "none",
+        group="logging",
+        choices=REPORT_TO,
+        help="Also write the loss, validation loss, learning rate, gradient norm, skipped steps, "
+        "data-wait share and preview grids as TensorBoard event files in OUTPUT/tensorboard/ "
+        "(tensorboard; needs the tensorboard package). The CSV and PNG files are written either way.",
     )
     preview_every: int = setting(
         0,
@@ -445,6 +488,13 @@ class TrainConfig:
             check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
+        if self.validate_every and not self.validation_split:
+            raise ValueError("validate_every needs held-out images: set validation_split > 0")
+        if self.validation_split and self.cache is not None:
+            raise ValueError(
+                "validation_split with a cache is not supported yet: the cache holds the training images' "
+                "entries only; validate without --cache"
+            )
         if self.model is None:
             self._check_from_scratch()
         else:

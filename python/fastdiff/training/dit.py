@@ -45,6 +45,7 @@ from fastdiff.training.dit_pipeline import (
 )
 from fastdiff.training.families import Conditioning, Family, PredictInputs
 from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
+from fastdiff.training.objective import SampleLosses, sample_losses
 from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents, preview_images
 
@@ -165,6 +166,8 @@ class DiTTask:
 
         assert config.model is not None
         self.config, self.device, self.pipeline, self.family = config, device, pipeline, family
+        #: Each sample's loss and noise level (sigma) of the last :meth:`loss` call.
+        self.last_sample_losses: SampleLosses | None = None
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
         self.text_encoders = [
@@ -301,6 +304,7 @@ class DiTTask:
         )
         with autocast:
             prediction = self.family.predict(self.transformer, noised.noisy, inputs)
+        self.last_sample_losses = sample_losses(prediction, noised.target, noised.sigmas)
         return flow_loss(prediction, noised, config.loss_weighting, batch.get("loss_weights"))
 
     def _conditioning(self, batch: TrainBatch) -> Conditioning:

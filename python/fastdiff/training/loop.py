@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,9 +30,18 @@ import torch
 
 from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
+from fastdiff.training.monitor import MAD_SCALE, LossByNoiseLevel, SpikeDetector
 from fastdiff.training.objective import drop_captions
-from fastdiff.training.outputs import LossLog, save_sample_grid
+from fastdiff.training.outputs import (
+    LossLog,
+    SpikeLog,
+    ValidationLog,
+    save_sample_grid,
+    write_loss_by_timestep,
+)
 from fastdiff.training.protocols import BatchLoader, LoopSettings, Task, TrainBatch
+from fastdiff.training.trackers import make_tracker
+from fastdiff.training.validation import mean_loss, validation_losses
 from fastdiff.types import Batch
 
 log = logging.getLogger("fastdiff.train")
@@ -51,7 +60,9 @@ class LoopResult:
             gradient accumulation the mean of the step's micro-batch losses.
         first_step: Number of the first of them (1, or the checkpoint's step + 1 on resume).
         skipped_steps: Steps (of the whole run, resumed ones included) whose loss or gradients were not
-            finite and that did not update the weights.
+            finite, or that were skipped loss spikes (``skip_spikes``), and that did not update the weights.
+        spike_steps: Steps of this process's run that the spike detector flagged (skipped or not).
+        validation: ``(step, validation loss)`` of each evaluation this process ran (rank 0 only).
         overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
             (normal while it calibrates its scale; not counted in ``skipped_steps``).
         seconds: Wall time of the loop in seconds.
@@ -65,6 +76,8 @@ class LoopResult:
     overflow_steps: int
     seconds: float
     data_seconds: float = 0.0
+    spike_steps: list[int] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -169,6 +182,7 @@ def run(
     preview_prompts: Sequence[str] = (),
     resume_must_match: Sequence[str] = (),
     checkpoint_files: Callable[[Path], None] | None = None,
+    validation_loader: BatchLoader | None = None,
 ) -> LoopResult:
     """Train ``task`` for ``config.max_steps`` optimizer steps on ``loader``'s batches.
 
@@ -185,12 +199,33 @@ def run(
     still advances the step counter and the LR schedule. ``max_consecutive_skips`` skipped steps in a
     row stop the run.
 
+    Monitoring: each step's row of ``OUTPUT/loss.csv`` holds its loss, the global gradient norm before
+    clipping (as ``clip_grad_norm_`` returns it, of the unscaled gradients with fp16) and the learning
+    rate it used. The loss-spike detector (:class:`~fastdiff.training.monitor.SpikeDetector`,
+    ``spike_k``/``spike_window``) judges each finite step loss against the window of the ones before;
+    a spike is logged with every rank's batch paths (gathered) and written to ``OUTPUT/spikes.jsonl``;
+    with ``skip_spikes`` its update is skipped on every rank (all ranks see the same all-reduced loss,
+    so they decide alike) and counted in ``skipped_steps``. Every sample's unweighted loss and noise
+    level (:attr:`~fastdiff.training.protocols.Task.last_sample_losses`, every rank's, gathered at the
+    end) are binned into ``OUTPUT/loss_by_timestep.csv`` and ``.png`` (the steps this process ran).
+
     Checkpoints (every ``checkpoint_every`` steps, ``OUTPUT/checkpoint-STEP/``): the trainable
     parameters (``trainable.safetensors``), optimizer, LR scheduler, EMA, GradScaler, counters and
     every RNG state (``training_state.pt``), the loader's ``state_dict()`` (``loader.json``) and the
     config (``train_config.json``), plus ``checkpoint_files(folder)``. ``config.resume`` restores all of
     them, so the next step's loss equals an uninterrupted run's (bit-exact on CPU with the same torch
     thread count), and appends to ``OUTPUT/loss.csv`` (rows after the checkpoint's step are dropped).
+
+    Validation (with ``validation_loader``: every ``validate_every`` steps and after the last): the
+    mean loss over its images with noise, timesteps and posterior draws fixed per sample
+    (:func:`~fastdiff.training.validation.validation_losses`), under ``torch.no_grad`` in eval mode,
+    with the EMA weights when EMA is on (the weights that are saved), under ``torch.random.fork_rng``;
+    appended to ``OUTPUT/val_loss.csv`` and logged. With several ranks rank 0 evaluates every image
+    (all ranks hold the same weights) while the others wait at a barrier.
+
+    Trackers (``report_to``, :mod:`~fastdiff.training.trackers`, rank 0): each step's loss, gradient
+    norm, learning rate, skipped steps so far and data-wait share so far, each validation loss and each
+    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/``.
 
     Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
     ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed``, EMA weights when EMA is on,
@@ -216,6 +251,8 @@ def run(
         config: The run's resolved settings (``learning_rate`` set).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
+        validation_loader: The held-out images (a loader built with ``validation=True``, unshuffled,
+            of this rank alone); ``None``: no validation loss.
         checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter), from
             the EMA weights when EMA is on, as the final output.
         resume_must_match: Settings (names in ``config.to_json()``) that ``config.resume``'s
@@ -254,6 +291,7 @@ def run(
     accumulation = config.gradient_accumulation_steps
     samples_per_step = (config.batch_size or 1) * world_size * accumulation
 
+    detector = SpikeDetector(config.spike_k, config.spike_window)
     step = skipped = consecutive = overflow = 0
     first_epoch = 0
     if config.resume is not None:
@@ -273,6 +311,8 @@ def run(
         step, skipped, consecutive, overflow = (
             int(state[k]) for k in ("step", "skipped", "consecutive", "overflow")
         )
+        if state.get("spike_detector") is not None:
+            detector.load_state_dict(state["spike_detector"])
         saved_samples = int(state.get("samples_per_step", samples_per_step))
         if saved_samples != samples_per_step:
             steps = resumed_step(step, saved_samples, samples_per_step)
@@ -298,12 +338,19 @@ def run(
             log.info("resumed from %s at step %d", folder, step)
 
     first_step = step + 1
-    loss_log = None
+    loss_log = spike_log = val_log = tracker = None
     if main:
+        tracker = make_tracker(config.report_to, config.output)
         config.output.mkdir(parents=True, exist_ok=True)
         loss_log = LossLog(config.output / "loss.csv", first_step)
+        spike_log = SpikeLog(config.output / "spikes.jsonl", first_step)
+        if validation_loader is not None:
+            val_log = ValidationLog(config.output / "val_loss.csv", first_step)
+    validation: list[tuple[int, float]] = []
     batches = epochs_of(loader, first_epoch)
     losses: list[float] = []
+    spike_steps: list[int] = []
+    by_noise_level = LossByNoiseLevel()
     task.train_mode(True)
     start = time.perf_counter()
     data_seconds = 0.0
@@ -321,6 +368,36 @@ def run(
         finally:
             if ema is not None:
                 ema.restore(params)
+
+    def validate(at: int) -> None:
+        if validation_loader is None:
+            return
+        if main:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if ema is not None:
+                    ema.store(params)
+                    ema.copy_to(params)
+                try:
+                    per_sample = validation_losses(
+                        task,
+                        validation_loader,
+                        seed=config.seed,
+                        device=device,
+                        amp_dtype=amp_dtype,
+                        on_device=ON_DEVICE,
+                    )
+                finally:
+                    if ema is not None:
+                        ema.restore(params)
+            value = mean_loss(per_sample)
+            validation.append((at, value))
+            if val_log is not None:
+                val_log.write(at, value, len(per_sample))
+            if tracker is not None:
+                tracker.scalars(at, {"val/loss": value})
+            weights = " (EMA weights)" if ema is not None else ""
+            log.info("step %d: validation loss %.6g over %d images%s", at, value, len(per_sample), weights)
+        distributed.barrier()
 
     def preview(at: int) -> None:
         if not preview_prompts:
@@ -340,6 +417,11 @@ def run(
         folder = config.output / "previews"
         folder.mkdir(exist_ok=True)
         save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
+        if tracker is not None:
+            # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
+            rows, (channels, height, width) = len(preview_prompts), images.shape[1:]
+            grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
+            tracker.image(at, "previews", grid.reshape(channels, rows * height, -1))
 
     try:
         with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not main) as bar:
@@ -378,12 +460,47 @@ def run(
                         if not math.isfinite(value):
                             finite = False
                             break
+                        if task.last_sample_losses is not None:
+                            levels, per_sample = task.last_sample_losses
+                            by_noise_level.add(levels.numpy(), per_sample.numpy())
                         scaler.scale(loss / accumulation).backward()
                 step_loss = float(np.mean(values)) if finite else values[-1]
+                lr = float(optimizer.param_groups[0]["lr"])
+                grad_norm = float("nan")
                 reason = "" if finite else "loss"
-                if finite:
+                spike = detector.check(step, step_loss)
+                if spike is not None:
+                    spike_steps.append(step)
+                    paths = [p for rank_paths in distributed.gather(batch_paths(micro)) for p in rank_paths]
+                    skip = config.skip_spikes
+                    if main:
+                        log.warning(
+                            "step %d: loss spike %.6g > %.6g (median %.6g + %g x %g x MAD %.6g)%s "
+                            "(batch: %s)",
+                            step,
+                            step_loss,
+                            spike.threshold,
+                            spike.median,
+                            config.spike_k,
+                            MAD_SCALE,
+                            spike.mad,
+                            ", update skipped" if skip else "",
+                            ", ".join(paths),
+                        )
+                    if spike_log is not None:
+                        spike_log.write({**asdict(spike), "skipped": skip, "paths": paths})
+                    if skip:
+                        reason = "spike"
+                        # The gradients' norm without unscale_ (whose GradScaler state a skipped
+                        # step must not leave behind): the scaled norm over the scale.
+                        grads = [p.grad for p in params if p.grad is not None]
+                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) / scaler.get_scale()
+                if not (spike is not None and config.skip_spikes):
+                    detector.add(step_loss)
+                if finite and not reason:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = float(norm)
                     grads_finite = bool(torch.isfinite(norm))
                     if scaler.is_enabled():
                         scale = scaler.get_scale()
@@ -404,22 +521,35 @@ def run(
                 if reason:
                     skipped += 1
                     consecutive += 1
-                    paths = [p for b in micro for p in b.get("paths", [])]
-                    if main:
+                    paths = batch_paths(micro)
+                    what = "a loss spike" if reason == "spike" else f"a non-finite {reason}"
+                    if main and reason != "spike":
                         log.warning(
                             "step %d skipped: non-finite %s (batch: %s)", step, reason, ", ".join(paths)
                         )
                     if consecutive >= config.max_consecutive_skips:
                         raise RuntimeError(
-                            f"{consecutive} consecutive steps (up to step {step}) had a non-finite {reason}; "
-                            f"stopping. Last batch: {', '.join(paths) or '?'}. Check those images, lower "
-                            "learning_rate, or use mixed_precision 'no' or 'bf16'."
+                            f"{consecutive} consecutive steps (up to step {step}) were skipped, the last for "
+                            f"{what}; stopping. Last batch: {', '.join(paths) or '?'}. Check those images, "
+                            "lower learning_rate, or use mixed_precision 'no' or 'bf16'."
                         )
                 else:
                     consecutive = 0
                 losses.append(step_loss)
                 if loss_log is not None:
-                    loss_log.write(step, step_loss)
+                    loss_log.write(step, step_loss, grad_norm, lr)
+                if tracker is not None:
+                    elapsed = time.perf_counter() - start
+                    tracker.scalars(
+                        step,
+                        {
+                            "train/loss": step_loss,
+                            "train/grad_norm": grad_norm,
+                            "train/lr": lr,
+                            "train/skipped_steps": skipped,
+                            "train/data_wait_share": data_seconds / elapsed if elapsed > 0 else 0.0,
+                        },
+                    )
                 bar.set_postfix(loss=f"{step_loss:.4f}", skipped=skipped, refresh=False)
                 bar.update()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -432,6 +562,7 @@ def run(
                         "lr_scheduler": lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
+                        "spike_detector": detector.state_dict(),
                         "rng": rng_state(noise_gen, caption_rng),
                         "world_size": world_size,
                         "samples_per_step": samples_per_step,
@@ -439,15 +570,34 @@ def run(
                     state["rng_ranks"] = distributed.gather(state["rng"])
                     if main:
                         checkpointer.save(step, state, user_files)
+                if config.validate_every and step % config.validate_every == 0:
+                    validate(step)
                 if main and config.preview_every and step % config.preview_every == 0:
                     preview(step)
+        if not config.validate_every or step % config.validate_every != 0:
+            validate(step)
         if main and config.preview_every and step % config.preview_every != 0:
             preview(step)
     finally:
-        if loss_log is not None:
-            loss_log.close()
+        for opened in (loss_log, spike_log, val_log, tracker):
+            if opened is not None:
+                opened.close()
         batches.close()
     seconds = time.perf_counter() - start
+    for other in distributed.gather(by_noise_level)[1:]:
+        by_noise_level.merge(other)
+    if main and by_noise_level.counts.any():
+        write_loss_by_timestep(
+            by_noise_level.rows(),
+            config.output / "loss_by_timestep.csv",
+            config.output / "loss_by_timestep.png",
+            title=f"loss by noise level, steps {first_step}-{step}",
+        )
     if ema is not None:
         ema.copy_to(params)
-    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds)
+    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps, validation)
+
+
+def batch_paths(micro: Sequence[Batch]) -> list[str]:
+    """The image paths of a step's micro-batches, in order (none where a batch has no ``paths``)."""
+    return [p for b in micro for p in b.get("paths", [])]

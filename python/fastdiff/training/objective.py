@@ -1,5 +1,6 @@
 """The diffusion training objective: forward noising (with noise offset and input perturbation), the
-regression target (ε or v), min-SNR-γ weights, the (weighted) MSE, and caption dropout.
+regression target (ε or v), min-SNR-γ weights, the (weighted) MSE, each sample's loss with its noise
+level (for the loss-by-timestep plot), and caption dropout.
 
 Pure functions of tensors and a diffusers noise schedule; shared by the tiny model
 (:mod:`fastdiff.training.tiny`) and Stable Diffusion (:mod:`fastdiff.training.sd`). It must not know
@@ -122,6 +123,34 @@ def add_training_noise(
     else:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     return Noised(noisy, timesteps, target)
+
+
+class SampleLosses(NamedTuple):
+    """Each sample's unweighted MSE of one batch with its noise level: what the loss-by-timestep plot
+    bins (:func:`fastdiff.training.outputs.plot_loss_by_timestep`).
+
+    Attributes:
+        noise_levels: float32 ``[B]`` in ``[0, 1]``, CPU: ``t / T`` for the DDPM objective (``t`` in
+            ``0..T-1``), the shifted ``t`` (sigma) for flow matching; 1 is pure noise in both.
+        losses: float32 ``[B]``, CPU: ``mean((prediction - target)²)`` per sample, without min-SNR,
+            flow or sample weights.
+    """
+
+    noise_levels: torch.Tensor
+    losses: torch.Tensor
+
+
+def sample_losses(prediction: torch.Tensor, target: torch.Tensor, noise_levels: torch.Tensor) -> SampleLosses:
+    """The :class:`SampleLosses` of a prediction ``[B, ...]`` of ``target`` (no gradient; on the CPU)."""
+    with torch.no_grad():
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    return SampleLosses(noise_levels.detach().float().cpu(), per_sample.cpu())
+
+
+def ddpm_noise_levels(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Integer DDPM timesteps ``[B]`` as noise levels in ``[0, 1)``: ``t / T``."""
+    return timesteps.float() / noise_scheduler.config.num_train_timesteps
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

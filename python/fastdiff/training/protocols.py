@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypedDict
 
 import torch
 
+from fastdiff.training.objective import SampleLosses
 from fastdiff.types import Batch
 
 
@@ -69,7 +70,14 @@ def share_of(batch: TrainBatch) -> Share:
 
 
 class Task(Protocol):
-    """The model side of a run: what is trained, how a batch's loss is computed, how it is saved."""
+    """The model side of a run: what is trained, how a batch's loss is computed, how it is saved.
+
+    Attributes:
+        last_sample_losses: Each sample's unweighted loss and noise level of the last :meth:`loss`
+            call (``None`` before the first): the loop bins them by noise level.
+    """
+
+    last_sample_losses: SampleLosses | None
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The parameters the optimizer updates, by a stable name (checkpoint keys), in a fixed order."""
@@ -128,6 +136,16 @@ class LoopSettings(Protocol):
     def ema_decay(self) -> float: ...
     @property
     def max_consecutive_skips(self) -> int: ...
+    @property
+    def spike_k(self) -> float: ...
+    @property
+    def spike_window(self) -> int: ...
+    @property
+    def skip_spikes(self) -> bool: ...
+    @property
+    def validate_every(self) -> int: ...
+    @property
+    def report_to(self) -> str: ...
     @property
     def checkpoint_every(self) -> int: ...
     @property

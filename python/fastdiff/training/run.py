@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import model_kind
 from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
+from fastdiff.group import DatasetGroup
 from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
@@ -34,7 +35,7 @@ from fastdiff.training.config import (
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.loop import autocast_dtype
-from fastdiff.training.outputs import plot_loss, read_loss_csv
+from fastdiff.training.outputs import plot_loss, read_loss_csv, read_val_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
 from fastdiff.training.setup import make_batches, make_loader, resolve_device, with_dataset_options
@@ -55,7 +56,10 @@ class TrainResult:
         losses: Loss of every step this process ran, in order (``nan``/``inf`` where the step was
             skipped); a resumed run starts at ``first_step``.
         first_step: Step number of ``losses[0]``.
-        skipped_steps: Steps whose loss or gradients were not finite; they did not update the weights.
+        skipped_steps: Steps whose loss or gradients were not finite, or skipped loss spikes
+            (``skip_spikes``); they did not update the weights.
+        spike_steps: Steps of this run that the loss-spike detector flagged (see ``spikes.jsonl``).
+        validation: ``(step, validation loss)`` of each evaluation of this run (``val_loss.csv``).
         overflow_steps: fp16 steps skipped by the gradient scaler (see
             :class:`fastdiff.training.loop.LoopResult`).
         seconds: Wall time of the training loop in seconds (model building and saving excluded).
@@ -79,6 +83,8 @@ class TrainResult:
     seconds: float
     data_seconds: float
     device: torch.device
+    spike_steps: list[int] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
     unet: UNet2DConditionModel | None = None
     text_encoder: CLIPTextModel | None = None
     tokenizer: Any = None
@@ -88,7 +94,8 @@ class TrainResult:
 
     @property
     def loss_csv(self) -> Path:
-        """``output/loss.csv``: columns ``step,loss``, one row per step, steps counted from 1."""
+        """``output/loss.csv``: columns ``step,loss,grad_norm,lr``
+        (:data:`~fastdiff.training.outputs.LOSS_COLUMNS`), one row per step, steps counted from 1."""
         return self.output / "loss.csv"
 
     @property
@@ -146,8 +153,10 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     precision, EMA, the non-finite guard, checkpoints, ``--resume`` and previews. Epochs restart the
     loader with ``set_epoch`` until ``max_steps`` steps ran.
 
-    Files written to ``config.output``: ``loss.csv`` (``step,loss``, written as training goes),
-    ``loss.png`` (every step in ``loss.csv``), ``train_config.json`` (resolved settings), checkpoints,
+    Files written to ``config.output``: ``loss.csv`` (``step,loss,grad_norm,lr``, written as training
+    goes), ``loss.png`` (every step in ``loss.csv``), ``spikes.jsonl`` (flagged loss spikes and their
+    batches), ``loss_by_timestep.csv``/``.png`` (loss binned by noise level), ``train_config.json``
+    (resolved settings), checkpoints,
     previews, and the weights: from scratch ``unet/``, ``text_encoder/`` (``save_pretrained``,
     safetensors), ``tokenizer/``, ``scheduler/``; a full fine-tune the whole pipeline; LoRA
     ``pytorch_lora_weights.safetensors`` (what diffusers' ``load_lora_weights`` reads).
@@ -207,6 +216,11 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches) if config.preview_every else []
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")
+    validation_loader = None
+    if config.validation_split:
+        if isinstance(batches, DatasetGroup):
+            raise ValueError(f"validation_split needs one dataset: {config.data} has several [[datasets]]")
+        validation_loader = make_loader(config, validation=True)
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)
@@ -224,11 +238,19 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         preview_prompts=prompts,
         checkpoint_files=checkpoint_files,
         resume_must_match=RESUME_MUST_MATCH,
+        validation_loader=validation_loader,
     )
     name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
     if main:
-        plot_loss(read_loss_csv(config.output / "loss.csv"), config.output / "loss.png", title=title)
+        plot_loss(
+            read_loss_csv(config.output / "loss.csv"),
+            config.output / "loss.png",
+            title=title,
+            validation=read_val_loss_csv(config.output / "val_loss.csv")
+            if validation_loader is not None
+            else [],
+        )
         task.save(config.output)
     models: dict[str, Any] = (
         {"transformer": task.transformer}
@@ -250,6 +272,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         seconds=result.seconds,
         data_seconds=result.data_seconds,
         device=device,
+        spike_steps=result.spike_steps,
+        validation=result.validation,
         pipeline=pipeline,
         **models,
     )
@@ -269,6 +293,10 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"trained steps {result.first_step}-{result.first_step + len(result.losses) - 1} on {result.device} "
         f"in {result.seconds:.1f} s ({waiting:.0f}% waiting for data), last loss {last:.4f}, "
-        f"{result.skipped_steps} non-finite steps skipped; wrote {result.output}"
+        f"{result.skipped_steps} steps skipped (non-finite or spike), {len(result.spike_steps)} loss spikes; "
+        f"wrote {result.output}"
     )
+    if result.validation:
+        step, value = result.validation[-1]
+        print(f"validation loss at step {step}: {value:.6g} (val_loss.csv)")
     return 0

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdiff.training.config import TrainConfig
-from fastdiff.training.objective import add_training_noise, diffusion_loss_from
+from fastdiff.training.objective import (
+    SampleLosses,
+    add_training_noise,
+    ddpm_noise_levels,
+    diffusion_loss_from,
+    sample_losses,
+)
 from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import (
     component_config,
@@ -184,6 +190,8 @@ class PipelineTask:
         from diffusers.training_utils import cast_training_params
 
         self.config, self.device, self.pipeline, self.sdxl = config, device, pipeline, sdxl
+        #: Each sample's loss and noise level of the last :meth:`loss` call.
+        self.last_sample_losses: SampleLosses | None = None
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
@@ -361,6 +369,8 @@ class PipelineTask:
             prediction = self.unet(
                 noised.noisy, noised.timesteps, encoder_hidden_states=hidden, **kwargs
             ).sample
+        levels = ddpm_noise_levels(self.noise_scheduler, noised.timesteps)
+        self.last_sample_losses = sample_losses(prediction, noised.target, levels)
         return diffusion_loss_from(
             self.noise_scheduler, noised, prediction, self.config.snr_gamma, batch.get("loss_weights")
         )

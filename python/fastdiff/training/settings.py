@@ -18,7 +18,7 @@ GROUPS = {
     "optimisation": "objective, optimizer, schedule and the non-finite guard",
     "precision": "dtypes, memory, device and threads",
     "checkpoints": "where the run writes, saving and resuming",
-    "logging": "preview grids (loss.csv and loss.png are always written)",
+    "logging": "validation loss and preview grids (loss.csv and loss.png are always written)",
 }
 #: Prefix of the help of the settings that only the tiny from-scratch model uses.
 FROM_SCRATCH = "From scratch only: "

@@ -70,7 +70,7 @@ def make_batches(config: TrainConfig) -> DataLoader | DatasetGroup:
     return make_loader(config)
 
 
-def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoader:
+def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: bool = False) -> DataLoader:
     """The :class:`fastdiff.DataLoader` of a run: float32 batches in ``[-1, 1]``, shuffled per epoch;
     with ``config.cache``, batches of the cache's ``latents``/``prompt_embeds`` instead of pixels.
 
@@ -81,6 +81,8 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoade
             defaults.
         pixels: With a cache, also the pixels (``fastdiff cache`` encodes them); ``None``: the
             loader's default (pixels only without a cache).
+        validation: The validation loader instead: the images ``config.validation_split`` holds out
+            (the same ``seed``), unshuffled, center-cropped, unflipped, on this rank alone (rank 0 of 1).
 
     Returns:
         The loader.
@@ -104,11 +106,14 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None) -> DataLoade
         # With a cache the batches bring its latents/embeddings (the loader's `cache` option).
         "cache": config.cache,
         "pixels": pixels,
+        "validation_split": config.validation_split,
     }
+    if validation:
+        options.update(validation=True, crop="center", flip_prob=0.0, rank=0, world_size=1, shuffle=False)
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
         return DataLoader.from_config(config.data, dtype=torch.float32, **options)
-    return DataLoader(config.data, shuffle=True, dtype=torch.float32, **options)
+    return DataLoader(config.data, **{"shuffle": True, **options}, dtype=torch.float32)
 
 
 def resolve_device(name: str) -> torch.device:

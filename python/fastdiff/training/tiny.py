@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from fastdiff.training.config import HEAD_DIM, NORM_GROUPS, SAMPLERS, TrainConfig
-from fastdiff.training.objective import add_training_noise, diffusion_loss_from
+from fastdiff.training.objective import (
+    SampleLosses,
+    add_training_noise,
+    ddpm_noise_levels,
+    diffusion_loss_from,
+    sample_losses,
+)
 from fastdiff.training.protocols import TrainBatch, share_of
 
 if TYPE_CHECKING:
@@ -205,7 +211,7 @@ def diffusion_loss(
     sample_weights: torch.Tensor | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, SampleLosses]:
     """The denoising loss of one batch of the from-scratch model (Ho et al. 2020, algorithm 1).
 
     Noises ``pixels`` with :func:`fastdiff.training.objective.add_training_noise` (ε, t ~ U{0..T-1},
@@ -232,7 +238,8 @@ def diffusion_loss(
         world_size: Ranks sharing the global batch.
 
     Returns:
-        The loss, a float32 scalar tensor (not finite if the batch or model is not).
+        The loss, a float32 scalar tensor (not finite if the batch or model is not), and each sample's
+        unweighted loss with its noise level.
     """
     noised = add_training_noise(
         pixels,
@@ -246,7 +253,10 @@ def diffusion_loss(
     with torch.autocast(pixels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         hidden = text_encoder(input_ids).last_hidden_state
         prediction = unet(noised.noisy, noised.timesteps, encoder_hidden_states=hidden).sample
-    return diffusion_loss_from(noise_scheduler, noised, prediction, snr_gamma, sample_weights)
+    per_sample = sample_losses(
+        prediction, noised.target, ddpm_noise_levels(noise_scheduler, noised.timesteps)
+    )
+    return diffusion_loss_from(noise_scheduler, noised, prediction, snr_gamma, sample_weights), per_sample
 
 
 class TinyTask:
@@ -279,6 +289,8 @@ class TinyTask:
             config.num_train_timesteps, config.beta_schedule, config.prediction_type
         )
         self.device = device
+        #: Each sample's loss and noise level of the last :meth:`loss` call.
+        self.last_sample_losses: SampleLosses | None = None
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         named = {f"unet.{k}": p for k, p in self.unet.named_parameters()}
@@ -293,7 +305,7 @@ class TinyTask:
         self, batch: TrainBatch, *, generator: torch.Generator, amp_dtype: torch.dtype | None
     ) -> torch.Tensor:
         input_ids = tokenize(self.tokenizer, batch["captions"]).to(self.device, non_blocking=True)
-        return diffusion_loss(
+        loss, self.last_sample_losses = diffusion_loss(
             self.unet,
             self.text_encoder,
             self.noise_scheduler,
@@ -307,6 +319,7 @@ class TinyTask:
             sample_weights=batch.get("loss_weights"),
             **share_of(batch),
         )
+        return loss
 
     def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
         per_seed = [

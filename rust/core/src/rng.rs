@@ -39,6 +39,8 @@ pub enum Stream {
     TextVariant = 13,
     /// The option each `{a|b|c}` wildcard of one sample's caption takes (caption.rs).
     Wildcard = 14,
+    /// Whether an image is held out for validation (keyed by a hash of its relative path).
+    ValidationSplit = 15,
 }
 
 fn mix(mut z: u64) -> u64 {

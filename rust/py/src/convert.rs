@@ -132,6 +132,7 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
     d.set_item("root", r.root.as_os_str())?;
     d.set_item("found", r.found)?;
     d.set_item("loaded", r.loaded)?;
+    d.set_item("held_out", r.held_out)?;
     let skipped = PyList::empty(py);
     for s in &r.skipped {
         let item = PyDict::new(py);

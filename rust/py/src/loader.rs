@@ -104,7 +104,8 @@ impl NativeLoader {
         shuffle, seed, drop_last, num_threads, prefetch, dtype, filter, caption_extensions, background,
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
         crop_variants = None, text_variants = None, cache = None, pixels = true,
-        min_bucket_fill = None, max_extra_crop = 0.1
+        min_bucket_fill = None, max_extra_crop = 0.1,
+        validation_split = 0.0, validation = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -138,6 +139,8 @@ impl NativeLoader {
         pixels: bool,
         min_bucket_fill: Option<usize>,
         max_extra_crop: f64,
+        validation_split: f64,
+        validation: bool,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             min_bucket_fill,
@@ -168,6 +171,8 @@ impl NativeLoader {
             remainder: parse("remainder", remainder)?,
             cache,
             pixels,
+            validation_split,
+            validation,
         };
         let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
         let inner = py

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::buffer::BufferPool;
 use super::cached::{check_cacheable, Cache};
-use super::options::{LoaderOptions, OnError};
+use super::options::{held_out, LoaderOptions, OnError};
 use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
@@ -60,6 +60,8 @@ pub(super) struct Inner {
     pub(super) bucket_samples: Vec<Vec<usize>>,
     pub(super) num_batches: usize,
     pub(super) found: usize,
+    /// Images found but taken out by `validation_split` (those of the other split).
+    pub(super) held_out: usize,
     /// The files of every subset's folder that are not image candidates.
     pub(super) passed_over: PassedOver,
     pub(super) scan_skipped: Vec<Skip>,
@@ -144,6 +146,7 @@ impl Loader {
         let mut images = Vec::new();
         let mut subset_of = Vec::new();
         let mut found = 0;
+        let mut held_out_total = 0;
         let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
@@ -161,7 +164,16 @@ impl Loader {
                 },
             )?;
             let mut kept = Vec::with_capacity(scanned.images.len());
+            let mut held_here = 0;
             for entry in std::mem::take(&mut scanned.images) {
+                if opts.validation_split > 0.0 {
+                    let relative = entry.path.strip_prefix(&subset.root).unwrap_or(&entry.path);
+                    let relative = relative.to_string_lossy().replace('\\', "/");
+                    if held_out(opts.seed, opts.validation_split, &relative) != opts.validation {
+                        held_here += 1;
+                        continue;
+                    }
+                }
                 let (w, h) = entry.header.upright_size();
                 let bucket = if opts.no_upscale {
                     bucket_config.no_upscale_bucket(&buckets, w, h)
@@ -189,6 +201,20 @@ impl Loader {
             if let (OnError::Raise, Some(first)) = (opts.on_error, scanned.skipped.first()) {
                 return Err(Error::Skipped(first.clone()));
             }
+            if scanned.images.is_empty() && scanned.skipped.is_empty() && held_here > 0 {
+                let which = if opts.validation {
+                    "validation"
+                } else {
+                    "training"
+                };
+                return Err(Error::NoImages {
+                    path: subset.root.clone(),
+                    reason: format!(
+                        "validation_split {} leaves none of its {held_here} images for {which}",
+                        opts.validation_split
+                    ),
+                });
+            }
             if scanned.images.is_empty() {
                 return Err(Error::NoImages {
                     path: subset.root.clone(),
@@ -199,6 +225,7 @@ impl Loader {
                 });
             }
             found += scanned.found;
+            held_out_total += held_here;
             passed_over += scanned.passed_over;
             scan_skipped.extend(scanned.skipped);
             subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
@@ -273,6 +300,7 @@ impl Loader {
             bucket_samples,
             num_batches,
             found,
+            held_out: held_out_total,
             passed_over,
             scan_skipped,
             failed: Mutex::new(Failed::default()),
@@ -660,6 +688,79 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(strict.code(), SkipCode::TooSmall);
+    }
+
+    #[test]
+    fn validation_split_holds_out_a_fixed_set_the_other_loader_yields() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("img{i:02}.png")).collect();
+        for name in &names {
+            write_image(&dir.path().join(name), 64, 64, F::Png);
+        }
+        let split = |validation: bool| LoaderOptions {
+            validation_split: 0.25,
+            validation,
+            ..opts()
+        };
+        let names_of = |loader: &Loader| -> Vec<String> {
+            let mut got: Vec<String> = loader
+                .images()
+                .iter()
+                .map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            got.sort();
+            got
+        };
+        let train = Loader::new(dir.path(), split(false)).unwrap();
+        let val = Loader::new(dir.path(), split(true)).unwrap();
+        let (t, v) = (names_of(&train), names_of(&val));
+        // Disjoint, together every image, each held out by its own (seed, path) draw.
+        let mut all = [t.clone(), v.clone()].concat();
+        all.sort();
+        assert_eq!(all, names);
+        let want: Vec<String> = names
+            .iter()
+            .filter(|n| held_out(0, 0.25, n))
+            .cloned()
+            .collect();
+        assert_eq!(v, want);
+        assert!(!v.is_empty() && v.len() < 20, "{} held out of 40", v.len());
+        let (rt, rv) = (train.report(), val.report());
+        assert_eq!((rt.found, rt.loaded, rt.held_out), (40, t.len(), v.len()));
+        assert_eq!((rv.found, rv.loaded, rv.held_out), (40, v.len(), t.len()));
+        // An added image moves no other one; another seed holds out another set.
+        write_image(&dir.path().join("zz.png"), 64, 64, F::Png);
+        let more = Loader::new(dir.path(), split(true)).unwrap();
+        let grown = names_of(&more);
+        assert!(v.iter().all(|n| grown.contains(n)) && grown.len() <= v.len() + 1);
+        let reseeded = Loader::new(
+            dir.path(),
+            LoaderOptions {
+                seed: 7,
+                ..split(true)
+            },
+        )
+        .unwrap();
+        assert_ne!(names_of(&reseeded), v);
+        for (bad, message) in [
+            (
+                LoaderOptions {
+                    validation_split: 1.0,
+                    ..opts()
+                },
+                "validation_split",
+            ),
+            (
+                LoaderOptions {
+                    validation: true,
+                    ..opts()
+                },
+                "validation=True",
+            ),
+        ] {
+            let err = Loader::new(dir.path(), bad).unwrap_err();
+            assert!(err.to_string().contains(message), "{err}");
+        }
     }
 
     #[test]

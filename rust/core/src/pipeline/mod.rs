@@ -45,6 +45,6 @@ pub use batch::{Batch, SampleMeta};
 pub use buffer::{BufferSource, PixelBuffer};
 pub use epoch::EpochIter;
 pub use loader::Loader;
-pub use options::{LoaderOptions, OnError};
+pub use options::{held_out, LoaderOptions, OnError};
 pub use report::{BucketMerges, Report, SubsetReport};
 pub use stats::{LoadStats, StatsHandle};

@@ -111,6 +111,28 @@ pub struct LoaderOptions {
     /// Decode pixels (`false` needs a `cache`: batches then hold the cached tensors only).
     /// Default true.
     pub pixels: bool,
+    /// Share in `[0, 1)` of the images held out for validation: an image is held out when the
+    /// uniform draw keyed by (`seed`, its path relative to its subset's folder) is below it (see
+    /// [`held_out`]), so the same images are held out on every run, rank and resume, and adding
+    /// images never moves others in or out. Held-out images are taken out right after the scan and
+    /// counted in [`Report::held_out`](super::Report::held_out). Default 0 (none).
+    pub validation_split: f64,
+    /// Keep only the held-out images instead of only the others (the validation loader; needs
+    /// `validation_split > 0`). Default false.
+    pub validation: bool,
+}
+
+/// Whether the image at `relative` (its path relative to its subset's folder, `/`-separated)
+/// is held out by `validation_split` with `seed`: a uniform double of (seed, FNV-1a 64 of the
+/// path's UTF-8 bytes) below the split.
+pub fn held_out(seed: u64, validation_split: f64, relative: &str) -> bool {
+    // FNV-1a, 64-bit (Fowler, Noll & Vo): a stable hash of the path, the same on every platform.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in relative.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::rng::uniform(seed, 0, crate::rng::Stream::ValidationSplit, hash) < validation_split
 }
 
 impl Default for LoaderOptions {
@@ -146,6 +168,8 @@ impl Default for LoaderOptions {
             remainder: Remainder::Pad,
             cache: None,
             pixels: true,
+            validation_split: 0.0,
+            validation: false,
         }
     }
 }
@@ -155,8 +179,9 @@ impl LoaderOptions {
     ///
     /// Errors: [`Error::InvalidArgument`] naming the argument: `batch_size` 0, `prefetch` 0,
     /// `flip_prob` or `max_extra_crop` outside `[0, 1]` (or NaN), `min_bucket_fill` `Some(0)`,
-    /// `max_pixels` 0, `crop_variants` or `text_variants`
-    /// `Some(0)`, `pixels` false without a `cache`, a caption extension without its leading dot,
+    /// `max_pixels` 0, `crop_variants` or `text_variants` `Some(0)`, `pixels` false without a
+    /// `cache`, `validation_split` outside `[0, 1)`, `validation` without a split, a caption
+    /// extension without its leading dot,
     /// and the bucket options as in [`BucketConfig::new`].
     pub fn validate(&self) -> Result<()> {
         self.bucket_config()?;
@@ -206,6 +231,18 @@ impl LoaderOptions {
         if !self.pixels && self.cache.is_none() {
             return Err(Error::InvalidArgument(
                 "pixels=False needs a cache: without one there is nothing to load but pixels"
+                    .into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.validation_split) {
+            return Err(Error::InvalidArgument(format!(
+                "validation_split must be in [0, 1), got {}",
+                self.validation_split
+            )));
+        }
+        if self.validation && self.validation_split == 0.0 {
+            return Err(Error::InvalidArgument(
+                "validation=True needs validation_split > 0: with none, no image is held out"
                     .into(),
             ));
         }

@@ -19,8 +19,11 @@ pub struct Report {
     pub root: PathBuf,
     /// Candidate image files found by the scan (all subsets).
     pub found: usize,
-    /// Images usable so far: `found - skipped.len()`.
+    /// Images usable so far: `found - held_out - skipped.len()`.
     pub loaded: usize,
+    /// Images found but held out by `validation_split` (the validation images in a training
+    /// loader, the others in a validation loader): `loaded + held_out + skipped.len() == found`.
+    pub held_out: usize,
     /// Files not loaded, with reasons, sorted by path: the scan's skips plus samples that failed while
     /// iterating with [`OnError::Skip`] (each file once).
     pub skipped: Vec<Skip>,
@@ -222,7 +225,8 @@ impl Loader {
             root: inner.root.clone(),
             found: inner.found,
             passed_over: inner.passed_over,
-            loaded: inner.found - skipped.len(),
+            loaded: inner.found - inner.held_out - skipped.len(),
+            held_out: inner.held_out,
             skipped,
             formats,
             min_size: min.unwrap_or((0, 0)),

@@ -1,0 +1,146 @@
+"""Validation: the loader's seeded held-out split (checked against the documented hash by hand), and the
+validation loss, bitwise equal across two runs and a resumed run, for the DDPM (from scratch, SD 1.x) and
+flow-matching (SD3) paths."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import fastdiff
+import pytest
+from conftest import copy_with_captions, smallest_images, tiny_run
+from fastdiff.training.config import TrainConfig
+from fastdiff.training.run import train
+from PIL import Image
+from tiny_dit import SEQUENCE_TOKENS, build_sd3
+from tiny_sd import build_sd15
+
+SPLIT = 0.3
+MASK = 2**64 - 1
+
+
+def _mix(z: int) -> int:
+    # SplitMix64's finaliser, as rust/core/src/rng.rs.
+    z = (z + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def held_out(seed: int, split: float, relative: str) -> bool:
+    """The documented rule, by hand: FNV-1a 64 of the relative path, keyed with (seed, epoch 0,
+    stream 15) through SplitMix64, its top 53 bits as a double in [0, 1), below the split."""
+    h = 0xCBF29CE484222325
+    for byte in relative.encode():
+        h = ((h ^ byte) * 0x100000001B3) & MASK
+    key = _mix(_mix(_mix(_mix(seed) ^ 0) ^ 15) ^ h)
+    return (key >> 11) * (1.0 / (1 << 53)) < split
+
+
+@pytest.fixture(scope="module")
+def images(wallpapers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_with_captions(smallest_images(wallpapers, 12), tmp_path_factory.mktemp("images"))
+
+
+def names(loader: fastdiff.DataLoader) -> set[str]:
+    loader.set_epoch(0)
+    return {Path(p).name for batch in loader for p in batch["paths"]}
+
+
+def test_split_holds_out_the_hashed_images_and_the_training_loader_never_yields_them(
+    images: Path, tmp_path: Path
+) -> None:
+    options = {"resolution": 64, "bucket_step": 16, "batch_size": 2, "num_threads": 1}
+    train_loader = fastdiff.DataLoader(images, validation_split=SPLIT, **options)
+    val_loader = fastdiff.DataLoader(
+        images, validation_split=SPLIT, validation=True, shuffle=False, **options
+    )
+    files = {p.name for p in images.iterdir() if p.suffix != ".txt"}
+    want = {n for n in files if held_out(0, SPLIT, n)}
+    assert 0 < len(want) < len(files)
+    for epoch in range(3):
+        train_loader.set_epoch(epoch)
+        assert not {Path(p).name for b in train_loader for p in b["paths"]} & want
+    assert names(val_loader) == want
+    assert names(train_loader) == files - want
+    for loader, loaded in ((train_loader, len(files) - len(want)), (val_loader, len(want))):
+        report = loader.report
+        assert (report["found"], report["loaded"], report["held_out"]) == (
+            len(files),
+            loaded,
+            len(files) - loaded,
+        )
+        assert report["loaded"] + report["held_out"] + len(report["skipped"]) == report["found"]
+    # Adding an image moves no other one in or out.
+    grown = copy_with_captions(sorted(p for p in images.iterdir() if p.suffix != ".txt"), tmp_path / "grown")
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(grown / "zz-new.png")
+    more = names(fastdiff.DataLoader(grown, validation_split=SPLIT, validation=True, **options))
+    assert more - {"zz-new.png"} == want
+    with pytest.raises(ValueError, match="validation=True needs validation_split"):
+        fastdiff.DataLoader(images, validation=True, **options)
+    with pytest.raises(ValueError, match=r"validation_split must be in \[0, 1\)"):
+        fastdiff.DataLoader(images, validation_split=1.0, **options)
+
+
+def val_rows(output: Path) -> list[list[str]]:
+    with (output / "val_loss.csv").open(newline="") as f:
+        return list(csv.reader(f))
+
+
+def check_reproducible(cfg: TrainConfig, tmp_path: Path, at: int) -> None:
+    """Two runs give the same validation losses bit for bit, and so does one resumed at step ``at``."""
+    first = train(replace(cfg, output=tmp_path / "first", checkpoint_every=at))
+    second = train(replace(cfg, output=tmp_path / "second"))
+    steps = [s for s, _ in first.validation]
+    assert steps == list(range(cfg.validate_every, cfg.max_steps + 1, cfg.validate_every))
+    assert all(math.isfinite(v) for _, v in first.validation)
+    assert first.validation == second.validation  # exact
+    assert len({v for _, v in first.validation}) == len(steps)  # the weights move it
+    resumed = train(replace(cfg, output=tmp_path / "first", resume=tmp_path / "first" / f"checkpoint-{at}"))
+    assert resumed.validation == [p for p in first.validation if p[0] > at]
+    rows = val_rows(tmp_path / "first")
+    assert rows[0] == ["step", "val_loss", "images"]
+    assert [(int(r[0]), float(r[1])) for r in rows[1:]] == first.validation  # all digits written
+    assert {int(r[2]) for r in rows[1:]} == {
+        sum(held_out(0, SPLIT, p.name) for p in cfg.data.iterdir() if p.suffix != ".txt")
+    }
+    with Image.open(tmp_path / "first" / "loss.png") as im:
+        assert im.format == "PNG"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_from_scratch_validation_loss_is_bitwise_reproducible_and_resumes(
+    images: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(
+        data=images,
+        output=tmp_path,
+        resolution=32,
+        bucket_step=16,
+        batch_size=2,
+        unet_channels=(16, 32),
+        max_steps=6,
+        validation_split=SPLIT,
+        validate_every=2,
+        crop="random",
+        flip_prob=0.5,
+        ema_decay=0.9,
+        num_threads=1,
+        device="cpu",
+    )
+    check_reproducible(cfg, tmp_path, at=4)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sd_and_flow_matching_validation_losses_are_bitwise_reproducible(
+    images: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    sd15 = build_sd15(tmp_path_factory.mktemp("sd15"))
+    settings = {"max_steps": 4, "validation_split": SPLIT, "validate_every": 2, "learning_rate": 1e-3}
+    check_reproducible(tiny_run(sd15, images, Path(), **settings), tmp_path_factory.mktemp("sd"), at=2)
+    sd3 = build_sd3(tmp_path_factory.mktemp("sd3"))
+    flow = tiny_run(sd3, images, Path(), max_sequence_length=SEQUENCE_TOKENS, **settings)
+    check_reproducible(flow, tmp_path_factory.mktemp("flow"), at=2)
