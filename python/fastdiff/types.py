@@ -168,7 +168,7 @@ class Report(TypedDict):
     """What the scan and the loading so far found (:attr:`fastdiff.DataLoader.report`).
 
     Keys:
-        root: The first subset's folder.
+        root: The first subset's folder (for tar shards, the folder holding them).
         found: Image files found: by extension, or by their first bytes whatever their name.
         loaded: Files accepted; ``loaded + len(skipped) == found`` always.
         skipped: Files left out, with the reason; files failing while decoding are added as they are met.
@@ -186,6 +186,8 @@ class Report(TypedDict):
             (``batch_size * world_size``): with ``drop_last`` they yield nothing, otherwise one short
             batch split by ``remainder``.
         subsets: Per subset, in order.
+        warnings: Problems that lost no image, also raised as ``UserWarning`` at construction (a
+            shard's stale index, ignored: its headers were read instead).
     """
 
     root: str
@@ -202,6 +204,7 @@ class Report(TypedDict):
     samples: int
     small_buckets: list[tuple[tuple[int, int], int]]
     subsets: list[SubsetReport]
+    warnings: list[str]
 
 
 class LoadStats(TypedDict):

@@ -176,6 +176,7 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
         subsets.append(item)?;
     }
     d.set_item("subsets", subsets)?;
+    d.set_item("warnings", &r.warnings)?;
     Ok(d)
 }
 

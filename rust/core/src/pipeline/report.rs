@@ -47,6 +47,8 @@ pub struct Report {
     pub small_buckets: Vec<(Bucket, usize)>,
     /// Per subset, in order.
     pub subsets: Vec<SubsetReport>,
+    /// The scan's warnings: problems that lost no image (a shard's stale index, ignored).
+    pub warnings: Vec<String>,
 }
 
 /// What the report says about one subset.
@@ -144,6 +146,7 @@ impl Loader {
             captions_missing,
             captions_fallback_encoding,
             images_per_bucket: non_empty(per_bucket),
+            warnings: inner.warnings.clone(),
         }
     }
 }
