@@ -228,3 +228,21 @@ def test_scan_command_on_shards(folder: Path, tmp_path: Path, capsys: pytest.Cap
     report = json.loads(capsys.readouterr().out)
     assert (report["found"], report["loaded"]) == (9, 9)
     assert torch.tensor(report["batches_per_epoch"]) > 0
+
+
+def test_ranks_split_shards_as_they_split_the_folder(folder: Path, tmp_path: Path) -> None:
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shards = [str(s) for s in write_shards(folder, tmp_path / "out", shard_size=total // 3).shards]
+    per_rank = []
+    for rank in (0, 1):
+        opts = {**OPTS, "rank": rank, "world_size": 2}
+        from_folder = epoch_samples(fastdiff.DataLoader(folder, **opts), folder)
+        from_shards = epoch_samples(fastdiff.DataLoader(shards, **opts))
+        assert from_shards == from_folder
+        per_rank.append({s[0] for s in from_shards})
+    assert (
+        per_rank[0]
+        and per_rank[1]
+        and per_rank[0] | per_rank[1]
+        == {relative(str(p), folder) for p in folder.rglob("*") if p.is_file() and p.suffix != ".txt"}
+    )

@@ -26,7 +26,9 @@ __all__ = [
     "cache_gc",
     "content_hash",
     "latent_key",
+    "scan_files",
     "text_key",
+    "write_shard_index",
 ]
 
 #: The image file extensions the scan accepts (any letter case), each with its dot.

@@ -92,7 +92,9 @@ class DataLoader:
     ``report["small_buckets"]`` lists buckets with less than one global batch.
 
     Args:
-        root: Folder of images (searched recursively); the same as ``subsets=[Subset(root)]``.
+        root: Folder of images (searched recursively), or WebDataset tar shards: a ``.tar`` path, a brace
+            pattern (``"data/shard-{0000..0099}.tar"``) or a list of them (README "Sharded and remote
+            datasets"); the same as ``subsets=[Subset(root)]``.
         subsets: The dataset as :class:`fastdiff.Subset` folders with their own repeats and caption
             handling (instead of ``root``); see also :meth:`from_config`.
         (the options: see fastdiff.options)
