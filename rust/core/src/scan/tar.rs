@@ -867,7 +867,12 @@ mod tests {
                 (".hidden.jpg", jpeg.clone()),
             ],
         );
-        let s = scan_shards(out.path(), &[shard.clone()], &ScanOptions::default()).unwrap();
+        let s = scan_shards(
+            out.path(),
+            std::slice::from_ref(&shard),
+            &ScanOptions::default(),
+        )
+        .unwrap();
         let caps: Vec<(&str, &str)> = (s.images.iter())
             .map(|e| {
                 (
@@ -915,7 +920,12 @@ mod tests {
         let b_offset = 512 + (jpeg.len() as u64).div_ceil(512) * 512 + 512;
         let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
         f.set_len(b_offset + jpeg.len() as u64 / 2).unwrap();
-        let s = scan_shards(out.path(), &[cut.clone()], &ScanOptions::default()).unwrap();
+        let s = scan_shards(
+            out.path(),
+            std::slice::from_ref(&cut),
+            &ScanOptions::default(),
+        )
+        .unwrap();
         assert_eq!(s.images.len(), 1);
         assert_eq!(s.skipped.len(), 1);
         assert_eq!(s.skipped[0].path, cut);
@@ -934,13 +944,13 @@ mod tests {
         let shard = out.path().join("s.tar");
         write_tar(&shard, &as_tar_files(&files));
         let o = ScanOptions::default();
-        let fresh = scan_shards(out.path(), &[shard.clone()], &o).unwrap();
+        let fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         let summary = write_index(&shard, &o.caption_extensions, 2).unwrap();
         assert_eq!(
             (summary.path.clone(), summary.images),
             (index_path(&shard), 4)
         );
-        let indexed = scan_shards(out.path(), &[shard.clone()], &o).unwrap();
+        let indexed = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         assert_eq!(indexed, fresh);
 
         // Overwrite every image member's bytes, keeping the shard's size and mtime: the scan with
@@ -958,7 +968,7 @@ mod tests {
         f.set_modified(mtime).unwrap();
         drop(f);
         assert_eq!(
-            scan_shards(out.path(), &[shard.clone()], &o).unwrap(),
+            scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap(),
             indexed
         );
 
@@ -967,7 +977,7 @@ mod tests {
         f.set_modified(mtime + std::time::Duration::from_secs(5))
             .unwrap();
         drop(f);
-        let s = scan_shards(out.path(), &[shard.clone()], &o).unwrap();
+        let s = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         assert_eq!((s.images.len(), s.skipped.len()), (0, 4));
         assert_eq!(s.warnings.len(), 1);
         assert!(s.warnings[0].contains("stale") && s.warnings[0].contains("s.tar.index.json"));
