@@ -19,10 +19,14 @@ use rayon::prelude::*;
 use crate::caption::decode_caption;
 use crate::decode::{self, DecodeOptions, Header};
 use crate::error::{Error, Result, Skip};
-pub use tar::{index_path, scan_shards, write_index, IndexSummary, Member, INDEX_SUFFIX};
+pub use tar::{scan_shards, Member};
+pub use tar_index::{index_path, write_index, IndexSummary, INDEX_SUFFIX};
 use walk::{has_caption_extension, has_image_extension, starts_like_image, walk, Walk};
 
 mod tar;
+mod tar_index;
+#[cfg(test)]
+mod testkit;
 mod walk;
 
 /// Image file extensions accepted by the scan (compared case-insensitively, without the dot). The
