@@ -283,7 +283,7 @@ def imports_of(module: Path, *, module_level: bool = False) -> set[str]:
 def test_the_loader_modules_import_one_way() -> None:
     # Bottom to top; each may import only modules before it (and the native module). The loader
     # also calls the cache builder (on_miss="encode"), importing it inside that function only.
-    layers = ["types", "option", "kohya", "options", "docs", "dataset", "loader", "group", "scan"]
+    layers = ["types", "option", "kohya", "options", "docs", "sources", "dataset", "loader", "group", "scan"]
     called = {"loader": {"cache"}}
     for i, name in enumerate(layers):
         allowed = {*layers[:i], "_fastdiff"}

@@ -26,7 +26,9 @@ __all__ = [
     "cache_gc",
     "content_hash",
     "latent_key",
+    "scan_files",
     "text_key",
+    "write_shard_index",
 ]
 
 #: The image file extensions the scan accepts (any letter case), each with its dot.
@@ -110,6 +112,7 @@ class NativeSubset:
         cls,
         root: str,
         *,
+        shards: list[str] = ...,
         num_repeats: int = 1,
         is_reg: bool = False,
         caption_extensions: list[str] | None = None,
@@ -406,4 +409,28 @@ def cache_gc(
     Raises:
         ValueError: a key that is not 32 hex.
         OSError: the folder cannot be listed or a file cannot be deleted.
+    """
+
+def scan_files(
+    root: str | PathLike[str], caption_extensions: list[str], num_threads: int = 0
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The image candidates of the folder ``root`` as the loader's scan finds them, sorted by path:
+    ``(images, skipped)``, ``images`` as ``(path, caption or None)``, ``skipped`` the paths the scan
+    could not use.
+
+    Raises:
+        ValueError: ``root`` is not a folder holding images, or a caption extension is malformed.
+    """
+
+def write_shard_index(
+    shard: str | PathLike[str], caption_extensions: list[str], num_threads: int = 0
+) -> tuple[str, int, int, str | None]:
+    """Write the sidecar index ``<shard>.index.json`` of a tar shard (member offsets, lengths, headers,
+    captions; the shard's size and mtime): ``(index path, image members, bad members, tar error or
+    None)``.
+
+    Raises:
+        FileNotFoundError: the shard does not exist.
+        OSError: the shard cannot be read or the index written.
+        ValueError: a caption extension is malformed.
     """

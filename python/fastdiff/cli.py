@@ -1,9 +1,10 @@
-"""The ``fastdiff`` command: ``scan | bench | tune | train | cache | demo``.
+"""The ``fastdiff`` command: ``scan | shard | index | bench | tune | train | cache | demo``.
 
 Each subcommand's arguments and body live in its own module (``bench.throughput``, ``bench.sweep``,
-``training.config`` / ``training.run``, ``cache.command``, ``training.demo``); this file only
-registers them, plus ``scan``, which is a thin view of :attr:`fastdiff.DataLoader.report`, and checks
-before a command starts that the optional packages it needs are installed (:func:`missing_extra`).
+``training.config`` / ``training.run``, ``cache.command``, ``training.demo``, ``shard`` for ``shard``
+and ``index``); this file only registers them, plus ``scan``, which is a thin view of
+:attr:`fastdiff.DataLoader.report`, and checks before a command starts that the optional packages
+it needs are installed (:func:`missing_extra`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BENCH_MODULES = ("torchvision", "PIL")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastdiff`` command and its subcommands."""
     # Here, not at the top: they import torch (seconds), which the extras check in main() must not wait for.
-    from fastdiff import scan
+    from fastdiff import scan, shard
     from fastdiff.bench import sweep, throughput
     from fastdiff.cache import command as cache_command
     from fastdiff.training import config, demo, run
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan_p = sub.add_parser("scan", help="scan a folder: formats, sizes, buckets, captions, skipped files")
     scan.add_scan_arguments(scan_p)
     scan_p.set_defaults(func=scan.run_scan)
+    shard_p = sub.add_parser("shard", help="pack a folder of images and captions into WebDataset tar shards")
+    shard.add_shard_arguments(shard_p)
+    shard_p.set_defaults(func=shard.run_shard)
+    index_p = sub.add_parser("index", help="write the sidecar index of tar shards (member offsets, headers)")
+    shard.add_index_arguments(index_p)
+    index_p.set_defaults(func=shard.run_index)
     bench_p = sub.add_parser("bench", help="images/s of fastdiff vs the torchvision+PIL DataLoader")
     throughput.add_bench_arguments(bench_p)
     bench_p.set_defaults(func=throughput.run_bench)

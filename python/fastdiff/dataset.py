@@ -11,10 +11,10 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastdiff import _fastdiff
 from fastdiff.docs import with_args
@@ -28,6 +28,7 @@ from fastdiff.options import (
     Table,
     saved,
 )
+from fastdiff.sources import expand_shards, is_shards, shards_root
 from fastdiff.types import Crop
 
 METADATA_NAME = "metadata.jsonl"
@@ -92,7 +93,7 @@ class Subset:
     ``fastdiff_core::caption::CaptionOptions::apply_keyed``, which lists where fastdiff differs.)
     """
 
-    image_dir: str | os.PathLike[str]
+    image_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     num_repeats: int = 1
     is_reg: bool = False
     loss_weight: float = 1.0
@@ -120,6 +121,19 @@ class Subset:
         # Folders are left out so that a dataset moved elsewhere still matches (the digest covers files).
         return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
+    def source(self) -> tuple[str, list[str]]:
+        """``(root, shards)``: the folder and no shards, or for tar shards (``image_dir`` a ``.tar`` path,
+        a brace pattern of them, or a list: :func:`fastdiff.sources.expand_shards`) the folder holding
+        them and the shard paths.
+
+        Raises:
+            ValueError: A pattern or list names something that is not a ``.tar`` file.
+        """
+        if not is_shards(self.image_dir):
+            return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir))), []
+        shards = [os.path.normpath(s) for s in expand_shards(self.image_dir)]
+        return shards_root(shards), shards
+
     def native(self) -> _fastdiff.NativeSubset:
         """The native subset: options checked, metadata read and checked.
 
@@ -131,12 +145,25 @@ class Subset:
         problem = SUBSET["image_dir"].problem(self.image_dir)
         if problem is not None:
             raise ValueError(problem)
-        root = os.path.normpath(os.fspath(self.image_dir))
+        root, shards = self.source()
         values = {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS}
         for o in SUBSET_OPTIONS:
             problem = o.problem(values[o.name])
             if problem is not None:
                 raise ValueError(f"{root}: {problem}")
+        if shards:
+            if self.metadata_file is not None:
+                raise ValueError(
+                    f"{root}: metadata_file cannot caption tar shards (its file_name keys name files of a "
+                    "folder); put each caption in the shard as KEY.txt or KEY.json"
+                )
+            return _fastdiff.NativeSubset(
+                root,
+                shards=shards,
+                caption_extensions=None if self.caption_extension is None else [self.caption_extension],
+                caption_per_line=bool(self.caption_per_line),
+                **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},
+            )
         metadata = _find_metadata(root, self.metadata_file)
         captions = None
         per_line = self.caption_per_line

@@ -92,7 +92,9 @@ class DataLoader:
     ``report["small_buckets"]`` lists buckets with less than one global batch.
 
     Args:
-        root: Folder of images (searched recursively); the same as ``subsets=[Subset(root)]``.
+        root: Folder of images (searched recursively), or WebDataset tar shards: a ``.tar`` path, a brace
+            pattern (``"data/shard-{0000..0099}.tar"``) or a list of them (README "Sharded and remote
+            datasets"); the same as ``subsets=[Subset(root)]``.
         subsets: The dataset as :class:`fastdiff.Subset` folders with their own repeats and caption
             handling (instead of ``root``); see also :meth:`from_config`.
         (the options: see fastdiff.options)
@@ -120,7 +122,7 @@ class DataLoader:
 
     def __init__(
         self,
-        root: str | os.PathLike[str] | None = None,
+        root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         *,
         subsets: Sequence[Subset] | None = None,
         resolution: int = 512,
@@ -230,7 +232,7 @@ class DataLoader:
         self.pin_memory = pin_memory
         self.cache = None if cache is None else os.fspath(cache)
         self._loss_weights = [float(s.loss_weight) for s in subsets]
-        self.root = os.fspath(subsets[0].image_dir)
+        self.root = subsets[0].source()[0]
         self.rank, self.world_size = rank, world_size
         self.batch_size = batch_size
         self._epoch = 0
@@ -260,6 +262,8 @@ class DataLoader:
             natives,
             **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
         )
+        for warning in self._native.report()["warnings"]:
+            warnings.warn(warning, UserWarning, stacklevel=2)
 
     @classmethod
     def from_config(cls, config: str | os.PathLike[str] | Mapping[str, Any], **overrides: Any) -> DataLoader:

@@ -82,6 +82,12 @@ class Option:
         return type(None) in _union_args(self.annotation)
 
     @property
+    def takes_path_list(self) -> bool:
+        """Whether a path option also takes a list of paths (``image_dir``: tar shards)."""
+        args = {a for a in _union_args(self.annotation) if a is not type(None)}
+        return args == {str, os.PathLike[str], Sequence[str | os.PathLike[str]]}
+
+    @property
     def kind(
         self,
     ) -> Literal[
@@ -89,7 +95,7 @@ class Option:
     ]:
         """What the values are, read from the annotation."""
         args = [a for a in _union_args(self.annotation) if a is not type(None)]
-        if set(args) == {str, os.PathLike[str]}:
+        if set(args) == {str, os.PathLike[str]} or self.takes_path_list:
             return "path"
         if set(args) == {str, torch.device}:
             return "device"
@@ -157,6 +163,9 @@ class Option:
             return None if isinstance(value, str) else f"{name} must be a string, got {value!r}"
         if kind == "path":
             ok = isinstance(value, (str, os.PathLike))
+            if self.takes_path_list and isinstance(value, (list, tuple)):
+                ok = bool(value) and all(isinstance(v, (str, os.PathLike)) for v in value)
+                return None if ok else f"{name} must be a non-empty list of paths, got {value!r}"
             return None if ok else f"{name} must be a path (str or os.PathLike), got {value!r}"
         if kind == "device":
             if isinstance(value, torch.device):

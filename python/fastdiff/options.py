@@ -534,10 +534,12 @@ LOADER_OPTIONS: tuple[Option, ...] = (
 SUBSET_OPTIONS: tuple[Option, ...] = (
     _subset(
         "image_dir",
-        str | os.PathLike[str],
+        str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         dataclasses.MISSING,
-        "Folder of images, searched recursively.",
-        details="In TOML, relative to the file's folder.",
+        "Folder of images, searched recursively; or WebDataset tar shards: a ``.tar`` path, a brace "
+        "pattern of them (``data/shard-{0000..0099}.tar``) or a list of those.",
+        details="In TOML, relative to the file's folder. Shards: see the README section \"Sharded and "
+        'remote datasets".',
         toml=SUBSET_TABLE,
         state="never",
         native=False,

@@ -23,7 +23,12 @@ _PARSERS = {"int": int, "float": float, "str": str, "choice": str, "path": str}
 
 def add_scan_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``scan``'s arguments on ``p``: the folder or config, one flag per scan option, ``--json``."""
-    p.add_argument("root", help="folder of images (searched recursively), or a dataset config .toml")
+    p.add_argument(
+        "root",
+        nargs="+",
+        help="folder of images (searched recursively), a dataset config .toml, or tar shards (paths or "
+        "brace patterns: data/shard-{0000..0099}.tar)",
+    )
     for o in _SCAN_OPTIONS:
         # None = not given: the DataLoader's default for a folder, the config's value for a .toml.
         doc = o.doc.rstrip(".").replace("``", "").replace("%", "%%")
@@ -168,11 +173,12 @@ def run_scan(args: argparse.Namespace) -> int:
     """
     given: dict[str, Any] = {o.name: getattr(args, o.name) for o in _SCAN_OPTIONS}
     extra = {k: v for k, v in given.items() if v is not None}
-    if args.root.endswith(".toml"):
+    root = args.root[0] if len(args.root) == 1 else args.root
+    if isinstance(root, str) and root.endswith(".toml"):
         # The config's own options apply, except those given as flags.
-        loader = DataLoader.from_config(args.root, **extra)
+        loader = DataLoader.from_config(root, **extra)
     else:
-        loader = DataLoader(args.root, **extra)
+        loader = DataLoader(root, **extra)
     report = loader.report
     coverage = None if loader.cache is None else cache_coverage(loader)
     if args.json:

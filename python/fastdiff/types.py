@@ -194,7 +194,7 @@ class Report(TypedDict):
     """What the scan and the loading so far found (:attr:`fastdiff.DataLoader.report`).
 
     Keys:
-        root: The first subset's folder.
+        root: The first subset's folder (for tar shards, the folder holding them).
         found: Image files found: by extension, or by their first bytes whatever their name.
         loaded: Files accepted; ``loaded + held_out + len(skipped) == found`` always.
         held_out: Images found but held out by ``validation_split``: the validation images in a
@@ -219,6 +219,8 @@ class Report(TypedDict):
             last global batch is cut (which repeats are cut then varies).
         bucket_merges: What ``min_bucket_fill`` merged.
         subsets: Per subset, in order.
+        warnings: Problems that lost no image, also raised as ``UserWarning`` at construction (a
+            shard's stale index, ignored: its headers were read instead).
     """
 
     root: str
@@ -238,6 +240,7 @@ class Report(TypedDict):
     images_trained: int
     bucket_merges: BucketMerges
     subsets: list[SubsetReport]
+    warnings: list[str]
 
 
 class LoadStats(TypedDict):

@@ -16,8 +16,13 @@ use crate::transform::CropMode;
 /// One folder of images and how its samples are made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Subset {
-    /// Folder of images (searched recursively).
+    /// Folder of images (searched recursively); with `shards`, the name the dataset goes by (the
+    /// shards' folder, say), which image paths are made relative to in
+    /// [`crate::pipeline::Loader::dataset_digest`].
     pub root: PathBuf,
+    /// WebDataset tar shards read instead of the folder (see [`crate::scan::scan_shards`]); empty:
+    /// the folder `root`.
+    pub shards: Vec<PathBuf>,
     /// Times each image appears per epoch (>= 1); every repeat is its own sample with its own crop,
     /// flip and caption draw. Default 1.
     pub num_repeats: usize,
@@ -40,11 +45,12 @@ pub struct Subset {
 }
 
 impl Subset {
-    /// A subset of `root` with every option at its default (one repeat, not regularisation,
+    /// A subset of the folder `root` with every option at its default (one repeat, not regularisation,
     /// the loader's caption extensions, flip and crop, captions used as read).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Subset {
             root: root.into(),
+            shards: Vec::new(),
             num_repeats: 1,
             is_reg: false,
             caption_extensions: None,

@@ -72,6 +72,28 @@ impl SkipCode {
             SkipCode::NoImages => "no_images",
         }
     }
+
+    /// The code named `name` ([`SkipCode::as_str`]), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        use SkipCode::*;
+        [
+            Io,
+            Decode,
+            Unsupported,
+            TooLarge,
+            TooSmall,
+            Changed,
+            CacheMiss,
+            Corrupt,
+            Panic,
+            Resource,
+            Internal,
+            InvalidArgument,
+            NoImages,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == name)
+    }
 }
 
 impl std::fmt::Display for SkipCode {

@@ -193,6 +193,7 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
     }
     merges.set_item("moves", moves)?;
     d.set_item("bucket_merges", merges)?;
+    d.set_item("warnings", &r.warnings)?;
     Ok(d)
 }
 

@@ -7,7 +7,7 @@
 //! Files: `errors` (the exceptions and the one map from core errors to them), `loader`
 //! (`NativeSubset`, `NativeLoader`), `epoch` (`NativeEpochIter`), `buffer_factory` (torch tensors as
 //! batch memory), `convert` (option strings in; batches, reports and stats out), `cache` (the
-//! latent/text cache: `ShardWriter`, `CacheStore`, key functions, `cache_gc`). This file only
+//! latent/text cache: `ShardWriter`, `CacheStore`, key functions, `cache_gc`), `shards` (tar shards: a folder's files to pack, shard indexes). This file only
 //! registers the module.
 
 mod buffer_factory;
@@ -16,6 +16,7 @@ mod convert;
 mod epoch;
 mod errors;
 mod loader;
+mod shards;
 
 use pyo3::prelude::*;
 
@@ -47,6 +48,8 @@ fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cache::latent_key, m)?)?;
     m.add_function(wrap_pyfunction!(cache::text_key, m)?)?;
     m.add_function(wrap_pyfunction!(cache::cache_gc, m)?)?;
+    m.add_function(wrap_pyfunction!(shards::scan_files, m)?)?;
+    m.add_function(wrap_pyfunction!(shards::write_shard_index, m)?)?;
     m.add(
         "IMAGE_EXTENSIONS",
         fastdiff_core::scan::IMAGE_EXTENSIONS.map(|e| format!(".{e}")),

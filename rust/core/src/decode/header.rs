@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::bmp_tiff_gif::{bmp_header, gif_header, tiff_header};
@@ -117,6 +118,57 @@ impl Source for FileSource {
             self.file.seek(SeekFrom::Start(offset))?;
             let want = len.max(Self::WINDOW) as u64;
             (&mut self.file).take(want).read_to_end(&mut self.window)?;
+        }
+        let lo = ((offset - self.start) as usize).min(self.window.len());
+        let hi = lo.saturating_add(len).min(self.window.len());
+        Ok(&self.window[lo..hi])
+    }
+}
+
+/// A byte range of a file (a tar shard's member) read with positioned reads (`pread`) through one
+/// window of up to [`FileSource::WINDOW`] bytes, never past the range's end: several threads can
+/// read members of one shard through the same `File` at once.
+pub(super) struct RangeSource<'f> {
+    file: &'f File,
+    base: u64,
+    len: u64,
+    start: u64,
+    window: Vec<u8>,
+}
+
+impl<'f> RangeSource<'f> {
+    pub(super) fn new(file: &'f File, base: u64, len: u64) -> Self {
+        RangeSource {
+            file,
+            base,
+            len,
+            start: 0,
+            window: Vec::new(),
+        }
+    }
+}
+
+impl Source for RangeSource<'_> {
+    fn bytes_at(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        let in_window = offset >= self.start
+            && offset.saturating_add(len as u64) <= self.start + self.window.len() as u64;
+        if !in_window {
+            self.start = offset.min(self.len);
+            let want = (len.max(FileSource::WINDOW) as u64).min(self.len - self.start) as usize;
+            self.window.resize(want, 0);
+            let mut filled = 0;
+            while filled < want {
+                match self.file.read_at(
+                    &mut self.window[filled..],
+                    self.base + self.start + filled as u64,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.window.truncate(filled);
         }
         let lo = ((offset - self.start) as usize).min(self.window.len());
         let hi = lo.saturating_add(len).min(self.window.len());

@@ -45,7 +45,7 @@ use turbojpeg::Decompressor;
 use crate::error::{Error, Result};
 use bmp_tiff_gif::decode_bmp_tiff_gif;
 use exif::transposes;
-use header::{parse_header, unknown_format, FileSource, SliceSource};
+use header::{parse_header, unknown_format, FileSource, RangeSource, SliceSource};
 use jpeg::{decompressor_error, new_decompressor};
 use jxl::{decode_jxl, CONTAINER_SIGNATURE};
 use pixels::{apply_orientation, undo_orientation};
@@ -85,6 +85,21 @@ impl ImageFormat {
             ImageFormat::Gif => "gif",
             ImageFormat::JpegXl => "jxl",
         }
+    }
+
+    /// The format of a report name ([`ImageFormat::name`]), if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            ImageFormat::Jpeg,
+            ImageFormat::Png,
+            ImageFormat::WebP,
+            ImageFormat::Bmp,
+            ImageFormat::Tiff,
+            ImageFormat::Gif,
+            ImageFormat::JpegXl,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
     }
 
     /// The format announced by the first bytes of a file, if it is one we read.
@@ -206,6 +221,13 @@ pub fn probe(path: &Path) -> Result<Header> {
 /// [`probe`] for a file already in memory; `path` is only used in error messages.
 pub fn probe_bytes(bytes: &[u8], path: &Path) -> Result<Header> {
     parse_header(&mut SliceSource(bytes), path, true)
+}
+
+/// [`probe`] for the `len` bytes at `offset` of `file` (a tar shard's member), read with
+/// positioned reads in 16 KiB windows that never pass the range's end (a header running past it is
+/// a "truncated" [`Error::Decode`]); `path` is only used in error messages.
+pub fn probe_range(file: &File, offset: u64, len: u64, path: &Path) -> Result<Header> {
+    parse_header(&mut RangeSource::new(file, offset, len), path, true)
 }
 
 /// Per-thread image decoder. Owns a libjpeg-turbo decompressor handle, so it is `Send` but not

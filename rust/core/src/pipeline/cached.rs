@@ -51,7 +51,7 @@ impl Cache {
             images
                 .par_iter()
                 .map(|e| {
-                    std::fs::read(&e.path)
+                    e.read()
                         .map(|bytes| cache::content_hash(&bytes))
                         .map_err(|err| Error::io(&e.path, err))
                 })

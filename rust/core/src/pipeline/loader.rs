@@ -65,6 +65,8 @@ pub(super) struct Inner {
     /// The files of every subset's folder that are not image candidates.
     pub(super) passed_over: PassedOver,
     pub(super) scan_skipped: Vec<Skip>,
+    /// The scans' warnings (stale shard indexes ignored).
+    pub(super) warnings: Vec<String>,
     pub(super) failed: Mutex<Failed>,
     /// Recycled batch buffers, sized for the largest batch (`batch_size` samples of the largest
     /// bucket) in the output dtype.
@@ -149,20 +151,24 @@ impl Loader {
         let mut held_out_total = 0;
         let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
+        let mut warnings = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
-            let mut scanned = scan::scan(
-                &subset.root,
-                &ScanOptions {
-                    caption_extensions: subset
-                        .caption_extensions
-                        .clone()
-                        .unwrap_or_else(|| opts.caption_extensions.clone()),
-                    max_pixels: opts.max_pixels,
-                    num_threads: opts.num_threads,
-                    captions: subset.captions.take(),
-                    class_tokens: subset.class_tokens.clone(),
-                },
-            )?;
+            let scan_opts = ScanOptions {
+                caption_extensions: subset
+                    .caption_extensions
+                    .clone()
+                    .unwrap_or_else(|| opts.caption_extensions.clone()),
+                max_pixels: opts.max_pixels,
+                num_threads: opts.num_threads,
+                captions: subset.captions.take(),
+                class_tokens: subset.class_tokens.clone(),
+            };
+            let mut scanned = if subset.shards.is_empty() {
+                scan::scan(&subset.root, &scan_opts)?
+            } else {
+                scan::scan_shards(&subset.root, &subset.shards, &scan_opts)?
+            };
+            warnings.append(&mut scanned.warnings);
             let mut kept = Vec::with_capacity(scanned.images.len());
             let mut held_here = 0;
             for entry in std::mem::take(&mut scanned.images) {
@@ -303,6 +309,7 @@ impl Loader {
             held_out: held_out_total,
             passed_over,
             scan_skipped,
+            warnings,
             failed: Mutex::new(Failed::default()),
             pool,
             cache: None,

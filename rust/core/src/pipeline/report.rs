@@ -58,6 +58,8 @@ pub struct Report {
     pub bucket_merges: BucketMerges,
     /// Per subset, in order.
     pub subsets: Vec<SubsetReport>,
+    /// The scan's warnings: problems that lost no image (a shard's stale index, ignored).
+    pub warnings: Vec<String>,
 }
 
 /// What [`LoaderOptions::min_bucket_fill`](super::LoaderOptions::min_bucket_fill) did: the images
@@ -234,6 +236,7 @@ impl Loader {
             captions_missing,
             captions_fallback_encoding,
             images_per_bucket: non_empty(per_bucket),
+            warnings: inner.warnings.clone(),
         }
     }
 }

@@ -261,7 +261,7 @@ fn decode_into_slot(
 ) -> Result<()> {
     let o = &inner.opts;
     let path = &entry.path;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = entry.read().map_err(|e| Error::io(path, e))?;
     watch.lap(Stage::Read);
 
     let now = decode::probe_bytes(&bytes, path)?;

@@ -19,8 +19,14 @@ use rayon::prelude::*;
 use crate::caption::decode_caption;
 use crate::decode::{self, DecodeOptions, Header};
 use crate::error::{Error, Result, Skip};
-use walk::{has_caption_extension, starts_like_image, walk, Walk};
+pub use tar::{scan_shards, Member};
+pub use tar_index::{index_path, write_index, IndexSummary, INDEX_SUFFIX};
+use walk::{has_caption_extension, has_image_extension, starts_like_image, walk, Walk};
 
+mod tar;
+mod tar_index;
+#[cfg(test)]
+mod testkit;
 mod walk;
 
 /// Image file extensions accepted by the scan (compared case-insensitively, without the dot). The
@@ -81,6 +87,21 @@ pub struct ImageEntry {
     /// Whether the caption needed the fallback decoding (see
     /// [`crate::caption::Caption::fallback_encoding`]); false without a caption file.
     pub caption_fallback_encoding: bool,
+    /// For a tar shard's member ([`scan_shards`]): where its bytes lie (`path` is then
+    /// `<shard>/<member name>`, which names no file); `None` for a file.
+    pub member: Option<Member>,
+}
+
+impl ImageEntry {
+    /// The image's bytes: the whole file, or exactly the member's range of its shard.
+    ///
+    /// Errors: those of reading (`UnexpectedEof` for a shard truncated since the scan).
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        match &self.member {
+            None => std::fs::read(&self.path),
+            Some(m) => m.read(),
+        }
+    }
 }
 
 /// Files under the scan root that are not image candidates, by kind; with the candidates
@@ -123,6 +144,8 @@ pub struct Scan {
     pub captions_fallback_encoding: usize,
     /// The files that are not image candidates, counted by kind.
     pub passed_over: PassedOver,
+    /// Problems that lost nothing but are worth saying (a shard's stale index, ignored).
+    pub warnings: Vec<String>,
 }
 
 /// Scan `root` for images.
@@ -225,6 +248,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         captions_missing,
         captions_fallback_encoding,
         passed_over,
+        warnings: Vec::new(),
     })
 }
 
@@ -279,6 +303,7 @@ fn probe_one(path: &Path, opts: &ScanOptions) -> std::result::Result<ImageEntry,
         caption: opts.class_tokens.clone().unwrap_or_default(),
         caption_found: false,
         caption_fallback_encoding: false,
+        member: None,
     };
     if let Some(captions) = &opts.captions {
         if let Some(text) = captions.get(path) {
