@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import smallest_images
-
 from fastdiff.parquet import parquet_to_shard
 
 

@@ -227,17 +227,18 @@ impl NativeLoader {
     }
 
     /// The cache build's pixel batches from batch `start_batch` on: every distinct (image, crop
-    /// variant, flip state) once, or with `missing_only` only those the cache lacks (see the
-    /// core's `Loader::iter_build`).
-    #[pyo3(signature = (start_batch = 0, missing_only = false))]
+    /// variant, flip state) once, or with `missing_only` only those the cache lacks, or with
+    /// `rank_share` this rank's batches of that plan only (see the core's `Loader::iter_build`).
+    #[pyo3(signature = (start_batch = 0, missing_only = false, rank_share = false))]
     fn iter_build(
         &self,
         py: Python<'_>,
         start_batch: usize,
         missing_only: bool,
+        rank_share: bool,
     ) -> PyResult<NativeEpochIter> {
         let it = py
-            .detach(|| self.inner.iter_build(start_batch, missing_only))
+            .detach(|| self.inner.iter_build(start_batch, missing_only, rank_share))
             .map_err(to_pyerr)?;
         Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None)), true))
     }
