@@ -193,6 +193,20 @@ class NativeLoader:
         self, start_batch: int = 0, missing_only: bool = False, rank_share: bool = False
     ) -> NativeEpochIter:
         """The cache build's pixel batches: every distinct (image, crop variant, flip state) once."""
+    def quality(
+        self,
+    ) -> list[
+        tuple[
+            str,
+            int,
+            tuple[int, int],
+            tuple[int, int],
+            bool,
+            tuple[str, int, float, float, float] | None,
+            tuple[str, str] | None,
+        ]
+    ]:
+        """Per image: path, subset, bucket (h, w), upright size (w, h), caption found, measures or error."""
     def build_latent_keys(self) -> list[tuple[str | None, bool]]:
         """Per sample of the full build plan: (latent key hex or None, whether the cache has it)."""
     def report(self) -> dict[str, Any]: ...

@@ -25,6 +25,7 @@ from fastdiff.types import (
     Crop,
     Device,
     Filter,
+    ImageQuality,
     LoadStats,
     OnError,
     OnMiss,
@@ -404,6 +405,26 @@ class DataLoader:
         joined by newlines), before the subsets' tag shuffle, tag dropout and caption dropout; ``""``
         for an image without one. For building a vocabulary or choosing preview prompts."""
         return self._native.captions
+
+    def measure_quality(self) -> list[ImageQuality]:
+        """Decode every image the scan accepted, small (JPEG by DCT scaling to >= 64 px a side) on the
+        loader's threads with the GIL released, and measure it (``fastdiff scan --quality``;
+        ``fastdiff.quality`` decides the flags): one :class:`fastdiff.types.ImageQuality` per image, in
+        path order. An image that cannot be decoded gets its error instead of measures (it is not
+        added to :attr:`report`).
+        """
+        return [
+            ImageQuality(
+                path=path,
+                subset=subset,
+                bucket=bucket,
+                size=size,
+                caption_found=found,
+                measures=measures,
+                error=error,
+            )
+            for path, subset, bucket, size, found, measures, error in self._native.quality()
+        ]
 
     @property
     def report(self) -> Report:

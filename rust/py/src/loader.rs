@@ -21,6 +21,17 @@ use crate::convert::{parse, report_dict};
 use crate::epoch::NativeEpochIter;
 use crate::errors::to_pyerr;
 
+/// One image's row of `NativeLoader.quality`.
+type QualityRow = (
+    String,
+    usize,
+    (u32, u32),
+    (u32, u32),
+    bool,
+    Option<(String, u64, f32, f32, f32)>,
+    Option<(String, String)>,
+);
+
 /// One folder of a dataset and its per-subset options (see `fastdiff.Subset`).
 #[pyclass(module = "fastdiff._fastdiff", frozen)]
 pub(crate) struct NativeSubset {
@@ -212,6 +223,43 @@ impl NativeLoader {
         (0..self.inner.images().len())
             .map(|i| self.inner.content_hash(i).as_ref().map(key_hex))
             .collect()
+    }
+
+    /// Per image (path order): its path, subset index, bucket `(height, width)`, upright size
+    /// `(width, height)`, whether a caption was found, and either its measures `(content hash hex,
+    /// dhash, transparent share, coloured share, detail)` or else the `(code, message)` of why it cannot be
+    /// decoded (see the core's `quality::measure`). Decodes every image, with the GIL released.
+    fn quality(&self, py: Python<'_>) -> PyResult<Vec<QualityRow>> {
+        let measured = py.detach(|| self.inner.quality()).map_err(to_pyerr)?;
+        let buckets = self.inner.buckets();
+        Ok((self.inner.images().iter().zip(measured).enumerate())
+            .map(|(i, (image, q))| {
+                let (bucket, subset) = self.inner.image_bucket_and_subset(i);
+                let b = &buckets[bucket];
+                let (measures, error) = match q {
+                    Ok(q) => (
+                        Some((
+                            key_hex(&q.content_hash),
+                            q.dhash,
+                            q.transparent,
+                            q.coloured,
+                            q.detail,
+                        )),
+                        None,
+                    ),
+                    Err(e) => (None, Some((e.code().as_str().to_string(), e.to_string()))),
+                };
+                (
+                    image.path.to_string_lossy().into_owned(),
+                    subset,
+                    (b.height, b.width),
+                    image.header.upright_size(),
+                    image.caption_found,
+                    measures,
+                    error,
+                )
+            })
+            .collect())
     }
 
     /// Every caption a sample can get, each once, sorted, with its text key (hex; None without a

@@ -357,10 +357,18 @@ mod tests {
             .unwrap();
             // Without rank_share every rank gets the whole plan.
             assert_eq!(batches(loader.iter_build(0, false, false).unwrap()), full);
-            let want: Vec<_> = full.iter().skip(rank).step_by(world_size).cloned().collect();
+            let want: Vec<_> = full
+                .iter()
+                .skip(rank)
+                .step_by(world_size)
+                .cloned()
+                .collect();
             assert_eq!(batches(loader.iter_build(0, false, true).unwrap()), want);
             // start_batch counts the share's batches.
-            assert_eq!(batches(loader.iter_build(1, false, true).unwrap()), want[1..]);
+            assert_eq!(
+                batches(loader.iter_build(1, false, true).unwrap()),
+                want[1..]
+            );
         }
     }
 }
