@@ -21,12 +21,12 @@ $(VENV)/.sysdeps:
 	@mkdir -p $(VENV) && touch $@
 
 # Python dependencies: the package's `dev` extra (torch, diffusers, pytest, Pillow, maturin, ziglang and
-# auditwheel for the wheel, ...), not the package.
+# auditwheel for the wheel, s3fs, pyarrow and moto for remote datasets, ...), not the package.
 $(VENV)/.deps: pyproject.toml $(VENV)/.sysdeps
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	  print('\n'.join(d['dependencies'] + d['optional-dependencies']['train'] + \
+	  print('\n'.join(d['dependencies'] + d['optional-dependencies']['train'] + d['optional-dependencies']['remote'] + \
 	  [r for r in d['optional-dependencies']['dev'] if not r.startswith('fastdiff')]))" > $(VENV)/requirements.txt
 	$(BIN)/pip install -q -r $(VENV)/requirements.txt
 	@touch $@

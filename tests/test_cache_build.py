@@ -617,3 +617,32 @@ def test_a_rebuild_without_dtype_keeps_the_caches_dtype(sd15: Path, data: Path, 
     assert (again.latents_decoded, again.latents_encoded, again.text_encoded) == (0, 0, 0)
     manifest = read_manifest(cache)
     assert manifest["latents"]["dtype"] == manifest["text"]["dtype"] == "bf16"
+
+
+def test_torchrun_shares_the_build_across_ranks(sd15: Path, data: Path, tmp_path: Path) -> None:
+    args = ["cache", "--model", str(sd15), "--data", str(data), "--output", str(tmp_path / "two")]
+    args += ["--resolution", "32", "--bucket-step", "8", "--batch-size", "1", "--num-threads", "1"]
+    args += ["--device", "cpu", "--dtype", "f32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [*torchrun, "-m", "fastdiff", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    # Rank 0 alone prints the summary, of both ranks' work: 3 build batches (2 + 1) and 4 captions (2 + 2).
+    [summary] = [line for line in proc.stdout.splitlines() if line.startswith("cache ")]
+    assert "latents 3 encoded / 3 needed, text 4 encoded / 4 needed, 0 failed, 4 shards" in summary, summary
+    assert summary.endswith("by 2 ranks"), summary
+
+    build(sd15, data, tmp_path / "one", batch_size=1)
+    two, one = _fastdiff.CacheStore(tmp_path / "two"), _fastdiff.CacheStore(tmp_path / "one")
+    for kind in ("latents", "text"):
+        assert sorted(two.keys(kind)) == sorted(one.keys(kind)) != []
+    served: list[str] = []
+    for shard in sorted((tmp_path / "two").glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            served += {name.split("/")[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert len(served) == len(set(served)) == 3 + 4  # each entry encoded by one rank only
+    for key in served:
+        a, b = read(two, key), read(one, key)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), key

@@ -196,8 +196,24 @@ class NativeLoader:
         """Each accepted image's content hash (32 hex digits) with a cache; None otherwise."""
     def caption_variants(self) -> list[tuple[str, str | None]]:
         """Every caption a sample can get, sorted, with its text key (hex) when the cache has text."""
-    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> NativeEpochIter:
+    def iter_build(
+        self, start_batch: int = 0, missing_only: bool = False, rank_share: bool = False
+    ) -> NativeEpochIter:
         """The cache build's pixel batches: every distinct (image, crop variant, flip state) once."""
+    def quality(
+        self,
+    ) -> list[
+        tuple[
+            str,
+            int,
+            tuple[int, int],
+            tuple[int, int],
+            bool,
+            tuple[str, int, float, float, float] | None,
+            tuple[str, str] | None,
+        ]
+    ]:
+        """Per image: path, subset, bucket (h, w), upright size (w, h), caption found, measures or error."""
     def build_latent_keys(self) -> list[tuple[str | None, bool]]:
         """Per sample of the full build plan: (latent key hex or None, whether the cache has it)."""
     def report(self) -> dict[str, Any]: ...

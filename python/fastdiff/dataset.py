@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from fastdiff.options import (
     Table,
     saved,
 )
-from fastdiff.sources import expand_shards, is_shards, shards_root
+from fastdiff.remote import is_remote
+from fastdiff.sources import expand_shards, is_shards, local_shards, shards_root
 from fastdiff.types import Crop
 
 METADATA_NAME = "metadata.jsonl"
@@ -108,6 +110,7 @@ class Subset:
     crop: Crop | None = None
     metadata_file: str | os.PathLike[str] | None = None
     caption_column: str = "text"
+    image_column: str = "image"
     class_tokens: str | None = None
     caption_prefix: str | None = None
     caption_suffix: str | None = None
@@ -122,17 +125,30 @@ class Subset:
         return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
     def source(self) -> tuple[str, list[str]]:
-        """``(root, shards)``: the folder and no shards, or for tar shards (``image_dir`` a ``.tar`` path,
-        a brace pattern of them, or a list: :func:`fastdiff.sources.expand_shards`) the folder holding
-        them and the shard paths.
+        """``(root, shards)``: the folder and no shards, or for shards (``image_dir`` a ``.tar`` or
+        ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
+        :func:`fastdiff.sources.expand_shards`) the folder holding them and the local tar shards
+        (:func:`fastdiff.sources.local_shards`: remote ones fetched into the spool, ``$FASTDIFF_SPOOL``
+        or ``~/.cache/fastdiff/spool``, parquet ones converted there). A shard that cannot be fetched
+        or converted is left out with a ``UserWarning`` naming it and the reason.
 
         Raises:
-            ValueError: A pattern or list names something that is not a ``.tar`` file.
+            ValueError: A pattern or list names something that is neither a ``.tar`` nor a ``.parquet``
+                file, no shard could be read, or a parquet file lacks ``image_column``/``caption_column``.
         """
         if not is_shards(self.image_dir):
             return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir))), []
-        shards = [os.path.normpath(s) for s in expand_shards(self.image_dir)]
-        return shards_root(shards), shards
+        given = [s if is_remote(s) else os.path.normpath(s) for s in expand_shards(self.image_dir)]
+        local = local_shards(given, caption_column=self.caption_column, image_column=self.image_column)
+        for failure in local.failed:
+            warnings.warn(
+                f"shard {failure.url} left out: {failure.reason} (after {failure.attempts} attempts)",
+                stacklevel=3,
+            )
+        if not local.paths:
+            raise ValueError(f"none of the {len(given)} shards could be read (warnings name each)")
+        shards = [os.fspath(p) for p in local.paths]
+        return (shards_root(given) if not any(map(is_remote, given)) else given[0].rsplit("/", 1)[0]), shards
 
     def native(self) -> _fastdiff.NativeSubset:
         """The native subset: options checked, metadata read and checked.

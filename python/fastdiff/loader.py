@@ -25,6 +25,7 @@ from fastdiff.types import (
     Crop,
     Device,
     Filter,
+    ImageQuality,
     LoadStats,
     OnError,
     OnMiss,
@@ -413,6 +414,26 @@ class DataLoader:
         for an image without one. For building a vocabulary or choosing preview prompts."""
         return self._native.captions
 
+    def measure_quality(self) -> list[ImageQuality]:
+        """Decode every image the scan accepted, small (JPEG by DCT scaling to >= 64 px a side) on the
+        loader's threads with the GIL released, and measure it (``fastdiff scan --quality``;
+        ``fastdiff.quality`` decides the flags): one :class:`fastdiff.types.ImageQuality` per image, in
+        path order. An image that cannot be decoded gets its error instead of measures (it is not
+        added to :attr:`report`).
+        """
+        return [
+            ImageQuality(
+                path=path,
+                subset=subset,
+                bucket=bucket,
+                size=size,
+                caption_found=found,
+                measures=measures,
+                error=error,
+            )
+            for path, subset, bucket, size, found, measures, error in self._native.quality()
+        ]
+
     @property
     def report(self) -> Report:
         """What the scan and the loading so far found: a :class:`fastdiff.types.Report` (its docstring
@@ -448,7 +469,9 @@ class DataLoader:
             return self._on_cuda(batches, self.device)
         return (_to_device(b, self.device) for b in batches)
 
-    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
+    def iter_build(
+        self, start_batch: int = 0, missing_only: bool = False, rank_share: bool = False
+    ) -> Iterator[Batch]:
         """The pixel batches a cache of this loader must encode (for ``fastdiff cache``).
 
         Every distinct (image, crop variant, flip state) once, whatever the rank: per bucket in
@@ -464,10 +487,14 @@ class DataLoader:
         as not cached), in the same order: on a complete cache no batch, and no image is read or
         decoded. That plan is fixed by the cache as this loader opened it.
 
+        With ``rank_share``, only this loader's rank's share of that plan: its batches ``rank``,
+        ``rank + world_size``, … (``fastdiff cache`` under torchrun: the ranks together encode the plan
+        once); ``start_batch`` then counts batches of the share.
+
         Raises:
             ValueError: A random crop without ``crop_variants`` (its crops change every epoch).
         """
-        return self._batches(self._native.iter_build(start_batch, missing_only), None)
+        return self._batches(self._native.iter_build(start_batch, missing_only, rank_share), None)
 
     def build_latent_keys(self) -> list[tuple[str | None, bool]]:
         """Per sample of the full :meth:`iter_build` plan, in its order, without decoding anything:

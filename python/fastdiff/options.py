@@ -650,7 +650,15 @@ SUBSET_OPTIONS: tuple[Option, ...] = (
         "caption_column",
         str,
         "text",
-        "Metadata column holding the caption (of a ``.jsonl`` metadata file).",
+        "Column holding the caption: of a ``.jsonl`` metadata file, or of ``.parquet`` shards.",
+        native=False,
+    ),
+    _subset(
+        "image_column",
+        str,
+        "image",
+        "Column of ``.parquet`` shards holding the encoded image: bytes, or as HF ``datasets`` stores "
+        "its ``Image`` feature, a struct with a ``bytes`` field.",
         native=False,
     ),
     _subset(

@@ -1,9 +1,11 @@
-"""``fastdiff scan``: what a folder or dataset config holds, without decoding pixels.
+"""``fastdiff scan``: what a folder or dataset config holds, without decoding pixels (but with ``--quality``).
 
-A thin view of :attr:`fastdiff.DataLoader.report`, and with ``--cache`` of the cache folder's coverage
+A thin view of :attr:`fastdiff.DataLoader.report`, with ``--cache`` of the cache folder's coverage
 of that loader (:func:`cache_coverage`: the entries its build plan and captions need, how many the
-cache serves, its corrupt shards and recorded failures). Its flags are the loader options whose schema
-entry (:mod:`fastdiff.options`) says ``scan``; this module must not define options of its own.
+cache serves, its corrupt shards and recorded failures), and with ``--quality`` of
+:func:`fastdiff.quality.quality_report` (``--contact-sheet``: its PNG). Its loader flags are the loader
+options whose schema entry (:mod:`fastdiff.options`) says ``scan``; this module must not define loader
+options of its own (only what it prints: ``--json`` and the quality group).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypedDict
 from fastdiff import _fastdiff
 from fastdiff.loader import DataLoader
 from fastdiff.options import LOADER_OPTIONS
+from fastdiff.quality import LONG_CAPTION_WORDS, MAX_UPSCALE, contact_sheet, format_quality, quality_report
 from fastdiff.types import Report
 
 _SCAN_OPTIONS = tuple(o for o in LOADER_OPTIONS if o.scan)
@@ -44,6 +47,26 @@ def add_scan_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the full report as JSON (found, loaded, skipped: [{path, code, message}], ...)",
     )
+    quality = p.add_argument_group(
+        "quality", "flag duplicates, upscaled, transparent and gray images, bad captions"
+    )
+    quality.add_argument(
+        "--quality",
+        action="store_true",
+        help="decode every image small and flag what makes a fine-tune worse (see fastdiff.quality)",
+    )
+    quality.add_argument(
+        "--max-upscale",
+        type=float,
+        default=MAX_UPSCALE,
+        help=f"flag images enlarged more than this factor to cover their bucket (default {MAX_UPSCALE:g})",
+    )
+    quality.add_argument(
+        "--tokenizer",
+        help="a transformers tokenizer folder (e.g. MODEL/tokenizer): long captions in its tokens, "
+        f"over its model_max_length (default: over {LONG_CAPTION_WORDS} words)",
+    )
+    quality.add_argument("--contact-sheet", help="write a PNG of the flagged images, labelled, to this path")
 
 
 def format_report(report: Report, batches: int) -> str:
@@ -163,7 +186,8 @@ def cache_coverage(loader: DataLoader) -> CacheCoverage:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    """Body of ``fastdiff scan``: print the report of ``args.root`` (as text, or JSON with ``--json``).
+    """Body of ``fastdiff scan``: print the report of ``args.root`` (as text, or JSON with ``--json``), with
+    ``--quality`` the data-quality flags too.
 
     Returns:
         The exit status, 0.
@@ -181,13 +205,27 @@ def run_scan(args: argparse.Namespace) -> int:
         loader = DataLoader(root, **extra)
     report = loader.report
     coverage = None if loader.cache is None else cache_coverage(loader)
+    quality = None
+    if args.quality:
+        tokenizer = None
+        if args.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        quality = quality_report(loader, max_upscale=args.max_upscale, tokenizer=tokenizer)
+        if args.contact_sheet is not None:
+            contact_sheet(quality, args.contact_sheet)
     if args.json:
         out: dict[str, Any] = {**report, "batches_per_epoch": len(loader)}
         if coverage is not None:
             out["cache"] = coverage
+        if quality is not None:
+            out["quality"] = quality
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         print(format_report(report, len(loader)))
         if coverage is not None:
             print(format_coverage(coverage))
+        if quality is not None:
+            print(format_quality(quality))
     return 0

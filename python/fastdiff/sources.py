@@ -1,17 +1,29 @@
-"""Where a dataset's images come from: a folder, or WebDataset tar shards named by a pattern or a list.
+"""Where a dataset's images come from: a folder, or WebDataset tar shards named by a pattern or a list,
+local or at fsspec URLs, or parquet files.
 
-This module only turns what the user wrote (``"data/shard-{0000..0099}.tar"``, a list of paths) into
-shard paths; reading the shards is ``rust/core`` (``scan::scan_shards``). It must not open any file.
+:func:`expand_shards` turns what the user wrote (``"data/shard-{0000..0099}.tar"``, a list of paths) into
+shard paths without opening any file; :func:`local_shards` makes them local for the Rust core, which reads
+local tar shards only (``scan::scan_shards``): remote shards fetched into the spool
+(:mod:`fastdiff.remote`), parquet files converted to tar shards (:mod:`fastdiff.parquet`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastdiff.parquet import ParquetShard, parquet_to_shard
+from fastdiff.remote import FetchFailure, FetchPolicy, default_spool_dir, fetch_shards, is_remote
 
 #: What a dataset source may be: a folder, a shard path or pattern, or a list of shard paths or patterns.
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+#: What a shard's path ends in: a WebDataset tar shard, or a parquet file (converted to one).
+SHARD_SUFFIXES = (".tar", ".parquet")
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
@@ -80,17 +92,19 @@ def expand_braces(spec: str) -> list[str]:
 
 
 def expand_shards(spec: Source) -> list[str]:
-    """The tar shard paths ``spec`` names, in order: each pattern expanded (see :func:`expand_braces`).
+    """The shard paths ``spec`` names, in order: each pattern expanded (see :func:`expand_braces`).
 
     Args:
-        spec: A path or brace pattern of ``.tar`` files (``"data/shard-{0000..0099}.tar"``), or a list of
-            them (each expanded, the results concatenated).
+        spec: A path, fsspec URL (``s3://bucket/shard-{0000..0099}.tar``) or brace pattern of ``.tar``
+            (WebDataset) or ``.parquet`` files (``"data/shard-{0000..0099}.tar"``), or a list of them
+            (each expanded, the results concatenated).
 
     Returns:
         The shard paths, as written (not made absolute; nothing is checked on disk).
 
     Raises:
-        ValueError: ``spec`` is empty, or an expansion does not end in ``.tar`` (the message names it).
+        ValueError: ``spec`` is empty, or an expansion ends in neither ``.tar`` nor ``.parquet`` (the
+            message names it).
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not items:
@@ -100,16 +114,17 @@ def expand_shards(spec: Source) -> list[str]:
         if not isinstance(item, (str, os.PathLike)):
             raise ValueError(f"shard paths must be str or os.PathLike, got {item!r}")
         for path in expand_braces(os.fspath(item)):
-            if not path.endswith(".tar"):
-                raise ValueError(f"{path!r} (from {os.fspath(item)!r}) is not a .tar shard")
+            if not path.endswith(SHARD_SUFFIXES):
+                raise ValueError(f"{path!r} (from {os.fspath(item)!r}) is not a .tar or .parquet shard")
             out.append(path)
     return out
 
 
 def is_shards(spec: Source) -> bool:
-    """Whether ``spec`` names tar shards (a list, or a path or pattern ending in ``.tar``), not a folder."""
+    """Whether ``spec`` names shards (a list, or a path, URL or pattern ending in ``.tar`` or
+    ``.parquet``), not a folder."""
     if isinstance(spec, (str, os.PathLike)):
-        return all(p.endswith(".tar") for p in expand_braces(os.fspath(spec)))
+        return all(p.endswith(SHARD_SUFFIXES) for p in expand_braces(os.fspath(spec)))
     return True
 
 
@@ -120,3 +135,89 @@ def shards_root(shards: Sequence[str]) -> str:
         return os.path.commonpath(folders)
     except ValueError:  # absolute and relative paths mixed
         return os.path.commonpath([os.path.abspath(f) for f in folders])
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalShards:
+    """Result of :func:`local_shards`.
+
+    Attributes:
+        paths: The local tar shards, in the order given, without the ones that failed.
+        failed: Shards that could not be fetched or converted, with the reason.
+        parquet: The conversion of each parquet source (rows, rows without image bytes), by source as given.
+        bytes_fetched: Bytes received from remote storage.
+    """
+
+    paths: list[Path]
+    failed: list[FetchFailure]
+    parquet: dict[str, ParquetShard]
+    bytes_fetched: int
+
+
+def local_shards(
+    shards: Sequence[str],
+    *,
+    spool_dir: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    policy: FetchPolicy | None = None,
+    image_column: str = "image",
+    caption_column: str | None = "text",
+    index_suffix: str | None = None,
+) -> LocalShards:
+    """Local tar shards for ``shards``: local ``.tar`` paths as they are (``file://`` stripped), remote
+    ones fetched into ``spool_dir/remote``, ``.parquet`` files (local or fetched) converted into
+    ``spool_dir/parquet``.
+
+    Args:
+        shards: Local paths or fsspec URLs of ``.tar`` (WebDataset) or ``.parquet`` files, expanded.
+        spool_dir: Where fetched and converted shards are kept (:func:`fastdiff.remote.default_spool_dir`
+            when ``None``).
+        storage_options: The fsspec filesystem's arguments (s3fs: ``key``, ``secret``, ``endpoint_url``…).
+        policy: Fetch concurrency, timeout and retries (:class:`fastdiff.remote.FetchPolicy`).
+        image_column: Parquet column of the image bytes.
+        caption_column: Parquet column of the captions (``None``: no captions).
+        index_suffix: The shard index sidecar's suffix, fetched with each remote tar shard when present.
+
+    Returns:
+        The local shards, the failures and the parquet conversions.
+
+    Raises:
+        ValueError: A parquet file lacks the columns (as :func:`fastdiff.parquet.parquet_to_shard`).
+        ImportError: s3fs or pyarrow is needed and not installed (``pip install 'fastdiff[remote]'``).
+    """
+    spool = Path(spool_dir) if spool_dir is not None else default_spool_dir()
+    remote = [s for s in shards if is_remote(s)]
+    fetched = (
+        fetch_shards(
+            remote,
+            spool / "remote",
+            storage_options=storage_options,
+            policy=policy,
+            optional_suffixes=[index_suffix] if index_suffix else [],
+        )
+        if remote
+        else None
+    )
+    failed = list(fetched.failed) if fetched else []
+    paths: list[Path] = []
+    parquet: dict[str, ParquetShard] = {}
+    for spec in shards:
+        if fetched is not None and spec in fetched.paths:
+            local = fetched.paths[spec]
+        elif is_remote(spec):
+            continue  # in failed
+        else:
+            local = Path(spec.removeprefix("file://"))
+        if spec.lower().endswith(".parquet"):
+            try:
+                parquet[spec] = parquet_to_shard(
+                    local, spool / "parquet", image_column=image_column, caption_column=caption_column
+                )
+            except ValueError:
+                raise
+            except Exception as e:  # pyarrow's ArrowInvalid for a damaged file, OSError
+                failed.append(FetchFailure(spec, f"{type(e).__name__}: {e}", 1))
+                continue
+            local = parquet[spec].path
+        paths.append(local)
+    return LocalShards(paths, failed, parquet, fetched.bytes_fetched if fetched else 0)

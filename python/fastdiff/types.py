@@ -131,6 +131,31 @@ class SkippedFile(TypedDict):
     message: str
 
 
+class ImageQuality(TypedDict):
+    """One image's row of :meth:`fastdiff.DataLoader.measure_quality`.
+
+    Keys:
+        path: The file.
+        subset: Index of its subset (the loader's order).
+        bucket: Its bucket ``(h, w)`` in pixels.
+        size: Its upright size ``(w, h)`` in pixels.
+        caption_found: Whether it has a caption (file or metadata entry).
+        measures: ``(content hash, dhash, transparent, coloured, detail)``: blake3 of the bytes (32 hex
+            digits), the 64-bit difference hash, the transparent share of the area and the share of
+            coloured opaque pixels, both in ``[0, 1]``, and the spread (std, levels) of the hash's 9×8
+            luma cells (see ``fastdiff.quality``); ``None`` when it cannot be decoded.
+        error: ``(code, message)`` when it cannot be decoded, else ``None``.
+    """
+
+    path: str
+    subset: int
+    bucket: tuple[int, int]
+    size: tuple[int, int]
+    caption_found: bool
+    measures: tuple[str, int, float, float, float] | None
+    error: tuple[str, str] | None
+
+
 class SubsetReport(TypedDict):
     """What the scan found in one subset folder.
 

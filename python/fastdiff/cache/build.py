@@ -13,6 +13,12 @@ through the native ``ShardWriter``: a shard is finished (fsynced and renamed int
 worth, and its rerun encodes only what is missing. Images that cannot be decoded are recorded in the
 manifest's ``failed`` by content hash (a served sample of one is that failure).
 
+Split across ranks (``split=True`` under torchrun: ``fastdiff cache`` and ``fastdiff train
+--cache-build``), rank 0 holds the lock and writes the manifest, then every rank encodes its share:
+the build plan's batches ``rank, rank + world_size, …`` (``iter_build(rank_share=True)``) and every
+``world_size``-th missing caption, into shards of its own (their names are random); rank 0 records the
+failures all ranks met, and every rank returns the summed report.
+
 :func:`build_from_model` is the one way a model's encoders fill a cache: it loads only the VAE and/or
 the text encoders, runs :func:`build` and frees them. ``fastdiff cache``, ``fastdiff train
 --cache-build`` and ``fastdiff.DataLoader(..., on_miss="encode")`` all go through it. This module
@@ -22,6 +28,7 @@ takes its loader as a :class:`BuildPlan` (any object with a build plan, in pract
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
@@ -39,6 +46,7 @@ from fastdiff import _fastdiff
 from fastdiff.cache.encoders import LatentEncoder, TextEncoder, model_kind, stored_dtype
 from fastdiff.cache.manifest import Manifest, StorageDtype, read_manifest, with_halves, write_manifest
 from fastdiff.cache.shards import Shards
+from fastdiff.training import distributed
 from fastdiff.types import Batch, LoadStats, Report, SkippedFile
 
 #: Captions encoded per text-encoder call.
@@ -60,9 +68,12 @@ class BuildPlan(Protocol):
         """The last iteration's counts (``samples``, ``failed``); ``None`` before any."""
         ...
 
-    def iter_build(self, start_batch: int = 0, missing_only: bool = False) -> Iterator[Batch]:
+    def iter_build(
+        self, start_batch: int = 0, missing_only: bool = False, rank_share: bool = False
+    ) -> Iterator[Batch]:
         """Every distinct (image, crop variant, flip) once, or with ``missing_only`` only those the
-        cache lacks, as float pixel batches with ``latent_keys`` and ``latent_provenance``."""
+        cache lacks, or with ``rank_share`` this rank's batches of that plan, as float pixel batches
+        with ``latent_keys`` and ``latent_provenance``."""
         ...
 
     def build_latent_keys(self) -> list[tuple[str | None, bool]]:
@@ -136,6 +147,7 @@ def build_from_model(
     max_sequence_length: int | None = None,
     t5: bool = True,
     progress: bool = True,
+    split: bool = False,
 ) -> BuildReport:
     """Load only the VAE (``latents``) and/or the text encoders (``text``) of ``model`` on ``device``,
     :func:`build` ``cache`` with them, and free them (CUDA's cached memory too) before returning.
@@ -155,6 +167,7 @@ def build_from_model(
             :meth:`~fastdiff.cache.encoders.TextEncoder.load`.
         t5: SD3: encode with T5 too, as :meth:`~fastdiff.cache.encoders.TextEncoder.load`.
         progress: Show progress bars.
+        split: Share the work across torchrun's ranks, as :func:`build`.
 
     Returns:
         As :func:`build`.
@@ -193,6 +206,7 @@ def build_from_model(
             model=str(model),
             kind=model_kind(model, model_config),
             progress=progress,
+            split=split,
         )
     finally:
         del vae, encoders
@@ -226,6 +240,7 @@ def build(
     model: str,
     kind: str,
     progress: bool = True,
+    split: bool = False,
 ) -> BuildReport:
     """Encode into ``cache`` every entry the loader's build plan needs that the cache lacks.
 
@@ -237,10 +252,12 @@ def build(
         model: The ``--model`` path, recorded in the manifest.
         kind: The model's kind (:func:`~fastdiff.cache.encoders.model_kind`: ``"sd"``, ``"sdxl"``,
             ``"sd3"``, ``"flux"``, ``"z_image"``).
-        progress: Show tqdm bars (images/s and ETA).
+        progress: Show tqdm bars (images/s and ETA; rank 0's share when split).
+        split: Under torchrun (a process group of several ranks), share the work across the ranks;
+            every rank must call this with the same arguments. Without a group it changes nothing.
 
     Returns:
-        Counts, failures, shards written, and every live key.
+        Counts, failures, shards written (all ranks' when split), and every live key.
 
     Raises:
         ValueError, OSError, fastdiff.FastdiffError: As the loader and the encoders.
@@ -249,15 +266,21 @@ def build(
 
     start = time.perf_counter()
     report = BuildReport()
-    with locked(cache):
-        manifest = with_halves(
-            read_manifest(cache),
-            latents=None if latents is None else latents.spec,
-            text=None if text is None else text.spec,
-            model=model,
-            kind=kind,
-        )
-        write_manifest(cache, manifest)
+    split = split and distributed.world_size() > 1
+    rank, world_size = (distributed.rank(), distributed.world_size()) if split else (0, 1)
+    main = rank == 0
+    with locked(cache) if main else contextlib.nullcontext():
+        if main:
+            manifest = with_halves(
+                read_manifest(cache),
+                latents=None if latents is None else latents.spec,
+                text=None if text is None else text.spec,
+                model=model,
+                kind=kind,
+            )
+            write_manifest(cache, manifest)
+        if split:
+            distributed.barrier()  # the manifest is written: the loaders key by its salts
         loader = make_loader()
         store = _fastdiff.CacheStore(cache)
         if latents is not None:
@@ -265,11 +288,12 @@ def build(
             # A None key: a file that could not be read to hash it (in the report; not decodable).
             plan = [(k, cached) for k, cached in loader.build_latent_keys() if k is not None]
             report.live_latents = {k for k, _ in plan}
-            total = sum(not cached for _, cached in plan)
+            total = -(-sum(not cached for _, cached in plan) // world_size)  # a share, about
             encoded: set[str] = set()
-            with tqdm(total=total, desc="latents", unit="img", disable=not progress) as bar:
+            desc = "latents" if world_size == 1 else f"latents (rank 0 of {world_size})"
+            with tqdm(total=total, desc=desc, unit="img", disable=not (progress and main)) as bar:
                 try:
-                    for batch in loader.iter_build(missing_only=True):
+                    for batch in loader.iter_build(missing_only=True, rank_share=split):
                         encode_latent_batch(batch, latents, encoded, shards, report)
                         bar.update(len(batch["latent_keys"]))
                         bar.set_postfix(encoded=report.latents_encoded, refresh=False)
@@ -282,12 +306,37 @@ def build(
             report.latents_needed = len(report.live_latents)
             for skipped in loader.report["skipped"]:
                 record_failure(skipped, report)
-            manifest["failed"] = {**manifest.get("failed", {}), **report.failed}
-            write_manifest(cache, manifest)
+            if split:
+                _merge_ranks(report)
+            if main:
+                manifest["failed"] = {**manifest.get("failed", {}), **report.failed}
+                write_manifest(cache, manifest)
         if text is not None:
-            encode_captions(loader, text, store, Shards(cache, "text", text.spec["dtype"]), report, progress)
+            encoded_before, shards_before = report.text_encoded, len(report.shards)
+            text_shards = Shards(cache, "text", text.spec["dtype"])
+            encode_captions(loader, text, store, text_shards, report, progress and main, (rank, world_size))
+            if split:
+                mine = report.text_encoded - encoded_before, report.shards[shards_before:]
+                theirs = distributed.gather(mine)
+                report.text_encoded = encoded_before + sum(n for n, _ in theirs)
+                report.shards = report.shards[:shards_before] + [p for _, paths in theirs for p in paths]
+        if split:
+            distributed.barrier()  # every rank's shards are in place before rank 0 lets go of the lock
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _merge_ranks(report: BuildReport) -> None:
+    """Make ``report``'s latents counts, shards and failures every rank's (each rank's report held its
+    share's; the live keys and ``latents_needed`` are the whole plan's on every rank already)."""
+    ranks = distributed.gather(
+        (report.latents_encoded, report.latents_decoded, report.shards, report.write_seconds, report.failed)
+    )
+    report.latents_encoded = sum(r[0] for r in ranks)
+    report.latents_decoded = sum(r[1] for r in ranks)
+    report.shards = [p for r in ranks for p in r[2]]
+    report.write_seconds = max(r[3] for r in ranks)
+    report.failed = {k: v for r in ranks for k, v in r[4].items()}
 
 
 def encode_latent_batch(
@@ -341,11 +390,13 @@ def encode_captions(
     shards: Shards,
     report: BuildReport,
     progress: bool,
+    share: tuple[int, int] = (0, 1),
 ) -> None:
     """Encode the distinct final captions of the loader (and ``""``) that the store lacks, in
     calls of :data:`TEXT_BATCH` captions; each entry is the caption's tensors of the text spec's
     shapes (``[L, D]`` ``prompt_embeds``, + ``[P]`` ``pooled_prompt_embeds`` for SDXL, SD3 and
-    FLUX.1). ``report`` gets ``live_text``, ``text_needed`` and ``text_encoded``.
+    FLUX.1). ``report`` gets ``live_text``, ``text_needed`` and ``text_encoded``. ``share`` =
+    ``(rank, world_size)``: only every ``world_size``-th missing caption from the ``rank``-th (by key).
 
     Raises:
         ValueError: As ``loader.caption_variants()`` (caption operations without ``text_variants``),
@@ -360,11 +411,12 @@ def encode_captions(
     report.live_text.update(variants.values())
     report.text_needed = len(report.live_text)
     by_key = {k: c for c, k in variants.items()}
+    rank, world_size = share
     todo = [
         (k, c)
-        for (k, c), there in zip(by_key.items(), store.contains(list(by_key)), strict=True)
+        for (k, c), there in zip(sorted(by_key.items()), store.contains(sorted(by_key)), strict=True)
         if not there
-    ]
+    ][rank::world_size]
     with tqdm(total=len(todo), desc="captions", unit="caption", disable=not progress) as bar:
         try:
             for start in range(0, len(todo), TEXT_BATCH):

@@ -15,7 +15,7 @@ import torch
 from fastdiff import _fastdiff
 from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
-from fastdiff.training import dit, sd
+from fastdiff.training import distributed, dit, sd
 from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
 from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
@@ -93,6 +93,8 @@ def build_for_config(
     text: bool = True,
     dtype: StorageDtype | None = None,
     progress: bool = True,
+    device: torch.device | None = None,
+    split: bool = False,
 ) -> BuildReport:
     """Encode into ``config.cache`` what the loader of ``config`` needs and the cache lacks.
 
@@ -107,6 +109,9 @@ def build_for_config(
         dtype: Storage dtype; ``None``: per half, the cache's dtype for it, else
             :func:`~fastdiff.cache.encoders.stored_dtype` of the model.
         progress: Show progress bars.
+        device: Where the encoders run; ``None``: ``config.device`` resolved.
+        split: Share the work across torchrun's ranks (every rank calls this, each with its device), as
+            :func:`~fastdiff.cache.build.build`.
 
     Raises:
         ValueError, OSError, fastdiff.FastdiffError: As the loader, the encoders and
@@ -125,18 +130,24 @@ def build_for_config(
         lambda: make_loader(config, pixels=True),
         config.model,
         config.model_config,
-        device=resolve_device(config.device),
+        device=resolve_device(config.device) if device is None else device,
         latents=latents,
         text=text,
         dtype=dtype,
         max_sequence_length=config.max_sequence_length,
         t5=config.t5,
         progress=progress,
+        split=split,
     )
 
 
 def run_cache(args: argparse.Namespace) -> int:
     """Body of ``fastdiff cache``: build, optionally collect garbage, print a summary; returns 0.
+
+    Under torchrun (``torchrun --nproc_per_node M -m fastdiff cache …``) every rank joins the process
+    group (:func:`~fastdiff.training.distributed.join`: ``cuda:LOCAL_RANK`` on CUDA, gloo on the CPU)
+    and encodes its share of the build (:func:`~fastdiff.cache.build.build` with ``split``); rank 0
+    prints the summary and collects the garbage.
 
     Raises:
         ValueError: ``--gc`` with ``--no-latents`` or ``--no-text`` (gc keeps only the keys this build
@@ -148,21 +159,30 @@ def run_cache(args: argparse.Namespace) -> int:
         raise ValueError(
             "--gc keeps the keys this build needs: it needs both halves (no --no-latents/--no-text)"
         )
-    report = build_for_config(config, latents=args.latents, text=args.text, dtype=args.dtype)
-    assert config.cache is not None
-    line = (
-        f"cache {config.cache}: latents {report.latents_encoded} encoded / {report.latents_needed} needed, "
-        f"text {report.text_encoded} encoded / {report.text_needed} needed, {len(report.failed)} failed, "
-        f"{len(report.shards)} shards written in {report.seconds:.1f} s "
-        f"(shard writing {report.write_seconds:.1f} s)"
-    )
-    if args.gc:
-        with locked(config.cache):
-            done = _fastdiff.cache_gc(config.cache, sorted(report.live_latents), sorted(report.live_text))
-        line += (
-            f"; gc deleted {done['orphans']} orphan, {done['corrupt']} corrupt and "
-            f"{done['partials']} partial files ({done['bytes_freed'] / 2**20:.1f} MiB), "
-            f"kept {done['kept']} shards"
+    device = distributed.join(resolve_device(config.device))
+    try:
+        report = build_for_config(
+            config, latents=args.latents, text=args.text, dtype=args.dtype, device=device, split=True
         )
-    print(line)
-    return 0
+        if not distributed.is_main():
+            return 0
+        assert config.cache is not None
+        ranks = distributed.world_size()
+        line = (
+            f"cache {config.cache}: latents {report.latents_encoded} encoded / {report.latents_needed} "
+            f"needed, text {report.text_encoded} encoded / {report.text_needed} needed, "
+            f"{len(report.failed)} failed, {len(report.shards)} shards written in {report.seconds:.1f} s "
+            f"(shard writing {report.write_seconds:.1f} s)" + (f" by {ranks} ranks" if ranks > 1 else "")
+        )
+        if args.gc:
+            with locked(config.cache):
+                done = _fastdiff.cache_gc(config.cache, sorted(report.live_latents), sorted(report.live_text))
+            line += (
+                f"; gc deleted {done['orphans']} orphan, {done['corrupt']} corrupt and "
+                f"{done['partials']} partial files ({done['bytes_freed'] / 2**20:.1f} MiB), "
+                f"kept {done['kept']} shards"
+            )
+        print(line)
+        return 0
+    finally:
+        distributed.leave()

@@ -164,8 +164,8 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     Under torchrun (``WORLD_SIZE > 1``) the process joins the process group
     (:func:`fastdiff.training.distributed.join`; the caller may :func:`~fastdiff.training.distributed.leave`
     it after) and trains data-parallel: each rank's loader takes its slice of every global batch of
-    ``batch_size * world_size``; rank 0 alone writes the files (and builds the cache with
-    ``cache_build``, the others waiting).
+    ``batch_size * world_size``; rank 0 alone writes the files (with ``cache_build`` every rank
+    encodes its share of the cache first).
 
     Args:
         config: The run's settings.
@@ -197,9 +197,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         task = TinyTask(config, device, captions)
     else:
         if config.cache_build:
-            if distributed.is_main():
-                build_for_config(config)
-            distributed.barrier()
+            build_for_config(config, device=device, split=True)
         cached = cached_halves(config)
         cache = config.cache
         family = dit_family(config.model)

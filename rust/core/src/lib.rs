@@ -22,6 +22,9 @@
 //! 9. [`pipeline::buffer`] (`pipeline/buffer.rs`): the batch memory the samples are written into,
 //!    recycled or from a caller's [`BufferSource`]; [`pipeline::stats`] times each stage.
 //!
+//! Data-quality measures of each image (hashes, transparency, colour) for `fastdiff scan --quality`
+//! are [`quality`] (`quality.rs`).
+//!
 //! The latent and text-embedding cache is [`cache`] (`cache/mod.rs`): keys, shards, the manifest,
 //! the [`cache::Store`] the workers read entries from, and its garbage collection.
 //!
@@ -35,6 +38,7 @@ pub mod dataset;
 pub mod decode;
 pub mod error;
 pub mod pipeline;
+pub mod quality;
 pub mod rng;
 pub mod sampler;
 pub mod scan;

@@ -21,6 +21,17 @@ use crate::convert::{parse, report_dict};
 use crate::epoch::NativeEpochIter;
 use crate::errors::to_pyerr;
 
+/// One image's row of `NativeLoader.quality`.
+type QualityRow = (
+    String,
+    usize,
+    (u32, u32),
+    (u32, u32),
+    bool,
+    Option<(String, u64, f32, f32, f32)>,
+    Option<(String, String)>,
+);
+
 /// One folder of a dataset and its per-subset options (see `fastdiff.Subset`).
 #[pyclass(module = "fastdiff._fastdiff", frozen)]
 pub(crate) struct NativeSubset {
@@ -226,6 +237,43 @@ impl NativeLoader {
             .collect()
     }
 
+    /// Per image (path order): its path, subset index, bucket `(height, width)`, upright size
+    /// `(width, height)`, whether a caption was found, and either its measures `(content hash hex,
+    /// dhash, transparent share, coloured share, detail)` or else the `(code, message)` of why it cannot be
+    /// decoded (see the core's `quality::measure`). Decodes every image, with the GIL released.
+    fn quality(&self, py: Python<'_>) -> PyResult<Vec<QualityRow>> {
+        let measured = py.detach(|| self.inner.quality()).map_err(to_pyerr)?;
+        let buckets = self.inner.buckets();
+        Ok((self.inner.images().iter().zip(measured).enumerate())
+            .map(|(i, (image, q))| {
+                let (bucket, subset) = self.inner.image_bucket_and_subset(i);
+                let b = &buckets[bucket];
+                let (measures, error) = match q {
+                    Ok(q) => (
+                        Some((
+                            key_hex(&q.content_hash),
+                            q.dhash,
+                            q.transparent,
+                            q.coloured,
+                            q.detail,
+                        )),
+                        None,
+                    ),
+                    Err(e) => (None, Some((e.code().as_str().to_string(), e.to_string()))),
+                };
+                (
+                    image.path.to_string_lossy().into_owned(),
+                    subset,
+                    (b.height, b.width),
+                    image.header.upright_size(),
+                    image.caption_found,
+                    measures,
+                    error,
+                )
+            })
+            .collect())
+    }
+
     /// Every caption a sample can get, each once, sorted, with its text key (hex; None without a
     /// cache whose manifest has text).
     fn caption_variants(&self, py: Python<'_>) -> PyResult<Vec<(String, Option<String>)>> {
@@ -239,17 +287,18 @@ impl NativeLoader {
     }
 
     /// The cache build's pixel batches from batch `start_batch` on: every distinct (image, crop
-    /// variant, flip state) once, or with `missing_only` only those the cache lacks (see the
-    /// core's `Loader::iter_build`).
-    #[pyo3(signature = (start_batch = 0, missing_only = false))]
+    /// variant, flip state) once, or with `missing_only` only those the cache lacks, or with
+    /// `rank_share` this rank's batches of that plan only (see the core's `Loader::iter_build`).
+    #[pyo3(signature = (start_batch = 0, missing_only = false, rank_share = false))]
     fn iter_build(
         &self,
         py: Python<'_>,
         start_batch: usize,
         missing_only: bool,
+        rank_share: bool,
     ) -> PyResult<NativeEpochIter> {
         let it = py
-            .detach(|| self.inner.iter_build(start_batch, missing_only))
+            .detach(|| self.inner.iter_build(start_batch, missing_only, rank_share))
             .map_err(to_pyerr)?;
         Ok(NativeEpochIter::new(it, Arc::new(Mutex::new(None)), true))
     }

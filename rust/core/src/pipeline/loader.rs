@@ -15,9 +15,10 @@ use super::options::{held_out, LoaderOptions, OnError};
 use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
+use crate::decode::DecodeOptions;
 use crate::error::{Error, Result, Skip};
-use crate::sampler;
 use crate::scan::{self, ImageEntry, PassedOver, ScanOptions};
+use crate::{quality, sampler};
 
 /// A scanned and bucketed dataset; cheap to share (`Send + Sync`), iterate epochs with
 /// [`Loader::iter_epoch`] (several iterators may run at once; they share the report).
@@ -412,6 +413,26 @@ impl Loader {
     /// The images the scan accepted, sorted by path ([`SampleMeta::index`] indexes this).
     pub fn images(&self) -> &[ImageEntry] {
         &self.inner.images
+    }
+
+    /// Image `index`'s bucket (an index into [`Loader::buckets`]) and subset (into
+    /// [`Loader::subsets`]). Panics when `index` is out of range.
+    pub fn image_bucket_and_subset(&self, index: usize) -> (usize, usize) {
+        (self.inner.bucket_of[index], self.inner.subset_of[index])
+    }
+
+    /// [`quality::measure`] of every image (in [`Loader::images`] order), decoded with this loader's
+    /// background and pixel limit on its `num_threads`.
+    ///
+    /// Errors: [`Error::Resource`] when the threads cannot start; per image, as
+    /// [`quality::measure`].
+    pub fn quality(&self) -> Result<Vec<Result<quality::Quality>>> {
+        let o = &self.inner.opts;
+        let decode = DecodeOptions {
+            background: o.background,
+            max_pixels: o.max_pixels,
+        };
+        quality::measure(&self.inner.images, &decode, o.num_threads)
     }
 }
 

@@ -107,11 +107,25 @@ impl Loader {
     /// cache as opened by this loader (`start_batch` resumes it against that same state; after
     /// entries were added, a new loader's `missing_only` plan is the resume).
     ///
+    /// With `rank_share`, only this loader's rank's share of that plan: its batches `rank`,
+    /// `rank + world_size`, `rank + 2 * world_size`, … (a build split across ranks, each encoding
+    /// its share; together they cover the plan once), and `start_batch` counts batches of the share.
+    ///
     /// Errors: [`Error::InvalidArgument`] when an image has a random crop and `crop_variants` is
     /// not set (its crops change every epoch: no cache can hold them).
-    pub fn iter_build(&self, start_batch: usize, missing_only: bool) -> Result<EpochIter> {
+    pub fn iter_build(
+        &self,
+        start_batch: usize,
+        missing_only: bool,
+        rank_share: bool,
+    ) -> Result<EpochIter> {
         let inner = Arc::clone(&self.inner);
         let per_bucket = self.build_slots()?;
+        let (rank, world_size) = if rank_share {
+            (inner.opts.rank, inner.opts.world_size)
+        } else {
+            (0, 1)
+        };
         let plan = (per_bucket.into_iter().enumerate())
             .flat_map(|(bucket, slots)| {
                 let slots: Vec<_> = (slots.into_iter())
@@ -124,6 +138,8 @@ impl Loader {
                 }))
                 .collect::<Vec<_>>()
             })
+            .skip(rank)
+            .step_by(world_size)
             .collect();
         Ok(EpochIter::start(
             inner,

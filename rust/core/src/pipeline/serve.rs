@@ -98,7 +98,7 @@ mod tests {
     /// A cache of `loader`'s build batches: latents = [`pool8`] of the pixels, text = [len, 1].
     fn build_cache(dir: &Path, loader: &Loader) {
         let mut w = ShardWriter::new(dir, Kind::Latents).unwrap();
-        for b in loader.iter_build(0, false).unwrap() {
+        for b in loader.iter_build(0, false, false).unwrap() {
             let b = b.unwrap();
             let (h, wd) = (b.bucket.height as usize, b.bucket.width as usize);
             let per = 3 * h * wd;
@@ -291,7 +291,7 @@ mod tests {
             collect(it).into_iter().flat_map(|b| b.samples).collect()
         };
         let empty = Loader::new(data.path(), o.clone()).unwrap();
-        let full = samples(empty.iter_build(0, false).unwrap());
+        let full = samples(empty.iter_build(0, false, false).unwrap());
         let keys = empty.build_latent_keys().unwrap();
         assert_eq!(
             keys.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
@@ -299,13 +299,13 @@ mod tests {
         );
         assert!(keys.iter().all(|(k, cached)| k.is_some() && !cached));
         // Nothing cached yet: the missing plan is the full plan.
-        assert_eq!(samples(empty.iter_build(0, true).unwrap()), full);
+        assert_eq!(samples(empty.iter_build(0, true, false).unwrap()), full);
         build_cache(cache.path(), &empty);
 
         // Complete: the missing plan is empty and reads no file.
         let complete = Loader::new(data.path(), o.clone()).unwrap();
         assert!(complete.build_latent_keys().unwrap().iter().all(|k| k.1));
-        let mut it = complete.iter_build(0, true).unwrap();
+        let mut it = complete.iter_build(0, true, false).unwrap();
         assert_eq!(it.remaining(), 0);
         assert!(it.next().is_none());
         assert_eq!((it.stats().samples, it.stats().read_s), (0, 0.0));
@@ -314,12 +314,61 @@ mod tests {
         let edited = data.path().join("img01.png");
         write_image_with(&edited, 120, 80, F::Png, |x, y| [x as u8, y as u8, 7]);
         let loader = Loader::new(data.path(), o).unwrap();
-        let missing = samples(loader.iter_build(0, true).unwrap());
-        let want: Vec<_> = samples(loader.iter_build(0, false).unwrap())
+        let missing = samples(loader.iter_build(0, true, false).unwrap());
+        let want: Vec<_> = samples(loader.iter_build(0, false, false).unwrap())
             .into_iter()
             .filter(|s| s.path == edited)
             .collect();
         assert!(!want.is_empty());
         assert_eq!(missing, want);
+    }
+
+    #[test]
+    fn rank_shares_of_the_build_plan_take_turns_and_cover_it_once() {
+        let data = dataset();
+        let o = LoaderOptions {
+            flip_prob: 0.5,
+            batch_size: 2,
+            pixels: true,
+            ..opts()
+        };
+        let batches = |it: EpochIter| -> Vec<Vec<PathBuf>> {
+            (collect(it).into_iter())
+                .map(|b| b.samples.into_iter().map(|s| s.path).collect())
+                .collect()
+        };
+        let full = batches(
+            Loader::new(data.path(), o.clone())
+                .unwrap()
+                .iter_build(0, false, false)
+                .unwrap(),
+        );
+        assert!(full.len() >= 5, "{}", full.len());
+        let world_size = 3;
+        for rank in 0..world_size {
+            let loader = Loader::new(
+                data.path(),
+                LoaderOptions {
+                    rank,
+                    world_size,
+                    ..o.clone()
+                },
+            )
+            .unwrap();
+            // Without rank_share every rank gets the whole plan.
+            assert_eq!(batches(loader.iter_build(0, false, false).unwrap()), full);
+            let want: Vec<_> = full
+                .iter()
+                .skip(rank)
+                .step_by(world_size)
+                .cloned()
+                .collect();
+            assert_eq!(batches(loader.iter_build(0, false, true).unwrap()), want);
+            // start_batch counts the share's batches.
+            assert_eq!(
+                batches(loader.iter_build(1, false, true).unwrap()),
+                want[1..]
+            );
+        }
     }
 }

@@ -1,0 +1,152 @@
+"""Remote shards fetched into the spool (fastdiff.remote) from a real S3-compatible server on loopback (moto's
+server mode) behind a proxy that fails or stalls chosen objects: bytes equal, spool reuse and invalidation,
+retries, timeouts that never hang, permanent errors not retried, bounded concurrency; and ``memory://``."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pytest
+from fastdiff.remote import FetchPolicy, fetch_shards, is_remote
+from s3_server import S3, s3_server
+
+FAST = FetchPolicy(concurrency=2, timeout=2.0, retries=2, backoff=0.05, block_size=64 << 10)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3: S3) -> str:
+    faults = s3.faults
+    faults.release.set()  # GETs an earlier test stalled end now
+    deadline = time.monotonic() + 10
+    while faults.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert faults.in_flight == 0
+    faults.release = threading.Event()
+    faults.fail_first.clear()
+    faults.stall.clear()
+    faults.max_in_flight = 0
+    name = f"shards-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def _upload(s3: S3, bucket: str, objects: dict[str, bytes]) -> list[str]:
+    client = s3.client()
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    return [f"s3://{bucket}/{key}" for key in objects]
+
+
+def _blobs(n: int, size: int) -> dict[str, bytes]:
+    return {f"train/shard-{i:04d}.tar": os.urandom(size) for i in range(n)}
+
+
+def test_is_remote() -> None:
+    assert is_remote("s3://b/shard.tar") and is_remote("memory://x/y.tar") and is_remote("gs://b/k")
+    assert not is_remote("file:///data/shard.tar") and not is_remote("data/shard.tar")
+    assert not is_remote("/abs/path/a://b")
+
+
+def test_fetched_bytes_equal_and_the_spool_is_reused_until_the_object_changes(
+    s3: S3, bucket: str, tmp_path: Path
+) -> None:
+    blobs = _blobs(3, 300_000)
+    urls = _upload(s3, bucket, blobs)
+    first = fetch_shards(urls, tmp_path, storage_options=s3.storage_options, policy=FAST)
+    assert first.failed == [] and list(first.paths) == urls
+    for url, data in zip(urls, blobs.values(), strict=True):
+        assert first.paths[url].read_bytes() == data
+    assert first.bytes_fetched == 3 * 300_000
+    # Ranged reads of about the block size (s3fs's read-ahead doubles a block), not one whole-object GET.
+    assert s3.faults.gets[f"/{bucket}/train/shard-0000.tar"] >= 2
+
+    again = fetch_shards(urls, tmp_path, storage_options=s3.storage_options, policy=FAST)
+    assert again.bytes_fetched == 0 and again.paths == first.paths
+
+    changed = os.urandom(200_000)
+    s3.client().put_object(Bucket=bucket, Key="train/shard-0001.tar", Body=changed)
+    third = fetch_shards(urls, tmp_path, storage_options=s3.storage_options, policy=FAST)
+    assert third.bytes_fetched == 200_000
+    assert third.paths[urls[1]].read_bytes() == changed
+    assert not [p for p in tmp_path.iterdir() if ".part-" in p.name]
+
+
+def test_500s_are_retried_then_reported(s3: S3, bucket: str, tmp_path: Path) -> None:
+    blobs = _blobs(2, 100_000)
+    urls = _upload(s3, bucket, blobs)
+    s3.faults.fail_first["shard-0000"] = 2  # cured by the second retry
+    s3.faults.fail_first["shard-0001"] = 100  # never cured
+    result = fetch_shards(urls, tmp_path, storage_options=s3.storage_options, policy=FAST)
+    assert list(result.paths) == [urls[0]]
+    assert result.paths[urls[0]].read_bytes() == blobs["train/shard-0000.tar"]
+    [failure] = result.failed
+    assert failure.url == urls[1] and failure.attempts == 1 + FAST.retries
+    assert "injected" in failure.reason  # the server's own message
+
+
+def test_a_stalled_server_times_out_instead_of_hanging(s3: S3, bucket: str, tmp_path: Path) -> None:
+    urls = _upload(s3, bucket, _blobs(2, 50_000))
+    s3.faults.stall.add("shard-0001")
+    policy = FetchPolicy(concurrency=2, timeout=1.0, retries=1, backoff=0.05)
+    start = time.monotonic()
+    result = fetch_shards(urls, tmp_path, storage_options=s3.storage_options, policy=policy)
+    elapsed = time.monotonic() - start
+    assert list(result.paths) == [urls[0]]
+    [failure] = result.failed
+    assert failure.url == urls[1] and failure.attempts == 2
+    assert "TimeoutError" in failure.reason
+    # Two attempts of 1 s without data, the backoff and the watchdog's polling: a few seconds, not a hang.
+    assert elapsed < 8, elapsed
+
+
+def test_a_missing_object_is_not_retried(s3: S3, bucket: str, tmp_path: Path) -> None:
+    url = f"s3://{bucket}/train/missing.tar"
+    result = fetch_shards([url], tmp_path, storage_options=s3.storage_options, policy=FAST)
+    [failure] = result.failed
+    assert failure.attempts == 1 and "FileNotFoundError" in failure.reason
+
+
+def test_concurrency_is_bounded_and_optional_sidecars_fetched(s3: S3, bucket: str, tmp_path: Path) -> None:
+    blobs = _blobs(6, 200_000)
+    blobs["train/shard-0002.tar.index.json"] = b'{"members": []}'
+    urls = _upload(s3, bucket, blobs)[:6]
+    policy = FetchPolicy(concurrency=2, timeout=5.0, retries=0, block_size=32 << 10)
+    result = fetch_shards(
+        urls, tmp_path, storage_options=s3.storage_options, policy=policy, optional_suffixes=[".index.json"]
+    )
+    assert result.failed == [] and len(result.paths) == 6
+    assert 1 <= s3.faults.max_in_flight <= 2
+    index = result.paths[urls[2]].with_name(result.paths[urls[2]].name + ".index.json")
+    assert index.read_bytes() == b'{"members": []}'
+    assert not result.paths[urls[0]].with_name(result.paths[urls[0]].name + ".index.json").exists()
+
+
+def test_memory_filesystem(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    data = os.urandom(10_000)
+    with fs.open(f"/fastdiff-test-{uuid.uuid4().hex}/shard-0000.tar", "wb") as f:
+        f.write(data)
+    url = f"memory://{f.path}"
+    result = fetch_shards([url], tmp_path, policy=FAST)
+    assert result.paths[url].read_bytes() == data and result.bytes_fetched == len(data)
+
+
+def test_arguments_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a remote URL"):
+        fetch_shards(["data/shard.tar"], tmp_path)
+    with pytest.raises(ValueError, match="twice"):
+        fetch_shards(["s3://b/a.tar", "s3://b/a.tar"], tmp_path)
+    with pytest.raises(ValueError, match="concurrency"):
+        FetchPolicy(concurrency=0)
