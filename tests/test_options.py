@@ -188,7 +188,10 @@ def test_every_toml_key_and_alias_reaches_its_option() -> None:
 def test_scan_flags_are_the_schema_scan_options(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     scan.add_scan_arguments(parser)
-    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "json")}
+    # Besides the loader options: what scan prints (--json, and the --quality group's own knobs).
+    own = ("help", "json", "quality", "max_upscale", "tokenizer", "contact_sheet")
+    assert {a.dest for a in parser._actions} >= set(own)
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in own}
     assert set(flags) == {o.name for o in LOADER_OPTIONS if o.scan}
     for name, action in flags.items():
         o = options.LOADER[name]
@@ -283,7 +286,8 @@ def imports_of(module: Path, *, module_level: bool = False) -> set[str]:
 def test_the_loader_modules_import_one_way() -> None:
     # Bottom to top; each may import only modules before it (and the native module). The loader
     # also calls the cache builder (on_miss="encode"), importing it inside that function only.
-    layers = ["types", "option", "kohya", "options", "docs", "sources", "dataset", "loader", "group", "scan"]
+    layers = ["types", "option", "kohya", "subset_options", "options", "docs", "remote", "parquet"]
+    layers += ["sources", "dataset", "transfer", "loader", "group", "quality", "scan"]
     called = {"loader": {"cache"}}
     for i, name in enumerate(layers):
         allowed = {*layers[:i], "_fastdiff"}

@@ -1,15 +1,17 @@
 """Parquet files in the HF datasets layout converted to WebDataset tar shards (fastdiff.parquet): the members
-hold the stored bytes and captions, rows without an image are listed, conversion happens once."""
+hold the stored bytes and captions, rows without an image are listed, conversion happens once, and a loader
+over parquet files gives the pixels of the image files."""
 
 from __future__ import annotations
 
 import tarfile
 from pathlib import Path
 
+import fastdiff
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import smallest_images
+from conftest import copy_with_captions, smallest_images
 from fastdiff.parquet import parquet_to_shard
 
 
@@ -59,3 +61,30 @@ def test_columns_are_checked(tmp_path: Path) -> None:
         parquet_to_shard(source, tmp_path)
     with pytest.raises(ValueError, match="holds int64, not image bytes"):
         parquet_to_shard(source, tmp_path, caption_column="caption")
+
+
+def test_a_loader_over_parquet_gives_the_pixels_of_the_files(
+    wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = smallest_images(wallpapers, 5)
+    data = copy_with_captions(images, tmp_path / "data")
+    for i, image in enumerate(images):  # unique captions: the key to match samples by
+        (data / f"{image.stem}.txt").write_text(f"caption {i}")
+    table = _hf_table([data / p.name for p in images])
+    pq.write_table(table.slice(0, 3), tmp_path / "train-00000-of-00002.parquet")
+    pq.write_table(table.slice(3), tmp_path / "train-00001-of-00002.parquet")
+    opts = dict(resolution=128, bucket_step=32, batch_size=1, num_threads=1)
+
+    def by_caption(loader: fastdiff.DataLoader) -> dict[str, bytes]:
+        return {b["captions"][0]: b["pixel_values"][0].numpy().tobytes() for b in loader}
+
+    monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
+    pattern = str(tmp_path / "train-{00000..00001}-of-00002.parquet")
+    with pytest.warns(
+        UserWarning, match=r"train-00001-of-00002.parquet: 1 of 3 rows have no image bytes .*rows 2\)"
+    ):
+        shards = fastdiff.DataLoader(pattern, **opts)  # type: ignore[arg-type]
+    folder = fastdiff.DataLoader(data, **opts)  # type: ignore[arg-type]
+    # The null image row is no member: 5 images; its caption is a caption file without an image.
+    assert shards.report["loaded"] == folder.report["loaded"] == 5
+    assert by_caption(shards) == by_caption(folder)

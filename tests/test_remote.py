@@ -1,6 +1,7 @@
 """Remote shards fetched into the spool (fastdiff.remote) from a real S3-compatible server on loopback (moto's
 server mode) behind a proxy that fails or stalls chosen objects: bytes equal, spool reuse and invalidation,
-retries, timeouts that never hang, permanent errors not retried, bounded concurrency; and ``memory://``."""
+retries, timeouts that never hang, permanent errors not retried, bounded concurrency; ``memory://``; and a
+loader over ``s3://`` shards equal to the local shards, an unreadable shard left out with a warning."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastdiff
 import fsspec
 import pytest
+from conftest import copy_with_captions, smallest_images
+from fastdiff import cli
 from fastdiff.remote import FetchPolicy, fetch_shards, is_remote
 from s3_server import S3, s3_server
 
@@ -150,3 +154,42 @@ def test_arguments_are_checked(tmp_path: Path) -> None:
         fetch_shards(["s3://b/a.tar", "s3://b/a.tar"], tmp_path)
     with pytest.raises(ValueError, match="concurrency"):
         FetchPolicy(concurrency=0)
+
+
+def _epoch(loader: fastdiff.DataLoader) -> list[tuple[str, tuple[int, int], bytes]]:
+    """(caption, crop_top_left, pixel bytes) of every sample of one epoch, in order."""
+    return [
+        (b["captions"][i], b["crop_top_lefts"][i], b["pixel_values"][i].contiguous().numpy().tobytes())
+        for b in loader
+        for i in range(len(b["captions"]))
+    ]
+
+
+def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unreadable_one(
+    s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = copy_with_captions(smallest_images(wallpapers, 6), tmp_path / "data")
+    out = tmp_path / "shards"
+    assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
+    shards = sorted(out.glob("shard-*.tar"))
+    assert len(shards) == 6  # one image per shard
+    client = s3.client()
+    for p in sorted(out.iterdir()):
+        client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
+    # The endpoint and keys as users give them to fsspec (its config, or FSSPEC_S3_* variables).
+    options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
+    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
+    opts = dict(resolution=128, bucket_step=32, batch_size=2, crop="random", flip_prob=0.5, num_threads=1)
+    url = f"s3://{bucket}/train/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    remote = fastdiff.DataLoader(url, **opts)  # type: ignore[arg-type]
+    local = fastdiff.DataLoader([str(p) for p in shards], **opts)  # type: ignore[arg-type]
+    assert len(remote) == len(local) and remote.report["loaded"] == 6
+    assert _epoch(remote) == _epoch(local)
+    assert all("/spool/remote/" in p for b in remote for p in b["paths"])
+
+    s3.faults.fail_first[f"train/{shards[0].name}"] = 1000
+    monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "fresh-spool"))  # nothing spooled yet
+    with pytest.warns(UserWarning, match=rf"shard s3://{bucket}/train/{shards[0].name} left out: .*injected"):
+        partial = fastdiff.DataLoader(url, **opts)  # type: ignore[arg-type]
+    assert partial.report["loaded"] == 6 - fastdiff.DataLoader(str(shards[0]), **opts).report["loaded"]

@@ -200,7 +200,7 @@ def test_subset_accepts_shards_and_refuses_metadata(folder: Path, tmp_path: Path
     assert loader.report["samples"] == 18
     with pytest.raises(ValueError, match="metadata_file cannot caption tar shards"):
         fastdiff.Subset(shards[0], metadata_file=str(folder / "x.jsonl")).native()
-    with pytest.raises(ValueError, match=r"is not a \.tar shard"):
+    with pytest.raises(ValueError, match=r"is not a \.tar or \.parquet shard"):
         fastdiff.DataLoader([shards[0], str(folder)])
 
 
@@ -213,7 +213,7 @@ def test_brace_expansion() -> None:
     assert expand_braces("plain{x}.tar") == ["plain{x}.tar"]
     assert expand_braces("open{0..2.tar") == ["open{0..2.tar"]
     assert expand_shards(["a.tar", "b-{0..1}.tar"]) == ["a.tar", "b-0.tar", "b-1.tar"]
-    with pytest.raises(ValueError, match=r"not a \.tar shard"):
+    with pytest.raises(ValueError, match=r"not a \.tar or \.parquet shard"):
         expand_shards("data/{a,b.tar}")
     with pytest.raises(ValueError, match="no shards"):
         expand_shards([])

@@ -145,10 +145,32 @@ class Subset:
                 f"shard {failure.url} left out: {failure.reason} (after {failure.attempts} attempts)",
                 stacklevel=3,
             )
+        for spec, converted in local.parquet.items():
+            if converted.missing:
+                rows = ", ".join(map(str, converted.missing[:10])) + (
+                    ", ..." if len(converted.missing) > 10 else ""
+                )
+                warnings.warn(
+                    f"{spec}: {len(converted.missing)} of {converted.rows} rows have no image bytes and are "
+                    f"left out (rows {rows})",
+                    stacklevel=3,
+                )
         if not local.paths:
             raise ValueError(f"none of the {len(given)} shards could be read (warnings name each)")
-        shards = [os.fspath(p) for p in local.paths]
-        return (shards_root(given) if not any(map(is_remote, given)) else given[0].rsplit("/", 1)[0]), shards
+        return self.root(), [os.fspath(p) for p in local.paths]
+
+    def root(self) -> str:
+        """The name the subset goes by in reports: its folder, or the folder (or URL prefix) of its shards.
+
+        Raises:
+            ValueError: As :meth:`source`'s patterns.
+        """
+        if not is_shards(self.image_dir):
+            return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir)))
+        given = expand_shards(self.image_dir)
+        if any(map(is_remote, given)):
+            return given[0].rsplit("/", 1)[0]  # the first shard's "folder" (URLs have no common path)
+        return shards_root([os.path.normpath(s) for s in given])
 
     def native(self) -> _fastdiff.NativeSubset:
         """The native subset: options checked, metadata read and checked.

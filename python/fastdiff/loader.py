@@ -20,6 +20,7 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER_OPTIONS, saved
+from fastdiff.transfer import pinned_buffer, to_device
 from fastdiff.types import (
     Batch,
     Crop,
@@ -233,7 +234,7 @@ class DataLoader:
         self.pin_memory = pin_memory
         self.cache = None if cache is None else os.fspath(cache)
         self._loss_weights = [float(s.loss_weight) for s in subsets]
-        self.root = subsets[0].source()[0]
+        self.root = subsets[0].root()
         self.rank, self.world_size = rank, world_size
         self.batch_size = batch_size
         self._epoch = 0
@@ -461,13 +462,13 @@ class DataLoader:
         self._iter_done, self._iter_total = done, self.batches_left + start
         self._epoch, self._resume_batch, self._resume_done, self._resume_total = epoch + 1, 0, [], None
         self._position = (epoch, start)
-        factory = _pinned_buffer if self.pin_memory else None
+        factory = pinned_buffer if self.pin_memory else None
         batches = self._batches(self._native.iter_epoch(epoch, start, factory, done), epoch)
         if self.device is None:
             return batches
         if self.device.type == "cuda":
             return self._on_cuda(batches, self.device)
-        return (_to_device(b, self.device) for b in batches)
+        return (to_device(b, self.device) for b in batches)
 
     def iter_build(
         self, start_batch: int = 0, missing_only: bool = False, rank_share: bool = False
@@ -591,7 +592,7 @@ class DataLoader:
             # The device memory comes from the side stream's pool and the source is pinned memory the
             # host allocator keeps until the copy is done: nothing to wait for before copying.
             with torch.cuda.stream(stream):
-                moved = _to_device(host, device, non_blocking=True)
+                moved = to_device(host, device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
             return host, moved, done, self._position
@@ -682,24 +683,6 @@ def _input_ids(tokenizer: Tokenizer, captions: list[str]) -> torch.Tensor:
         return_tensors="pt",
     ).input_ids
     return cast(torch.Tensor, ids)
-
-
-def _to_device(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
-    """``batch`` with each tensor moved to ``device`` (lists left as they are)."""
-    moved = {
-        k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
-    return cast(Batch, moved)
-
-
-def _pinned_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of pinned host memory for one batch (the native iterator's ``buffer_factory``).
-
-    torch's caching host allocator recycles the block once the tensor is freed and every
-    asynchronous copy from it has completed, so a batch still being copied is never overwritten.
-    """
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

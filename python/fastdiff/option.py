@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -348,3 +348,39 @@ def _show(value: Any) -> str:
 
 def _number(x: float | None) -> str:
     return f"{x:g}" if x is not None else ""
+
+
+def subset_override(option: Option, doc: str) -> Option:
+    """The :class:`fastdiff.Subset` field that overrides a loader option for one subset (``None`` =
+    the loader's value)."""
+    return dataclasses.replace(
+        option,
+        annotation=option.annotation | None,
+        default=None,
+        doc=doc,
+        scope="subset",
+        details="",
+        default_doc="the loader's",
+        toml=SUBSET_TABLE,
+        alias=None,
+        scan=False,
+    )
+
+
+def loader_option(name: str, annotation: Any, default: Any, doc: str, **facts: Any) -> Option:
+    """A :class:`fastdiff.DataLoader` option (``facts``: the other fields of :class:`Option`)."""
+    return Option(name, annotation, default, doc, "loader", **facts)
+
+
+def subset_option(name: str, annotation: Any, default: Any, doc: str, **facts: Any) -> Option:
+    """A :class:`fastdiff.Subset` option, in every TOML table unless ``facts`` say otherwise."""
+    return Option(name, annotation, default, doc, "subset", **{"toml": ALL_TABLES, **facts})
+
+
+def saved(options: Sequence[Option], values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a loader's ``state_dict`` records of ``values`` (option name → value, already checked)."""
+    return {
+        o.name: o.saved_value(values[o.name])
+        for o in options
+        if o.state == "always" or (o.state == "unless_default" and values[o.name] != o.default)
+    }

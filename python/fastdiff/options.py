@@ -15,15 +15,24 @@ an option record is; its names are re-exported here).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from fastdiff.kohya import KOHYA_KEYS
-from fastdiff.option import ALL_TABLES, DATASET_TABLES, SUBSET_TABLE, KohyaKey, Option, Table
+from fastdiff.option import (
+    ALL_TABLES,
+    DATASET_TABLES,
+    SUBSET_TABLE,
+    KohyaKey,
+    Option,
+    Table,
+    loader_option,
+    saved,
+    subset_override,
+)
+from fastdiff.subset_options import AFTER_OVERRIDES, BEFORE_OVERRIDES
 from fastdiff.types import Crop, Device, Filter, OnError, OnMiss, Remainder, Tokenizer
 
 __all__ = [
@@ -42,39 +51,14 @@ __all__ = [
 ]
 
 
-def _override(option: Option, doc: str) -> Option:
-    """The :class:`fastdiff.Subset` field that overrides a loader option for one subset (``None`` =
-    the loader's value)."""
-    return dataclasses.replace(
-        option,
-        annotation=option.annotation | None,
-        default=None,
-        doc=doc,
-        scope="subset",
-        details="",
-        default_doc="the loader's",
-        toml=SUBSET_TABLE,
-        alias=None,
-        scan=False,
-    )
-
-
-def _loader(name: str, annotation: Any, default: Any, doc: str, **facts: Any) -> Option:
-    return Option(name, annotation, default, doc, "loader", **facts)
-
-
-def _subset(name: str, annotation: Any, default: Any, doc: str, **facts: Any) -> Option:
-    return Option(name, annotation, default, doc, "subset", **{"toml": ALL_TABLES, **facts})
-
-
-CROP = _loader(
+CROP = loader_option(
     "crop",
     Crop,
     "center",
     "Where the bucket-sized window is cut from the image resized to cover its bucket.",
     toml=DATASET_TABLES,
 )
-FLIP_PROB = _loader(
+FLIP_PROB = loader_option(
     "flip_prob",
     float,
     0.0,
@@ -87,7 +71,7 @@ FLIP_PROB = _loader(
 #: The options of :class:`fastdiff.DataLoader`, in the order of its signature (after ``root`` and
 #: ``subsets``, which say where the data is).
 LOADER_OPTIONS: tuple[Option, ...] = (
-    _loader(
+    loader_option(
         "resolution",
         int,
         512,
@@ -101,7 +85,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         toml=DATASET_TABLES,
         scan=True,
     ),
-    _loader(
+    loader_option(
         "batch_size",
         int,
         1,
@@ -114,7 +98,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         toml=DATASET_TABLES,
         scan=True,
     ),
-    _loader(
+    loader_option(
         "bucket_step",
         int,
         64,
@@ -126,7 +110,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         alias="bucket_reso_steps",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "min_bucket_side",
         int | None,
         None,
@@ -140,7 +124,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         alias="min_bucket_reso",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "max_bucket_side",
         int | None,
         None,
@@ -154,7 +138,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         alias="max_bucket_reso",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "no_upscale",
         bool,
         False,
@@ -172,7 +156,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         scan=True,
         state="unless_default",
     ),
-    _loader(
+    loader_option(
         "min_bucket_fill",
         int | None,
         None,
@@ -197,7 +181,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         scan=True,
         state="unless_default",
     ),
-    _loader(
+    loader_option(
         "max_extra_crop",
         float,
         0.10,
@@ -215,7 +199,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
     ),
     CROP,
     FLIP_PROB,
-    _loader(
+    loader_option(
         "crop_variants",
         int | None,
         None,
@@ -235,7 +219,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="unless_default",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "text_variants",
         int | None,
         None,
@@ -254,14 +238,14 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="unless_default",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "shuffle",
         bool,
         True,
         "Shuffle images within buckets and the order of batches, per epoch.",
         toml=DATASET_TABLES,
     ),
-    _loader(
+    loader_option(
         "seed",
         int,
         0,
@@ -270,7 +254,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=64,
         toml=DATASET_TABLES,
     ),
-    _loader(
+    loader_option(
         "drop_last",
         bool,
         False,
@@ -279,7 +263,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         toml=DATASET_TABLES,
         scan=True,
     ),
-    _loader(
+    loader_option(
         "num_threads",
         int | None,
         None,
@@ -290,7 +274,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=64,
         state="never",
     ),
-    _loader(
+    loader_option(
         "prefetch",
         int | None,
         None,
@@ -303,7 +287,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=64,
         state="never",
     ),
-    _loader(
+    loader_option(
         "dtype",
         torch.dtype,
         torch.float32,
@@ -312,7 +296,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "``Normalize([0.5], [0.5])``); ``torch.uint8`` is left as 0–255.",
         choices=(torch.float32, torch.float16, torch.bfloat16, torch.uint8),
     ),
-    _loader(
+    loader_option(
         "pin_memory",
         bool,
         False,
@@ -326,13 +310,13 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         native=False,
     ),
-    _loader(
+    loader_option(
         "caption_extensions",
         Sequence[str],
         (".txt", ".caption"),
         "Caption file extensions tried in order, each with its leading dot.",
     ),
-    _loader(
+    loader_option(
         "background",
         tuple[int, int, int],
         (255, 255, 255),
@@ -341,7 +325,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         minimum=0,
         maximum=255,
     ),
-    _loader(
+    loader_option(
         "on_error",
         OnError,
         "skip",
@@ -355,8 +339,8 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         toml=DATASET_TABLES,
         state="never",
     ),
-    _loader("filter", Filter, "lanczos3", "Resampling filter of the resize.", toml=DATASET_TABLES),
-    _loader(
+    loader_option("filter", Filter, "lanczos3", "Resampling filter of the resize.", toml=DATASET_TABLES),
+    loader_option(
         "max_pixels",
         int,
         178_956_970,
@@ -371,7 +355,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         toml=DATASET_TABLES,
         scan=True,
     ),
-    _loader(
+    loader_option(
         "rank",
         int | None,
         None,
@@ -381,7 +365,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         bits=64,
         state="never",
     ),
-    _loader(
+    loader_option(
         "world_size",
         int | None,
         None,
@@ -392,7 +376,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         # A resumed loader may change it (elastic resume): the state records it per segment.
         state="never",
     ),
-    _loader(
+    loader_option(
         "remainder",
         Remainder,
         "pad",
@@ -402,7 +386,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "``world_size``).",
         toml=DATASET_TABLES,
     ),
-    _loader(
+    loader_option(
         "cache",
         str | os.PathLike[str] | None,
         None,
@@ -427,7 +411,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         scan=True,
     ),
-    _loader(
+    loader_option(
         "pixels",
         bool | None,
         None,
@@ -435,7 +419,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         default_doc="``True`` without a ``cache``, ``False`` with one",
         state="never",
     ),
-    _loader(
+    loader_option(
         "validation_split",
         float,
         0.0,
@@ -453,7 +437,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         scan=True,
         state="unless_default",
     ),
-    _loader(
+    loader_option(
         "validation",
         bool,
         False,
@@ -462,7 +446,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "loader's ``seed`` and ``validation_split`` (and ``shuffle=False`` for a fixed order).",
         state="unless_default",
     ),
-    _loader(
+    loader_option(
         "device",
         Device | None,
         None,
@@ -477,7 +461,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         native=False,
     ),
-    _loader(
+    loader_option(
         "tokenizer",
         Tokenizer | None,
         None,
@@ -488,7 +472,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         native=False,
     ),
-    _loader(
+    loader_option(
         "tokenizers",
         Sequence[Tokenizer] | None,
         None,
@@ -498,7 +482,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         native=False,
     ),
-    _loader(
+    loader_option(
         "on_miss",
         OnMiss,
         "error",
@@ -515,7 +499,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="never",
         native=False,
     ),
-    _loader(
+    loader_option(
         "model",
         str | os.PathLike[str] | None,
         None,
@@ -532,214 +516,13 @@ LOADER_OPTIONS: tuple[Option, ...] = (
 
 #: The fields of :class:`fastdiff.Subset`, in order.
 SUBSET_OPTIONS: tuple[Option, ...] = (
-    _subset(
-        "image_dir",
-        str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        dataclasses.MISSING,
-        "Folder of images, searched recursively; or WebDataset tar shards: a ``.tar`` path, a brace "
-        "pattern of them (``data/shard-{0000..0099}.tar``) or a list of those.",
-        details="In TOML, relative to the file's folder. Shards: see the README section \"Sharded and "
-        'remote datasets".',
-        toml=SUBSET_TABLE,
-        state="never",
-        native=False,
-    ),
-    _subset(
-        "num_repeats",
-        int,
-        1,
-        "Times each image appears per epoch.",
-        details="Each repeat is its own sample with its own crop, flip and caption draw, and counts in "
-        "``len(loader)``.",
-        minimum=1,
-        bits=64,
-    ),
-    _subset(
-        "is_reg",
-        bool,
-        False,
-        "Regularisation (class) images for DreamBooth prior preservation.",
-        details='Their samples have ``batch["is_reg"]`` set.',
-    ),
-    _subset(
-        "loss_weight",
-        float,
-        1.0,
-        "Weight of this subset's samples in the training loss.",
-        details='Yielded per sample as ``batch["loss_weights"]``; the training loop (``fastdiff train``) '
-        "multiplies each sample's loss by it. On a regularisation subset it is DreamBooth's "
-        "``prior_loss_weight`` (Ruiz et al. 2023; kohya-ss ``prior_loss_weight``).",
-        minimum=0,
-        alias="weight",
-        native=False,
-    ),
-    _subset(
-        "caption_extension",
-        str | None,
-        None,
-        'Caption file extension with its dot (``".txt"``).',
-        details="Ignored when captions come from a metadata file.",
-        default_doc="the loader's ``caption_extensions``",
-        native=False,
-    ),
-    _subset(
-        "keep_tokens",
-        int,
-        0,
-        "Tags at the start of the caption that never move or drop out.",
-        unit="tags",
-        minimum=0,
-        bits=64,
-    ),
-    _subset(
-        "shuffle_caption",
-        bool,
-        False,
-        "Shuffle the tags after the first ``keep_tokens``, per sample and epoch.",
-    ),
-    _subset(
-        "caption_dropout_rate",
-        float,
-        0.0,
-        'Probability that a sample\'s caption is ``""``.',
-        minimum=0,
-        maximum=1,
-    ),
-    _subset(
-        "caption_tag_dropout_rate",
-        float,
-        0.0,
-        "Probability that each tag after the first ``keep_tokens`` is left out.",
-        minimum=0,
-        maximum=1,
-    ),
-    _subset(
-        "caption_separator",
-        str,
-        ",",
-        "What separates tags; they are re-joined with it plus a space.",
-    ),
-    _subset(
-        "caption_per_line",
-        bool,
-        False,
-        "Each non-empty line of a caption is a variant; one is used per sample and epoch.",
-        details="Set automatically when ``metadata.jsonl`` gives a list of captions for an image.",
-        native=False,
-    ),
-    _override(FLIP_PROB, "Flip probability of this subset's samples."),
-    _override(CROP, "Crop of this subset's samples."),
-    _subset(
-        "metadata_file",
-        str | os.PathLike[str] | None,
-        None,
-        "Metadata file giving the captions: an HF imagefolder ``.jsonl``, or kohya-ss sd-scripts' "
-        "``.json`` (any other name).",
-        details="``.jsonl``: one JSON object per line with ``file_name`` (relative to the file's folder, "
-        "which must lie inside ``image_dir``) and ``caption_column`` (a string, or a list of strings = "
-        "several captions). Otherwise kohya's format (``finetune/merge_captions_to_metadata.py``): one "
-        'object ``{"<image>": {"caption": ..., "tags": ...}}`` whose keys are image paths or paths '
-        "without the extension, absolute or relative to ``image_dir`` (and inside it); the caption is "
-        "``caption + caption_separator + tags`` (either may be missing), with ``enable_wildcard`` the "
-        "tags added to each line. Images the file does not list have no caption (``class_tokens``).",
-        default_doc="``image_dir/metadata.jsonl`` if it exists, else caption files",
-        state="never",
-        native=False,
-    ),
-    _subset(
-        "caption_column",
-        str,
-        "text",
-        "Column holding the caption: of a ``.jsonl`` metadata file, or of ``.parquet`` shards.",
-        native=False,
-    ),
-    _subset(
-        "image_column",
-        str,
-        "image",
-        "Column of ``.parquet`` shards holding the encoded image: bytes, or as HF ``datasets`` stores "
-        "its ``Image`` feature, a struct with a ``bytes`` field.",
-        native=False,
-    ),
-    _subset(
-        "class_tokens",
-        str | None,
-        None,
-        "The caption of an image that has none (no caption file, no metadata entry): kohya-ss "
-        'DreamBooth ``class_tokens`` (``"sks dog"``).',
-        details="Caption operations apply to it as to any caption; ``report['captions_missing']`` still "
-        "counts such images.",
-        default_doc="the empty caption",
-        toml=SUBSET_TABLE,
-        state="unless_default",
-    ),
-    _subset(
-        "caption_prefix",
-        str | None,
-        None,
-        "Put before every caption, with a space, before the other caption operations (so shuffles and "
-        "dropout include it; kohya-ss ``caption_prefix``).",
-        state="unless_default",
-    ),
-    _subset(
-        "caption_suffix",
-        str | None,
-        None,
-        "Put after every caption, with a space, before the other caption operations (kohya-ss "
-        "``caption_suffix``).",
-        state="unless_default",
-    ),
-    _subset(
-        "keep_tokens_separator",
-        str | None,
-        None,
-        "Marks the fixed parts of a caption for the tag shuffle and tag dropout: in ``a, b ||| c, d "
-        '||| e`` with ``"|||"``, ``a, b`` and ``e`` stay in place; replaces ``keep_tokens`` in a '
-        "caption that contains it.",
-        details="As in kohya-ss sd-scripts it acts only with ``shuffle_caption`` or "
-        "``caption_tag_dropout_rate``; otherwise it stays in the caption.",
-        state="unless_default",
-    ),
-    _subset(
-        "secondary_separator",
-        str | None,
-        None,
-        "Joins several tags into one for the tag shuffle and tag dropout (``sky;;;cloud`` with "
-        '``";;;"``), then is replaced by ``caption_separator`` (``sky,cloud``).',
-        state="unless_default",
-    ),
-    _subset(
-        "enable_wildcard",
-        bool,
-        False,
-        "Use one random line of a multi-line caption and replace each ``{a|b|c}`` by one of its "
-        "options (``{{`` and ``}}`` are literal braces).",
-        details="Drawn per sample and epoch (or among ``text_variants``), as the other caption operations.",
-        state="unless_default",
-    ),
-    _subset(
-        "caption_dropout_every_n_epochs",
-        int,
-        0,
-        'Every caption is ``""`` in every ``n``-th epoch (counting epochs from 1, as kohya-ss does: '
-        "with 0-based ``epoch``, when ``(epoch + 1) % n == 0``); 0 = never.",
-        unit="epochs",
-        minimum=0,
-        bits=64,
-        state="unless_default",
-    ),
+    *BEFORE_OVERRIDES,
+    subset_override(FLIP_PROB, "Flip probability of this subset's samples."),
+    subset_override(CROP, "Crop of this subset's samples."),
+    *AFTER_OVERRIDES,
 )
 
 
 #: Each option by name.
 LOADER: dict[str, Option] = {o.name: o for o in LOADER_OPTIONS}
 SUBSET: dict[str, Option] = {o.name: o for o in SUBSET_OPTIONS}
-
-
-def saved(options: Sequence[Option], values: Mapping[str, Any]) -> dict[str, Any]:
-    """What a loader's ``state_dict`` records of ``values`` (option name → value, already checked)."""
-    return {
-        o.name: o.saved_value(values[o.name])
-        for o in options
-        if o.state == "always" or (o.state == "unless_default" and values[o.name] != o.default)
-    }
