@@ -488,6 +488,7 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "timestep_sampling": "mode",
         "timestep_shift": 3.0,
         "max_sequence_length": 77,
+        "validation_split": 0.1,
     }
     values = {
         f.name: non_default.get(f.name, f.default)
