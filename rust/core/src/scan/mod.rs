@@ -148,6 +148,32 @@ pub struct Scan {
     pub warnings: Vec<String>,
 }
 
+impl Scan {
+    /// The scan of `root` from its images (in index order) and skips (sorted here by path), with
+    /// the counts derived from them: `found`, `captions_missing`, `captions_fallback_encoding`.
+    pub(crate) fn new(
+        root: &Path,
+        images: Vec<ImageEntry>,
+        mut skipped: Vec<Skip>,
+        passed_over: PassedOver,
+        warnings: Vec<String>,
+    ) -> Scan {
+        skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        Scan {
+            root: root.to_path_buf(),
+            found: images.len() + skipped.len(),
+            captions_missing: images.iter().filter(|e| !e.caption_found).count(),
+            captions_fallback_encoding: (images.iter())
+                .filter(|e| e.caption_fallback_encoding)
+                .count(),
+            images,
+            skipped,
+            passed_over,
+            warnings,
+        }
+    }
+}
+
 /// Scan `root` for images.
 ///
 /// Walks recursively, following symlinks (a link cycle or unreadable folder is recorded as a skip, as
@@ -234,22 +260,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
             Err(skip) => skipped.push(skip),
         }
     }
-    skipped.sort_by(|a, b| a.path.cmp(&b.path));
-    let captions_missing = images.iter().filter(|e| !e.caption_found).count();
-    let captions_fallback_encoding = images
-        .iter()
-        .filter(|e| e.caption_fallback_encoding)
-        .count();
-    Ok(Scan {
-        root: root.to_path_buf(),
-        found: images.len() + skipped.len(),
-        images,
-        skipped,
-        captions_missing,
-        captions_fallback_encoding,
-        passed_over,
-        warnings: Vec::new(),
-    })
+    Ok(Scan::new(root, images, skipped, passed_over, Vec::new()))
 }
 
 /// Check caption extensions: each must be a dot followed by at least one character.

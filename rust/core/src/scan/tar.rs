@@ -499,23 +499,8 @@ pub fn scan_shards(root: &Path, shards: &[PathBuf], opts: &ScanOptions) -> Resul
         )
     };
     images.sort_by_cached_key(member_name);
-    skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let images: Vec<ImageEntry> = images.into_iter().map(|(_, e)| e).collect();
-    let captions_missing = images.iter().filter(|e| !e.caption_found).count();
-    let captions_fallback_encoding = images
-        .iter()
-        .filter(|e| e.caption_fallback_encoding)
-        .count();
-    Ok(Scan {
-        root: root.to_path_buf(),
-        found: images.len() + skipped.len(),
-        images,
-        skipped,
-        captions_missing,
-        captions_fallback_encoding,
-        passed_over,
-        warnings,
-    })
+    Ok(Scan::new(root, images, skipped, passed_over, warnings))
 }
 
 #[cfg(test)]
