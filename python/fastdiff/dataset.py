@@ -202,14 +202,7 @@ class Subset:
                 caption_per_line=bool(self.caption_per_line),
                 **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},
             )
-        metadata = _find_metadata(root, self.metadata_file)
-        captions = None
-        per_line = self.caption_per_line
-        if metadata is not None and metadata.suffix.lower() == ".jsonl":
-            captions, several = read_metadata(metadata, root, self.caption_column)
-            per_line = per_line or several
-        elif metadata is not None:
-            captions = read_kohya_metadata(metadata, root, self.caption_separator, self.enable_wildcard)
+        captions, per_line = self.metadata_captions()
         return _fastdiff.NativeSubset(
             root,
             caption_extensions=None if self.caption_extension is None else [self.caption_extension],
@@ -217,6 +210,30 @@ class Subset:
             caption_per_line=bool(per_line),
             **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},
         )
+
+    def metadata_captions(self) -> tuple[dict[str, str] | None, bool]:
+        """The captions of a folder subset's metadata file (``metadata_file``, else ``metadata.jsonl`` in
+        the folder), and whether its captions are read one per line (``caption_per_line``, or an image
+        with several captions in the ``.jsonl``).
+
+        Returns:
+            (captions by image path as the scan finds them (``image_dir``-prefixed, normalised), or
+            ``None`` when there is no metadata file and caption files give the captions; per line).
+
+        Raises:
+            ValueError: The metadata file is malformed or misnamed.
+            FileNotFoundError: The metadata file or a file it references does not exist.
+        """
+        root = self.root()
+        metadata = _find_metadata(root, self.metadata_file)
+        if metadata is not None and metadata.suffix.lower() == ".jsonl":
+            captions, several = read_metadata(metadata, root, self.caption_column)
+            return captions, self.caption_per_line or several
+        if metadata is not None:
+            return read_kohya_metadata(metadata, root, self.caption_separator, self.enable_wildcard), (
+                self.caption_per_line
+            )
+        return None, self.caption_per_line
 
 
 Subset.__doc__ = with_args(Subset.__doc__, SUBSET_OPTIONS)
@@ -370,7 +387,13 @@ def read_kohya_metadata(
     return captions
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, Any]:
+    """The tables of a TOML file, as ``tomllib`` reads them.
+
+    Raises:
+        ValueError: Invalid TOML (the message names the file).
+        ImportError: Python 3.10 without the ``tomli`` package.
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - exercised only on Python 3.10
@@ -523,7 +546,7 @@ def load_datasets(
         data, base = dict(config), Path.cwd()
     else:
         path = Path(config)
-        data, base = _load_toml(path), path.parent
+        data, base = load_toml(path), path.parent
     _check(data, {"general": dict, "datasets": list}, source)
     general = data.get("general", {})
     _check(general, TABLE_KEYS["[general]"], f"{source} [general]")

@@ -22,7 +22,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
+from fastdiff.dataset import load_toml
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
@@ -646,7 +646,7 @@ def read_train_toml(path: Path) -> dict[str, Any]:
         ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
         ImportError: Python 3.10 without the ``tomli`` package.
     """
-    raw = _load_toml(Path(path))
+    raw = load_toml(Path(path))
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
