@@ -14,6 +14,7 @@ import pytest
 from conftest import copy_with_captions, smallest_images, tiny_run
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.run import train
+from fastdiff.training.setup import make_validation, with_dataset_options
 from PIL import Image
 from tiny_dit import SEQUENCE_TOKENS, build_sd3
 from tiny_sd import build_sd15
@@ -144,3 +145,46 @@ def test_sd_and_flow_matching_validation_losses_are_bitwise_reproducible(
     sd3 = build_sd3(tmp_path_factory.mktemp("sd3"))
     flow = tiny_run(sd3, images, Path(), max_sequence_length=SEQUENCE_TOKENS, **settings)
     check_reproducible(flow, tmp_path_factory.mktemp("flow"), at=2)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_several_datasets_hold_out_their_own_images_and_validate_reproducibly(
+    images: Path, tmp_path: Path
+) -> None:
+    split = 0.5
+    files = sorted(p for p in images.iterdir() if p.suffix != ".txt")
+    out = [p for p in files if held_out(0, split, p.name)]
+    kept = [p for p in files if p not in out]
+    parts = (out[:1] + kept[:4], out[1:] + kept[4:])  # each dataset holds out some of its images
+    for name, part in zip("ab", parts, strict=True):
+        copy_with_captions(part, tmp_path / name)
+    want = [{p.name for p in part if held_out(0, split, p.name)} for part in parts]
+    assert all(want)
+    data = tmp_path / "data.toml"
+    data.write_text(
+        f"[general]\nresolution = 32\nbucket_reso_steps = 16\nvalidation_split = {split}\n\n"
+        '[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "a"\n\n'
+        '[[datasets]]\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = "b"\n'
+    )
+    cfg = TrainConfig(
+        data=data,
+        output=tmp_path,
+        unet_channels=(16, 32),
+        max_steps=6,
+        validate_every=2,
+        num_threads=1,
+        device="cpu",
+    )
+    validation = make_validation(with_dataset_options(cfg))
+    assert validation is not None
+    assert [names(loader) for loader in validation.loaders] == want  # each dataset's own held-out images
+    first = train(replace(cfg, output=tmp_path / "first", checkpoint_every=4))
+    second = train(replace(cfg, output=tmp_path / "second"))
+    assert [s for s, _ in first.validation] == [2, 4, 6] and first.validation == second.validation
+    resumed = train(replace(cfg, output=tmp_path / "first", resume=tmp_path / "first" / "checkpoint-4"))
+    assert resumed.validation == first.validation[2:]
+    assert {int(r[2]) for r in val_rows(tmp_path / "first")[1:]} == {len(want[0]) + len(want[1])}
+    no_split = tmp_path / "no_split.toml"
+    no_split.write_text(data.read_text().replace(f"validation_split = {split}\n", ""))
+    with pytest.raises(ValueError, match="sets no validation_split"):
+        train(replace(cfg, data=no_split, output=tmp_path / "none"))

@@ -488,7 +488,8 @@ class TrainConfig:
             check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
-        if self.validate_every and not self.validation_split:
+        if self.validate_every and not self.validation_split and self.data.suffix.lower() != ".toml":
+            # (a dataset config may set validation_split: the run checks once it is read)
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
         if self.validation_split and self.cache is not None:
             raise ValueError(

@@ -24,7 +24,6 @@ from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import model_kind
 from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
-from fastdiff.group import DatasetGroup
 from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
@@ -38,7 +37,13 @@ from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv, read_val_loss_csv
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.sd import PipelineTask
-from fastdiff.training.setup import make_batches, make_loader, resolve_device, with_dataset_options
+from fastdiff.training.setup import (
+    make_batches,
+    make_loader,
+    make_validation,
+    resolve_device,
+    with_dataset_options,
+)
 from fastdiff.training.tiny import TinyTask
 
 if TYPE_CHECKING:
@@ -214,11 +219,9 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         captions = dataset_captions(config, batches) if config.preview_every else []
     if len(batches) == 0:
         raise ValueError(f"no training batches in {config.data}")
-    validation_loader = None
-    if config.validation_split:
-        if isinstance(batches, DatasetGroup):
-            raise ValueError(f"validation_split needs one dataset: {config.data} has several [[datasets]]")
-        validation_loader = make_loader(config, validation=True)
+    validation_loader = make_validation(config)
+    if config.validate_every and validation_loader is None:
+        raise ValueError(f"validate_every needs held-out images: {config.data} sets no validation_split > 0")
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)

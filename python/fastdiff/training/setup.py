@@ -56,18 +56,55 @@ def with_dataset_options(config: TrainConfig) -> TrainConfig:
     return config.resolved(**LOADER_DEFAULTS)
 
 
+#: What makes a loader the validation loader of a run: the held-out images, unshuffled, center-cropped,
+#: unflipped, on this rank alone (whoever evaluates draws for the sample alone).
+VALIDATION = {
+    "validation": True,
+    "crop": "center",
+    "flip_prob": 0.0,
+    "rank": 0,
+    "world_size": 1,
+    "shuffle": False,
+}
+
+
 def make_batches(config: TrainConfig) -> DataLoader | DatasetGroup:
     """The batches a run trains on: :func:`make_loader`'s loader, or for a dataset config with several
     ``[[datasets]]`` a :class:`fastdiff.DatasetGroup` of them (float32 pixel batches, the config's own
-    options per dataset, the run's ``seed`` and ``num_threads``).
+    options per dataset, ``validation_split`` included, and the run's ``seed`` and ``num_threads``).
 
     Raises:
         ValueError: As :func:`make_loader` or :meth:`fastdiff.DatasetGroup.from_config`.
     """
     if is_dataset_config(config.data) and len(load_datasets(config.data)) > 1:
-        threads = {} if config.num_threads is None else {"num_threads": config.num_threads}
-        return DatasetGroup.from_config(config.data, dtype=torch.float32, seed=config.seed, **threads)
+        return DatasetGroup.from_config(
+            config.data, dtype=torch.float32, seed=config.seed, **_threads(config)
+        )
     return make_loader(config)
+
+
+def make_validation(config: TrainConfig) -> DataLoader | DatasetGroup | None:
+    """The held-out images of a run (:data:`VALIDATION`): :func:`make_loader` with ``validation=True``,
+    or for several ``[[datasets]]`` a :class:`fastdiff.DatasetGroup`, unshuffled, of the held-out images
+    of each dataset whose ``validation_split`` is above 0, in dataset order; ``None`` when nothing is held
+    out.
+
+    Raises:
+        ValueError: As :func:`make_loader`.
+    """
+    datasets = load_datasets(config.data) if is_dataset_config(config.data) else []
+    if len(datasets) > 1:
+        loaders = [
+            DataLoader(subsets=subsets, **{**options, **_threads(config), **VALIDATION}, dtype=torch.float32)
+            for options, subsets in datasets
+            if options.get("validation_split")
+        ]
+        return DatasetGroup(loaders, seed=config.seed, shuffle=False) if loaders else None
+    return make_loader(config, validation=True) if config.validation_split else None
+
+
+def _threads(config: TrainConfig) -> dict[str, int]:
+    return {} if config.num_threads is None else {"num_threads": config.num_threads}
 
 
 def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: bool = False) -> DataLoader:
@@ -109,7 +146,7 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
         "validation_split": config.validation_split,
     }
     if validation:
-        options.update(validation=True, crop="center", flip_prob=0.0, rank=0, world_size=1, shuffle=False)
+        options.update(VALIDATION)
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
         return DataLoader.from_config(config.data, dtype=torch.float32, **options)
