@@ -13,7 +13,9 @@ indexes, then per round times, from the constructor to the end of one epoch:
   fetched), as every epoch after the first and every later run.
 
 Prints the median images/s of each and the ratios to ``local`` (issue 13's target: ``s3://`` over
-loopback >= 0.8x). Not part of the test run; needs a quiet machine.
+loopback >= 0.8x), and the fetch alone (``fastdiff.sources.local_shards`` into an empty spool) against
+the server's ceiling: every object read with boto3 ``get_object`` by 4 threads into memory.
+Not part of the test run; needs a quiet machine.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 import fastdiff
 import fsspec
 from fastdiff.shard import parse_size, write_shards
+from fastdiff.sources import expand_shards, local_shards
 from moto.server import ThreadedMotoServer
 
 
@@ -77,7 +81,7 @@ def main() -> None:
             for shard in shards:
                 for path in (shard, Path(f"{shard}.index.json")):
                     client.upload_file(str(path), "bench", path.name)
-            size = sum(s.stat().st_size for s in shards)
+            size = sum(s.stat().st_size for s in shards)  # the index sidecars are a few kB
             print(f"{len(shards)} shards, {size / 1e6:.0f} MB, on {endpoint}")
             url = f"s3://bench/shard-{{000000..{len(shards) - 1:06d}}}.tar"
             local = [str(s) for s in shards]
@@ -85,16 +89,29 @@ def main() -> None:
             os.environ["FASTDIFF_SPOOL"] = str(spool)
             epoch_rate(local, opts)  # warm-up: page cache, threads
             rates: dict[str, list[float]] = {"local": [], "s3 cold": [], "s3 warm": []}
+            fetch: dict[str, list[float]] = {"fastdiff fetch": [], "boto3 get_object x4": []}
+            keys = [s.name for s in shards] + [f"{s.name}.index.json" for s in shards]
             for _ in range(args.rounds):
                 rates["local"].append(epoch_rate(local, opts))
                 shutil.rmtree(spool, ignore_errors=True)
                 rates["s3 cold"].append(epoch_rate(url, opts))
                 rates["s3 warm"].append(epoch_rate(url, opts))
+                shutil.rmtree(spool, ignore_errors=True)
+                start = time.perf_counter()
+                local_shards(expand_shards(url), index_suffix=".index.json")
+                fetch["fastdiff fetch"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                with ThreadPoolExecutor(4) as pool:
+                    list(pool.map(lambda k: client.get_object(Bucket="bench", Key=k)["Body"].read(), keys))
+                fetch["boto3 get_object x4"].append(time.perf_counter() - start)
     finally:
         server.stop()
     median = {name: statistics.median(r) for name, r in rates.items()}
     for name, m in median.items():
         print(f"{name}: {m:.1f} img/s (median of {args.rounds}), {m / median['local']:.3f} of local")
+    for name, times in fetch.items():
+        t = statistics.median(times)
+        print(f"{name}: {t:.2f} s, {size / 1e6 / t:.0f} MB/s (median of {args.rounds})")
 
 
 if __name__ == "__main__":
