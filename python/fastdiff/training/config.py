@@ -58,6 +58,7 @@ RESUME_MUST_MATCH = (
     "use_8bit_adam",
     "ema_decay",
     "lr_scheduler",
+    "fsdp",
 )
 #: Settings only flow-matching DiT pipelines use: setting one for a UNet (or from scratch) is an error.
 FLOW_SETTINGS = (
@@ -347,6 +348,17 @@ class TrainConfig:
         group="precision",
         help="Recompute activations in the backward pass to save memory (pipeline).",
     )
+    fsdp: bool = setting(
+        False,
+        group="precision",
+        help="Under torchrun, shard the trained modules' weights, gradients and AdamW states over the "
+        "ranks with FSDP2 (torch.distributed.fsdp.fully_shard; each module one unit) instead of "
+        "replicating them with DDP: for full fine-tunes of the SD/SDXL UNet (and text encoders with "
+        "--train-text-encoder) and the from-scratch model; NCCL on CUDA, gloo on the CPU. Checkpoints "
+        "and the saved weights are the full (unsharded) ones, as with DDP, written by rank 0; a "
+        "checkpoint resumes with the same --fsdp. Refused with LoRA, EMA, 8-bit Adam, fp16 and DiT "
+        "pipelines. With one process it trains as without.",
+    )
     max_consecutive_skips: int = setting(
         20, group="optimisation", min=1, help="The run stops after this many non-finite steps in a row."
     )
@@ -488,6 +500,8 @@ class TrainConfig:
             check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
+        if self.fsdp:
+            self._check_fsdp()
         if self.validate_every and not self.validation_split:
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
         if self.validation_split and self.cache is not None:
@@ -501,6 +515,21 @@ class TrainConfig:
             for f in fields(self):
                 if f.metadata["from_scratch"] and getattr(self, f.name) != f.default:
                     raise ValueError(f"{f.name} applies only to the from-scratch model (no `model`)")
+
+    def _check_fsdp(self) -> None:
+        refused = {
+            "lora_rank": "LoRA adapters are small: train them with DDP (without --fsdp)",
+            "ema_decay": "EMA of sharded weights is not supported: use DDP for EMA",
+            "use_8bit_adam": "bitsandbytes' 8-bit AdamW does not take sharded (DTensor) parameters",
+        }
+        for name, why in refused.items():
+            if getattr(self, name):
+                raise ValueError(f"fsdp with {name}: {why}")
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "fsdp with mixed_precision 'fp16': the gradient scaler does not run over sharded "
+                "gradients; use 'bf16'"
+            )
 
     def _check_from_scratch(self) -> None:
         for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing", "cache"):

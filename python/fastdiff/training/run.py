@@ -201,6 +201,11 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         cached = cached_halves(config)
         cache = config.cache
         family = dit_family(config.model)
+        if family is not None and config.fsdp:
+            raise ValueError(
+                f"fsdp is not supported for DiT pipelines ({config.model}) yet (the from-scratch model "
+                "and SD/SDXL full fine-tunes are): train without --fsdp"
+            )
         if family is not None:
             entry = None if cache is None else lambda: empty_entry(cache)
             task = DiTTask.from_config(config, device, family, cached=cached, empty_entry=entry)
@@ -237,7 +242,10 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         checkpoint_files=checkpoint_files,
         resume_must_match=RESUME_MUST_MATCH,
         validation_loader=validation_loader,
+        sharded_modules=task.sharded_modules() if config.fsdp and not isinstance(task, DiTTask) else None,
     )
+    if result.full_modules and not isinstance(task, DiTTask):
+        task.use_modules(result.full_modules)  # the trained weights, unsharded (--fsdp)
     name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
     if main:

@@ -334,6 +334,28 @@ class PipelineTask:
             named.update({f"{prefix}.{k}": p for k, p in module.named_parameters() if p.requires_grad})
         return named
 
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules ``--fsdp`` shards: the UNet, and the text encoders when they are trained (a full
+        fine-tune: every parameter of them is trained).
+
+        Raises:
+            ValueError: A LoRA run (its frozen base weights are not the trained ones).
+        """
+        if self.config.lora_rank:
+            raise ValueError("fsdp shards full fine-tunes (lora_rank 0)")
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        encoders = dict(zip(names, self.text_encoders, strict=True)) if self.config.train_text_encoder else {}
+        return {"unet": self.unet, **encoders}
+
+    def use_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Replace the modules :meth:`sharded_modules` named, in the task and its pipeline (by the
+        unsharded copies a run ends with)."""
+        for name, module in modules.items():
+            setattr(self.pipeline, name, module)
+        self.unet, self.text_encoder = self.pipeline.unet, self.pipeline.text_encoder
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        self.text_encoders = [getattr(self.pipeline, n) for n in names]
+
     def train_mode(self, on: bool) -> None:
         self.unet.train(on)
         for encoder in self.text_encoders:

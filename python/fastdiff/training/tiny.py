@@ -297,6 +297,14 @@ class TinyTask:
         named.update({f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()})
         return named
 
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules ``--fsdp`` shards: both (every parameter of them is trained)."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def use_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Replace the modules :meth:`sharded_modules` named (by the unsharded copies a run ends with)."""
+        self.unet, self.text_encoder = modules["unet"], modules["text_encoder"]  # type: ignore[assignment]
+
     def train_mode(self, on: bool) -> None:
         self.unet.train(on)
         self.text_encoder.train(on)
