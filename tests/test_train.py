@@ -270,6 +270,8 @@ LOADER_FIELDS = (
     "bucket_step",
     "min_bucket_side",
     "max_bucket_side",
+    "min_bucket_fill",
+    "max_extra_crop",
     "crop",
     "flip_prob",
     "crop_variants",

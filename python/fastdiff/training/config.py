@@ -133,6 +133,16 @@ class TrainConfig:
     max_bucket_side: int | None = loader_setting(
         "max_bucket_side", default_doc="Default: the dataset config's, else the loader's."
     )
+    min_bucket_fill: int | None = loader_setting(
+        "min_bucket_fill",
+        default_doc="Counted over every rank (batch_size x ranks fills whole global batches); the "
+        "report (and `fastdiff scan`) say how many images moved. Default: the dataset config's, else "
+        "no merging.",
+    )
+    max_extra_crop: float | None = loader_setting(
+        "max_extra_crop",
+        default_doc=f"Default: the dataset config's, else {LOADER['max_extra_crop'].default:g}.",
+    )
     crop: str | None = loader_setting(
         "crop", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['crop']}."
     )

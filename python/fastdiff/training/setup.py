@@ -97,6 +97,8 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
         "bucket_step": config.bucket_step,
         "min_bucket_side": config.min_bucket_side,
         "max_bucket_side": config.max_bucket_side,
+        "min_bucket_fill": config.min_bucket_fill,
+        "max_extra_crop": config.max_extra_crop,
         "crop": config.crop,
         "flip_prob": config.flip_prob,
         "crop_variants": config.crop_variants,
