@@ -384,7 +384,7 @@ def test_sdxl_full_finetune_with_previews(sdxl: Path, images: Path, tmp_path: Pa
     )
     result = train(cfg)
     assert all(math.isfinite(v) for v in result.losses)
-    assert (tmp_path / "previews" / "step-000002.png").is_file()
+    assert list((tmp_path / "previews").glob("step-000002-*x*.png"))  # a grid per size
     assert (tmp_path / "text_encoder_2" / "model.safetensors").is_file()
     source = UNet2DConditionModel.from_pretrained(sdxl / "unet").state_dict()
     assert any(not torch.equal(v, source[k]) for k, v in result.unet.state_dict().items())

@@ -197,7 +197,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_previews(images: Path, t
 
     prompts = ("a wallpaper", "a photo")
     cfg = tiny(images, tmp_path, max_steps=4, report_to="tensorboard", preview_every=2, preview_steps=2)
-    cfg = replace(cfg, preview_prompts=prompts)
+    cfg = replace(cfg, preview_prompts=prompts, preview_sizes=("32x32",))
     cfg = replace(cfg, validation_split=0.5, validate_every=2)
     result = train(cfg)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
@@ -212,7 +212,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_previews(images: Path, t
     assert [e.value for e in events.Scalars("train/skipped_steps")] == [0, 0, 0, 0]
     assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait_share"))
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("val/loss")] == result.validation
-    previews = events.Images("previews")
+    previews = events.Images("previews/32x32")
     assert [e.step for e in previews] == [2, 4]
     # A row per prompt, a column per preview seed, of 32x32 images.
     assert (previews[0].height, previews[0].width) == (len(prompts) * 32, 2 * 32)

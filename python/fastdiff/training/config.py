@@ -40,6 +40,8 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 VAE_DTYPES = ("fp32", "bf16")
 #: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
 DEFAULT_PREVIEW_PROMPTS = 4
+#: Number of the training set's most populated buckets previewed when ``preview_sizes`` is empty.
+DEFAULT_PREVIEW_SIZES = 2
 #: Values of the loader fields that neither the run nor its dataset config set (crop and flip: the
 #: loader's own defaults).
 LOADER_DEFAULTS = {"batch_size": 8, "crop": LOADER["crop"].default, "flip_prob": LOADER["flip_prob"].default}
@@ -424,7 +426,7 @@ class TrainConfig:
         0,
         group="logging",
         min=0,
-        help="Sample the preview prompts into OUTPUT/previews/step-N.png every this many steps and "
+        help="Sample the preview prompts into OUTPUT/previews/step-N-WxH.png (one grid per --preview-sizes size) every this many steps and "
         "after the last (0: never).",
     )
     preview_prompts: tuple[str, ...] = setting(
@@ -432,6 +434,15 @@ class TrainConfig:
         group="logging",
         help=f"Preview prompts; default: the first {DEFAULT_PREVIEW_PROMPTS} distinct captions of the "
         "data (in file order; the first line of a multi-caption entry).",
+    )
+    preview_sizes: tuple[str, ...] = setting(
+        (),
+        group="logging",
+        help="Preview sizes WxH in pixels (width x height, multiples of the model's downsampling: the "
+        "VAE's x the UNet's for SD, the VAE's x the patch for a DiT, 2 ** (len(unet_channels) - 1) from "
+        "scratch), given as several values or comma-separated ('1024x1024,832x1216'); one grid per size, "
+        f"OUTPUT/previews/step-N-WxH.png. Default: the {DEFAULT_PREVIEW_SIZES} buckets holding the most "
+        "training images (ties: the earlier bucket).",
     )
     preview_steps: int = setting(
         25,
@@ -512,6 +523,7 @@ class TrainConfig:
             raise ValueError("cache_build needs a cache folder (--cache)")
         if self.fsdp:
             self._check_fsdp()
+        parse_sizes(self.preview_sizes)
         if self.validate_every and not self.validation_split:
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
         if self.validation_split and self.cache is not None:
@@ -571,6 +583,23 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON values (paths as strings, tuples as lists): ``train_config.json``."""
         return {k: _json_value(v) for k, v in asdict(self).items()}
+
+
+def parse_sizes(values: Collection[str]) -> list[tuple[int, int]]:
+    """``(width, height)`` of each ``"WxH"`` in ``values``, each of which may hold several separated by
+    commas (``["1024x1024,832x1216"]`` → ``[(1024, 1024), (832, 1216)]``).
+
+    Raises:
+        ValueError: A size is not two positive integers joined by ``x`` (the message names it).
+    """
+    sizes = []
+    for value in values:
+        for part in value.split(","):
+            width, sep, height = part.strip().lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+                raise ValueError(f"preview_sizes: {part!r} is not WIDTHxHEIGHT in pixels (e.g. 832x1216)")
+            sizes.append((int(width), int(height)))
+    return sizes
 
 
 def _json_value(value: Any) -> Any:

@@ -185,6 +185,7 @@ def run(
     device: torch.device,
     *,
     preview_prompts: Sequence[str] = (),
+    preview_sizes: Sequence[tuple[int, int]] = (),
     resume_must_match: Sequence[str] = (),
     checkpoint_files: Callable[[Path], None] | None = None,
     validation_loader: BatchLoader | None = None,
@@ -234,9 +235,10 @@ def run(
     preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/``.
 
     Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
-    ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed``, EMA weights when EMA is on,
-    under ``torch.random.fork_rng`` so that training randomness is unaffected; saved as
-    ``OUTPUT/previews/step-NNNNNN.png``.
+    ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed`` at each of ``preview_sizes``,
+    EMA weights when EMA is on, under ``torch.random.fork_rng`` so that training randomness is
+    unaffected; one grid per size (a row per prompt, a column per seed), saved as
+    ``OUTPUT/previews/step-NNNNNN-WxH.png`` (:func:`~fastdiff.training.outputs.save_sample_grid`).
 
     After the last step, EMA weights (when on) are copied into the model before the caller saves it.
 
@@ -261,6 +263,7 @@ def run(
         config: The run's resolved settings (``learning_rate`` set).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
+        preview_sizes: ``(width, height)`` in pixels of each preview grid's images.
         validation_loader: The held-out images (a loader built with ``validation=True``, unshuffled,
             of this rank alone); ``None``: no validation loss.
         sharded_modules: Modules of ``task`` whose parameters are all trained, to shard over the ranks
@@ -419,6 +422,7 @@ def run(
     def preview(at: int) -> None:
         if not preview_prompts:
             return
+        grids = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if ema is not None:
                 ema.store(params)
@@ -426,7 +430,16 @@ def run(
             task.train_mode(False)
             try:
                 seeds = [config.seed + i for i in range(PREVIEW_SEEDS)]
-                images = task.preview(preview_prompts, seeds=seeds, steps=config.preview_steps)
+                for width, height in preview_sizes:
+                    grids.append(
+                        task.preview(
+                            preview_prompts,
+                            seeds=seeds,
+                            steps=config.preview_steps,
+                            width=width,
+                            height=height,
+                        )
+                    )
             finally:
                 task.train_mode(True)
                 if ema is not None:
@@ -435,12 +448,13 @@ def run(
             return
         folder = config.output / "previews"
         folder.mkdir(exist_ok=True)
-        save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
-        if tracker is not None:
-            # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
-            rows, (channels, height, width) = len(preview_prompts), images.shape[1:]
-            grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
-            tracker.image(at, "previews", grid.reshape(channels, rows * height, -1))
+        for (width, height), images in zip(preview_sizes, grids, strict=True):
+            save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}-{width}x{height}.png")
+            if tracker is not None:
+                # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
+                rows, channels = len(preview_prompts), images.shape[1]
+                grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
+                tracker.image(at, f"previews/{width}x{height}", grid.reshape(channels, rows * height, -1))
 
     try:
         with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not main) as bar:

@@ -28,9 +28,11 @@ from fastdiff.group import DatasetGroup
 from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
+    DEFAULT_PREVIEW_SIZES,
     RESUME_MUST_MATCH,
     TrainConfig,
     config_from_args,
+    parse_sizes,
 )
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
@@ -143,6 +145,32 @@ def cached_halves(config: TrainConfig) -> set[str]:
     return {half for half in ("latents", "text") if half in manifest}
 
 
+def preview_sizes(config: TrainConfig, loader: BatchLoader, multiple: int) -> list[tuple[int, int]]:
+    """``(width, height)`` of the run's previews: ``config.preview_sizes``, else the
+    :data:`~fastdiff.training.config.DEFAULT_PREVIEW_SIZES` buckets holding the most images in the
+    loader's report (``images_per_bucket``; ties: the earlier bucket), else (a loader without a
+    report) the square ``resolution``.
+
+    Raises:
+        ValueError: A given size is not a multiple of ``multiple`` (the model's downsampling).
+    """
+    sizes = parse_sizes(config.preview_sizes)
+    bad = [f"{w}x{h}" for w, h in sizes if w % multiple or h % multiple]
+    if bad:
+        raise ValueError(
+            f"preview_sizes {', '.join(bad)}: width and height must be multiples of {multiple} "
+            "(the model's downsampling)"
+        )
+    if sizes:
+        return sizes
+    report = getattr(loader, "report", None)
+    if report is None or not report.get("images_per_bucket"):
+        assert config.resolution is not None
+        return [(config.resolution, config.resolution)]
+    populated = sorted(report["images_per_bucket"], key=lambda bucket: -bucket[1])  # stable: ties keep order
+    return [(w, h) for (h, w), _ in populated[:DEFAULT_PREVIEW_SIZES]]
+
+
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
     """Train the tiny model from scratch, or fine-tune the Stable Diffusion or DiT pipeline ``config.model``.
 
@@ -228,6 +256,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)
         prompts = tuple(dict.fromkeys(first_lines))[:DEFAULT_PREVIEW_PROMPTS]
+    sizes = preview_sizes(config, batches, task.size_multiple) if config.preview_every else []
 
     main = distributed.is_main()
     if main:
@@ -239,6 +268,7 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         config,
         device,
         preview_prompts=prompts,
+        preview_sizes=sizes,
         checkpoint_files=checkpoint_files,
         resume_must_match=RESUME_MUST_MATCH,
         validation_loader=validation_loader,

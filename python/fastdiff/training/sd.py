@@ -452,7 +452,14 @@ class PipelineTask:
             self.pipeline.register_modules(**dict.fromkeys(names))
             gc.collect()
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """The VAE's times the UNet's downsampling (64 for SD 1.x and SDXL)."""
+        return int(self.pipeline.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed); the
         components a cache stands in for are loaded for the preview only."""
         with self._frozen_components():
@@ -461,7 +468,8 @@ class PipelineTask:
                 prompts,
                 seeds=seeds,
                 steps=steps,
-                resolution=self.config.resolution,
+                width=width,
+                height=height,
                 guidance_scale=self.config.preview_guidance_scale,
                 device_type=self.device.type,
                 dtype=self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None),

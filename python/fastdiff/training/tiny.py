@@ -329,7 +329,14 @@ class TinyTask:
         )
         return loss
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """The UNet's downsampling, ``2 ** (len(unet_channels) - 1)``."""
+        return int(2 ** (len(self.config.unet_channels) - 1))
+
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
         per_seed = [
             sample(
                 self.unet,
@@ -337,8 +344,8 @@ class TinyTask:
                 self.tokenizer,
                 prompts,
                 noise_scheduler=self.noise_scheduler,
-                height=self.resolution,
-                width=self.resolution,
+                height=height,
+                width=width,
                 num_inference_steps=steps,
                 guidance_scale=self.config.preview_guidance_scale,
                 seed=seed,
