@@ -165,7 +165,7 @@ def test_merge_options_are_checked() -> None:
 def test_train_flags_and_dataset_config_set_min_bucket_fill_and_max_extra_crop(tmp_path: Path) -> None:
     import argparse
 
-    from fastdiff.training.config import add_train_arguments, config_from_args
+    from fastdiff.training.flags import add_train_arguments, config_from_args
     from fastdiff.training.setup import make_loader, with_dataset_options
 
     root = issue_shaped(tmp_path, bucket_list(tmp_path))

@@ -21,8 +21,9 @@ from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import DiffusionPipeline, FluxPipeline
 from fastdiff import cli
 from fastdiff.training import dit, families, flow
-from fastdiff.training.config import TrainConfig, config_from_mapping, read_train_toml
+from fastdiff.training.config import TrainConfig
 from fastdiff.training.dit_pipeline import dit_family
+from fastdiff.training.flags import config_from_mapping, read_train_toml
 from fastdiff.training.run import train
 from fastdiff.training.sd_pipeline import scale_latents
 from fastdiff.training.setup import make_loader

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_run
-from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_args, parse_sizes
+from fastdiff.training.config import TrainConfig, parse_sizes
+from fastdiff.training.flags import add_train_arguments, config_from_args
 from fastdiff.training.outputs import GRID_LABEL_WIDTH
 from fastdiff.training.run import preview_sizes, train
 from fastdiff.training.setup import make_loader

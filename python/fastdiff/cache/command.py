@@ -16,8 +16,9 @@ from fastdiff import _fastdiff
 from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
 from fastdiff.training import distributed, dit, sd
-from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
+from fastdiff.training.config import TrainConfig
 from fastdiff.training.dit_pipeline import dit_family
+from fastdiff.training.flags import add_train_arguments, config_from_mapping, read_train_toml
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 
 #: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
@@ -76,7 +77,7 @@ def cache_config(args: argparse.Namespace) -> TrainConfig:
     ``--config`` file's keys), with ``cache`` = ``output`` = ``--output``.
 
     Raises:
-        ValueError: ``--model`` is missing, or as :func:`~fastdiff.training.config.config_from_mapping`.
+        ValueError: ``--model`` is missing, or as :func:`~fastdiff.training.flags.config_from_mapping`.
     """
     given = {k: v for k, v in vars(args).items() if v is not None and k in CACHE_FIELDS}
     from_file = read_train_toml(args.config) if args.config is not None else {}

@@ -4,7 +4,8 @@ a ``--config`` TOML file, the range and choice checks, and the class's attribute
 
 Each field carries its documentation and its CLI shape as metadata (see :func:`setting`); nothing else
 restates them, so a new setting is one field (the metadata helpers are
-:mod:`fastdiff.training.settings`). The loader options among them (resolution, batch size,
+:mod:`fastdiff.training.settings`; the flags and TOML keys made from the fields,
+:mod:`fastdiff.training.flags`). The loader options among them (resolution, batch size,
 bucket sides, crop, flip) take their bounds, choices and doc from the loader's option schema,
 :mod:`fastdiff.options` (see :func:`loader_setting`); only what their default means in a run is said
 here. This is the application's vocabulary: the training mechanics (``loop``, ``objective``,
@@ -14,18 +15,16 @@ here. This is the application's vocabulary: the training mechanics (``loop``, ``
 
 from __future__ import annotations
 
-import argparse
 import types
 import typing
-from collections.abc import Collection, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fastdiff.dataset import _load_toml  # tomllib, or tomli on Python 3.10
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
+from fastdiff.training.settings import FLOW_ONLY, check_field, loader_setting, setting
 from fastdiff.training.trackers import REPORT_TO
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
@@ -426,8 +425,8 @@ class TrainConfig:
         0,
         group="logging",
         min=0,
-        help="Sample the preview prompts into OUTPUT/previews/step-N-WxH.png (one grid per --preview-sizes size) every this many steps and "
-        "after the last (0: never).",
+        help="Sample the preview prompts into OUTPUT/previews/step-N-WxH.png (a grid per --preview-sizes "
+        "size) every this many steps and after the last (0: never).",
     )
     preview_prompts: tuple[str, ...] = setting(
         (),
@@ -642,118 +641,3 @@ DATASET_FIELDS = tuple(
     if set(DATASET_TABLES) <= set(o.toml)
     and any(f.name == o.name and f.default is None for f in fields(TrainConfig))
 )
-
-
-#: Placeholders of the flags' values in ``--help``, by element type.
-METAVARS: dict[type, str] = {int: "N", float: "X", Path: "PATH"}
-
-
-def _flag_help(f: Field[Any]) -> str:
-    help = f.metadata["help"]
-    if f.default is not MISSING and f.default is not None and f.default != ():
-        if isinstance(f.default, bool):
-            shown = "on" if f.default else "off"
-        elif isinstance(f.default, tuple):
-            shown = " ".join(str(v) for v in f.default)
-        else:
-            shown = str(f.default)
-        help += f" (default: {shown})"
-    return help.replace("%", "%%")  # argparse %-formats help strings
-
-
-def flag_name(name: str) -> str:
-    """The ``fastdiff train`` flag of a field: ``max_steps`` → ``--max-steps``."""
-    return "--" + name.replace("_", "-")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
-    """Add ``--config`` and one flag per :class:`TrainConfig` field, in the field's ``--help`` group.
-
-    Types come from the annotations (``bool`` → ``--x/--no-x``; a tuple → one or more values), help,
-    choices and extra spellings from the metadata. Every flag defaults to ``None`` here ("not
-    given"): :func:`config_from_args` fills in the TOML file's value, else the field's default.
-
-    Args:
-        parser: The subcommand's parser.
-        names: Only these fields' flags (``fastdiff cache`` takes the data, loader and model ones);
-            ``None``: every field's.
-    """
-    parser.add_argument(
-        "--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)"
-    )
-    chosen = [f for f in fields(TrainConfig) if names is None or f.name in names]
-    shown = {f.metadata["group"] for f in chosen}
-    groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items() if name in shown}
-    for f in chosen:
-        kind, many = FIELD_TYPES[f.name]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": _flag_help(f)}
-        if f.metadata["choices"] is not None:
-            kwargs["choices"] = f.metadata["choices"]
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            if kind is not str:
-                kwargs["type"] = kind
-                kwargs["metavar"] = METAVARS[kind]
-            if many:
-                kwargs["nargs"] = "+"
-        groups[f.metadata["group"]].add_argument(flag_name(f.name), *f.metadata["flags"], **kwargs)
-
-
-def read_train_toml(path: Path) -> dict[str, Any]:
-    """The settings of a ``fastdiff train --config`` TOML file, as :class:`TrainConfig` field values.
-
-    Keys are the flag names without ``--`` (``max-steps``; ``max_steps`` also works) at the top level;
-    relative paths are taken relative to the TOML file's folder, as in dataset configs.
-
-    Returns:
-        ``{field name: value}`` of the keys present.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
-        ImportError: Python 3.10 without the ``tomli`` package.
-    """
-    raw = _load_toml(Path(path))
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in FIELD_TYPES:
-            raise ValueError(f"{path}: unknown key {key!r} (keys are `fastdiff train` flag names)")
-        if FIELD_TYPES[name][0] is Path and isinstance(value, str):
-            value = Path(path).parent / value
-        values[name] = value
-    return values
-
-
-def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from field values as argparse or TOML give them (lists, strings for paths).
-
-    Raises:
-        ValueError: ``data`` or ``output`` is missing, or as :class:`TrainConfig`.
-    """
-    values = dict(values)
-    for name in ("data", "output"):
-        if values.get(name) is None:
-            raise ValueError(f"{flag_name(name)} is required (as a flag or a key of --config)")
-    for name, (kind, many) in FIELD_TYPES.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        if many:
-            values[name] = (value,) if isinstance(value, str | int) else tuple(value)
-        elif kind is Path:
-            values[name] = Path(value)
-    return TrainConfig(**values)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``fastdiff train`` arguments: flags given win over the
-    ``--config`` file's keys, which win over the defaults.
-
-    Raises:
-        ValueError: As :func:`read_train_toml` and :func:`config_from_mapping`.
-    """
-    given = {k: v for k, v in vars(args).items() if v is not None and k in FIELD_TYPES}
-    from_file = read_train_toml(args.config) if getattr(args, "config", None) is not None else {}
-    return config_from_mapping({**from_file, **given})

@@ -31,11 +31,11 @@ from fastdiff.training.config import (
     DEFAULT_PREVIEW_SIZES,
     RESUME_MUST_MATCH,
     TrainConfig,
-    config_from_args,
     parse_sizes,
 )
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
+from fastdiff.training.flags import config_from_args
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv, read_val_loss_csv
 from fastdiff.training.protocols import BatchLoader

@@ -6,7 +6,8 @@ needs the ``tensorboard`` package, in the ``train`` extra) into ``OUTPUT/tensorb
 ``tensorboard --logdir OUTPUT/tensorboard``. Tags: ``train/loss``, ``train/grad_norm``, ``train/lr``,
 ``train/skipped_steps`` (the run's count so far), ``train/data_wait_share`` (the part of the loop's
 wall time so far spent waiting for batches, 0-1), ``val/loss`` and the preview grids as
-``previews/WxH``, one per preview size (``[3, H, W]`` images in ``[0, 1]``). Weights & Biases is not offered: it is not installed here.
+``previews/WxH``, one per preview size (``[3, H, W]`` images in ``[0, 1]``). Weights & Biases is not
+offered: it is not installed here.
 
 It must not know about the models, the loader or the settings beyond the folder.
 """
