@@ -25,7 +25,7 @@ from typing import Any
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from fastdiff.training.settings import FLOW_ONLY, check_field, loader_setting, setting
-from fastdiff.training.trackers import REPORT_TO
+from fastdiff.training.trackers import parse_report_to
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -416,10 +416,11 @@ class TrainConfig:
     report_to: str = setting(
         "none",
         group="logging",
-        choices=REPORT_TO,
-        help="Also write the loss, validation loss, learning rate, gradient norm, skipped steps, "
-        "data-wait share and preview grids as TensorBoard event files in OUTPUT/tensorboard/ "
-        "(tensorboard; needs the tensorboard package). The CSV and PNG files are written either way.",
+        help="Also log the loss, validation loss, learning rate, gradient norm, skipped steps, "
+        "data-wait share and preview grids to: tensorboard (event files in OUTPUT/tensorboard/; needs "
+        "the tensorboard package), wandb (a Weights & Biases run in offline mode in OUTPUT/wandb/, "
+        "uploaded later with `wandb sync`; needs the wandb package), or both: tensorboard,wandb. The "
+        "CSV and PNG files are written either way.",
     )
     preview_every: int = setting(
         0,
@@ -523,6 +524,7 @@ class TrainConfig:
         if self.fsdp:
             self._check_fsdp()
         parse_sizes(self.preview_sizes)
+        parse_report_to(self.report_to)
         if self.validate_every and not self.validation_split:
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
         if self.validation_split and self.cache is not None:

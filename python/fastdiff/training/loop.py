@@ -232,7 +232,8 @@ def run(
 
     Trackers (``report_to``, :mod:`~fastdiff.training.trackers`, rank 0): each step's loss, gradient
     norm, learning rate, skipped steps so far and data-wait share so far, each validation loss and each
-    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/``.
+    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/`` and/or an offline wandb
+    run in ``OUTPUT/wandb/``.
 
     Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
     ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed`` at each of ``preview_sizes``,
@@ -359,7 +360,7 @@ def run(
     first_step = step + 1
     loss_log = spike_log = val_log = tracker = None
     if main:
-        tracker = make_tracker(config.report_to, config.output)
+        tracker = make_tracker(config.report_to, config.output, config.to_json())
         config.output.mkdir(parents=True, exist_ok=True)
         loss_log = LossLog(config.output / "loss.csv", first_step)
         spike_log = SpikeLog(config.output / "spikes.jsonl", first_step)
