@@ -168,7 +168,8 @@ class TrainConfig:
     validation_split: float | None = loader_setting(
         "validation_split",
         default_doc="The held-out images give the validation loss (val_loss.csv, drawn in loss.png) every "
-        "--validate-every steps and after the last. Default: the dataset config's, else 0 (none).",
+        "--validate-every steps and after the last (with --cache, from their cached entries, which "
+        "`fastdiff cache` and --cache-build encode too). Default: the dataset config's, else 0 (none).",
     )
     cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
@@ -527,11 +528,6 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.validate_every and not self.validation_split:
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
-        if self.validation_split and self.cache is not None:
-            raise ValueError(
-                "validation_split with a cache is not supported yet: the cache holds the training images' "
-                "entries only; validate without --cache"
-            )
         if self.model is None:
             self._check_from_scratch()
         else:

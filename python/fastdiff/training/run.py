@@ -252,6 +252,14 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         if isinstance(batches, DatasetGroup):
             raise ValueError(f"validation_split needs one dataset: {config.data} has several [[datasets]]")
         validation_loader = make_loader(config, validation=True)
+        if config.cache is not None:
+            lacking = sum(not cached for _, cached in validation_loader.build_latent_keys())
+            if lacking:
+                raise ValueError(
+                    f"cache {config.cache} lacks {lacking} of the {validation_loader.report['loaded']} "
+                    "held-out images' latents (validation_split; center crop, no flip): pass "
+                    "--cache-build, or rebuild with `fastdiff cache` and the same --validation-split"
+                )
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)

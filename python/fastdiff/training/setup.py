@@ -82,7 +82,9 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
         pixels: With a cache, also the pixels (``fastdiff cache`` encodes them); ``None``: the
             loader's default (pixels only without a cache).
         validation: The validation loader instead: the images ``config.validation_split`` holds out
-            (the same ``seed``), unshuffled, center-cropped, unflipped, on this rank alone (rank 0 of 1).
+            (the same ``seed``), unshuffled, center-cropped, unflipped, on this rank alone (rank 0 of 1);
+            served from ``config.cache`` when set, where a missing entry raises
+            ``fastdiff.CacheMissError`` (``on_error="raise"``) instead of leaving the image out.
 
     Returns:
         The loader.
@@ -112,6 +114,10 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
     }
     if validation:
         options.update(validation=True, crop="center", flip_prob=0.0, rank=0, world_size=1, shuffle=False)
+        if config.cache is not None and not pixels:
+            # A held-out image the cache lacks would otherwise be skipped, shrinking the validation set
+            # silently: it is an error naming the file (fastdiff.CacheMissError).
+            options["on_error"] = "raise"
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
         return DataLoader.from_config(config.data, dtype=torch.float32, **options)
