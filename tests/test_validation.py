@@ -148,6 +148,7 @@ def test_sd_and_flow_matching_validation_losses_are_bitwise_reproducible(
     check_reproducible(flow, tmp_path_factory.mktemp("flow"), at=2)
 
 
+@pytest.mark.slow  # three tiny SD runs and three cache builds: ~25 s on 2 cores
 def test_validation_loss_from_a_cache_equals_the_one_from_pixels(images: Path, tmp_path: Path) -> None:
     # --cache-build encodes the held-out images too (center crop, no flip); the validation loss then
     # reads their cached posterior (drawn with the same per-sample generator) and cached embeddings.
