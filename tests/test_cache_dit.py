@@ -242,7 +242,7 @@ def test_fastdiff_cache_takes_the_text_flags_and_train_cache_build_previews_and_
     )
     result = train(run)
     assert all(math.isfinite(v) for v in result.losses)
-    assert (tmp_path / "out" / "previews" / "step-000002.png").is_file()
+    assert list((tmp_path / "out" / "previews").glob("step-000002-*x*.png"))  # a grid per size
     saved = load_pipeline(tmp_path / "out")
     assert saved.vae is not None and saved.text_encoder_2 is not None and saved.text_encoder_3 is not None
 
@@ -260,9 +260,11 @@ def test_a_cached_tasks_preview_loads_the_components_for_it_and_equals_the_uncac
         cfg, CPU, family, cached={"latents", "text"}, empty_entry=lambda: {k: v[0] for k, v in empty.items()}
     )
     assert task.cached == {"latents", "text"} and task.vae is None and task.text_encoders == []
-    preview = task.preview(["a fox"], seeds=[0], steps=2)
+    preview = task.preview(["a fox"], seeds=[0], steps=2, width=32, height=32)
     assert task.pipeline.vae is None and task.pipeline.text_encoder is None  # dropped again
-    reference = DiTTask.from_config(cfg, CPU, family).preview(["a fox"], seeds=[0], steps=2)
+    reference = DiTTask.from_config(cfg, CPU, family).preview(
+        ["a fox"], seeds=[0], steps=2, width=32, height=32
+    )
     assert preview.shape == (1, 3, 32, 32) and torch.equal(preview, reference)
     with pytest.raises(ValueError, match="embeddings of ''"):
         DiTTask.from_config(cfg, CPU, family, cached={"text"})

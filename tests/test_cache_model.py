@@ -277,10 +277,12 @@ def test_cached_previews_load_the_encoders_for_the_preview_only_and_a_full_save_
 ) -> None:
     cfg = task_config(sd15, images, tmp_path, caption_dropout=0.0)
     task = sd.PipelineTask.from_config(cfg, CPU, cached={"latents", "text"})
-    images_out = task.preview(["a fox"], seeds=[0], steps=2)
+    images_out = task.preview(["a fox"], seeds=[0], steps=2, width=32, height=32)
     assert images_out.shape == (1, 3, 32, 32) and images_out.min() >= 0 and images_out.max() <= 1
     assert task.pipeline.vae is None and task.pipeline.text_encoder is None
-    reference = sd.PipelineTask.from_config(cfg, CPU).preview(["a fox"], seeds=[0], steps=2)
+    reference = sd.PipelineTask.from_config(cfg, CPU).preview(
+        ["a fox"], seeds=[0], steps=2, width=32, height=32
+    )
     assert torch.equal(images_out, reference)
     task.save(tmp_path / "saved")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)

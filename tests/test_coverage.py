@@ -160,3 +160,45 @@ def test_merge_options_are_checked() -> None:
         fastdiff.DataLoader(".", min_bucket_fill=0)
     with pytest.raises(ValueError, match=r"max_extra_crop must be in \[0, 1\]"):
         fastdiff.DataLoader(".", max_extra_crop=1.5)
+
+
+def test_train_flags_and_dataset_config_set_min_bucket_fill_and_max_extra_crop(tmp_path: Path) -> None:
+    import argparse
+
+    from fastdiff.training.flags import add_train_arguments, config_from_args
+    from fastdiff.training.setup import make_loader, with_dataset_options
+
+    root = issue_shaped(tmp_path, bucket_list(tmp_path))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    common = ["--data", str(root), "--output", str(tmp_path / "out"), "--batch-size", "4"]
+    common += ["--resolution", "512", "--bucket-step", "16"]
+
+    def merges(argv: list[str]) -> dict:
+        config = with_dataset_options(config_from_args(parser.parse_args([*common, *argv])))
+        report = make_loader(config).report
+        return {"trained": report["images_trained"], **report["bucket_merges"]}
+
+    def loader(**options: float) -> dict:
+        report = fastdiff.DataLoader(root, batch_size=4, min_bucket_fill=4, **options, **GRID).report
+        return {"trained": report["images_trained"], **report["bucket_merges"]}
+
+    direct, tight = loader(), loader(max_extra_crop=0.02)
+    # A 2% allowance moves fewer images (neighbouring buckets are up to 7.4% apart).
+    assert direct["images_moved"] == 42 and 0 < tight["images_moved"] < 42
+    assert merges(["--min-bucket-fill", "4"]) == direct
+    assert merges(["--min-bucket-fill", "4", "--max-extra-crop", "0.02"]) == tight
+    assert merges([])["images_moved"] == 0
+    # From a dataset config's [general], the flag still winning.
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        f"[general]\nmin_bucket_fill = 4\nmax_extra_crop = 0.02\n[[datasets]]\n"
+        f"[[datasets.subsets]]\nimage_dir = '{root}'\n"
+    )
+    common[1] = str(toml)
+    assert merges([]) == tight
+    assert merges(["--max-extra-crop", "0.1"]) == direct
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--min-bucket-fill", "x"])
+    with pytest.raises(ValueError, match="min_bucket_fill must be >= 1"):
+        config_from_args(parser.parse_args([*common, "--min-bucket-fill", "0"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -250,6 +251,44 @@ def test_resume_under_torchrun_reproduces_the_uninterrupted_run(
     assert _losses(resumed) == {3: full[3], 4: full[4]}  # bit-exact (as written to 6 digits)
     wa, wb = _weights(resumed), _weights(two)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_nodes_on_loopback_train_as_one_node_with_two_ranks(
+    two_rank_run: tuple[Path, Path, Path],
+) -> None:
+    # Two torchrun launchers, one per "node" (one process each), meeting at a c10d rendezvous on
+    # 127.0.0.1: the same job as the 1-node, 2-process fixture run.
+    data, two, _ = two_rank_run
+    nodes = two.parent / "nodes"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "fastdiff-test"]
+    argv = ["-m", "fastdiff", "train", "--data", str(data), "--output", str(nodes), *TRAIN_ARGS, *TINY_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [*launcher, "--node_rank", str(node), *argv, "--batch-size", "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert "trained steps 1-4" in outputs[0][0] and "trained steps" not in outputs[1][0]
+    assert sorted(p.name for p in nodes.iterdir()) == sorted(p.name for p in two.iterdir())
+    assert sorted(p.name for p in nodes.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert _losses(nodes) == _losses(two)
+    wa, wb = _weights(nodes), _weights(two)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_changed_batch_size_resumes_at_the_step_of_the_samples_seen(

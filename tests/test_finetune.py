@@ -22,7 +22,8 @@ from conftest import copy_with_captions, smallest_images, tiny_run
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from fastdiff import cli
 from fastdiff.training import loop, objective, sd, sd_pipeline
-from fastdiff.training.config import TrainConfig, config_from_args, config_from_mapping, read_train_toml
+from fastdiff.training.config import TrainConfig
+from fastdiff.training.flags import config_from_args, config_from_mapping, read_train_toml
 from fastdiff.training.protocols import BatchLoader
 from fastdiff.training.run import train
 from fastdiff.training.setup import make_loader
@@ -384,7 +385,7 @@ def test_sdxl_full_finetune_with_previews(sdxl: Path, images: Path, tmp_path: Pa
     )
     result = train(cfg)
     assert all(math.isfinite(v) for v in result.losses)
-    assert (tmp_path / "previews" / "step-000002.png").is_file()
+    assert list((tmp_path / "previews").glob("step-000002-*x*.png"))  # a grid per size
     assert (tmp_path / "text_encoder_2" / "model.safetensors").is_file()
     source = UNet2DConditionModel.from_pretrained(sdxl / "unet").state_dict()
     assert any(not torch.equal(v, source[k]) for k, v in result.unet.state_dict().items())
@@ -489,6 +490,8 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "timestep_shift": 3.0,
         "max_sequence_length": 77,
         "validation_split": 0.1,
+        "min_bucket_fill": 4,
+        "max_extra_crop": 0.2,
     }
     values = {
         f.name: non_default.get(f.name, f.default)

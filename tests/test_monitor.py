@@ -4,6 +4,7 @@ injected corrupted batch, and quiet on a normal run), skipping a spike's update,
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -197,7 +198,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_previews(images: Path, t
 
     prompts = ("a wallpaper", "a photo")
     cfg = tiny(images, tmp_path, max_steps=4, report_to="tensorboard", preview_every=2, preview_steps=2)
-    cfg = replace(cfg, preview_prompts=prompts)
+    cfg = replace(cfg, preview_prompts=prompts, preview_sizes=("32x32",))
     cfg = replace(cfg, validation_split=0.5, validate_every=2)
     result = train(cfg)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
@@ -212,7 +213,54 @@ def test_tensorboard_events_hold_the_logged_scalars_and_previews(images: Path, t
     assert [e.value for e in events.Scalars("train/skipped_steps")] == [0, 0, 0, 0]
     assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait_share"))
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("val/loss")] == result.validation
-    previews = events.Images("previews")
+    previews = events.Images("previews/32x32")
     assert [e.step for e in previews] == [2, 4]
     # A row per prompt, a column per preview seed, of 32x32 images.
     assert (previews[0].height, previews[0].width) == (len(prompts) * 32, 2 * 32)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_wandb_offline_run_holds_the_scalars_and_previews_tensorboard_gets(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb_records import history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # (the tracker forces offline mode anyway)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny(images, tmp_path, max_steps=4, report_to="tensorboard,wandb", preview_every=2, preview_steps=2)
+    cfg = replace(cfg, preview_prompts=("a wallpaper",), preview_sizes=("32x32",))
+    cfg = replace(cfg, validation_split=0.5, validate_every=2)
+    result = train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    rows = history(runs[0])
+    assert sorted(rows) == [1, 2, 3, 4]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = ("train/loss", "train/grad_norm", "train/lr", "train/skipped_steps", "train/data_wait_share")
+    for tag in (*tags, "val/loss"):
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        assert logged and {s: rows[s][tag] for s in logged} == pytest.approx(logged, rel=1e-6), tag
+    assert [rows[s]["val/loss"] for s in (2, 4)] == pytest.approx([v for _, v in result.validation])
+    # The preview grids: wandb image files at the preview steps (1 prompt x 2 seeds of 32x32), the
+    # pixels TensorBoard got (to the 8-bit rounding: TensorBoard truncates, wandb's tracker rounds).
+    boards = {e.step: e for e in events.Images("previews/32x32")}
+    assert sorted(boards) == [2, 4]
+    for step in (1, 3):
+        assert not any(k.startswith("previews/") for k in rows[step])
+    for step, board in boards.items():
+        row = rows[step]
+        assert row["previews/32x32/_type"] == "image-file"
+        assert (row["previews/32x32/height"], row["previews/32x32/width"]) == (32, 64)
+        saved = np.asarray(Image.open(runs[0].parent / "files" / row["previews/32x32/path"]).convert("RGB"))
+        shown = np.asarray(Image.open(io.BytesIO(board.encoded_image_string)).convert("RGB"))
+        assert saved.shape == shown.shape == (32, 64, 3)
+        assert np.abs(saved.astype(int) - shown.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("value", ["wandb,foo", "none,wandb", "tensorboard;wandb", ""])
+def test_report_to_names_only_known_trackers(value: str, tmp_path: Path) -> None:
+    message = "report_to must be none or a comma-separated list of tensorboard, wandb"
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data=tmp_path, output=tmp_path, report_to=value)

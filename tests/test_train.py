@@ -17,15 +17,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from fastdiff.options import LOADER
-from fastdiff.training.config import (
-    DATASET_FIELDS,
-    GROUPS,
-    TrainConfig,
-    add_train_arguments,
-    config_from_args,
-)
+from fastdiff.training.config import DATASET_FIELDS, TrainConfig
+from fastdiff.training.flags import add_train_arguments, config_from_args
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.run import TrainResult, train
+from fastdiff.training.settings import GROUPS
 from fastdiff.training.setup import make_loader, with_dataset_options
 from fastdiff.training.tiny import TinyModels, build_tiny_models, sample, tokenize
 from fastdiff.types import Batch, Crop
@@ -270,6 +266,8 @@ LOADER_FIELDS = (
     "bucket_step",
     "min_bucket_side",
     "max_bucket_side",
+    "min_bucket_fill",
+    "max_extra_crop",
     "crop",
     "flip_prob",
     "crop_variants",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import fastdiff
 import pytest
+import torch
 from conftest import copy_with_captions, smallest_images, tiny_run
 from fastdiff.training.config import TrainConfig
 from fastdiff.training.run import train
@@ -20,6 +21,7 @@ from tiny_dit import SEQUENCE_TOKENS, build_sd3
 from tiny_sd import build_sd15
 
 SPLIT = 0.3
+CPU = torch.device("cpu")
 MASK = 2**64 - 1
 
 
@@ -188,3 +190,44 @@ def test_several_datasets_hold_out_their_own_images_and_validate_reproducibly(
     no_split.write_text(data.read_text().replace(f"validation_split = {split}\n", ""))
     with pytest.raises(ValueError, match="sets no validation_split"):
         train(replace(cfg, data=no_split, output=tmp_path / "none"))
+
+
+@pytest.mark.slow  # three tiny SD runs and three cache builds: ~25 s on 2 cores
+def test_validation_loss_from_a_cache_equals_the_one_from_pixels(images: Path, tmp_path: Path) -> None:
+    # --cache-build encodes the held-out images too (center crop, no flip); the validation loss then
+    # reads their cached posterior (drawn with the same per-sample generator) and cached embeddings.
+    sd15 = build_sd15(tmp_path / "sd15")
+    settings = {"max_steps": 2, "validation_split": SPLIT, "validate_every": 1, "learning_rate": 1e-3}
+    settings |= {"lora_rank": 4, "caption_dropout": 0.0, "crop": "center", "flip_prob": 0.0}
+    pixels = train(tiny_run(sd15, images, tmp_path / "pixels", **settings))
+    cached_run = tiny_run(
+        sd15, images, tmp_path / "cached", cache=tmp_path / "cache", cache_build=True, **settings
+    )
+    cached = train(cached_run)
+    again = train(replace(cached_run, output=tmp_path / "again"))
+    assert [s for s, _ in cached.validation] == [s for s, _ in pixels.validation] == [1, 2]
+    assert cached.validation == again.validation  # bitwise reproducible from the cache too
+    held_out = {int(r[2]) for r in val_rows(tmp_path / "cached")[1:]}
+    assert held_out == {int(r[2]) for r in val_rows(tmp_path / "pixels")[1:]} and held_out.pop() > 0
+    # f32 cache entries: the same draws up to float rounding of the stored posterior.
+    for (_, a), (_, b) in zip(cached.validation, pixels.validation, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    # A cache of the training images alone (as built before held-out images were cached) lacks the
+    # held-out ones: the run stops, naming the file.
+    from fastdiff.cache.build import build_from_model
+    from fastdiff.training.sd import with_model_defaults
+    from fastdiff.training.setup import make_loader, with_dataset_options
+
+    lacking = replace(
+        cached_run, output=tmp_path / "lacking", cache=tmp_path / "train-only", cache_build=False
+    )
+    resolved = with_model_defaults(with_dataset_options(lacking))
+    build_from_model(
+        tmp_path / "train-only", lambda: make_loader(resolved, pixels=True), sd15, device=CPU, progress=False
+    )
+    with pytest.raises(ValueError, match=r"lacks 1 of the 1 held-out images' latents .* --cache-build"):
+        train(lacking)
+    # (Had the check missed one, the validation loader raises for it rather than leave it out.)
+    loader = make_loader(resolved, validation=True)
+    with pytest.raises(fastdiff.CacheMissError, match=r"not in the cache .* run fastdiff cache to encode it"):
+        list(loader)

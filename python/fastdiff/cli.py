@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastdiff import scan, shard
     from fastdiff.bench import sweep, throughput
     from fastdiff.cache import command as cache_command
-    from fastdiff.training import config, demo, run
+    from fastdiff.training import demo, flags, run
 
     description = __doc__.splitlines()[0].replace("``", "")
     parser = argparse.ArgumentParser(prog="fastdiff", description=description)
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_p = sub.add_parser(
         "train", help="fine-tune Stable Diffusion (--model), or train a tiny text-to-image model from scratch"
     )
-    config.add_train_arguments(train_p)
+    flags.add_train_arguments(train_p)
     train_p.set_defaults(func=run.run_train)
     cache_p = sub.add_parser(
         "cache", help="encode a dataset's VAE latents and text embeddings into a cache for train --cache"

@@ -7,6 +7,7 @@ loader will ask for; and :func:`build_for_config`, which ``fastdiff train --cach
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from fastdiff import _fastdiff
 from fastdiff.cache.build import BuildReport, build_from_model, locked
 from fastdiff.cache.manifest import StorageDtype
 from fastdiff.training import distributed, dit, sd
-from fastdiff.training.config import TrainConfig, add_train_arguments, config_from_mapping, read_train_toml
+from fastdiff.training.config import TrainConfig
 from fastdiff.training.dit_pipeline import dit_family
+from fastdiff.training.flags import add_train_arguments, config_from_mapping, read_train_toml
 from fastdiff.training.setup import make_loader, resolve_device, with_dataset_options
 
 #: The :class:`TrainConfig` fields ``fastdiff cache`` takes: everything that decides the loader's
@@ -76,7 +78,7 @@ def cache_config(args: argparse.Namespace) -> TrainConfig:
     ``--config`` file's keys), with ``cache`` = ``output`` = ``--output``.
 
     Raises:
-        ValueError: ``--model`` is missing, or as :func:`~fastdiff.training.config.config_from_mapping`.
+        ValueError: ``--model`` is missing, or as :func:`~fastdiff.training.flags.config_from_mapping`.
     """
     given = {k: v for k, v in vars(args).items() if v is not None and k in CACHE_FIELDS}
     from_file = read_train_toml(args.config) if args.config is not None else {}
@@ -84,6 +86,22 @@ def cache_config(args: argparse.Namespace) -> TrainConfig:
     if values.get("model") is None:
         raise ValueError("--model is required: the pipeline whose VAE and text encoders encode the cache")
     return config_from_mapping(values)
+
+
+def merged(reports: list[BuildReport]) -> BuildReport:
+    """One report of several builds into the same cache: counts and times added, failures and shards
+    joined (a key two builds both needed counts in each)."""
+    return BuildReport(
+        latents_needed=sum(r.latents_needed for r in reports),
+        latents_encoded=sum(r.latents_encoded for r in reports),
+        latents_decoded=sum(r.latents_decoded for r in reports),
+        text_needed=sum(r.text_needed for r in reports),
+        text_encoded=sum(r.text_encoded for r in reports),
+        failed={k: v for r in reports for k, v in r.failed.items()},
+        shards=[shard for r in reports for shard in r.shards],
+        seconds=sum(r.seconds for r in reports),
+        write_seconds=sum(r.write_seconds for r in reports),
+    )
 
 
 def build_for_config(
@@ -96,7 +114,9 @@ def build_for_config(
     device: torch.device | None = None,
     split: bool = False,
 ) -> BuildReport:
-    """Encode into ``config.cache`` what the loader of ``config`` needs and the cache lacks.
+    """Encode into ``config.cache`` what the loader of ``config`` needs and the cache lacks; with
+    ``validation_split``, what its validation loader needs too (the held-out images, center-cropped
+    and unflipped: the validation loss then reads them from the cache).
 
     The settings resolve as in ``fastdiff train`` (dataset config, model defaults), so the keys are
     the run's; then :func:`~fastdiff.cache.build.build_from_model` loads only the VAE / the text
@@ -113,6 +133,9 @@ def build_for_config(
         split: Share the work across torchrun's ranks (every rank calls this, each with its device), as
             :func:`~fastdiff.cache.build.build`.
 
+    Returns:
+        The build's report (:func:`merged`, with validation images).
+
     Raises:
         ValueError, OSError, fastdiff.FastdiffError: As the loader, the encoders and
             :func:`~fastdiff.cache.build.build`.
@@ -125,20 +148,26 @@ def build_for_config(
     family = dit_family(config.model)
     config = sd.with_model_defaults(config) if family is None else dit.with_model_defaults(config, family)
     assert config.model is not None and config.cache is not None
-    return build_from_model(
-        config.cache,
-        lambda: make_loader(config, pixels=True),
-        config.model,
-        config.model_config,
-        device=resolve_device(config.device) if device is None else device,
-        latents=latents,
-        text=text,
-        dtype=dtype,
-        max_sequence_length=config.max_sequence_length,
-        t5=config.t5,
-        progress=progress,
-        split=split,
-    )
+    model, cache = config.model, config.cache
+    reports = [
+        build_from_model(
+            cache,
+            functools.partial(make_loader, config, pixels=True, validation=validation),
+            model,
+            config.model_config,
+            device=resolve_device(config.device) if device is None else device,
+            latents=latents,
+            text=text,
+            dtype=dtype,
+            max_sequence_length=config.max_sequence_length,
+            t5=config.t5,
+            progress=progress,
+            split=split,
+        )
+        # The held-out images too (center-cropped, unflipped, as the validation loss reads them).
+        for validation in ((False, True) if config.validation_split else (False,))
+    ]
+    return reports[0] if len(reports) == 1 else merged(reports)
 
 
 def run_cache(args: argparse.Namespace) -> int:

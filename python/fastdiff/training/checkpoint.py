@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdiff.training.distributed import copy_full
 from fastdiff.training.protocols import BatchLoader, Task
 
 #: Files of a checkpoint folder ``OUTPUT/checkpoint-STEP/``.
@@ -170,9 +171,8 @@ class Checkpointer:
             raise ValueError(
                 f"--resume {folder}: trainable weights differ (missing {missing[:3]}, unexpected {extra[:3]})"
             )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(tensors[name])
+        for name, param in params.items():
+            copy_full(param, tensors[name])
         load_state_dict = getattr(self.loader, "load_state_dict", None)
         if load_state_dict is None:
             raise TypeError(f"--resume needs a loader with load_state_dict(); {type(self.loader).__name__}")

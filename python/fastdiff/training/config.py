@@ -4,7 +4,8 @@ a ``--config`` TOML file, the range and choice checks, and the class's attribute
 
 Each field carries its documentation and its CLI shape as metadata (see :func:`setting`); nothing else
 restates them, so a new setting is one field (the metadata helpers are
-:mod:`fastdiff.training.settings`). The loader options among them (resolution, batch size,
+:mod:`fastdiff.training.settings`; the flags and TOML keys made from the fields,
+:mod:`fastdiff.training.flags`). The loader options among them (resolution, batch size,
 bucket sides, crop, flip) take their bounds, choices and doc from the loader's option schema,
 :mod:`fastdiff.options` (see :func:`loader_setting`); only what their default means in a run is said
 here. This is the application's vocabulary: the training mechanics (``loop``, ``objective``,
@@ -14,19 +15,17 @@ here. This is the application's vocabulary: the training mechanics (``loop``, ``
 
 from __future__ import annotations
 
-import argparse
 import types
 import typing
-from collections.abc import Collection, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fastdiff.dataset import load_toml
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-from fastdiff.training.settings import FLOW_ONLY, GROUPS, check_field, loader_setting, setting
-from fastdiff.training.trackers import REPORT_TO
+from fastdiff.training.settings import FLOW_ONLY, check_field, loader_setting, setting
+from fastdiff.training.trackers import parse_report_to
 
 #: Values of ``--mixed-precision``: autocast dtype used for the forward pass (``"no"``: float32).
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -40,6 +39,8 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 VAE_DTYPES = ("fp32", "bf16")
 #: Number of dataset captions used as preview prompts when ``preview_prompts`` is empty.
 DEFAULT_PREVIEW_PROMPTS = 4
+#: Number of the training set's most populated buckets previewed when ``preview_sizes`` is empty.
+DEFAULT_PREVIEW_SIZES = 2
 #: Values of the loader fields that neither the run nor its dataset config set (crop and flip: the
 #: loader's own defaults).
 LOADER_DEFAULTS = {"batch_size": 8, "crop": LOADER["crop"].default, "flip_prob": LOADER["flip_prob"].default}
@@ -58,6 +59,7 @@ RESUME_MUST_MATCH = (
     "use_8bit_adam",
     "ema_decay",
     "lr_scheduler",
+    "fsdp",
 )
 #: Settings only flow-matching DiT pipelines use: setting one for a UNet (or from scratch) is an error.
 FLOW_SETTINGS = (
@@ -132,6 +134,16 @@ class TrainConfig:
     max_bucket_side: int | None = loader_setting(
         "max_bucket_side", default_doc="Default: the dataset config's, else the loader's."
     )
+    min_bucket_fill: int | None = loader_setting(
+        "min_bucket_fill",
+        default_doc="Counted over every rank (batch_size x ranks fills whole global batches); the "
+        "report (and `fastdiff scan`) say how many images moved. Default: the dataset config's, else "
+        "no merging.",
+    )
+    max_extra_crop: float | None = loader_setting(
+        "max_extra_crop",
+        default_doc=f"Default: the dataset config's, else {LOADER['max_extra_crop'].default:g}.",
+    )
     crop: str | None = loader_setting(
         "crop", default_doc=f"Default: the dataset config's, else {LOADER_DEFAULTS['crop']}."
     )
@@ -156,7 +168,8 @@ class TrainConfig:
     validation_split: float | None = loader_setting(
         "validation_split",
         default_doc="The held-out images give the validation loss (val_loss.csv, drawn in loss.png) every "
-        "--validate-every steps and after the last. Default: the dataset config's, else 0 (none).",
+        "--validate-every steps and after the last (with --cache, from their cached entries, which "
+        "`fastdiff cache` and --cache-build encode too). Default: the dataset config's, else 0 (none).",
     )
     cache: Path | None = setting(  # noqa: RUF009 (a dataclasses.field)
         None,
@@ -347,6 +360,17 @@ class TrainConfig:
         group="precision",
         help="Recompute activations in the backward pass to save memory (pipeline).",
     )
+    fsdp: bool = setting(
+        False,
+        group="precision",
+        help="Under torchrun, shard the trained modules' weights, gradients and AdamW states over the "
+        "ranks with FSDP2 (torch.distributed.fsdp.fully_shard; each module one unit) instead of "
+        "replicating them with DDP: for full fine-tunes of the SD/SDXL UNet (and text encoders with "
+        "--train-text-encoder) and the from-scratch model; NCCL on CUDA, gloo on the CPU. Checkpoints "
+        "and the saved weights are the full (unsharded) ones, as with DDP, written by rank 0; a "
+        "checkpoint resumes with the same --fsdp. Refused with LoRA, EMA, 8-bit Adam, fp16 and DiT "
+        "pipelines. With one process it trains as without.",
+    )
     max_consecutive_skips: int = setting(
         20, group="optimisation", min=1, help="The run stops after this many non-finite steps in a row."
     )
@@ -393,23 +417,33 @@ class TrainConfig:
     report_to: str = setting(
         "none",
         group="logging",
-        choices=REPORT_TO,
-        help="Also write the loss, validation loss, learning rate, gradient norm, skipped steps, "
-        "data-wait share and preview grids as TensorBoard event files in OUTPUT/tensorboard/ "
-        "(tensorboard; needs the tensorboard package). The CSV and PNG files are written either way.",
+        help="Also log the loss, validation loss, learning rate, gradient norm, skipped steps, "
+        "data-wait share and preview grids to: tensorboard (event files in OUTPUT/tensorboard/; needs "
+        "the tensorboard package), wandb (a Weights & Biases run in offline mode in OUTPUT/wandb/, "
+        "uploaded later with `wandb sync`; needs the wandb package), or both: tensorboard,wandb. The "
+        "CSV and PNG files are written either way.",
     )
     preview_every: int = setting(
         0,
         group="logging",
         min=0,
-        help="Sample the preview prompts into OUTPUT/previews/step-N.png every this many steps and "
-        "after the last (0: never).",
+        help="Sample the preview prompts into OUTPUT/previews/step-N-WxH.png (a grid per --preview-sizes "
+        "size) every this many steps and after the last (0: never).",
     )
     preview_prompts: tuple[str, ...] = setting(
         (),
         group="logging",
         help=f"Preview prompts; default: the first {DEFAULT_PREVIEW_PROMPTS} distinct captions of the "
         "data (in file order; the first line of a multi-caption entry).",
+    )
+    preview_sizes: tuple[str, ...] = setting(
+        (),
+        group="logging",
+        help="Preview sizes WxH in pixels (width x height, multiples of the model's downsampling: the "
+        "VAE's x the UNet's for SD, the VAE's x the patch for a DiT, 2 ** (len(unet_channels) - 1) from "
+        "scratch), given as several values or comma-separated ('1024x1024,832x1216'); one grid per size, "
+        f"OUTPUT/previews/step-N-WxH.png. Default: the {DEFAULT_PREVIEW_SIZES} buckets holding the most "
+        "training images (ties: the earlier bucket).",
     )
     preview_steps: int = setting(
         25,
@@ -488,20 +522,34 @@ class TrainConfig:
             check_field(f, getattr(self, f.name))
         if self.cache_build and self.cache is None:
             raise ValueError("cache_build needs a cache folder (--cache)")
+        if self.fsdp:
+            self._check_fsdp()
+        parse_sizes(self.preview_sizes)
+        parse_report_to(self.report_to)
         if self.validate_every and not self.validation_split and self.data.suffix.lower() != ".toml":
             # (a dataset config may set validation_split: the run checks once it is read)
             raise ValueError("validate_every needs held-out images: set validation_split > 0")
-        if self.validation_split and self.cache is not None:
-            raise ValueError(
-                "validation_split with a cache is not supported yet: the cache holds the training images' "
-                "entries only; validate without --cache"
-            )
         if self.model is None:
             self._check_from_scratch()
         else:
             for f in fields(self):
                 if f.metadata["from_scratch"] and getattr(self, f.name) != f.default:
                     raise ValueError(f"{f.name} applies only to the from-scratch model (no `model`)")
+
+    def _check_fsdp(self) -> None:
+        refused = {
+            "lora_rank": "LoRA adapters are small: train them with DDP (without --fsdp)",
+            "ema_decay": "EMA of sharded weights is not supported: use DDP for EMA",
+            "use_8bit_adam": "bitsandbytes' 8-bit AdamW does not take sharded (DTensor) parameters",
+        }
+        for name, why in refused.items():
+            if getattr(self, name):
+                raise ValueError(f"fsdp with {name}: {why}")
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "fsdp with mixed_precision 'fp16': the gradient scaler does not run over sharded "
+                "gradients; use 'bf16'"
+            )
 
     def _check_from_scratch(self) -> None:
         for name in ("lora_rank", "model_config", "train_text_encoder", "gradient_checkpointing", "cache"):
@@ -533,6 +581,23 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON values (paths as strings, tuples as lists): ``train_config.json``."""
         return {k: _json_value(v) for k, v in asdict(self).items()}
+
+
+def parse_sizes(values: Collection[str]) -> list[tuple[int, int]]:
+    """``(width, height)`` of each ``"WxH"`` in ``values``, each of which may hold several separated by
+    commas (``["1024x1024,832x1216"]`` → ``[(1024, 1024), (832, 1216)]``).
+
+    Raises:
+        ValueError: A size is not two positive integers joined by ``x`` (the message names it).
+    """
+    sizes = []
+    for value in values:
+        for part in value.split(","):
+            width, sep, height = part.strip().lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+                raise ValueError(f"preview_sizes: {part!r} is not WIDTHxHEIGHT in pixels (e.g. 832x1216)")
+            sizes.append((int(width), int(height)))
+    return sizes
 
 
 def _json_value(value: Any) -> Any:
@@ -575,118 +640,3 @@ DATASET_FIELDS = tuple(
     if set(DATASET_TABLES) <= set(o.toml)
     and any(f.name == o.name and f.default is None for f in fields(TrainConfig))
 )
-
-
-#: Placeholders of the flags' values in ``--help``, by element type.
-METAVARS: dict[type, str] = {int: "N", float: "X", Path: "PATH"}
-
-
-def _flag_help(f: Field[Any]) -> str:
-    help = f.metadata["help"]
-    if f.default is not MISSING and f.default is not None and f.default != ():
-        if isinstance(f.default, bool):
-            shown = "on" if f.default else "off"
-        elif isinstance(f.default, tuple):
-            shown = " ".join(str(v) for v in f.default)
-        else:
-            shown = str(f.default)
-        help += f" (default: {shown})"
-    return help.replace("%", "%%")  # argparse %-formats help strings
-
-
-def flag_name(name: str) -> str:
-    """The ``fastdiff train`` flag of a field: ``max_steps`` → ``--max-steps``."""
-    return "--" + name.replace("_", "-")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
-    """Add ``--config`` and one flag per :class:`TrainConfig` field, in the field's ``--help`` group.
-
-    Types come from the annotations (``bool`` → ``--x/--no-x``; a tuple → one or more values), help,
-    choices and extra spellings from the metadata. Every flag defaults to ``None`` here ("not
-    given"): :func:`config_from_args` fills in the TOML file's value, else the field's default.
-
-    Args:
-        parser: The subcommand's parser.
-        names: Only these fields' flags (``fastdiff cache`` takes the data, loader and model ones);
-            ``None``: every field's.
-    """
-    parser.add_argument(
-        "--config", type=Path, help="TOML file whose keys are these flags' names (flags given here win)"
-    )
-    chosen = [f for f in fields(TrainConfig) if names is None or f.name in names]
-    shown = {f.metadata["group"] for f in chosen}
-    groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items() if name in shown}
-    for f in chosen:
-        kind, many = FIELD_TYPES[f.name]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": _flag_help(f)}
-        if f.metadata["choices"] is not None:
-            kwargs["choices"] = f.metadata["choices"]
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            if kind is not str:
-                kwargs["type"] = kind
-                kwargs["metavar"] = METAVARS[kind]
-            if many:
-                kwargs["nargs"] = "+"
-        groups[f.metadata["group"]].add_argument(flag_name(f.name), *f.metadata["flags"], **kwargs)
-
-
-def read_train_toml(path: Path) -> dict[str, Any]:
-    """The settings of a ``fastdiff train --config`` TOML file, as :class:`TrainConfig` field values.
-
-    Keys are the flag names without ``--`` (``max-steps``; ``max_steps`` also works) at the top level;
-    relative paths are taken relative to the TOML file's folder, as in dataset configs.
-
-    Returns:
-        ``{field name: value}`` of the keys present.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not valid TOML, or a key is not a flag (the message names it).
-        ImportError: Python 3.10 without the ``tomli`` package.
-    """
-    raw = load_toml(Path(path))
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in FIELD_TYPES:
-            raise ValueError(f"{path}: unknown key {key!r} (keys are `fastdiff train` flag names)")
-        if FIELD_TYPES[name][0] is Path and isinstance(value, str):
-            value = Path(path).parent / value
-        values[name] = value
-    return values
-
-
-def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from field values as argparse or TOML give them (lists, strings for paths).
-
-    Raises:
-        ValueError: ``data`` or ``output`` is missing, or as :class:`TrainConfig`.
-    """
-    values = dict(values)
-    for name in ("data", "output"):
-        if values.get(name) is None:
-            raise ValueError(f"{flag_name(name)} is required (as a flag or a key of --config)")
-    for name, (kind, many) in FIELD_TYPES.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        if many:
-            values[name] = (value,) if isinstance(value, str | int) else tuple(value)
-        elif kind is Path:
-            values[name] = Path(value)
-    return TrainConfig(**values)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``fastdiff train`` arguments: flags given win over the
-    ``--config`` file's keys, which win over the defaults.
-
-    Raises:
-        ValueError: As :func:`read_train_toml` and :func:`config_from_mapping`.
-    """
-    given = {k: v for k, v in vars(args).items() if v is not None and k in FIELD_TYPES}
-    from_file = read_train_toml(args.config) if getattr(args, "config", None) is not None else {}
-    return config_from_mapping({**from_file, **given})

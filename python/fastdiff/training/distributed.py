@@ -1,5 +1,5 @@
-"""Data-parallel training: the torchrun process group, DDP over a task's trainable parameters, the
-loss averaged across ranks, and the gathers a checkpoint needs.
+"""Data-parallel training: the torchrun process group, DDP over a task's trainable parameters (or FSDP2
+sharding of its trained modules), the loss averaged across ranks, and the gathers a checkpoint needs.
 
 ``torchrun --nproc_per_node M -m fastdiff train …`` starts M processes with ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and the rendezvous in the environment; :func:`join` makes each one a member of the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -130,6 +130,10 @@ class DataParallel:
             a gradient each step: DDP is built with ``find_unused_parameters=False``).
     """
 
+    #: Whether the parameters are sharded (:class:`FullyShardedDataParallel`): every rank must then
+    #: take part in every forward (previews, validation) and in gathering the weights.
+    sharded = False
+
     def __init__(self, task: Task) -> None:
         self.task = task
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
@@ -154,3 +158,140 @@ class DataParallel:
         else:
             with self.ddp.no_sync():
                 yield
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[None]:
+        """The task's modules hold their full weights in this block (they always do with DDP)."""
+        yield
+
+    def full_modules(self) -> dict[str, torch.nn.Module]:
+        """Unsharded copies of the sharded modules (none with DDP: the task's own are whole)."""
+        return {}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer``'s state dict, to checkpoint (every rank holds the same with DDP)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Restore what :meth:`optimizer_state` returned."""
+        optimizer.load_state_dict(state)
+
+
+class FullyShardedDataParallel(DataParallel):
+    """A task's loss with its trained modules sharded over the ranks by FSDP2 (torch's
+    ``torch.distributed.fsdp.fully_shard``; Zhao et al. 2023, "PyTorch FSDP", arXiv:2304.11277): each
+    rank keeps ``1 / world_size`` of every parameter, its gradient and its optimizer state (dim-0
+    shards, ``DTensor``), all-gathers a module's weights for its forward and backward, and
+    reduce-scatters (averages) the gradients, so every rank steps its shards with the gradients of the
+    mean loss over the global batch, as with :class:`DataParallel`.
+
+    Each module is sharded as one unit (one all-gather per forward): memory per rank is the sharded
+    weights, gradients and AdamW moments plus one module's full weights while it runs. With one
+    process nothing is sharded (a 1-rank mesh is not built): the run is the single-process one.
+
+    Args:
+        task: The model side; every parameter of ``modules`` must be one of its ``trainable()`` ones.
+        modules: The modules to shard, by name (those names prefix the checkpoint's optimizer keys).
+            After construction the task's ``trainable()`` parameters are the sharded ``DTensor`` s:
+            build the optimizer from them then.
+
+    Raises:
+        RuntimeError: The process group's backend cannot run FSDP2's collectives (as torch).
+    """
+
+    sharded = True
+
+    def __init__(self, task: Task, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.task = task
+        self.ddp = None
+        self.modules = torch.nn.ModuleDict(dict(modules))
+        if world_size() > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            device = next(self.modules.parameters()).device
+            mesh = init_device_mesh(device.type, (world_size(),))
+            for module in self.modules.values():
+                fully_shard(module, mesh=mesh)
+
+    def _fsdp(self) -> list[Any]:
+        return list(self.modules.values()) if world_size() > 1 else []
+
+    @contextlib.contextmanager
+    def no_sync(self, skip: bool) -> Iterator[None]:
+        """With ``skip``, backward passes in this block keep their unsharded gradients locally
+        (``set_requires_gradient_sync(False)``) instead of reduce-scattering them."""
+        for module in self._fsdp():
+            module.set_requires_gradient_sync(not skip)
+        try:
+            yield
+        finally:
+            for module in self._fsdp():
+                module.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[None]:
+        """All-gather every module's full weights for this block (every rank must enter it): the
+        modules' parameters are then plain tensors, so ``trainable()`` and ``save_pretrained`` see the
+        whole weights; changes made to them in the block are lost (the shards stay the truth)."""
+        for module in self._fsdp():
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in self._fsdp():
+                module.reshard()
+
+    def full_modules(self) -> dict[str, torch.nn.Module]:
+        """A plain (unsharded) copy of each sharded module with its full weights, on every rank (every
+        rank must call it): what the end of a run saves, since a sharded module's ``state_dict()``
+        (which ``save_pretrained`` reads) is always its shards. A copy is built from the module's
+        config (diffusers ``from_config``, transformers ``Model(config)``) on the same device, in the
+        same train/eval mode and ``requires_grad`` flags. ``{}`` with one process (nothing sharded).
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
+
+        copies: dict[str, torch.nn.Module] = {}
+        for name, module in self.modules.items() if world_size() > 1 else ():
+            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+            base: Any = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+            from_config = getattr(base, "from_config", None)
+            plain: torch.nn.Module = from_config(module.config) if from_config else base(module.config)
+            plain.load_state_dict(full)
+            plain.to(next(module.parameters()).device).train(module.training)
+            flags = dict(module.named_parameters())
+            for key, param in plain.named_parameters():
+                param.requires_grad_(flags[key].requires_grad)
+            copies[name] = plain
+        return copies
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's full (unsharded) state on rank 0, keyed by the parameters' names under
+        ``modules`` (``torch.distributed.checkpoint.state_dict``, ``full_state_dict``, on the CPU);
+        ``{}`` on the other ranks. Every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dict(get_optimizer_state_dict(self.modules, optimizer, options=options))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Shard the full state :meth:`optimizer_state` wrote into ``optimizer`` (every rank passes
+        the whole state, as read from the checkpoint)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.modules, optimizer, optim_state_dict=state, options=options)
+
+
+def copy_full(param: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Copy the full tensor ``full`` into ``param``: into its own shard when it is a ``DTensor``
+    (FSDP2), else whole. Under ``no_grad``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            full = full.to(param.device_mesh.device_type)
+            param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
+        else:
+            param.copy_(full)

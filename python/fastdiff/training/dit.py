@@ -359,7 +359,15 @@ class DiTTask:
             if n not in self.left_out(self.config, self.family, ())
         ]
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """The VAE's downsampling times the transformer's patch (16 for SD3, FLUX.1 and Z-Image)."""
+        assert self.config.model is not None
+        return vae_downscale(self.config.model) * self.patch
+
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler and shift), one CPU generator per (prompt, seed);
         the components a cache stands in for are loaded for the preview only."""
         with self._frozen_components():
@@ -368,7 +376,8 @@ class DiTTask:
                 prompts,
                 seeds=seeds,
                 steps=steps,
-                resolution=self.config.resolution,
+                width=width,
+                height=height,
                 guidance_scale=self.config.preview_guidance_scale,
                 device_type=self.device.type,
                 dtype=self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None),

@@ -20,7 +20,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -63,6 +63,10 @@ class LoopResult:
             finite, or that were skipped loss spikes (``skip_spikes``), and that did not update the weights.
         spike_steps: Steps of this process's run that the spike detector flagged (skipped or not).
         validation: ``(step, validation loss)`` of each evaluation this process ran (rank 0 only).
+        full_modules: With sharded modules (``sharded_modules`` on several ranks), unsharded copies of
+            them holding the trained weights (EMA is refused with sharding), by the same names: what
+            to save (:meth:`fastdiff.training.distributed.FullyShardedDataParallel.full_modules`);
+            else empty.
         overflow_steps: fp16 steps that ``GradScaler`` skipped because the scaled gradients overflowed
             (normal while it calibrates its scale; not counted in ``skipped_steps``).
         seconds: Wall time of the loop in seconds.
@@ -78,6 +82,7 @@ class LoopResult:
     data_seconds: float = 0.0
     spike_steps: list[int] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
+    full_modules: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -180,9 +185,11 @@ def run(
     device: torch.device,
     *,
     preview_prompts: Sequence[str] = (),
+    preview_sizes: Sequence[tuple[int, int]] = (),
     resume_must_match: Sequence[str] = (),
     checkpoint_files: Callable[[Path], None] | None = None,
     validation_loader: BatchLoader | None = None,
+    sharded_modules: Mapping[str, torch.nn.Module] | None = None,
 ) -> LoopResult:
     """Train ``task`` for ``config.max_steps`` optimizer steps on ``loader``'s batches.
 
@@ -225,12 +232,14 @@ def run(
 
     Trackers (``report_to``, :mod:`~fastdiff.training.trackers`, rank 0): each step's loss, gradient
     norm, learning rate, skipped steps so far and data-wait share so far, each validation loss and each
-    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/``.
+    preview grid also go to TensorBoard event files in ``OUTPUT/tensorboard/`` and/or an offline wandb
+    run in ``OUTPUT/wandb/``.
 
     Previews (every ``preview_every`` steps and after the last): ``task.preview`` of
-    ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed``, EMA weights when EMA is on,
-    under ``torch.random.fork_rng`` so that training randomness is unaffected; saved as
-    ``OUTPUT/previews/step-NNNNNN.png``.
+    ``preview_prompts`` with :data:`PREVIEW_SEEDS` seeds from ``seed`` at each of ``preview_sizes``,
+    EMA weights when EMA is on, under ``torch.random.fork_rng`` so that training randomness is
+    unaffected; one grid per size (a row per prompt, a column per seed), saved as
+    ``OUTPUT/previews/step-NNNNNN-WxH.png`` (:func:`~fastdiff.training.outputs.save_sample_grid`).
 
     After the last step, EMA weights (when on) are copied into the model before the caller saves it.
 
@@ -241,6 +250,10 @@ def run(
     states and generators; the logged loss is the mean over ranks (a non-finite loss on any rank
     skips the step on all). Rank 0 alone writes ``loss.csv``, previews, checkpoints and the progress
     bar and log lines; a checkpoint holds every rank's RNG states (gathered) and the number of ranks.
+    With ``sharded_modules`` (``--fsdp``) those modules are sharded with FSDP2 instead
+    (:class:`~fastdiff.training.distributed.FullyShardedDataParallel`): the optimizer holds the shards,
+    checkpoints the full weights and full optimizer state, previews and validation run on every rank
+    (rank 0 writes), and the run ends with unsharded copies (:attr:`LoopResult.full_modules`).
     A run resumed with another global batch (``batch_size`` × ranks × accumulation) continues at the
     step of the samples seen (:func:`resumed_step`; the LR schedule too), and says so in the log.
 
@@ -251,8 +264,11 @@ def run(
         config: The run's resolved settings (``learning_rate`` set).
         device: Where the task's modules are.
         preview_prompts: Prompts of the previews (none: no previews).
+        preview_sizes: ``(width, height)`` in pixels of each preview grid's images.
         validation_loader: The held-out images (a loader built with ``validation=True``, unshuffled,
             of this rank alone); ``None``: no validation loss.
+        sharded_modules: Modules of ``task`` whose parameters are all trained, to shard over the ranks
+            (FSDP2) instead of replicating the trainable parameters (DDP); ``None``: DDP.
         checkpoint_files: Writes extra files into each checkpoint folder (e.g. a LoRA adapter), from
             the EMA weights when EMA is on, as the final output.
         resume_must_match: Settings (names in ``config.to_json()``) that ``config.resume``'s
@@ -269,6 +285,11 @@ def run(
     from tqdm.auto import tqdm
 
     amp_dtype = autocast_dtype(config.mixed_precision, device)
+    model = (
+        distributed.DataParallel(task)
+        if sharded_modules is None
+        else distributed.FullyShardedDataParallel(task, sharded_modules)
+    )
     params_by_name = task.trainable()
     params = list(params_by_name.values())
     if not params:
@@ -287,7 +308,6 @@ def run(
     pin = device.type == "cuda"
     checkpointer = Checkpointer(config.output, config.to_json(), resume_must_match, task, loader)
     rank, world_size, main = distributed.rank(), distributed.world_size(), distributed.is_main()
-    model = distributed.DataParallel(task)
     accumulation = config.gradient_accumulation_steps
     samples_per_step = (config.batch_size or 1) * world_size * accumulation
 
@@ -297,7 +317,7 @@ def run(
     if config.resume is not None:
         folder = find_checkpoint(config.resume)
         state = checkpointer.load(folder)
-        optimizer.load_state_dict(state["optimizer"])
+        model.load_optimizer_state(optimizer, state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
@@ -340,7 +360,7 @@ def run(
     first_step = step + 1
     loss_log = spike_log = val_log = tracker = None
     if main:
-        tracker = make_tracker(config.report_to, config.output)
+        tracker = make_tracker(config.report_to, config.output, config.to_json())
         config.output.mkdir(parents=True, exist_ok=True)
         loss_log = LossLog(config.output / "loss.csv", first_step)
         spike_log = SpikeLog(config.output / "spikes.jsonl", first_step)
@@ -372,7 +392,7 @@ def run(
     def validate(at: int) -> None:
         if validation_loader is None:
             return
-        if main:
+        if main or model.sharded:  # sharded weights: every rank takes part in each forward
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if ema is not None:
                     ema.store(params)
@@ -390,6 +410,7 @@ def run(
                     if ema is not None:
                         ema.restore(params)
             value = mean_loss(per_sample)
+        if main:
             validation.append((at, value))
             if val_log is not None:
                 val_log.write(at, value, len(per_sample))
@@ -402,6 +423,7 @@ def run(
     def preview(at: int) -> None:
         if not preview_prompts:
             return
+        grids = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if ema is not None:
                 ema.store(params)
@@ -409,19 +431,31 @@ def run(
             task.train_mode(False)
             try:
                 seeds = [config.seed + i for i in range(PREVIEW_SEEDS)]
-                images = task.preview(preview_prompts, seeds=seeds, steps=config.preview_steps)
+                for width, height in preview_sizes:
+                    grids.append(
+                        task.preview(
+                            preview_prompts,
+                            seeds=seeds,
+                            steps=config.preview_steps,
+                            width=width,
+                            height=height,
+                        )
+                    )
             finally:
                 task.train_mode(True)
                 if ema is not None:
                     ema.restore(params)
+        if not main:
+            return
         folder = config.output / "previews"
         folder.mkdir(exist_ok=True)
-        save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}.png")
-        if tracker is not None:
-            # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
-            rows, (channels, height, width) = len(preview_prompts), images.shape[1:]
-            grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
-            tracker.image(at, "previews", grid.reshape(channels, rows * height, -1))
+        for (width, height), images in zip(preview_sizes, grids, strict=True):
+            save_sample_grid(images, preview_prompts, folder / f"step-{at:06d}-{width}x{height}.png")
+            if tracker is not None:
+                # Prompt-major [P * S, 3, H, W] as one [3, P * H, S * W] grid: a row per prompt.
+                rows, channels = len(preview_prompts), images.shape[1]
+                grid = images.view(rows, -1, channels, height, width).permute(2, 0, 3, 1, 4)
+                tracker.image(at, f"previews/{width}x{height}", grid.reshape(channels, rows * height, -1))
 
     try:
         with tqdm(total=config.max_steps, initial=step, desc="train", unit="step", disable=not main) as bar:
@@ -500,8 +534,8 @@ def run(
                 if finite and not reason:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    grad_norm = float(norm)
-                    grads_finite = bool(torch.isfinite(norm))
+                    grad_norm = float(norm)  # (of the full gradients when they are sharded DTensors)
+                    grads_finite = math.isfinite(grad_norm)
                     if scaler.is_enabled():
                         scale = scaler.get_scale()
                         scaler.step(optimizer)  # skips the update itself when the gradients overflowed
@@ -558,7 +592,7 @@ def run(
                         "skipped": skipped,
                         "consecutive": consecutive,
                         "overflow": overflow,
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": model.optimizer_state(optimizer),
                         "lr_scheduler": lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None,
@@ -568,15 +602,16 @@ def run(
                         "samples_per_step": samples_per_step,
                     }
                     state["rng_ranks"] = distributed.gather(state["rng"])
-                    if main:
-                        checkpointer.save(step, state, user_files)
+                    with model.unsharded():
+                        if main:
+                            checkpointer.save(step, state, user_files)
                 if config.validate_every and step % config.validate_every == 0:
                     validate(step)
-                if main and config.preview_every and step % config.preview_every == 0:
+                if (main or model.sharded) and config.preview_every and step % config.preview_every == 0:
                     preview(step)
         if not config.validate_every or step % config.validate_every != 0:
             validate(step)
-        if main and config.preview_every and step % config.preview_every != 0:
+        if (main or model.sharded) and config.preview_every and step % config.preview_every != 0:
             preview(step)
     finally:
         for opened in (loss_log, spike_log, val_log, tracker):
@@ -595,7 +630,10 @@ def run(
         )
     if ema is not None:
         ema.copy_to(params)
-    return LoopResult(losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps, validation)
+    full = model.full_modules()
+    return LoopResult(
+        losses, first_step, skipped, overflow, seconds, data_seconds, spike_steps, validation, full
+    )
 
 
 def batch_paths(micro: Sequence[Batch]) -> list[str]:

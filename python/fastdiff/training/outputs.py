@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +20,11 @@ import torch
 #: where not finite), the global L2 gradient norm before clipping (``nan`` where the loss was not
 #: finite) and the learning rate the step used.
 LOSS_COLUMNS = ("step", "loss", "grad_norm", "lr")
+#: Width in pixels of a sample grid's caption column, its characters per line and line height (Pillow's
+#: default font, about 6 by 11 pixels a character).
+GRID_LABEL_WIDTH = 160
+GRID_LABEL_CHARS = 25
+GRID_LINE_HEIGHT = 13
 
 
 def _kept_lines(path: Path, first_step: int, step_of: Callable[[str], int]) -> list[str]:
@@ -124,34 +130,30 @@ def read_spikes(path: Path) -> list[dict[str, object]]:
 
 
 def save_sample_grid(images: torch.Tensor, captions: Sequence[str], path: Path) -> None:
-    """Save images as a grid with one row per caption, the caption written left of its row.
+    """Save images as a grid with one row per caption, the caption written in a white column of
+    :data:`GRID_LABEL_WIDTH` pixels left of its row (wrapped, cut to the row's height), each image at
+    its own pixels: an RGB PNG of ``GRID_LABEL_WIDTH + columns * W`` by ``len(captions) * H`` pixels
+    (Pillow; values rounded to 8 bits).
 
     Args:
         images: float tensor ``[len(captions) * columns, 3, H, W]`` in ``[0, 1]``, row-major.
         captions: One caption per row.
-        path: PNG file to write (matplotlib, Agg backend).
+        path: PNG file to write.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from PIL import Image, ImageDraw
 
     rows = len(captions)
     columns = images.shape[0] // rows
-    pixels = images.permute(0, 2, 3, 1).numpy()
-    label_width, cell = 2.5, 1.1  # inches
-    fig = Figure(figsize=(label_width + cell * columns, cell * rows), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False)
+    height, width = images.shape[2:]
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + columns * width, rows * height), "white")
+    draw = ImageDraw.Draw(grid)
     for r, caption in enumerate(captions):
         for c in range(columns):
-            ax = axes[r][c]
-            ax.imshow(pixels[r * columns + c], interpolation="nearest")
-            ax.set_axis_off()
-        axes[r][0].text(
-            -0.08, 0.5, caption, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8
-        )
-    left = label_width / (label_width + cell * columns)
-    fig.subplots_adjust(left=left, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path)
+            grid.paste(Image.fromarray(pixels[r * columns + c]), (GRID_LABEL_WIDTH + c * width, r * height))
+        lines = textwrap.wrap(caption, GRID_LABEL_CHARS)[: max(1, height // GRID_LINE_HEIGHT)]
+        draw.multiline_text((4, r * height + 2), "\n".join(lines), fill="black", spacing=2)
+    grid.save(path)
 
 
 def plot_loss(

@@ -79,6 +79,11 @@ class Task(Protocol):
 
     last_sample_losses: SampleLosses | None
 
+    @property
+    def size_multiple(self) -> int:
+        """What image sides must be multiples of (pixels): the model's downsampling."""
+        ...
+
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The parameters the optimizer updates, by a stable name (checkpoint keys), in a fixed order."""
         ...
@@ -93,8 +98,11 @@ class Task(Protocol):
         """The (weighted) diffusion loss of ``batch``, a float32 scalar; noise drawn from ``generator``."""
         ...
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """One image per (prompt, seed), prompt-major: float32 ``[P * S, 3, H, W]`` in ``[0, 1]``, CPU."""
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
+        """One image per (prompt, seed), prompt-major: float32 ``[P * S, 3, height, width]`` in
+        ``[0, 1]``, CPU (sides multiples of :attr:`size_multiple`)."""
         ...
 
     def save(self, output: Path) -> None:

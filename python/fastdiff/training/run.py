@@ -24,15 +24,18 @@ from fastdiff.cache.command import build_for_config
 from fastdiff.cache.encoders import model_kind
 from fastdiff.cache.entries import empty_entry, empty_prompt
 from fastdiff.cache.manifest import MANIFEST, read_manifest
+from fastdiff.loader import DataLoader
 from fastdiff.training import distributed, loop
 from fastdiff.training.config import (
     DEFAULT_PREVIEW_PROMPTS,
+    DEFAULT_PREVIEW_SIZES,
     RESUME_MUST_MATCH,
     TrainConfig,
-    config_from_args,
+    parse_sizes,
 )
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
+from fastdiff.training.flags import config_from_args
 from fastdiff.training.loop import autocast_dtype
 from fastdiff.training.outputs import plot_loss, read_loss_csv, read_val_loss_csv
 from fastdiff.training.protocols import BatchLoader
@@ -148,6 +151,32 @@ def cached_halves(config: TrainConfig) -> set[str]:
     return {half for half in ("latents", "text") if half in manifest}
 
 
+def preview_sizes(config: TrainConfig, loader: BatchLoader, multiple: int) -> list[tuple[int, int]]:
+    """``(width, height)`` of the run's previews: ``config.preview_sizes``, else the
+    :data:`~fastdiff.training.config.DEFAULT_PREVIEW_SIZES` buckets holding the most images in the
+    loader's report (``images_per_bucket``; ties: the earlier bucket), else (a loader without a
+    report) the square ``resolution``.
+
+    Raises:
+        ValueError: A given size is not a multiple of ``multiple`` (the model's downsampling).
+    """
+    sizes = parse_sizes(config.preview_sizes)
+    bad = [f"{w}x{h}" for w, h in sizes if w % multiple or h % multiple]
+    if bad:
+        raise ValueError(
+            f"preview_sizes {', '.join(bad)}: width and height must be multiples of {multiple} "
+            "(the model's downsampling)"
+        )
+    if sizes:
+        return sizes
+    report = getattr(loader, "report", None)
+    if report is None or not report.get("images_per_bucket"):
+        assert config.resolution is not None
+        return [(config.resolution, config.resolution)]
+    populated = sorted(report["images_per_bucket"], key=lambda bucket: -bucket[1])  # stable: ties keep order
+    return [(w, h) for (h, w), _ in populated[:DEFAULT_PREVIEW_SIZES]]
+
+
 def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult:
     """Train the tiny model from scratch, or fine-tune the Stable Diffusion or DiT pipeline ``config.model``.
 
@@ -206,6 +235,11 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         cached = cached_halves(config)
         cache = config.cache
         family = dit_family(config.model)
+        if family is not None and config.fsdp:
+            raise ValueError(
+                f"fsdp is not supported for DiT pipelines ({config.model}) yet (the from-scratch model "
+                "and SD/SDXL full fine-tunes are): train without --fsdp"
+            )
         if family is not None:
             entry = None if cache is None else lambda: empty_entry(cache)
             task = DiTTask.from_config(config, device, family, cached=cached, empty_entry=entry)
@@ -222,10 +256,19 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
     validation_loader = make_validation(config)
     if config.validate_every and validation_loader is None:
         raise ValueError(f"validate_every needs held-out images: {config.data} sets no validation_split > 0")
+    if config.cache is not None and isinstance(validation_loader, DataLoader):
+        lacking = sum(not cached for _, cached in validation_loader.build_latent_keys())
+        if lacking:
+            raise ValueError(
+                f"cache {config.cache} lacks {lacking} of the {validation_loader.report['loaded']} "
+                "held-out images' latents (validation_split; center crop, no flip): pass "
+                "--cache-build, or rebuild with `fastdiff cache` and the same --validation-split"
+            )
     prompts = config.preview_prompts
     if config.preview_every and not prompts:
         first_lines = (c.split("\n", 1)[0] for c in captions if c)
         prompts = tuple(dict.fromkeys(first_lines))[:DEFAULT_PREVIEW_PROMPTS]
+    sizes = preview_sizes(config, batches, task.size_multiple) if config.preview_every else []
 
     main = distributed.is_main()
     if main:
@@ -237,10 +280,14 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         config,
         device,
         preview_prompts=prompts,
+        preview_sizes=sizes,
         checkpoint_files=checkpoint_files,
         resume_must_match=RESUME_MUST_MATCH,
         validation_loader=validation_loader,
+        sharded_modules=task.sharded_modules() if config.fsdp and not isinstance(task, DiTTask) else None,
     )
+    if result.full_modules and not isinstance(task, DiTTask):
+        task.use_modules(result.full_modules)  # the trained weights, unsharded (--fsdp)
     name = config.data.name if config.model is None else f"{config.model.name} on {config.data.name}"
     title = f"{name}: {config.prediction_type}, {config.resolution} px, batch {config.batch_size}"
     if main:

@@ -334,6 +334,28 @@ class PipelineTask:
             named.update({f"{prefix}.{k}": p for k, p in module.named_parameters() if p.requires_grad})
         return named
 
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules ``--fsdp`` shards: the UNet, and the text encoders when they are trained (a full
+        fine-tune: every parameter of them is trained).
+
+        Raises:
+            ValueError: A LoRA run (its frozen base weights are not the trained ones).
+        """
+        if self.config.lora_rank:
+            raise ValueError("fsdp shards full fine-tunes (lora_rank 0)")
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        encoders = dict(zip(names, self.text_encoders, strict=True)) if self.config.train_text_encoder else {}
+        return {"unet": self.unet, **encoders}
+
+    def use_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Replace the modules :meth:`sharded_modules` named, in the task and its pipeline (by the
+        unsharded copies a run ends with)."""
+        for name, module in modules.items():
+            setattr(self.pipeline, name, module)
+        self.unet, self.text_encoder = self.pipeline.unet, self.pipeline.text_encoder
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        self.text_encoders = [getattr(self.pipeline, n) for n in names]
+
     def train_mode(self, on: bool) -> None:
         self.unet.train(on)
         for encoder in self.text_encoders:
@@ -430,7 +452,14 @@ class PipelineTask:
             self.pipeline.register_modules(**dict.fromkeys(names))
             gc.collect()
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """The VAE's times the UNet's downsampling (64 for SD 1.x and SDXL)."""
+        return int(self.pipeline.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1))
+
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
         """Sample with the pipeline (its own scheduler), one CPU generator per (prompt, seed); the
         components a cache stands in for are loaded for the preview only."""
         with self._frozen_components():
@@ -439,7 +468,8 @@ class PipelineTask:
                 prompts,
                 seeds=seeds,
                 steps=steps,
-                resolution=self.config.resolution,
+                width=width,
+                height=height,
                 guidance_scale=self.config.preview_guidance_scale,
                 device_type=self.device.type,
                 dtype=self.amp or (torch.bfloat16 if self.config.vae_dtype == "bf16" else None),

@@ -352,7 +352,8 @@ def preview_images(
     *,
     seeds: Sequence[int],
     steps: int,
-    resolution: int | None,
+    width: int,
+    height: int,
     guidance_scale: float,
     device_type: str,
     dtype: torch.dtype | None,
@@ -365,22 +366,22 @@ def preview_images(
         pipeline: A diffusers text-to-image pipeline with all its components loaded.
         prompts, seeds: What to sample; ``len(prompts) * len(seeds)`` images.
         steps: Inference steps.
-        resolution: Height and width in pixels; ``None``: the pipeline's default size.
+        width, height: The images' size in pixels.
         guidance_scale: Classifier-free guidance scale (FLUX.1-dev's distilled guidance value).
         device_type: ``"cuda"`` or ``"cpu"``, for autocast.
         dtype: The autocast dtype, or ``None``.
         extra: More keyword arguments of the pipeline's call (the DiTs' ``max_sequence_length``).
 
     Returns:
-        float32 ``[N, 3, H, W]`` (``resolution`` each) in ``[0, 1]``, on the CPU.
+        float32 ``[N, 3, height, width]`` in ``[0, 1]``, on the CPU.
     """
     texts = [p for p in prompts for _ in seeds]
     generators = [torch.Generator("cpu").manual_seed(s) for _ in prompts for s in seeds]
     with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
         images = pipeline(
             texts,
-            height=resolution,
-            width=resolution,
+            height=height,
+            width=width,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,

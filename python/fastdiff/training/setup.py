@@ -119,7 +119,9 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
         pixels: With a cache, also the pixels (``fastdiff cache`` encodes them); ``None``: the
             loader's default (pixels only without a cache).
         validation: The validation loader instead: the images ``config.validation_split`` holds out
-            (the same ``seed``), unshuffled, center-cropped, unflipped, on this rank alone (rank 0 of 1).
+            (the same ``seed``), unshuffled, center-cropped, unflipped, on this rank alone (rank 0 of 1);
+            served from ``config.cache`` when set, where a missing entry raises
+            ``fastdiff.CacheMissError`` (``on_error="raise"``) instead of leaving the image out.
 
     Returns:
         The loader.
@@ -134,6 +136,8 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
         "bucket_step": config.bucket_step,
         "min_bucket_side": config.min_bucket_side,
         "max_bucket_side": config.max_bucket_side,
+        "min_bucket_fill": config.min_bucket_fill,
+        "max_extra_crop": config.max_extra_crop,
         "crop": config.crop,
         "flip_prob": config.flip_prob,
         "crop_variants": config.crop_variants,
@@ -147,6 +151,10 @@ def make_loader(config: TrainConfig, *, pixels: bool | None = None, validation: 
     }
     if validation:
         options.update(VALIDATION)
+        if config.cache is not None and not pixels:
+            # A held-out image the cache lacks would otherwise be skipped, shrinking the validation set
+            # silently: it is an error naming the file (fastdiff.CacheMissError).
+            options["on_error"] = "raise"
     options = {k: v for k, v in options.items() if v is not None}
     if is_dataset_config(config.data):
         return DataLoader.from_config(config.data, dtype=torch.float32, **options)

@@ -297,6 +297,14 @@ class TinyTask:
         named.update({f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()})
         return named
 
+    def sharded_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules ``--fsdp`` shards: both (every parameter of them is trained)."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def use_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Replace the modules :meth:`sharded_modules` named (by the unsharded copies a run ends with)."""
+        self.unet, self.text_encoder = modules["unet"], modules["text_encoder"]  # type: ignore[assignment]
+
     def train_mode(self, on: bool) -> None:
         self.unet.train(on)
         self.text_encoder.train(on)
@@ -321,7 +329,14 @@ class TinyTask:
         )
         return loss
 
-    def preview(self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int) -> torch.Tensor:
+    @property
+    def size_multiple(self) -> int:
+        """The UNet's downsampling, ``2 ** (len(unet_channels) - 1)``."""
+        return int(2 ** (len(self.config.unet_channels) - 1))
+
+    def preview(
+        self, prompts: Sequence[str], *, seeds: Sequence[int], steps: int, width: int, height: int
+    ) -> torch.Tensor:
         per_seed = [
             sample(
                 self.unet,
@@ -329,8 +344,8 @@ class TinyTask:
                 self.tokenizer,
                 prompts,
                 noise_scheduler=self.noise_scheduler,
-                height=self.resolution,
-                width=self.resolution,
+                height=height,
+                width=width,
                 num_inference_steps=steps,
                 guidance_scale=self.config.preview_guidance_scale,
                 seed=seed,
