@@ -180,6 +180,7 @@ class NativeLoader:
         max_extra_crop: float = 0.1,
         validation_split: float = 0.0,
         validation: bool = False,
+        shard_split: str = "auto",
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

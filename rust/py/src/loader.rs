@@ -118,7 +118,7 @@ impl NativeLoader {
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
         crop_variants = None, text_variants = None, cache = None, pixels = true,
         min_bucket_fill = None, max_extra_crop = 0.1,
-        validation_split = 0.0, validation = false
+        validation_split = 0.0, validation = false, shard_split = "auto"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -154,6 +154,7 @@ impl NativeLoader {
         max_extra_crop: f64,
         validation_split: f64,
         validation: bool,
+        shard_split: &str,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             min_bucket_fill,
@@ -182,6 +183,7 @@ impl NativeLoader {
             rank,
             world_size,
             remainder: parse("remainder", remainder)?,
+            shard_split: parse("shard_split", shard_split)?,
             cache,
             pixels,
             validation_split,
