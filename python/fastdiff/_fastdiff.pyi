@@ -113,6 +113,7 @@ class NativeSubset:
         root: str,
         *,
         shards: list[str] = ...,
+        unreadable_shards: list[tuple[str, str]] = ...,
         num_repeats: int = 1,
         is_reg: bool = False,
         caption_extensions: list[str] | None = None,

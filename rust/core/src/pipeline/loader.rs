@@ -177,6 +177,14 @@ impl Loader {
                 scan::scan_shards(&subset.root, &subset.shards, &scan_opts)?
             };
             warnings.append(&mut scanned.warnings);
+            for (shard, reason) in &subset.unreadable_shards {
+                let e = Error::io(
+                    shard,
+                    std::io::Error::other(format!("shard left out: {reason}")),
+                );
+                scanned.skipped.push(Skip::new(shard, &e));
+                scanned.found += 1;
+            }
             unindexed.append(&mut scanned.unindexed_shards);
             let mut kept = Vec::with_capacity(scanned.images.len());
             let mut held_here = 0;
