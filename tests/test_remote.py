@@ -199,7 +199,12 @@ def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unrea
     assert report["loaded"] + report["held_out"] + len(report["skipped"]) == report["found"]
     failed_url = f"s3://{bucket}/train/{shards[0].name}"
     assert [(s["path"], s["code"]) for s in report["skipped"]] == [(failed_url, "io")]
-    assert "shard left out" in report["skipped"][0]["message"] and "injected" in report["skipped"][0]["message"]
+    assert (
+        "shard left out" in report["skipped"][0]["message"] and "injected" in report["skipped"][0]["message"]
+    )
     monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "third-spool"))
-    with pytest.warns(UserWarning, match="left out"), pytest.raises(OSError, match=rf"{shards[0].name}.*injected"):
+    with (
+        pytest.warns(UserWarning, match="left out"),
+        pytest.raises(OSError, match=rf"{shards[0].name}.*injected"),
+    ):
         fastdiff.DataLoader(url, on_error="raise", **opts)  # type: ignore[arg-type]

@@ -1,9 +1,14 @@
-"""Shard-level rank assignment: 2 ranks over 8 indexed tar shards open disjoint shard sets, read exactly
-their samples' member byte ranges, step together, cover the epoch, resume exactly; and the fallbacks to the
-sample-level split (shards without an index, fewer shards than ranks) warn."""
+"""Shard-level rank assignment: 2 ranks over 8 indexed tar shards (in one process, and as 2 gloo processes
+under torchrun) open disjoint shard sets, read exactly their samples' member byte ranges, step together,
+cover the epoch, resume exactly; and the fallbacks to the sample-level split (shards without an index,
+fewer shards than ranks) warn."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -137,4 +142,32 @@ def test_fallbacks_to_the_sample_level_split_warn(shards: list[Path], tmp_path: 
     # The fallback is exactly the sample-level split.
     with pytest.warns(UserWarning, match="2 shards hold images for 3 ranks"):
         again = fastdiff.DataLoader(pattern[:2], rank=2, world_size=3, **OPTS)
-    assert epoch(again) == epoch(fastdiff.DataLoader(pattern[:2], rank=2, world_size=3, shard_split="sample", **OPTS))
+    sample_level = fastdiff.DataLoader(pattern[:2], rank=2, world_size=3, shard_split="sample", **OPTS)
+    assert epoch(again) == epoch(sample_level)
+
+
+def test_torchrun_ranks_open_only_their_own_shards(shards: list[Path], tmp_path: Path) -> None:
+    pattern = str(shards[0].parent / "shard-{000000..000007}.tar")
+    out = tmp_path / "ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    worker = Path(__file__).with_name("dist_worker.py")  # a tiny DDP model trained on the loader's batches
+    proc = subprocess.run(
+        [*cmd, str(worker), pattern, str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert ranks[0]["weight_sum"] == ranks[1]["weight_sum"]  # DDP stepped together on both ranks
+    for remainder in ("pad", "drop"):
+        runs = [r["runs"][remainder] for r in ranks]
+        owned = [set(run["report"]["own_shards"]) for run in runs]
+        assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == {str(s) for s in shards}
+        for run, own in zip(runs, owned, strict=True):
+            assert {e["shard"] for e in run["report"]["io"]} == own
+            assert {p.rsplit("/", 1)[0] for step in run["steps"] for p in step["paths"]} == own
+        assert runs[0]["len"] == runs[1]["len"]
+    pad = Counter(p for r in ranks for step in r["runs"]["pad"]["steps"] for p in step["paths"])
+    assert set(pad) == set(member_sizes(shards))  # two epochs of pad: every image trained

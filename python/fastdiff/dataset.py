@@ -125,8 +125,8 @@ class Subset:
         return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
     def source(self) -> tuple[str, list[str], list[tuple[str, str]]]:
-        """``(root, shards, unreadable)``: the folder and no shards, or for shards (``image_dir`` a ``.tar`` or
-        ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
+        """``(root, shards, unreadable)``: the folder and no shards, or for shards (``image_dir`` a
+        ``.tar`` or ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
         :func:`fastdiff.sources.expand_shards`) the folder holding them and the local tar shards
         (:func:`fastdiff.sources.local_shards`: remote ones fetched into the spool, ``$FASTDIFF_SPOOL``
         or ``~/.cache/fastdiff/spool``, parquet ones converted there). A shard that cannot be fetched
