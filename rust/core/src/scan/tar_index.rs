@@ -261,7 +261,10 @@ mod tests {
         let shard = out.path().join("s.tar");
         write_tar(&shard, &as_tar_files(&files));
         let o = ScanOptions::default();
-        let fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        let mut fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        // Listed from its tar headers: recorded as unindexed (the rest must equal the indexed scan).
+        assert_eq!(fresh.unindexed_shards, [shard.clone()]);
+        fresh.unindexed_shards.clear();
         let summary = write_index(&shard, &o.caption_extensions, 2).unwrap();
         assert_eq!(
             (summary.path.clone(), summary.images),
@@ -296,6 +299,7 @@ mod tests {
         drop(f);
         let s = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         assert_eq!((s.images.len(), s.skipped.len()), (0, 4));
+        assert_eq!(s.unindexed_shards, [shard.clone()]);
         assert_eq!(s.warnings.len(), 1);
         assert!(s.warnings[0].contains("stale") && s.warnings[0].contains("s.tar.index.json"));
         // Other caption extensions: stale too.
