@@ -263,7 +263,7 @@ mod tests {
         let o = ScanOptions::default();
         let mut fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         // Listed from its tar headers: recorded as unindexed (the rest must equal the indexed scan).
-        assert_eq!(fresh.unindexed_shards, [shard.clone()]);
+        assert_eq!(fresh.unindexed_shards, std::slice::from_ref(&shard));
         fresh.unindexed_shards.clear();
         let summary = write_index(&shard, &o.caption_extensions, 2).unwrap();
         assert_eq!(
@@ -299,7 +299,7 @@ mod tests {
         drop(f);
         let s = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         assert_eq!((s.images.len(), s.skipped.len()), (0, 4));
-        assert_eq!(s.unindexed_shards, [shard.clone()]);
+        assert_eq!(s.unindexed_shards, std::slice::from_ref(&shard));
         assert_eq!(s.warnings.len(), 1);
         assert!(s.warnings[0].contains("stale") && s.warnings[0].contains("s.tar.index.json"));
         // Other caption extensions: stale too.
