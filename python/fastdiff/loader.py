@@ -353,8 +353,8 @@ class DataLoader:
         next epochs are planned as usual.
 
         Raises:
-            ValueError: A key is missing, the dataset differs (digest), an option differs (the message
-                names the option with both values), or the segments do not fit the epoch.
+            ValueError: A key is missing, the dataset or an option (named; ``shard_level``: the split) differ,
+                the segments do not fit the epoch, or the geometry changed under shard-level assignment.
         """
         missing = {"epoch", "batches_consumed", "dataset_digest", "options"} - set(state)
         if missing:
