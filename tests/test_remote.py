@@ -1,7 +1,8 @@
 """Remote shards fetched into the spool (fastdiff.remote) from a real S3-compatible server on loopback (moto's
 server mode) behind a proxy that fails or stalls chosen objects: bytes equal, spool reuse and invalidation,
 retries, timeouts that never hang, permanent errors not retried, bounded concurrency; ``memory://``; and a
-loader over ``s3://`` shards equal to the local shards, an unreadable shard left out with a warning."""
+loader over ``s3://`` shards equal to the local shards, an unreadable shard left out with a warning and a
+report entry (or raised with ``on_error="raise"``)."""
 
 from __future__ import annotations
 
@@ -193,3 +194,17 @@ def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unrea
     with pytest.warns(UserWarning, match=rf"shard s3://{bucket}/train/{shards[0].name} left out: .*injected"):
         partial = fastdiff.DataLoader(url, **opts)  # type: ignore[arg-type]
     assert partial.report["loaded"] == 6 - fastdiff.DataLoader(str(shards[0]), **opts).report["loaded"]
+    # Also in the report, so that loaded + skipped = found: the shard named, with the reason.
+    report = partial.report
+    assert report["loaded"] + report["held_out"] + len(report["skipped"]) == report["found"]
+    failed_url = f"s3://{bucket}/train/{shards[0].name}"
+    assert [(s["path"], s["code"]) for s in report["skipped"]] == [(failed_url, "io")]
+    assert (
+        "shard left out" in report["skipped"][0]["message"] and "injected" in report["skipped"][0]["message"]
+    )
+    monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "third-spool"))
+    with (
+        pytest.warns(UserWarning, match="left out"),
+        pytest.raises(OSError, match=rf"{shards[0].name}.*injected"),
+    ):
+        fastdiff.DataLoader(url, on_error="raise", **opts)  # type: ignore[arg-type]

@@ -237,7 +237,8 @@ def test_ranks_split_shards_as_they_split_the_folder(folder: Path, tmp_path: Pat
     for rank in (0, 1):
         opts = {**OPTS, "rank": rank, "world_size": 2}
         from_folder = epoch_samples(fastdiff.DataLoader(folder, **opts), folder)
-        from_shards = epoch_samples(fastdiff.DataLoader(shards, **opts))
+        # The sample-level split (the shard-level one is tests/test_shard_ranks.py's).
+        from_shards = epoch_samples(fastdiff.DataLoader(shards, shard_split="sample", **opts))
         assert from_shards == from_folder
         per_rank.append({s[0] for s in from_shards})
     assert (

@@ -113,6 +113,7 @@ class NativeSubset:
         root: str,
         *,
         shards: list[str] = ...,
+        unreadable_shards: list[tuple[str, str]] = ...,
         num_repeats: int = 1,
         is_reg: bool = False,
         caption_extensions: list[str] | None = None,
@@ -180,6 +181,7 @@ class NativeLoader:
         max_extra_crop: float = 0.1,
         validation_split: float = 0.0,
         validation: bool = False,
+        shard_split: str = "auto",
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

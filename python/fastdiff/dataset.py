@@ -124,20 +124,22 @@ class Subset:
         # Folders are left out so that a dataset moved elsewhere still matches (the digest covers files).
         return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
-    def source(self) -> tuple[str, list[str]]:
-        """``(root, shards)``: the folder and no shards, or for shards (``image_dir`` a ``.tar`` or
-        ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
+    def source(self) -> tuple[str, list[str], list[tuple[str, str]]]:
+        """``(root, shards, unreadable)``: the folder and no shards, or for shards (``image_dir`` a
+        ``.tar`` or ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
         :func:`fastdiff.sources.expand_shards`) the folder holding them and the local tar shards
         (:func:`fastdiff.sources.local_shards`: remote ones fetched into the spool, ``$FASTDIFF_SPOOL``
         or ``~/.cache/fastdiff/spool``, parquet ones converted there). A shard that cannot be fetched
-        or converted is left out with a ``UserWarning`` naming it and the reason.
+        or converted is left out with a ``UserWarning`` naming it and the reason, and returned in
+        ``unreadable`` as ``(shard as given, reason)``: the loader reports it in ``report["skipped"]``
+        (code ``io``), or raises with ``on_error="raise"``.
 
         Raises:
             ValueError: A pattern or list names something that is neither a ``.tar`` nor a ``.parquet``
                 file, no shard could be read, or a parquet file lacks ``image_column``/``caption_column``.
         """
         if not is_shards(self.image_dir):
-            return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir))), []
+            return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir))), [], []
         given = [s if is_remote(s) else os.path.normpath(s) for s in expand_shards(self.image_dir)]
         local = local_shards(given, caption_column=self.caption_column, image_column=self.image_column)
         for failure in local.failed:
@@ -157,7 +159,8 @@ class Subset:
                 )
         if not local.paths:
             raise ValueError(f"none of the {len(given)} shards could be read (warnings name each)")
-        return self.root(), [os.fspath(p) for p in local.paths]
+        unreadable = [(f.url, f"{f.reason} (after {f.attempts} attempts)") for f in local.failed]
+        return self.root(), [os.fspath(p) for p in local.paths], unreadable
 
     def root(self) -> str:
         """The name the subset goes by in reports: its folder, or the folder (or URL prefix) of its shards.
@@ -183,7 +186,7 @@ class Subset:
         problem = SUBSET["image_dir"].problem(self.image_dir)
         if problem is not None:
             raise ValueError(problem)
-        root, shards = self.source()
+        root, shards, unreadable = self.source()
         values = {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS}
         for o in SUBSET_OPTIONS:
             problem = o.problem(values[o.name])
@@ -198,6 +201,7 @@ class Subset:
             return _fastdiff.NativeSubset(
                 root,
                 shards=shards,
+                unreadable_shards=unreadable,
                 caption_extensions=None if self.caption_extension is None else [self.caption_extension],
                 caption_per_line=bool(self.caption_per_line),
                 **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},

@@ -32,6 +32,7 @@ from fastdiff.types import (
     OnMiss,
     Remainder,
     Report,
+    ShardSplit,
     Tokenizer,
 )
 
@@ -87,10 +88,10 @@ class DataLoader:
     planned anew with the new geometry, each once but for the ``remainder``/``drop_last`` policy at
     each bucket's last global batch (see :meth:`load_state_dict`).
 
-    Several ranks (``torchrun``): each rank takes its slice of every global batch of
-    ``batch_size * world_size`` samples, so all ranks run ``len(loader)`` steps, use the same bucket at
-    each step and see disjoint samples. A bucket's last global batch, when shorter, is split evenly as
-    ``remainder`` says; with ``drop_last`` every short global batch is dropped instead.
+    Several ranks (``torchrun``): each rank takes its slice of every global batch of ``batch_size *
+    world_size`` samples (all ranks run ``len(loader)`` steps on the same bucket, disjoint samples; a short
+    one split as ``remainder`` says, dropped with ``drop_last``); indexed tar shards go whole to ranks
+    instead (``shard_split``: each rank opens only its own shards, ``report["io"]`` counts the reads).
     ``report["small_buckets"]`` lists buckets with less than one global batch.
 
     Args:
@@ -154,6 +155,7 @@ class DataLoader:
         rank: int | None = None,
         world_size: int | None = None,
         remainder: Remainder = "pad",
+        shard_split: ShardSplit = "auto",
         cache: str | os.PathLike[str] | None = None,
         pixels: bool | None = None,
         validation_split: float = 0.0,
@@ -264,7 +266,10 @@ class DataLoader:
             natives,
             **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
         )
-        for warning in self._native.report()["warnings"]:
+        report = self._native.report()
+        if report["own_shards"] is not None:  # its plans differ from the sample-level split's
+            self._state_options["shard_level"] = True
+        for warning in report["warnings"]:
             warnings.warn(warning, UserWarning, stacklevel=2)
 
     @classmethod
@@ -348,8 +353,8 @@ class DataLoader:
         next epochs are planned as usual.
 
         Raises:
-            ValueError: A key is missing, the dataset differs (digest), an option differs (the message
-                names the option with both values), or the segments do not fit the epoch.
+            ValueError: A key is missing, the dataset or an option (named; ``shard_level``: the split) differ,
+                the segments do not fit the epoch, or the geometry changed under shard-level assignment.
         """
         missing = {"epoch", "batches_consumed", "dataset_digest", "options"} - set(state)
         if missing:

@@ -33,7 +33,7 @@ from fastdiff.option import (
     subset_override,
 )
 from fastdiff.subset_options import AFTER_OVERRIDES, BEFORE_OVERRIDES
-from fastdiff.types import Crop, Device, Filter, OnError, OnMiss, Remainder, Tokenizer
+from fastdiff.types import Crop, Device, Filter, OnError, OnMiss, Remainder, ShardSplit, Tokenizer
 
 __all__ = [
     "ALL_TABLES",
@@ -385,6 +385,20 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         '``"drop"`` leaves out ``n % world_size`` of them (and the batch, if it has fewer than '
         "``world_size``).",
         toml=DATASET_TABLES,
+    ),
+    loader_option(
+        "shard_split",
+        ShardSplit,
+        "auto",
+        "How several ranks split tar shards.",
+        details='``"auto"``: whole shards per rank (each rank opens only its own shards and reads only '
+        "its samples' byte ranges) when every shard has a current index (``fastdiff index``) and at "
+        "least ``world_size`` shards hold images, else the sample-level split with a warning saying "
+        'why; ``"sample"``: always the sample-level split (every rank reads every shard). README '
+        '"Sharded and remote datasets".',
+        toml=DATASET_TABLES,
+        # The state records the split actually used (key "shard_level" of its options).
+        state="never",
     ),
     loader_option(
         "cache",

@@ -19,6 +19,8 @@ OnError = Literal["skip", "raise"]
 Filter = Literal["lanczos3", "catmullrom", "bilinear", "box", "nearest"]
 #: How a bucket's short last global batch is split across ranks.
 Remainder = Literal["pad", "drop"]
+#: How several ranks split tar shards: whole shards per rank when possible, or always samples.
+ShardSplit = Literal["auto", "sample"]
 #: Where batches' tensors go: a ``torch.device`` or its string (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
 Device = str | torch.device
 
@@ -200,6 +202,20 @@ class BucketMerges(TypedDict):
     moves: list[tuple[tuple[int, int], tuple[int, int], int]]
 
 
+class ShardIo(TypedDict):
+    """What the native workers read from one tar shard (:attr:`Report.io`).
+
+    Keys:
+        shard: The local shard file.
+        opens: Times it was opened: one open and one positioned read (``pread``) per member read.
+        bytes: Bytes read from it: the sum of the byte ranges of the members read (never a whole shard).
+    """
+
+    shard: str
+    opens: int
+    bytes: int
+
+
 class PassedOver(TypedDict):
     """Files in the dataset folders that are not images (:attr:`Report.passed_over`).
 
@@ -245,7 +261,11 @@ class Report(TypedDict):
         bucket_merges: What ``min_bucket_fill`` merged.
         subsets: Per subset, in order.
         warnings: Problems that lost no image, also raised as ``UserWarning`` at construction (a
-            shard's stale index, ignored: its headers were read instead).
+            shard's stale index, ignored: its headers were read instead; why several ranks fell back
+            to a sample-level split of tar shards).
+        own_shards: With shard-level rank assignment, this rank's shards, sorted; else ``None``.
+        io: What the workers read so far, per tar shard read from (sorted by path): opens and bytes,
+            every epoch and the cache's content hashing counted.
     """
 
     root: str
@@ -266,6 +286,8 @@ class Report(TypedDict):
     bucket_merges: BucketMerges
     subsets: list[SubsetReport]
     warnings: list[str]
+    own_shards: list[str] | None
+    io: list[ShardIo]
 
 
 class LoadStats(TypedDict):

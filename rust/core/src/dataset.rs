@@ -23,6 +23,11 @@ pub struct Subset {
     /// WebDataset tar shards read instead of the folder (see [`crate::scan::scan_shards`]); empty:
     /// the folder `root`.
     pub shards: Vec<PathBuf>,
+    /// Shards named by the dataset that could not be made local (a remote shard that could not be
+    /// fetched, a parquet file that could not be converted), as given, with the reason: each is a
+    /// skip of code `io` named by the shard in the report (and counted in `found`), or with
+    /// [`crate::OnError::Raise`] the loader's error.
+    pub unreadable_shards: Vec<(PathBuf, String)>,
     /// Times each image appears per epoch (>= 1); every repeat is its own sample with its own crop,
     /// flip and caption draw. Default 1.
     pub num_repeats: usize,
@@ -51,6 +56,7 @@ impl Subset {
         Subset {
             root: root.into(),
             shards: Vec::new(),
+            unreadable_shards: Vec::new(),
             num_repeats: 1,
             is_reg: false,
             caption_extensions: None,

@@ -9,6 +9,9 @@
 //! every global batch. So all ranks run the same number of steps, use the same bucket at each step,
 //! and see disjoint samples; with `world_size == 1` the plan is exactly the single-process one.
 //!
+//! Shard-level rank assignment ([`plan_owned`]) instead gives each rank whole shards
+//! ([`assign_shards`]) and plans each rank over its own samples, equalising the step counts.
+//!
 //! Works on indices only: it must not look at files, pixels or captions.
 
 use crate::error::{Error, Result};
@@ -269,6 +272,154 @@ fn rank_slices(members: &[Vec<usize>], s: &Sampling, epoch: u64, order_key: u64)
             }
         })
         .collect()
+}
+
+/// Shard-level rank assignment: the rank that owns each shard, for the whole run (not per epoch,
+/// so a machine reads and caches only its own shards).
+///
+/// `samples_per_shard[k]` is shard `k`'s sample count, shards in the order that breaks ties (the
+/// loader passes them sorted by path). Greedy balance (the LPT rule of multiprocessor scheduling):
+/// shards by sample count, largest first (ties by lower `k`), each to the rank with the fewest
+/// samples so far (ties by lower rank). A pure function of its arguments, so every rank computes
+/// the same ownership without communicating.
+///
+/// Panics if `world_size` is 0.
+pub fn assign_shards(samples_per_shard: &[usize], world_size: usize) -> Vec<usize> {
+    assert!(world_size > 0, "world_size must be at least 1");
+    let mut order: Vec<usize> = (0..samples_per_shard.len()).collect();
+    order.sort_by_key(|&k| (std::cmp::Reverse(samples_per_shard[k]), k));
+    let mut load = vec![0usize; world_size];
+    let mut owner = vec![0usize; samples_per_shard.len()];
+    for k in order {
+        let rank = (0..world_size).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        owner[k] = rank;
+        load[rank] += samples_per_shard[k];
+    }
+    owner
+}
+
+/// The plan of rank `rank` over its own samples only (those with `owner_of[i] == rank`): steps
+/// 1–4 of [`plan_epoch`] with one rank (so the same within-bucket and batch-order shuffles, keyed
+/// the same way, as a single-process plan over that pool), before equalising.
+fn owned_plan(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+    owner_of: &[usize],
+    rank: usize,
+) -> Vec<BatchPlan> {
+    let single = Sampling {
+        rank: 0,
+        world_size: 1,
+        ..*s
+    };
+    let mine: Vec<usize> = (0..bucket_of.len())
+        .map(|i| {
+            if owner_of[i] == rank {
+                bucket_of[i]
+            } else {
+                num_buckets
+            }
+        })
+        .collect();
+    // Samples of other ranks go to an extra bucket `num_buckets`, never planned.
+    let mut members = shuffled_members(&mine, num_buckets + 1, &single, epoch);
+    members.truncate(num_buckets);
+    rank_slices(&members, &single, epoch, 0)
+}
+
+/// Batches rank `rank`'s own plan holds before equalising (indices only, no shuffle needed).
+fn owned_len(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    owner_of: &[usize],
+    rank: usize,
+) -> usize {
+    let single = Sampling {
+        rank: 0,
+        world_size: 1,
+        ..*s
+    };
+    let mut counts = vec![0usize; num_buckets];
+    for (&b, &o) in bucket_of.iter().zip(owner_of) {
+        counts[b] += usize::from(o == rank);
+    }
+    counts.iter().map(|&n| batches_of_bucket(n, &single)).sum()
+}
+
+/// The step count every rank runs in shard-level mode: the longest own plan with
+/// [`Remainder::Pad`], the shortest with [`Remainder::Drop`] (see [`plan_owned`]).
+///
+/// Panics as [`plan_owned`].
+pub fn num_batches_owned(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    owner_of: &[usize],
+) -> usize {
+    let lens = (0..s.world_size).map(|r| owned_len(bucket_of, num_buckets, s, owner_of, r));
+    match s.remainder {
+        Remainder::Pad => lens.max().unwrap_or(0),
+        Remainder::Drop => lens.min().unwrap_or(0),
+    }
+}
+
+/// This rank's batches of epoch `epoch` in shard-level mode: `owner_of[i]` is the rank that owns
+/// sample `i`'s shard ([`assign_shards`]), and rank `s.rank` draws its batches only from the
+/// samples it owns.
+///
+/// Its own plan is [`plan_epoch`] with one rank over its samples (steps 1–4; `batch_size` per
+/// batch, `drop_last` as there). Data-parallel training needs the same step count on every rank,
+/// so the plans are equalised to [`num_batches_owned`]: with [`Remainder::Pad`] a shorter plan is
+/// followed by its own batches again from its start (those samples are seen twice that epoch);
+/// with [`Remainder::Drop`] a longer plan loses its last batches. Every rank computes every rank's
+/// length from the indices alone, so no communication is needed.
+///
+/// Panics if `batch_size` or `world_size` is 0, `rank >= world_size`, `owner_of` is not as long
+/// as `bucket_of`, an owner is `>= world_size`, or a bucket index is `>= num_buckets`.
+pub fn plan_owned(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+    owner_of: &[usize],
+) -> Vec<BatchPlan> {
+    assert_eq!(owner_of.len(), bucket_of.len(), "one owner per sample");
+    assert!(
+        owner_of.iter().all(|&o| o < s.world_size),
+        "owners must be ranks"
+    );
+    let own = owned_plan(bucket_of, num_buckets, s, epoch, owner_of, s.rank);
+    let steps = num_batches_owned(bucket_of, num_buckets, s, owner_of);
+    if own.is_empty() {
+        return Vec::new();
+    }
+    own.iter().cycle().take(steps).cloned().collect()
+}
+
+/// [`trained_samples`] in shard-level mode: whether sample `i` is in some batch of some rank's
+/// [`plan_owned`].
+///
+/// Panics as [`plan_owned`] (but for `rank`, which it does not use).
+pub fn trained_samples_owned(
+    bucket_of: &[usize],
+    num_buckets: usize,
+    s: &Sampling,
+    epoch: u64,
+    owner_of: &[usize],
+) -> Vec<bool> {
+    let mut out = vec![false; bucket_of.len()];
+    for rank in 0..s.world_size {
+        let r = Sampling { rank, ..*s };
+        for batch in plan_owned(bucket_of, num_buckets, &r, epoch, owner_of) {
+            for i in batch.indices {
+                out[i] = true;
+            }
+        }
+    }
+    out
 }
 
 /// Which samples epoch `epoch` trains: `out[i]` is whether sample `i` is in some batch of some

@@ -390,3 +390,99 @@ fn trained_samples_is_the_union_of_the_ranks_plans() {
         }
     }
 }
+
+#[test]
+fn shards_go_largest_first_to_the_least_loaded_rank() {
+    // Counts 5, 9, 9, 2, 4, 1 over 2 ranks: 9(k1)->0, 9(k2)->1, 5(k0)->0, 4(k4)->1, 2(k3)->1, 1(k5)->0.
+    assert_eq!(
+        assign_shards(&[5, 9, 9, 2, 4, 1], 2),
+        vec![0, 0, 1, 1, 1, 0]
+    );
+    // Loads 15 and 15; one rank owns everything; more ranks than shards leave ranks empty.
+    assert_eq!(assign_shards(&[5, 9, 9], 1), vec![0, 0, 0]);
+    assert_eq!(assign_shards(&[3, 3], 3), vec![0, 1]);
+}
+
+/// 8 shards of uneven sizes over `bucket_of`'s samples (sample `i` in shard `i % 8`, but shard 7
+/// holds every tenth sample too).
+fn shard_owners(bucket_of: &[usize], world_size: usize) -> Vec<usize> {
+    let shard_of: Vec<usize> = (0..bucket_of.len())
+        .map(|i| if i % 10 == 0 { 7 } else { i % 8 })
+        .collect();
+    let mut per_shard = vec![0; 8];
+    for &k in &shard_of {
+        per_shard[k] += 1;
+    }
+    let owner = assign_shards(&per_shard, world_size);
+    shard_of.iter().map(|&k| owner[k]).collect()
+}
+
+#[test]
+fn owned_plans_stay_on_own_shards_step_together_and_cover_the_epoch() {
+    let a = assignment();
+    for remainder in [Remainder::Pad, Remainder::Drop] {
+        for drop_last in [false, true] {
+            let owner = shard_owners(&a, 3);
+            let plans: Vec<Vec<BatchPlan>> = (0..3)
+                .map(|r| plan_owned(&a, 4, &sharded(3, r, remainder, drop_last), 5, &owner))
+                .collect();
+            let steps = num_batches_owned(&a, 4, &sharded(3, 0, remainder, drop_last), &owner);
+            assert!(
+                plans.iter().all(|p| p.len() == steps),
+                "{remainder:?} {drop_last}"
+            );
+            let mut seen = vec![0usize; a.len()];
+            for (r, p) in plans.iter().enumerate() {
+                for b in p {
+                    assert!(b.indices.len() <= 4 && !b.indices.is_empty());
+                    for &i in &b.indices {
+                        assert_eq!(
+                            owner[i], r,
+                            "a rank's batch holds a sample of another rank's shard"
+                        );
+                        assert_eq!(a[i], b.bucket);
+                        seen[i] += 1;
+                    }
+                }
+            }
+            // Each rank's first own-plan pass holds each of its samples once (or drops some).
+            let trained =
+                trained_samples_owned(&a, 4, &sharded(3, 0, remainder, drop_last), 5, &owner);
+            for i in 0..a.len() {
+                assert_eq!(trained[i], seen[i] > 0);
+                if remainder == Remainder::Pad && !drop_last {
+                    assert!(seen[i] >= 1, "pad trains every sample");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn one_owner_is_the_single_process_plan_and_pad_repeats_from_the_start() {
+    let a = assignment();
+    let single = Sampling::single(4, false, true, 11);
+    assert_eq!(
+        plan_owned(&a, 4, &single, 2, &vec![0; a.len()]),
+        plan_epoch(&a, 4, &single, 2)
+    );
+    // Rank 1 owns only samples 0..10: its own plan is repeated from its start up to rank 0's length.
+    let owner: Vec<usize> = (0..a.len()).map(|i| usize::from(i < 10)).collect();
+    let s = |rank| Sampling {
+        rank,
+        world_size: 2,
+        ..single
+    };
+    let short = plan_owned(&a, 4, &s(1), 2, &owner);
+    let long = plan_owned(&a, 4, &s(0), 2, &owner);
+    assert_eq!(short.len(), long.len());
+    let own_len = count(&[0, 0, 0, 0, 0, 0, 1, 2, 2, 2], 4, 4, false);
+    assert_eq!(own_len, 4);
+    assert_eq!(short[own_len..2 * own_len], short[..own_len]);
+    let drop = |rank| Sampling {
+        remainder: Remainder::Drop,
+        ..s(rank)
+    };
+    assert_eq!(plan_owned(&a, 4, &drop(0), 2, &owner), long[..own_len]);
+    assert_eq!(num_batches_owned(&a, 4, &drop(1), &owner), own_len);
+}

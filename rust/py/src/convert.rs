@@ -194,6 +194,18 @@ pub(crate) fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'p
     merges.set_item("moves", moves)?;
     d.set_item("bucket_merges", merges)?;
     d.set_item("warnings", &r.warnings)?;
+    let own: Option<Vec<_>> =
+        (r.own_shards.as_ref()).map(|v| v.iter().map(|p| p.as_os_str()).collect());
+    d.set_item("own_shards", own)?;
+    let io = PyList::empty(py);
+    for s in &r.io {
+        let item = PyDict::new(py);
+        item.set_item("shard", s.shard.as_os_str())?;
+        item.set_item("opens", s.opens)?;
+        item.set_item("bytes", s.bytes)?;
+        io.append(item)?;
+    }
+    d.set_item("io", io)?;
     Ok(d)
 }
 

@@ -42,7 +42,7 @@ pub(crate) struct NativeSubset {
 impl NativeSubset {
     #[new]
     #[pyo3(signature = (
-        root, *, shards = Vec::new(), num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
+        root, *, shards = Vec::new(), unreadable_shards = Vec::new(), num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
         caption_per_line = false, caption_dropout_rate = 0.0, keep_tokens = 0, shuffle_caption = false,
         caption_tag_dropout_rate = 0.0, caption_separator = ",", flip_prob = None, crop = None,
         class_tokens = None, caption_dropout_every_n_epochs = 0, caption_prefix = None,
@@ -53,6 +53,7 @@ impl NativeSubset {
     fn new(
         root: PathBuf,
         shards: Vec<PathBuf>,
+        unreadable_shards: Vec<(PathBuf, String)>,
         num_repeats: usize,
         is_reg: bool,
         caption_extensions: Option<Vec<String>>,
@@ -76,6 +77,7 @@ impl NativeSubset {
         let inner = Subset {
             root,
             shards,
+            unreadable_shards,
             num_repeats,
             is_reg,
             caption_extensions,
@@ -118,7 +120,7 @@ impl NativeLoader {
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
         crop_variants = None, text_variants = None, cache = None, pixels = true,
         min_bucket_fill = None, max_extra_crop = 0.1,
-        validation_split = 0.0, validation = false
+        validation_split = 0.0, validation = false, shard_split = "auto"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -154,6 +156,7 @@ impl NativeLoader {
         max_extra_crop: f64,
         validation_split: f64,
         validation: bool,
+        shard_split: &str,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             min_bucket_fill,
@@ -182,6 +185,7 @@ impl NativeLoader {
             rank,
             world_size,
             remainder: parse("remainder", remainder)?,
+            shard_split: parse("shard_split", shard_split)?,
             cache,
             pixels,
             validation_split,

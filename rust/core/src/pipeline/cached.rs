@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::loader::Inner;
+use super::shards::IoCounts;
 use crate::bucket::Bucket;
 use crate::cache::{self, Key, Kind, Store};
 use crate::error::{Error, Result};
@@ -40,6 +41,7 @@ impl Cache {
         dir: &Path,
         images: &[ImageEntry],
         threads: usize,
+        io: &IoCounts,
     ) -> Result<(Cache, Vec<(usize, Error)>)> {
         let store = Store::open(dir)?;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -52,6 +54,7 @@ impl Cache {
                 .par_iter()
                 .map(|e| {
                     e.read()
+                        .inspect(|bytes| io.count(e, bytes.len()))
                         .map(|bytes| cache::content_hash(&bytes))
                         .map_err(|err| Error::io(&e.path, err))
                 })

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::buffer::BufferPool;
 use super::cached::{check_cacheable, Cache};
 use super::options::{held_out, LoaderOptions, OnError};
+use super::shards::{decide, IoCounts, Ownership};
 use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
@@ -57,8 +58,13 @@ pub(super) struct Inner {
     pub(super) sample_image: Vec<usize>,
     /// Bucket index per sample.
     pub(super) sample_bucket: Vec<usize>,
-    /// Sample indices per bucket: where a failed sample's stand-in is drawn from.
+    /// Sample indices per bucket (in shard-level mode, of this rank's shards only): where a
+    /// failed sample's stand-in is drawn from.
     pub(super) bucket_samples: Vec<Vec<usize>>,
+    /// Shard-level rank assignment, when the loader runs in that mode (see `shards`).
+    pub(super) ownership: Option<Ownership>,
+    /// What the workers read from each tar shard.
+    pub(super) io: IoCounts,
     pub(super) num_batches: usize,
     pub(super) found: usize,
     /// Images found but taken out by `validation_split` (those of the other split).
@@ -153,6 +159,7 @@ impl Loader {
         let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
         let mut warnings = Vec::new();
+        let mut unindexed = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
             let scan_opts = ScanOptions {
                 caption_extensions: subset
@@ -170,6 +177,15 @@ impl Loader {
                 scan::scan_shards(&subset.root, &subset.shards, &scan_opts)?
             };
             warnings.append(&mut scanned.warnings);
+            for (shard, reason) in &subset.unreadable_shards {
+                let e = Error::io(
+                    shard,
+                    std::io::Error::other(format!("shard left out: {reason}")),
+                );
+                scanned.skipped.push(Skip::new(shard, &e));
+                scanned.found += 1;
+            }
+            unindexed.append(&mut scanned.unindexed_shards);
             let mut kept = Vec::with_capacity(scanned.images.len());
             let mut held_here = 0;
             for entry in std::mem::take(&mut scanned.images) {
@@ -266,10 +282,28 @@ impl Loader {
             .flat_map(|i| std::iter::repeat_n(i, subsets[subset_of[i]].num_repeats))
             .collect();
         let sample_bucket: Vec<usize> = sample_image.iter().map(|&i| bucket_of[i]).collect();
-        let num_batches = sampler::num_batches(&sample_bucket, buckets.len(), &opts.sampling());
+        let ownership = decide(
+            &opts,
+            &subsets,
+            &unindexed,
+            &images,
+            &sample_image,
+            &mut warnings,
+        );
+        let num_batches = match &ownership {
+            None => sampler::num_batches(&sample_bucket, buckets.len(), &opts.sampling()),
+            Some(o) => sampler::num_batches_owned(
+                &sample_bucket,
+                buckets.len(),
+                &opts.sampling(),
+                &o.owner_of_sample,
+            ),
+        };
         let mut bucket_samples = vec![Vec::new(); buckets.len()];
         for (sample, &b) in sample_bucket.iter().enumerate() {
-            bucket_samples[b].push(sample);
+            if (ownership.as_ref()).is_none_or(|o| o.owner_of_sample[sample] == opts.rank) {
+                bucket_samples[b].push(sample);
+            }
         }
         // Pool allocations fit the largest batch this dataset can make: no more samples than
         // `batch_size` or than its fullest bucket holds, of its largest bucket that has samples.
@@ -305,6 +339,8 @@ impl Loader {
             sample_image,
             sample_bucket,
             bucket_samples,
+            ownership,
+            io: IoCounts::default(),
             num_batches,
             found,
             held_out: held_out_total,
@@ -318,7 +354,8 @@ impl Loader {
             empty_pool: BufferPool::new(0, keep),
         };
         if let Some(dir) = inner.opts.cache.clone() {
-            let (cache, unreadable) = Cache::open(&dir, &inner.images, inner.opts.threads())?;
+            let (cache, unreadable) =
+                Cache::open(&dir, &inner.images, inner.opts.threads(), &inner.io)?;
             check_cacheable(&inner, &cache.store)?;
             for (image, err) in unreadable {
                 if inner.opts.on_error == OnError::Raise {

@@ -36,6 +36,7 @@ mod options;
 mod plan;
 mod report;
 mod serve;
+mod shards;
 pub mod stats;
 #[cfg(test)]
 mod testkit;
@@ -45,6 +46,7 @@ pub use batch::{Batch, SampleMeta};
 pub use buffer::{BufferSource, PixelBuffer};
 pub use epoch::EpochIter;
 pub use loader::Loader;
-pub use options::{held_out, LoaderOptions, OnError};
+pub use options::{held_out, LoaderOptions, OnError, ShardSplit};
 pub use report::{BucketMerges, Report, SubsetReport};
+pub use shards::ShardIo;
 pub use stats::{LoadStats, StatsHandle};

@@ -40,6 +40,33 @@ impl FromStr for OnError {
     }
 }
 
+/// How several ranks split a dataset of tar shards (see [`crate::sampler::plan_owned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ShardSplit {
+    /// Whole shards per rank when every shard has a current index and at least `world_size`
+    /// shards hold images, else sample-level with a warning saying why. Default.
+    #[default]
+    Auto,
+    /// Always sample-level: every rank takes its slice of every global batch (and reads every shard).
+    Sample,
+}
+
+impl FromStr for ShardSplit {
+    type Err = Error;
+
+    /// `"auto"` or `"sample"`. Errors: [`Error::InvalidArgument`] naming `shard_split`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ShardSplit::Auto),
+            "sample" => Ok(ShardSplit::Sample),
+            _ => Err(Error::InvalidArgument(format!(
+                "shard_split must be \"auto\" or \"sample\", got {s:?}"
+            ))),
+        }
+    }
+}
+
 /// All options of a [`Loader`]. Sizes are in pixels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderOptions {
@@ -103,8 +130,11 @@ pub struct LoaderOptions {
     pub rank: usize,
     /// Number of data-parallel ranks sharing each epoch (see [`sampler::plan_epoch`]). Default 1.
     pub world_size: usize,
-    /// How a bucket's last global batch is split across ranks. Default [`Remainder::Pad`].
+    /// How a bucket's last global batch is split across ranks (in shard-level mode: how the
+    /// ranks' step counts are equalised). Default [`Remainder::Pad`].
     pub remainder: Remainder,
+    /// How several ranks split tar shards. Default [`ShardSplit::Auto`].
+    pub shard_split: ShardSplit,
     /// A cache folder (see [`crate::cache`]): samples get their latent and text keys, and with
     /// `pixels = false` their tensors come from it instead of decoding. Default `None`.
     pub cache: Option<PathBuf>,
@@ -166,6 +196,7 @@ impl Default for LoaderOptions {
             rank: 0,
             world_size: 1,
             remainder: Remainder::Pad,
+            shard_split: ShardSplit::Auto,
             cache: None,
             pixels: true,
             validation_split: 0.0,

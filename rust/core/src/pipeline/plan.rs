@@ -48,10 +48,7 @@ impl Loader {
     ///
     /// Errors: as [`sampler::plan_rest`].
     pub fn rest_batches(&self, epoch: u64, done: &[sampler::Segment]) -> Result<usize> {
-        let inner = &self.inner;
-        let s = inner.opts.sampling();
-        let plan = sampler::plan_rest(&inner.sample_bucket, inner.buckets.len(), &s, epoch, done)?;
-        Ok(plan.len())
+        Ok(self.inner.plan(epoch, done)?.len())
     }
 
     /// As [`Loader::iter_epoch_into`], over what remains of epoch `epoch` after the stretches
@@ -68,14 +65,7 @@ impl Loader {
         let inner = Arc::clone(&self.inner);
         let o = &inner.opts;
         let mode = (o.pixels, o.cache.is_some());
-        let plan = sampler::plan_rest(
-            &inner.sample_bucket,
-            inner.buckets.len(),
-            &o.sampling(),
-            epoch,
-            done,
-        );
-        let plan = match plan {
+        let plan = match inner.plan(epoch, done) {
             Ok(plan) => plan,
             Err(err) => return EpochIter::failed(inner, epoch, err, mode),
         };

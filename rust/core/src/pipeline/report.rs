@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::loader::Loader;
+use super::shards::ShardIo;
 use crate::bucket::Bucket;
 use crate::error::Skip;
-use crate::sampler;
 use crate::scan::PassedOver;
 
 /// Summary of the dataset: what the scan found and what failed since.
@@ -58,8 +58,14 @@ pub struct Report {
     pub bucket_merges: BucketMerges,
     /// Per subset, in order.
     pub subsets: Vec<SubsetReport>,
-    /// The scan's warnings: problems that lost no image (a shard's stale index, ignored).
+    /// The scan's warnings: problems that lost no image (a shard's stale index, ignored), and why
+    /// several ranks fell back to a sample-level split of tar shards.
     pub warnings: Vec<String>,
+    /// In shard-level rank assignment, this rank's shards (sorted by path); `None` otherwise.
+    pub own_shards: Option<Vec<PathBuf>>,
+    /// What the workers read from each tar shard so far (sorted by path; shards never read are
+    /// absent).
+    pub io: Vec<ShardIo>,
 }
 
 /// What [`LoaderOptions::min_bucket_fill`](super::LoaderOptions::min_bucket_fill) did: the images
@@ -103,15 +109,10 @@ pub struct SubsetReport {
 
 impl Loader {
     /// Images epoch `epoch` trains, in total and per subset: the loaded images (not failed so
-    /// far) with a sample in some batch of some rank's plan ([`sampler::trained_samples`]).
+    /// far) with a sample in some batch of some rank's plan ([`crate::sampler::trained_samples`]).
     pub fn images_trained(&self, epoch: u64) -> (usize, Vec<usize>) {
         let inner = &*self.inner;
-        let trained = sampler::trained_samples(
-            &inner.sample_bucket,
-            inner.buckets.len(),
-            &inner.opts.sampling(),
-            epoch,
-        );
+        let trained = inner.trained(epoch);
         let failed = inner.failed();
         let mut image_trained = vec![false; inner.images.len()];
         for (sample, &image) in inner.sample_image.iter().enumerate() {
@@ -237,6 +238,8 @@ impl Loader {
             captions_fallback_encoding,
             images_per_bucket: non_empty(per_bucket),
             warnings: inner.warnings.clone(),
+            own_shards: (inner.ownership.as_ref()).map(|o| o.own_shards.clone()),
+            io: inner.io.snapshot(),
         }
     }
 }
@@ -245,6 +248,7 @@ impl Loader {
 mod tests {
     use super::super::testkit::*;
     use super::*;
+    use crate::sampler;
 
     #[test]
     fn report_summarises_the_dataset() {

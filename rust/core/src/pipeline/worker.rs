@@ -172,7 +172,11 @@ fn stand_in_candidates(
     let start = pick(key(0), n);
     (1..=draws)
         .map(move |k| pool[pick(key(k), pool.len())])
-        .chain((0..n).map(move |i| (start + i) % n))
+        .chain(
+            (0..n)
+                .map(move |i| (start + i) % n)
+                .filter(|&s| inner.owns(s)),
+        )
 }
 
 /// Run `f`, turning a panic inside it into [`Error::Panic`] naming `path` (with the panic message),
@@ -262,6 +266,7 @@ fn decode_into_slot(
     let o = &inner.opts;
     let path = &entry.path;
     let bytes = entry.read().map_err(|e| Error::io(path, e))?;
+    inner.io.count(entry, bytes.len());
     watch.lap(Stage::Read);
 
     let now = decode::probe_bytes(&bytes, path)?;

@@ -146,6 +146,9 @@ pub struct Scan {
     pub passed_over: PassedOver,
     /// Problems that lost nothing but are worth saying (a shard's stale index, ignored).
     pub warnings: Vec<String>,
+    /// The tar shards listed without a current sidecar index (none, or a stale one), in the order
+    /// given; empty for a folder.
+    pub unindexed_shards: Vec<PathBuf>,
 }
 
 impl Scan {
@@ -170,6 +173,7 @@ impl Scan {
             skipped,
             passed_over,
             warnings,
+            unindexed_shards: Vec::new(),
         }
     }
 }

@@ -103,8 +103,7 @@ struct RawMember {
     len: u64,
 }
 
-pub(super) fn size_and_mtime(file: &File) -> std::io::Result<(u64, u64)> {
-    let meta = file.metadata()?;
+pub(super) fn size_and_mtime(meta: &std::fs::Metadata) -> std::io::Result<(u64, u64)> {
     let mtime = meta
         .modified()?
         .duration_since(UNIX_EPOCH)
@@ -240,7 +239,10 @@ pub(super) fn list_shard(
     pool: &rayon::ThreadPool,
 ) -> std::result::Result<Listing, Error> {
     let file = File::open(shard).map_err(|e| Error::io(shard, e))?;
-    let (size, mtime_ns) = size_and_mtime(&file).map_err(|e| Error::io(shard, e))?;
+    let (size, mtime_ns) = file
+        .metadata()
+        .and_then(|m| size_and_mtime(&m))
+        .map_err(|e| Error::io(shard, e))?;
     let (members, tar_error, other) = tar_members(&file, size);
     let mut passed_over = PassedOver {
         other_files: other,
@@ -344,14 +346,16 @@ struct ShardScan {
     skipped: Vec<Skip>,
     passed_over: PassedOver,
     warning: Option<String>,
+    /// Whether the listing came from a current index.
+    indexed: bool,
 }
 
 fn scan_one(shard: &Path, opts: &ScanOptions, pool: &rayon::ThreadPool) -> ShardScan {
     let exts = &opts.caption_extensions;
-    let (listing, warning) = match read_index(shard, exts) {
-        Ok(Some(l)) => (Ok(l), None),
-        Ok(None) => (list_shard(shard, exts, pool), None),
-        Err(w) => (list_shard(shard, exts, pool), Some(w)),
+    let (listing, warning, indexed) = match read_index(shard, exts) {
+        Ok(Some(l)) => (Ok(l), None, true),
+        Ok(None) => (list_shard(shard, exts, pool), None, false),
+        Err(w) => (list_shard(shard, exts, pool), Some(w), false),
     };
     let listing = match listing {
         Ok(l) => l,
@@ -361,6 +365,7 @@ fn scan_one(shard: &Path, opts: &ScanOptions, pool: &rayon::ThreadPool) -> Shard
                 skipped: vec![Skip::new(shard, &e)],
                 passed_over: PassedOver::default(),
                 warning,
+                indexed,
             }
         }
     };
@@ -424,6 +429,7 @@ fn scan_one(shard: &Path, opts: &ScanOptions, pool: &rayon::ThreadPool) -> Shard
         skipped,
         passed_over: listing.passed_over,
         warning,
+        indexed,
     }
 }
 
@@ -473,7 +479,11 @@ pub fn scan_shards(root: &Path, shards: &[PathBuf], opts: &ScanOptions) -> Resul
     let mut skipped = Vec::new();
     let mut passed_over = PassedOver::default();
     let mut warnings = Vec::new();
+    let mut unindexed = Vec::new();
     for (k, s) in per_shard.into_iter().enumerate() {
+        if !s.indexed {
+            unindexed.push(shards[k].clone());
+        }
         images.extend(s.images.into_iter().map(|e| (k, e)));
         skipped.extend(s.skipped);
         passed_over += s.passed_over;
@@ -500,7 +510,9 @@ pub fn scan_shards(root: &Path, shards: &[PathBuf], opts: &ScanOptions) -> Resul
     };
     images.sort_by_cached_key(member_name);
     let images: Vec<ImageEntry> = images.into_iter().map(|(_, e)| e).collect();
-    Ok(Scan::new(root, images, skipped, passed_over, warnings))
+    let mut scan = Scan::new(root, images, skipped, passed_over, warnings);
+    scan.unindexed_shards = unindexed;
+    Ok(scan)
 }
 
 #[cfg(test)]

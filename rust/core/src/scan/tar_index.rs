@@ -5,7 +5,6 @@
 //!
 //! It must not read member bytes: listing is [`super::tar`]'s.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -171,8 +170,10 @@ pub(super) fn read_index(
     let value: Value =
         serde_json::from_slice(&text).map_err(|e| stale(format!("not JSON ({e})")))?;
     let listing = listing_from_json(&value).map_err(stale)?;
-    let now = File::open(shard)
-        .and_then(|f| size_and_mtime(&f))
+    // A stat, not an open: with current indexes the scan opens no shard (shard-level rank
+    // assignment relies on that: each rank opens only its own shards).
+    let now = std::fs::metadata(shard)
+        .and_then(|m| size_and_mtime(&m))
         .map_err(|e| stale(format!("the shard cannot be read ({e})")))?;
     if now != (listing.size, listing.mtime_ns) {
         return Err(stale(format!(
@@ -250,6 +251,7 @@ mod tests {
     use super::super::testkit::{as_tar_files, folder, write_tar};
     use super::super::{scan_shards, ScanOptions};
     use super::*;
+    use std::fs::File;
     use std::os::unix::fs::FileExt;
 
     #[test]
@@ -259,7 +261,10 @@ mod tests {
         let shard = out.path().join("s.tar");
         write_tar(&shard, &as_tar_files(&files));
         let o = ScanOptions::default();
-        let fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        let mut fresh = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        // Listed from its tar headers: recorded as unindexed (the rest must equal the indexed scan).
+        assert_eq!(fresh.unindexed_shards, std::slice::from_ref(&shard));
+        fresh.unindexed_shards.clear();
         let summary = write_index(&shard, &o.caption_extensions, 2).unwrap();
         assert_eq!(
             (summary.path.clone(), summary.images),
@@ -294,6 +299,7 @@ mod tests {
         drop(f);
         let s = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
         assert_eq!((s.images.len(), s.skipped.len()), (0, 4));
+        assert_eq!(s.unindexed_shards, std::slice::from_ref(&shard));
         assert_eq!(s.warnings.len(), 1);
         assert!(s.warnings[0].contains("stale") && s.warnings[0].contains("s.tar.index.json"));
         // Other caption extensions: stale too.
