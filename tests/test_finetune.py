@@ -489,6 +489,7 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "timestep_shift": 3.0,
         "max_sequence_length": 77,
         "validation_split": 0.1,
+        "resolution_schedule": "32:2,64",
     }
     values = {
         f.name: non_default.get(f.name, f.default)
