@@ -492,6 +492,7 @@ def test_every_flag_is_a_toml_key_and_unknown_keys_are_named(tmp_path: Path) -> 
         "validation_split": 0.1,
         "min_bucket_fill": 4,
         "max_extra_crop": 0.2,
+        "resolution_schedule": "32:2,64",
     }
     values = {
         f.name: non_default.get(f.name, f.default)

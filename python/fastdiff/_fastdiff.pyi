@@ -187,6 +187,16 @@ class NativeLoader:
     def num_batches(self) -> int: ...
     @property
     def buckets(self) -> list[tuple[int, int]]: ...
+    def rebucket(
+        self, *, resolution: int, bucket_step: int, min_bucket_side: int | None, max_bucket_side: int | None
+    ) -> NativeLoader:
+        """The same scanned images with other bucket options, every other option kept; reads no image file.
+
+        Raises:
+            ValueError: an option is out of range, or no image is left (e.g. all too small under
+                ``no_upscale``).
+        """
+
     @property
     def dataset_digest(self) -> str:
         """Fingerprint of the scanned dataset (relative paths, headers, subset options): 16 hex digits."""

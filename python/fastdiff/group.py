@@ -1,6 +1,6 @@
 """``fastdiff.DatasetGroup``: several datasets, each its own :class:`fastdiff.DataLoader` (own resolution,
 buckets and batch size), their batches interleaved as kohya-ss sd-scripts interleaves the ``[[datasets]]``
-of a dataset config.
+of a dataset config; or one dataset at several resolutions (:meth:`DatasetGroup.at_resolutions`).
 
 kohya's ``DatasetGroup`` is a ``torch.utils.data.ConcatDataset`` of datasets whose items are whole
 batches, read by a ``torch.utils.data.DataLoader(shuffle=True)``: an epoch is every batch of every dataset
@@ -84,6 +84,24 @@ class DatasetGroup:
             seed=first.get("seed", LOADER["seed"].default),
             shuffle=first.get("shuffle", LOADER["shuffle"].default),
         )
+
+    @classmethod
+    def at_resolutions(
+        cls, loader: DataLoader, resolutions: Sequence[int], *, seed: int = 0, shuffle: bool = True
+    ) -> DatasetGroup:
+        """Multi-resolution training: ``loader``'s images at each of ``resolutions`` (px, distinct), every
+        image once per resolution per epoch (times its repeats, as in one loader), the resolutions' batches
+        interleaved in the seeded step order above. Each resolution's loader is
+        :meth:`fastdiff.DataLoader.at_resolution` of the one scan (no file is read again), with its own
+        buckets and plan; ``len`` is the sum of theirs, and a resumed epoch continues exactly.
+
+        Raises:
+            ValueError: ``resolutions`` is empty, repeats a value, or holds one out of range; or as
+                :meth:`fastdiff.DataLoader.at_resolution`.
+        """
+        if not resolutions or len(set(resolutions)) != len(resolutions):
+            raise ValueError(f"resolutions must be distinct and at least one, got {list(resolutions)}")
+        return cls([loader.at_resolution(r) for r in resolutions], seed=seed, shuffle=shuffle)
 
     def order(self, epoch: int) -> list[int]:
         """The loader each step of ``epoch`` takes its batch from (``len(self)`` indices)."""

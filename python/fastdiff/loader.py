@@ -12,6 +12,8 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
-from fastdiff.options import LOADER_OPTIONS, saved
+from fastdiff.options import LOADER, LOADER_OPTIONS, saved
 from fastdiff.transfer import pinned_buffer, to_device
 from fastdiff.types import (
     Batch,
@@ -261,7 +263,18 @@ class DataLoader:
             "subsets": [s.options() for s in subsets],
         }
         if cache is not None and model is not None:
-            _encode_missing(cache, model, subsets, values)
+            # on_miss="encode": the build `fastdiff cache` runs, its plan's loader the same samples as float
+            # pixels in [-1, 1] for the VAE (imported here: it brings the training side's model loading,
+            # which `import fastdiff` must not).
+            from fastdiff.cache.build import build_from_model
+
+            plan = {**values, "pixels": True, "dtype": torch.float32, "pin_memory": False}
+            plan.update(on_miss="error", model=None)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            build_from_model(
+                Path(cache), partial(DataLoader, subsets=subsets, **plan), Path(model), device=device
+            )
+        self._bucket_options = {k: values[k] for k in ("bucket_step", "min_bucket_side", "max_bucket_side")}
         self._native = _fastdiff.NativeLoader(
             natives,
             **{o.name: o.native_value(values[o.name]) for o in LOADER_OPTIONS if o.native},
@@ -286,6 +299,27 @@ class DataLoader:
         """
         kwargs, subsets = load_config(config)
         return cls(subsets=subsets, **{**kwargs, **overrides})
+
+    def at_resolution(self, resolution: int) -> DataLoader:
+        """This loader's images at another ``resolution`` (bucket area ≤ ``resolution²``), every other
+        option kept: buckets, samples and plan are built anew from this loader's scan, as a new loader of
+        the same data would build them, without reading any image file (a coarse-to-fine curriculum
+        re-buckets between epochs this way). The new loader starts at epoch 0; its state records its
+        ``resolution``, so only a loader at that resolution resumes from it.
+
+        Raises:
+            ValueError: ``resolution`` is out of range, or (``no_upscale``) leaves no image of a subset.
+        """
+        problem = LOADER["resolution"].problem(resolution)
+        if problem is not None:
+            raise ValueError(problem)
+        other = copy.copy(self)
+        other._native = self._native.rebucket(resolution=resolution, **self._bucket_options)
+        other._state_options = {**copy.deepcopy(self._state_options), "resolution": resolution}
+        other._epoch = other._resume_batch = other._iter_total = 0
+        other._resume_done, other._resume_total, other._iter_done, other._position = [], None, [], None
+        other._stats_source = other._last_stats = None
+        return other
 
     def __len__(self) -> int:
         """Batches (steps) per epoch of this rank: exact, the same for every epoch and rank; repeats count."""
@@ -629,41 +663,6 @@ class DataLoader:
 
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
-
-
-def _encode_missing(
-    cache: str | os.PathLike[str],
-    model: str | os.PathLike[str],
-    subsets: Sequence[Subset],
-    values: Mapping[str, Any],
-) -> None:
-    """``on_miss="encode"``: build what ``cache`` lacks for a loader of ``subsets`` and the options
-    ``values`` with ``model``'s encoders, through the builder ``fastdiff cache`` runs
-    (:func:`fastdiff.cache.build.build_from_model`; imported here, as it brings the training side's
-    model loading, which ``import fastdiff`` must not)."""
-    from pathlib import Path
-
-    from fastdiff.cache.build import build_from_model
-
-    # The build plan's loader: the same samples, float pixels in [-1, 1] for the VAE.
-    plan = {
-        **values,
-        "pixels": True,
-        "dtype": torch.float32,
-        "pin_memory": False,
-        "on_miss": "error",
-        "model": None,
-    }
-
-    def make_loader() -> DataLoader:
-        return DataLoader(subsets=subsets, **plan)
-
-    build_from_model(
-        Path(cache),
-        make_loader,
-        Path(model),
-        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-    )
 
 
 def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

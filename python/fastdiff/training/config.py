@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdiff.options import DATASET_TABLES, LOADER, LOADER_OPTIONS
+from fastdiff.training.curriculum import parse_schedule
 from fastdiff.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from fastdiff.training.settings import FLOW_ONLY, check_field, loader_setting, setting
 from fastdiff.training.trackers import parse_report_to
@@ -121,6 +122,14 @@ class TrainConfig:
         "resolution",
         default_doc="Default: the dataset config's, else 64 from scratch; the UNet's sample_size times "
         "the VAE's downsampling for a pipeline (512 for SD 1.5, 1024 for SDXL).",
+    )
+    resolution_schedule: str | None = setting(
+        None,
+        group="data",
+        help="Coarse-to-fine curriculum RES:STEP,...,RES (256:2000,512: 256 px until step 2000, then "
+        "512), each switch at the first epoch boundary at or after its step, re-bucketed without a "
+        "rescan (logged; saved in checkpoints); validation and previews stay at --resolution.",
+        parse=parse_schedule,
     )
     bucket_step: int | None = loader_setting(
         "bucket_step",
@@ -601,9 +610,7 @@ def parse_sizes(values: Collection[str]) -> list[tuple[int, int]]:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    return list(value) if isinstance(value, tuple) else value
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
 
 def _attributes_doc() -> str:

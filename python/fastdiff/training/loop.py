@@ -30,6 +30,7 @@ import torch
 
 from fastdiff.training import distributed
 from fastdiff.training.checkpoint import Checkpointer, find_checkpoint, rng_state, set_rng_state
+from fastdiff.training.curriculum import ResolutionCurriculum
 from fastdiff.training.monitor import MAD_SCALE, LossByNoiseLevel, SpikeDetector
 from fastdiff.training.objective import drop_captions
 from fastdiff.training.outputs import (
@@ -141,8 +142,12 @@ def make_lr_scheduler(
     )
 
 
-def epochs_of(loader: BatchLoader, first_epoch: int) -> Generator[Batch, None, None]:
-    """Batches of ``loader`` over epochs ``first_epoch, first_epoch + 1, …`` (``set_epoch`` each time).
+def epochs_of(
+    loader: BatchLoader, first_epoch: int, steps_done: Callable[[], int] = lambda: 0
+) -> Generator[Batch, None, None]:
+    """Batches of ``loader`` over epochs ``first_epoch, first_epoch + 1, …`` (``set_epoch`` each time);
+    a :class:`~fastdiff.training.curriculum.ResolutionCurriculum` first advances to the stage of
+    ``steps_done()`` (the optimizer steps done when the epoch starts).
 
     The first epoch may yield none when it is the empty rest of a resumed epoch.
 
@@ -151,6 +156,8 @@ def epochs_of(loader: BatchLoader, first_epoch: int) -> Generator[Batch, None, N
     """
     epoch = first_epoch
     while True:
+        if isinstance(loader, ResolutionCurriculum):
+            loader.advance(steps_done())
         loader.set_epoch(epoch)
         count = 0
         for batch in loader:
@@ -367,7 +374,7 @@ def run(
         if validation_loader is not None:
             val_log = ValidationLog(config.output / "val_loss.csv", first_step)
     validation: list[tuple[int, float]] = []
-    batches = epochs_of(loader, first_epoch)
+    batches = epochs_of(loader, first_epoch, lambda: step - 1)  # read while fetching step `step`
     losses: list[float] = []
     spike_steps: list[int] = []
     by_noise_level = LossByNoiseLevel()

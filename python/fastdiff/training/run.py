@@ -33,6 +33,7 @@ from fastdiff.training.config import (
     TrainConfig,
     parse_sizes,
 )
+from fastdiff.training.curriculum import ResolutionCurriculum
 from fastdiff.training.dit import DiTTask
 from fastdiff.training.dit_pipeline import dit_family
 from fastdiff.training.flags import config_from_args
@@ -205,17 +206,21 @@ def train(config: TrainConfig, loader: BatchLoader | None = None) -> TrainResult
         config: The run's settings.
         loader: Batches to train on; ``None`` builds :func:`make_batches` from the resolved config. The
             from-scratch vocabulary and the default preview prompts come from
-            :func:`dataset_captions`.
+            :func:`dataset_captions`. With ``resolution_schedule``, it must be a
+            :class:`~fastdiff.training.curriculum.ResolutionCurriculum` (else the schedule would not apply).
 
     Returns:
         Losses, counters, timings and the trained models.
 
     Raises:
-        ValueError: The loader has no batches, the settings are invalid for the device or model, or
-            ``resume`` does not match the run.
+        ValueError: The loader has no batches, the settings are invalid for the device or model,
+            ``resume`` does not match the run, or ``resolution_schedule`` is set with a ``loader`` that
+            is not a :class:`~fastdiff.training.curriculum.ResolutionCurriculum`.
         FileNotFoundError: ``model`` or ``resume`` does not exist.
         RuntimeError: Too many consecutive non-finite steps, or an epoch yielded no batches.
     """
+    if config.resolution_schedule and loader is not None and not isinstance(loader, ResolutionCurriculum):
+        raise ValueError("resolution_schedule needs loader=None or a ResolutionCurriculum loader")
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     device = distributed.join(resolve_device(config.device))

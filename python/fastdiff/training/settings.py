@@ -5,6 +5,7 @@ value against them (:func:`check_field`). :mod:`fastdiff.training.config` define
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, Field, field
 from typing import Any
 
@@ -38,6 +39,7 @@ def setting(
     gt: float | None = None,
     max: float | None = None,
     lt: float | None = None,
+    parse: Callable[[str], object] | None = None,
 ) -> Any:
     """A :class:`TrainConfig` field with its documentation and CLI shape as metadata.
 
@@ -53,6 +55,7 @@ def setting(
         gt: Exclusive lower bound.
         max: Inclusive upper bound.
         lt: Exclusive upper bound.
+        parse: For a text field, the function that reads it (raising ``ValueError`` naming the field).
 
     Returns:
         A ``dataclasses.field``.
@@ -71,6 +74,7 @@ def setting(
         "gt": gt,
         "max": max,
         "lt": lt,
+        "parse": parse,
     }
     return field(default=default, metadata=metadata)
 
@@ -105,11 +109,13 @@ def loader_setting(name: str, *, default_doc: str) -> Any:
 
 
 def check_field(f: Field[Any], value: Any) -> None:
-    """Raise ``ValueError`` naming ``f`` when ``value`` breaks its metadata's choices or bounds."""
+    """Raise ``ValueError`` naming ``f`` when ``value`` breaks its metadata's choices, bounds or parse."""
     m = f.metadata
     optional = f.default is None
     if value is None and optional:
         return
+    if m["parse"] is not None:
+        m["parse"](value)
     if m["choices"] is not None and value not in m["choices"]:
         allowed = (*m["choices"], None) if optional else m["choices"]
         hint = " (fp16 makes SD's VAE overflow to NaN)" if f.name == "vae_dtype" else ""

@@ -15,6 +15,7 @@ from fastdiff.dataset import load_datasets
 from fastdiff.group import DatasetGroup
 from fastdiff.loader import DataLoader
 from fastdiff.training.config import DATASET_FIELDS, LOADER_DEFAULTS, TrainConfig
+from fastdiff.training.curriculum import ResolutionCurriculum, parse_schedule
 
 
 def is_dataset_config(data: Path) -> bool:
@@ -68,18 +69,24 @@ VALIDATION = {
 }
 
 
-def make_batches(config: TrainConfig) -> DataLoader | DatasetGroup:
+def make_batches(config: TrainConfig) -> DataLoader | DatasetGroup | ResolutionCurriculum:
     """The batches a run trains on: :func:`make_loader`'s loader, or for a dataset config with several
     ``[[datasets]]`` a :class:`fastdiff.DatasetGroup` of them (float32 pixel batches, the config's own
-    options per dataset, ``validation_split`` included, and the run's ``seed`` and ``num_threads``).
+    options per dataset, ``validation_split`` included, and the run's ``seed`` and ``num_threads``); with
+    ``resolution_schedule``, a :class:`~fastdiff.training.curriculum.ResolutionCurriculum` of the loader.
 
     Raises:
-        ValueError: As :func:`make_loader` or :meth:`fastdiff.DatasetGroup.from_config`.
+        ValueError: As :func:`make_loader` or :meth:`fastdiff.DatasetGroup.from_config`, or a
+            ``resolution_schedule`` with several ``[[datasets]]`` (not supported).
     """
     if is_dataset_config(config.data) and len(load_datasets(config.data)) > 1:
+        if config.resolution_schedule is not None:
+            raise ValueError("resolution_schedule with several [[datasets]] is not supported yet")
         return DatasetGroup.from_config(
             config.data, dtype=torch.float32, seed=config.seed, **_threads(config)
         )
+    if config.resolution_schedule is not None:
+        return ResolutionCurriculum(make_loader(config), parse_schedule(config.resolution_schedule))
     return make_loader(config)
 
 

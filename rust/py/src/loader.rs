@@ -319,6 +319,29 @@ impl NativeLoader {
             .collect())
     }
 
+    /// A loader of the same scanned images with other bucket options, every other option kept,
+    /// built without reading any image file (see the core's `Loader::rebucket`). Raises
+    /// `ValueError` for an option out of range, or as the constructor after its scan.
+    #[pyo3(signature = (*, resolution, bucket_step, min_bucket_side, max_bucket_side))]
+    fn rebucket(
+        &self,
+        py: Python<'_>,
+        resolution: u32,
+        bucket_step: u32,
+        min_bucket_side: Option<u32>,
+        max_bucket_side: Option<u32>,
+    ) -> PyResult<Self> {
+        let opts = LoaderOptions {
+            resolution,
+            bucket_step,
+            min_bucket_side,
+            max_bucket_side,
+            ..self.inner.options().clone()
+        };
+        let inner = py.detach(|| self.inner.rebucket(opts)).map_err(to_pyerr)?;
+        Ok(NativeLoader { inner })
+    }
+
     /// Scan and load report as a dict (see `fastdiff.DataLoader.report`).
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         report_dict(py, &self.inner.report())

@@ -18,7 +18,7 @@ use crate::cache::Key;
 use crate::dataset::Subset;
 use crate::decode::DecodeOptions;
 use crate::error::{Error, Result, Skip};
-use crate::scan::{self, ImageEntry, PassedOver, ScanOptions};
+use crate::scan::{self, ImageEntry, PassedOver, Scan, ScanOptions};
 use crate::{quality, sampler};
 
 /// A scanned and bucketed dataset; cheap to share (`Send + Sync`), iterate epochs with
@@ -51,6 +51,9 @@ pub(super) struct Inner {
     pub(super) merges: Vec<Move>,
     /// The subsets, in order (captions maps dropped after the scan).
     pub(super) subsets: Vec<Subset>,
+    /// Each subset's scan as it came (before `validation_split` and bucketing), kept for
+    /// [`Loader::rebucket`] and shared by the loaders it builds.
+    pub(super) scans: Arc<Vec<Scan>>,
     /// Subset index per image.
     pub(super) subset_of: Vec<usize>,
     /// Image index per sample: each image once per repeat of its subset, image-major, so without
@@ -148,6 +151,39 @@ impl Loader {
         for subset in &subsets {
             subset.validate()?;
         }
+        let scans = scan_subsets(&mut subsets, &opts)?;
+        Loader::from_scans(subsets, Arc::new(scans), opts)
+    }
+
+    /// A loader of the same scanned images with other options (another `resolution`,
+    /// `bucket_step`, `min_bucket_side`/`max_bucket_side`, `batch_size`, ...): the buckets, samples,
+    /// plan and pools are built anew from this loader's scan as [`Loader::from_subsets`] builds them,
+    /// without reading any file (with [`LoaderOptions::cache`], but for the cache folder). Equal to a
+    /// fresh loader of the same files with `opts`. The report's failures met while iterating are not
+    /// carried over.
+    ///
+    /// Errors: [`Error::InvalidArgument`] from [`LoaderOptions::validate`], or when `opts` changes
+    /// an option the scan depends on (`caption_extensions`, `max_pixels`); otherwise as
+    /// [`Loader::from_subsets`] after its scan (`too_small` skips, [`Error::NoImages`], the cache).
+    pub fn rebucket(&self, opts: LoaderOptions) -> Result<Loader> {
+        opts.validate()?;
+        let was = &self.inner.opts;
+        if opts.caption_extensions != was.caption_extensions || opts.max_pixels != was.max_pixels {
+            return Err(Error::InvalidArgument(format!(
+                "rebucket keeps the scan: caption_extensions and max_pixels must stay {:?} and {}, \
+                 got {:?} and {}",
+                was.caption_extensions, was.max_pixels, opts.caption_extensions, opts.max_pixels
+            )));
+        }
+        Loader::from_scans(self.inner.subsets.clone(), self.inner.scans.clone(), opts)
+    }
+
+    /// The loader of `subsets` from their scans (one per subset, in order), with `opts` (validated).
+    fn from_scans(
+        subsets: Vec<Subset>,
+        scans: Arc<Vec<Scan>>,
+        opts: LoaderOptions,
+    ) -> Result<Loader> {
         let bucket_config = opts.bucket_config()?;
         let mut buckets = bucket_config.buckets();
         // Bucket of each image, by value (with no_upscale, not necessarily in `buckets` yet).
@@ -160,22 +196,8 @@ impl Loader {
         let mut scan_skipped = Vec::new();
         let mut warnings = Vec::new();
         let mut unindexed = Vec::new();
-        for (k, subset) in subsets.iter_mut().enumerate() {
-            let scan_opts = ScanOptions {
-                caption_extensions: subset
-                    .caption_extensions
-                    .clone()
-                    .unwrap_or_else(|| opts.caption_extensions.clone()),
-                max_pixels: opts.max_pixels,
-                num_threads: opts.num_threads,
-                captions: subset.captions.take(),
-                class_tokens: subset.class_tokens.clone(),
-            };
-            let mut scanned = if subset.shards.is_empty() {
-                scan::scan(&subset.root, &scan_opts)?
-            } else {
-                scan::scan_shards(&subset.root, &subset.shards, &scan_opts)?
-            };
+        for (k, (subset, scanned)) in subsets.iter().zip(scans.iter()).enumerate() {
+            let mut scanned = scanned.clone();
             warnings.append(&mut scanned.warnings);
             for (shard, reason) in &subset.unreadable_shards {
                 let e = Error::io(
@@ -335,6 +357,7 @@ impl Loader {
             bucket_of,
             merges,
             subsets,
+            scans,
             subset_of,
             sample_image,
             sample_bucket,
@@ -471,6 +494,29 @@ impl Loader {
         };
         quality::measure(&self.inner.images, &decode, o.num_threads)
     }
+}
+
+/// Scan each subset's folder or shards (headers only), taking its `captions` map.
+fn scan_subsets(subsets: &mut [Subset], opts: &LoaderOptions) -> Result<Vec<Scan>> {
+    let mut scans = Vec::with_capacity(subsets.len());
+    for subset in subsets.iter_mut() {
+        let scan_opts = ScanOptions {
+            caption_extensions: subset
+                .caption_extensions
+                .clone()
+                .unwrap_or_else(|| opts.caption_extensions.clone()),
+            max_pixels: opts.max_pixels,
+            num_threads: opts.num_threads,
+            captions: subset.captions.take(),
+            class_tokens: subset.class_tokens.clone(),
+        };
+        scans.push(if subset.shards.is_empty() {
+            scan::scan(&subset.root, &scan_opts)?
+        } else {
+            scan::scan_shards(&subset.root, &subset.shards, &scan_opts)?
+        });
+    }
+    Ok(scans)
 }
 
 /// Batch buffers a pool keeps: the consumer holds a batch or two while `prefetch` more load.

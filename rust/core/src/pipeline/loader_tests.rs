@@ -332,6 +332,61 @@ fn validation_split_holds_out_a_fixed_set_the_other_loader_yields() {
 }
 
 #[test]
+fn rebucket_equals_a_fresh_scan_and_reads_no_file() {
+    let dir = dataset();
+    let at = |resolution| LoaderOptions {
+        resolution,
+        min_bucket_fill: Some(2),
+        max_extra_crop: 0.3,
+        ..opts()
+    };
+    let base = Loader::new(dir.path(), at(64)).unwrap();
+    // Iterated while the files exist: the same batches, pixels included.
+    let fresh = Loader::new(dir.path(), at(96)).unwrap();
+    let rebucketed = base.rebucket(at(96)).unwrap();
+    assert_ne!(fresh.buckets(), base.buckets());
+    assert_eq!(
+        collect(rebucketed.iter_epoch(1, 0)),
+        collect(fresh.iter_epoch(1, 0))
+    );
+    let fresh: Vec<Loader> = [32, 96, 128]
+        .into_iter()
+        .map(|r| Loader::new(dir.path(), at(r)).unwrap())
+        .collect();
+    let root = dir.path().to_path_buf();
+    drop(dir);
+    assert!(!root.exists());
+    for want in &fresh {
+        let got = base.rebucket(want.options().clone()).unwrap();
+        assert_eq!(got.buckets(), want.buckets());
+        assert_eq!(got.images(), want.images());
+        assert_eq!(got.inner.bucket_of, want.inner.bucket_of);
+        assert_eq!(got.inner.sample_bucket, want.inner.sample_bucket);
+        assert_eq!(got.num_batches(), want.num_batches());
+        assert_eq!(got.report(), want.report());
+        assert_eq!(got.dataset_digest(), want.dataset_digest());
+        let s = want.options().sampling();
+        for epoch in 0..3 {
+            let plan = |l: &Loader| {
+                sampler::plan_epoch(&l.inner.sample_bucket, l.buckets().len(), &s, epoch)
+            };
+            assert_eq!(plan(&got), plan(want));
+        }
+    }
+    // A rebucketed loader rebuckets from the same scan (back to where it started).
+    let back = fresh[0].rebucket(at(64)).unwrap();
+    assert_eq!(back.inner.sample_bucket, base.inner.sample_bucket);
+    let err = base
+        .rebucket(LoaderOptions {
+            max_pixels: 1000,
+            ..at(64)
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), SkipCode::InvalidArgument);
+    assert!(err.to_string().contains("max_pixels"), "{err}");
+}
+
+#[test]
 fn loader_is_send_sync_and_iterator_is_send() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
