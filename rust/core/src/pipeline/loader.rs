@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::buffer::BufferPool;
 use super::cached::{check_cacheable, Cache};
 use super::options::{held_out, LoaderOptions, OnError};
+use super::views::{self, Pairs};
 use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
@@ -78,6 +79,10 @@ pub(super) struct Inner {
     pub(super) tensor_pool: Arc<BufferPool>,
     /// Zero-byte buffers: the `pixels` of batches without decoded pixels.
     pub(super) empty_pool: Arc<BufferPool>,
+    /// With conditioning views: each image's paired files (empty without views).
+    pub(super) pairs: Vec<Pairs>,
+    /// Recycled buffers of the view tensors, sized for the largest batch's largest view tensor.
+    pub(super) view_pool: Arc<BufferPool>,
 }
 
 /// Images that failed while iterating, each recorded once whatever the epoch.
@@ -238,6 +243,41 @@ impl Loader {
             subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
             images.extend(scanned.images);
         }
+        let mut pairs = Vec::new();
+        if !opts.views.is_empty() {
+            let roots: Vec<&Path> = (subset_of.iter())
+                .map(|&k| subsets[k].root.as_path())
+                .collect();
+            let require = opts.views.require_pairs || opts.on_error == OnError::Raise;
+            let (paired, kept) = views::pair(
+                &opts.views,
+                &images,
+                &roots,
+                &mut scan_skipped,
+                &mut warnings,
+                require,
+            )?;
+            if kept.is_empty() {
+                return Err(Error::NoImages {
+                    path: subsets[0].root.clone(),
+                    reason: format!(
+                        "no image has all its conditioning files; first: {}",
+                        scan_skipped.last().map_or("", |s| s.message.as_str())
+                    ),
+                });
+            }
+            if kept.len() < images.len() {
+                let mut keep = vec![false; images.len()];
+                kept.iter().for_each(|&i| keep[i] = true);
+                let mut flags = keep.iter();
+                images.retain(|_| *flags.next().expect("one flag per image"));
+                let mut flags = keep.iter();
+                image_bucket.retain(|_| *flags.next().expect("one flag per image"));
+                let mut flags = keep.iter();
+                subset_of.retain(|_| *flags.next().expect("one flag per image"));
+            }
+            pairs = paired;
+        }
         scan_skipped.sort_by(|a, b| a.path.cmp(&b.path));
         if opts.no_upscale {
             buckets.extend_from_slice(&image_bucket);
@@ -293,6 +333,17 @@ impl Loader {
         // The consumer holds a batch or two while `prefetch` more are loading.
         let keep = opts_keep(&opts);
         let pool = BufferPool::new(batch_bytes, keep);
+        let view_tensors = opts.views.tensors((0, 0), opts.dtype).len();
+        let largest_view = (buckets.iter().zip(&bucket_samples))
+            .filter(|(_, samples)| !samples.is_empty())
+            .flat_map(|(b, _)| opts.views.tensors((b.width, b.height), opts.dtype))
+            .map(|(_, dtype, shape)| shape.iter().product::<usize>() * dtype.bytes_per_value())
+            .max()
+            .unwrap_or(0);
+        let view_pool = BufferPool::new(
+            opts.batch_size.min(fullest) * largest_view,
+            keep * view_tensors,
+        );
         let mut inner = Inner {
             opts,
             root: subsets[0].root.clone(),
@@ -316,6 +367,8 @@ impl Loader {
             cache: None,
             tensor_pool: BufferPool::new(0, 0),
             empty_pool: BufferPool::new(0, keep),
+            pairs,
+            view_pool,
         };
         if let Some(dir) = inner.opts.cache.clone() {
             let (cache, unreadable) = Cache::open(&dir, &inner.images, inner.opts.threads())?;
@@ -431,6 +484,7 @@ impl Loader {
         let decode = DecodeOptions {
             background: o.background,
             max_pixels: o.max_pixels,
+            alpha_plane: false,
         };
         quality::measure(&self.inner.images, &decode, o.num_threads)
     }

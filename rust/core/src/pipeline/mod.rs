@@ -20,7 +20,8 @@
 //! found and what failed since), `epoch` (the consumer side: plan, prefetch, yield in order),
 //! `batch` (one batch in flight: the slots workers write, the [`Batch`] yielded), `draws` (each
 //! sample's seeded crop, flip and caption, with crop and caption variants), `worker` (one
-//! thread's loop: load a sample, stand-ins for failures), [`buffer`] (batch memory) and [`stats`]
+//! thread's loop: load a sample, stand-ins for failures), `views` (masks and control images:
+//! pairing, and their write at the target's placement), [`buffer`] (batch memory) and [`stats`]
 //! (where the time went).
 //!
 //! This module decides nothing about pixels (that is [`crate::decode`] and [`crate::transform`]) and
@@ -39,6 +40,7 @@ mod serve;
 pub mod stats;
 #[cfg(test)]
 mod testkit;
+mod views;
 mod worker;
 
 pub use batch::{Batch, SampleMeta};
@@ -48,3 +50,4 @@ pub use loader::Loader;
 pub use options::{held_out, LoaderOptions, OnError};
 pub use report::{BucketMerges, Report, SubsetReport};
 pub use stats::{LoadStats, StatsHandle};
+pub use views::{ViewOptions, ViewTensor};
