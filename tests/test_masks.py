@@ -10,13 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastdiff
 import numpy as np
 import pytest
-from PIL import Image
-
 import torch
-
-import fastdiff
+from PIL import Image
 
 SIZES = [(97, 71), (64, 120), (150, 90), (80, 80), (53, 131)]
 
@@ -58,7 +56,7 @@ def test_alpha_mask_equals_mask_recomputed_from_returned_pixels(tmp_path: Path, 
         pixels, masks = batch["pixel_values"].numpy(), batch["masks"].numpy()
         b, _, h, w = pixels.shape
         assert masks.shape == (b, 1, h, w) and masks.dtype == np.float32
-        assert 0.0 <= masks.min() and masks.max() <= 1.0
+        assert masks.min() >= 0.0 and masks.max() <= 1.0
         # The mask is a function of the colour: red over black = 255 * a / 255 = a, resized with the same
         # (box) filter over the same window and flipped with it: equal to the last bit.
         np.testing.assert_array_equal(masks[:, 0], pixels[:, 0].astype(np.float32) / 255.0)
@@ -66,7 +64,9 @@ def test_alpha_mask_equals_mask_recomputed_from_returned_pixels(tmp_path: Path, 
     assert len(buckets) >= 3
 
 
-def _pillow_mask(path: Path, target: tuple[int, int], crop_top_left: tuple[int, int], flipped: bool) -> np.ndarray:
+def _pillow_mask(
+    path: Path, target: tuple[int, int], crop_top_left: tuple[int, int], flipped: bool
+) -> np.ndarray:
     """Pillow's mask of ``path`` for one sample: alpha resized to cover (BOX), cropped, maybe flipped."""
     alpha = Image.open(path).getchannel("A")
     (th, tw), (top, left) = target, crop_top_left
@@ -239,3 +239,76 @@ def test_bad_view_options_are_value_errors(tmp_path: Path) -> None:
         _loader(tmp_path, mask_from_alpha=True, vae_scale_factor=16)
     with pytest.raises(ValueError, match="control_dir"):
         _loader(tmp_path, control_dir=tmp_path / "nope")
+
+
+def test_masked_loss_of_a_tiny_sd_step_is_the_hand_computation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_run
+    from fastdiff.training import sd
+    from tiny_sd import build_sd15
+
+    images = tmp_path / "img"
+    images.mkdir()
+    _alpha_set(images)
+    task = sd.PipelineTask.from_config(
+        tiny_run(build_sd15(tmp_path / "sd15"), images, tmp_path / "out"), torch.device("cpu")
+    )
+    seen: dict[str, torch.Tensor] = {}
+    real = sd.diffusion_loss_from
+
+    def spy(scheduler, noised, prediction, snr_gamma, sample_weights=None, mask=None):  # type: ignore[no-untyped-def]
+        seen.update(prediction=prediction.detach(), target=noised.target.detach())
+        seen["mask"] = mask
+        return real(scheduler, noised, prediction, snr_gamma, sample_weights, mask)
+
+    monkeypatch.setattr(sd, "diffusion_loss_from", spy)
+    # The tiny VAE downscales by 2: vae_scale_factor=2 makes masks_latent the prediction's size.
+    loader = fastdiff.DataLoader(
+        images, resolution=32, bucket_step=8, batch_size=2, mask_from_alpha=True, vae_scale_factor=2
+    )
+    batch = next(iter(loader))
+    loss = task.loss(batch, generator=torch.Generator().manual_seed(0), amp_dtype=None)
+    mask = batch["masks_latent"].double()
+    assert seen["mask"] is not None and torch.equal(seen["mask"], batch["masks_latent"])
+    assert 0.05 < float(mask.mean()) < 0.95  # a real mask, neither all ones nor all zeros
+    err = (seen["prediction"].double() - seen["target"].double()) ** 2
+    # Hand computation: per sample mean(mask * err) / mean(mask), then the batch mean.
+    per_sample = [float((err[b] * mask[b]).mean() / mask[b].mean()) for b in range(err.shape[0])]
+    assert float(loss) == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)
+    assert float(loss) != pytest.approx(float(err.mean()), rel=1e-3)  # the mask changed the loss
+    loss.backward()  # and it trains: gradients reach the UNet
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.unet.parameters())
+
+    # `fastdiff train` on a dataset TOML with `mask_from_alpha = true`: every step's loss is masked.
+    from fastdiff.training.run import train
+
+    toml = tmp_path / "data.toml"
+    toml.write_text(
+        "[general]\nmask_from_alpha = true\nvae_scale_factor = 2\n[[datasets]]\n"
+        '[[datasets.subsets]]\nimage_dir = "img"\n'
+    )
+    seen.clear()
+    masks_seen: list[bool] = []
+    monkeypatch.setattr(
+        sd,
+        "diffusion_loss_from",
+        lambda *a, **k: masks_seen.append(a[5] is not None) or real(*a, **k),
+    )
+    result = train(tiny_run(tmp_path / "sd15", toml, tmp_path / "run", max_steps=2))
+    assert masks_seen == [True, True] and all(np.isfinite(result.losses))
+
+
+def test_loss_mask_picks_the_prediction_size_else_area_resizes_masks() -> None:
+    from fastdiff.training.objective import loss_mask
+
+    masks = torch.rand(2, 1, 16, 24)
+    latent = masks.reshape(2, 1, 2, 8, 3, 8).mean(dim=(3, 5))
+    batch = {"masks": masks, "masks_latent": latent}
+    cpu = torch.device("cpu")
+    assert torch.equal(loss_mask(batch, (2, 3), cpu), latent)
+    assert torch.equal(loss_mask(batch, (16, 24), cpu), masks)
+    # Any other size: masks area-averaged (4x4 blocks here), as kohya-ss apply_masked_loss does.
+    want = masks.reshape(2, 1, 4, 4, 6, 4).mean(dim=(3, 5))
+    torch.testing.assert_close(loss_mask(batch, (4, 6), cpu), want)
+    assert loss_mask({}, (4, 6), cpu) is None

@@ -166,7 +166,9 @@ def test_every_toml_key_and_alias_reaches_its_option() -> None:
     config = {"general": {**general, **defaults}, "datasets": [{"subsets": [{"image_dir": "a"}]}]}
     kwargs, subsets = fastdiff.load_config(config)
     # The loader's keys go to the loader (paths relative to the config), the others are subset defaults.
-    assert kwargs == {k: str(Path.cwd() / v) if options.LOADER[k].kind == "path" else v for k, v in general.items()}
+    assert kwargs == {
+        k: str(Path.cwd() / v) if options.LOADER[k].kind == "path" else v for k, v in general.items()
+    }
     subset_values(subsets[0], defaults)
     kwargs, subsets = fastdiff.load_config({"datasets": [{"subsets": [per_subset]}]})
     assert kwargs == {}

@@ -457,7 +457,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         'and ``batch["masks_latent"]`` float32 ``[B, 1, H / f, W / f]``, its mean over ``f``×``f`` '
         "blocks (``f`` = ``vae_scale_factor``). An image without alpha (every JPEG) gets an all-ones "
         "mask. Not with ``mask_dir`` (``ValueError``). With a mask, ``fastdiff train`` trains the masked "
-        "loss (``fastdiff.training.objective.weighted_mse``). README \"Masks and control images\".",
+        'loss (``fastdiff.training.objective.weighted_mse``). README "Masks and control images".',
         scan=True,
         state="unless_default",
         toml=DATASET_TABLES,
@@ -466,9 +466,9 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "mask_dir",
         str | os.PathLike[str] | None,
         None,
-        'A folder of mask files, one per image at the image\'s relative path and stem (``a/b.jpg`` -> '
+        "A folder of mask files, one per image at the image's relative path and stem (``a/b.jpg`` -> "
         '``mask_dir/a/b.png``), giving ``batch["masks"]`` as ``mask_from_alpha`` does: 255 = 1 = trained.',
-        details="Any image format; read as grayscale (a colour file by Pillow's ``convert(\"L\")`` "
+        details='Any image format; read as grayscale (a colour file by Pillow\'s ``convert("L")`` '
         "luminance, alpha composited onto black). A mask of another size than its image is mapped "
         "proportionally (as if resized to the image's size first). An image without its mask is "
         "skipped as ``missing_mask`` (``require_pairs``: ``FileNotFoundError``); a mask no image pairs "
@@ -500,7 +500,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         "An image without its mask or control file is an error (``FileNotFoundError`` naming it) instead "
         "of a skip in the report.",
         details='With ``on_error="raise"`` too. Without it the image is skipped (``missing_mask`` / '
-        '``missing_control``) and ``loaded + len(skipped) == found`` still holds.',
+        "``missing_control``) and ``loaded + len(skipped) == found`` still holds.",
         scan=True,
         state="unless_default",
         toml=DATASET_TABLES,

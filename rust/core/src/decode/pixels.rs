@@ -276,6 +276,36 @@ mod tests {
     }
 
     #[test]
+    fn alpha_plane_is_the_alpha_channel_replicated_and_255_without_alpha() {
+        let rgba = vec![10, 20, 30, 0, 40, 50, 60, 128, 70, 80, 90, 255];
+        let got = to_rgb8(rgba, ColorType::Rgba8, Alpha::Plane).unwrap();
+        assert_eq!(got, vec![0, 0, 0, 128, 128, 128, 255, 255, 255]);
+        let la = vec![5, 7, 9, 200];
+        assert_eq!(
+            to_rgb8(la, ColorType::La8, Alpha::Plane).unwrap(),
+            vec![7, 7, 7, 200, 200, 200]
+        );
+        // 16-bit alpha is rounded like the colour samples: 0x8080 -> 128.
+        let la16: Vec<u8> = [0u16, 0x8080]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        assert_eq!(
+            to_rgb8(la16, ColorType::La16, Alpha::Plane).unwrap(),
+            vec![128, 128, 128]
+        );
+        let rgb = vec![1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            to_rgb8(rgb, ColorType::Rgb8, Alpha::Plane).unwrap(),
+            vec![255; 6]
+        );
+        assert_eq!(
+            to_rgb8(vec![9], ColorType::L8, Alpha::Plane).unwrap(),
+            vec![255; 3]
+        );
+    }
+
+    #[test]
     fn alpha_is_composited_on_the_background() {
         // RGBA: opaque red, transparent black, half-transparent black, transparent "garbage" colour.
         let rgba = [220, 30, 40, 255, 0, 0, 0, 0, 0, 0, 0, 128, 12, 250, 99, 0];

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::buffer::PixelBuffer;
+use super::views::ViewSlots;
 use crate::bucket::Bucket;
 use crate::cache::Key;
 use crate::error::Result;
-use super::views::ViewSlots;
 use crate::transform::{OutSlot, OutputDtype, Placement};
 
 /// Everything about one sample of a batch except its pixels.
@@ -172,7 +172,14 @@ impl BatchState {
     pub(super) unsafe fn slot_mut(&self, slot: usize) -> OutSlot<'_> {
         // SAFETY: the range lies inside the buffer (slot < sample count) and is disjoint from every
         // other slot's, per this function's contract.
-        unsafe { out_slot(self.base, slot * self.per_sample, self.per_sample, self.dtype) }
+        unsafe {
+            out_slot(
+                self.base,
+                slot * self.per_sample,
+                self.per_sample,
+                self.dtype,
+            )
+        }
     }
 
     /// Sample `slot`'s places in the view tensors.
@@ -200,9 +207,8 @@ impl BatchState {
             for k in 0..self.controls {
                 // SAFETY: as above; the K control images of a sample are disjoint thirds of its
                 // slot, each aligned like the slot (`each` values of the dtype).
-                controls.push(unsafe {
-                    out_slot(t.base, slot * values + k * each, each, self.dtype)
-                });
+                controls
+                    .push(unsafe { out_slot(t.base, slot * values + k * each, each, self.dtype) });
             }
         }
         ViewSlots { mask, controls }

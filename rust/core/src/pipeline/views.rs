@@ -137,7 +137,9 @@ impl Folder {
         let mut files = BTreeMap::new();
         for path in scan::image_files(dir) {
             // Sorted walk: of two files with one stem (`a.png`, `a.jpg`) the first by name wins.
-            files.entry(relative_stem(dir, &path)).or_insert((path, false));
+            files
+                .entry(relative_stem(dir, &path))
+                .or_insert((path, false));
         }
         Folder {
             dir: dir.to_path_buf(),
@@ -161,11 +163,19 @@ fn relative_stem(root: &Path, path: &Path) -> String {
 /// Whether `a` and `b` differ by exactly one insertion, deletion or substitution.
 fn one_edit_apart(a: &str, b: &str) -> bool {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let (short, long) = if a.len() <= b.len() { (&a, &b) } else { (&b, &a) };
+    let (short, long) = if a.len() <= b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
     if long.len() - short.len() > 1 || a == b {
         return false;
     }
-    let head = short.iter().zip(long.iter()).take_while(|(x, y)| x == y).count();
+    let head = short
+        .iter()
+        .zip(long.iter())
+        .take_while(|(x, y)| x == y)
+        .count();
     let skip = usize::from(short.len() == long.len());
     short[head + skip.min(short.len() - head)..] == long[head + 1..]
 }
@@ -326,28 +336,46 @@ pub(super) fn write_views(
     if let Some((mask, latent)) = slots.mask {
         let img = if opts.mask_from_alpha {
             let bytes = entry.read().map_err(|e| Error::io(&entry.path, e))?;
-            let alpha = DecodeOptions { alpha_plane: true, ..*decode_opts };
+            let alpha = DecodeOptions {
+                alpha_plane: true,
+                ..*decode_opts
+            };
             let orientation = entry.header.orientation;
             decoder.decode(&bytes, &entry.path, orientation, placement.resized, &alpha)?
         } else {
-            let path = pairs.mask.as_ref().expect("a mask is paired whenever one is asked for");
-            let black = DecodeOptions { background: [0, 0, 0], ..*decode_opts };
+            let path = pairs
+                .mask
+                .as_ref()
+                .expect("a mask is paired whenever one is asked for");
+            let black = DecodeOptions {
+                background: [0, 0, 0],
+                ..*decode_opts
+            };
             read_view(path, upright, placement, &black, decoder)?
         };
         let n = 3 * bw as usize * bh as usize;
         tools.scratch.resize(n, 0);
-        tools.masks.apply(&img, placement, (bw, bh), OutSlot::U8(&mut tools.scratch))?;
+        tools
+            .masks
+            .apply(&img, placement, (bw, bh), OutSlot::U8(&mut tools.scratch))?;
         let plane = n / 3;
         let (r, rest) = tools.scratch.split_at(plane);
         let (g, b) = rest.split_at(plane);
         for (i, out) in mask.chunks_exact_mut(4).enumerate() {
             // Pillow's RGB -> L: (19595 R + 38470 G + 7471 B + 2^15) >> 16 (exact for gray).
-            let l = (19595 * u32::from(r[i]) + 38470 * u32::from(g[i]) + 7471 * u32::from(b[i])
+            let l = (19595 * u32::from(r[i])
+                + 38470 * u32::from(g[i])
+                + 7471 * u32::from(b[i])
                 + 0x8000)
                 >> 16;
             out.copy_from_slice(&(l as f32 / 255.0).to_ne_bytes());
         }
-        area_average(mask, latent, (bw as usize, bh as usize), opts.vae_scale_factor as usize);
+        area_average(
+            mask,
+            latent,
+            (bw as usize, bh as usize),
+            opts.vae_scale_factor as usize,
+        );
     }
     for (path, out) in pairs.controls.iter().zip(slots.controls) {
         let img = read_view(path, upright, placement, decode_opts, decoder)?;
