@@ -180,6 +180,7 @@ def test_every_toml_key_and_alias_reaches_its_option() -> None:
         "max_bucket_reso": "max_bucket_side",
         "bucket_no_upscale": "no_upscale",
         "weight": "loss_weight",
+        "alpha_mask": "mask_from_alpha",
     }
     for alias, name in dataset.ALIASES.items():
         o = options.LOADER.get(name) or options.SUBSET[name]

@@ -461,6 +461,7 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         scan=True,
         state="unless_default",
         toml=DATASET_TABLES,
+        alias="alpha_mask",
     ),
     loader_option(
         "mask_dir",
