@@ -312,3 +312,24 @@ def test_loss_mask_picks_the_prediction_size_else_area_resizes_masks() -> None:
     want = masks.reshape(2, 1, 4, 4, 6, 4).mean(dim=(3, 5))
     torch.testing.assert_close(loss_mask(batch, (4, 6), cpu), want)
     assert loss_mask({}, (4, 6), cpu) is None
+
+
+def test_masks_of_held_out_and_skipped_images_are_not_orphans(tmp_path: Path) -> None:
+    images, masks = tmp_path / "img", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(12):
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(images / f"p{i:02d}.png")
+        Image.new("L", (64, 64), 255).save(masks / f"p{i:02d}.png")
+    (images / "p00.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # skipped by the scan (decode)
+    (masks / "stray.png").write_bytes((masks / "p01.png").read_bytes())
+    train = _loader(images, mask_dir=masks, validation_split=0.4, seed=1)
+    val = _loader(images, mask_dir=masks, validation_split=0.4, seed=1, validation=True)
+    for loader in (train, val):
+        report = loader.report
+        assert report["loaded"] > 0
+        # Only the mask of no image at all is an orphan: not those of the other split or of p00.
+        assert [w for w in report["warnings"] if "orphan" in w] == [
+            f"orphan_mask: {masks / 'stray.png'} pairs with no image"
+        ]
+    assert train.report["loaded"] + val.report["loaded"] == 11

@@ -158,6 +158,10 @@ impl Loader {
         let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
         let mut warnings = Vec::new();
+        // Images found but not used (held out, skipped by the scan), with their subset folders: their
+        // conditioning files are not orphans.
+        let mut passed: Vec<PathBuf> = Vec::new();
+        let mut passed_roots: Vec<PathBuf> = Vec::new();
         for (k, subset) in subsets.iter_mut().enumerate() {
             let scan_opts = ScanOptions {
                 caption_extensions: subset
@@ -183,6 +187,7 @@ impl Loader {
                     let relative = relative.to_string_lossy().replace('\\', "/");
                     if held_out(opts.seed, opts.validation_split, &relative) != opts.validation {
                         held_here += 1;
+                        passed.push(entry.path.clone());
                         continue;
                     }
                 }
@@ -239,6 +244,8 @@ impl Loader {
             found += scanned.found;
             held_out_total += held_here;
             passed_over += scanned.passed_over;
+            passed.extend(scanned.skipped.iter().map(|s| s.path.clone()));
+            passed_roots.resize(passed.len(), subset.root.clone());
             scan_skipped.extend(scanned.skipped);
             subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
             images.extend(scanned.images);
@@ -249,12 +256,14 @@ impl Loader {
                 .map(|&k| subsets[k].root.as_path())
                 .collect();
             let require = opts.views.require_pairs || opts.on_error == OnError::Raise;
+            let unused: Vec<(&Path, &Path)> = (passed.iter().zip(&passed_roots))
+                .map(|(p, r)| (p.as_path(), r.as_path()))
+                .collect();
             let (paired, kept) = views::pair(
                 &opts.views,
-                &images,
-                &roots,
-                &mut scan_skipped,
-                &mut warnings,
+                (&images, &roots),
+                &unused,
+                (&mut scan_skipped, &mut warnings),
                 require,
             )?;
             if kept.is_empty() {

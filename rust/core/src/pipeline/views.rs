@@ -193,19 +193,26 @@ fn nearest<'a>(stem: &str, mut names: impl Iterator<Item = &'a str>) -> String {
 /// Returns each kept image's pairs (in order) and the indices kept; an image missing a pair is a
 /// skip with code `missing_mask` or `missing_control` (naming the folder, the stem looked for and,
 /// when a conditioning file's stem is one edit away, that file), or with `require` the error
-/// ([`Error::MissingPair`]). Errors: [`Error::InvalidArgument`] for a view folder that is not one. Conditioning files no image pairs with are warnings with code `orphan_mask` /
-/// `orphan_control` (with the nearest image stem when one edit away).
+/// ([`Error::MissingPair`]). Conditioning files no image pairs with are warnings with code
+/// `orphan_mask` / `orphan_control` (with the nearest image stem when one edit away); the files of
+/// the `unused` images ((path, subset folder): held out by `validation_split`, skipped by the scan)
+/// are neither. Errors: [`Error::InvalidArgument`] for a view folder that is not one.
 pub(super) fn pair(
     opts: &ViewOptions,
-    images: &[ImageEntry],
-    roots: &[&Path],
-    skipped: &mut Vec<Skip>,
-    warnings: &mut Vec<String>,
+    (images, roots): (&[ImageEntry], &[&Path]),
+    unused: &[(&Path, &Path)],
+    (skipped, warnings): (&mut Vec<Skip>, &mut Vec<String>),
     require: bool,
 ) -> Result<(Vec<Pairs>, Vec<usize>)> {
     opts.check_folders()?;
     let mut masks = opts.mask_dir.as_deref().map(Folder::index);
     let mut controls: Vec<Folder> = opts.control_dirs.iter().map(|d| Folder::index(d)).collect();
+    for (path, root) in unused {
+        let stem = relative_stem(root, path);
+        for folder in masks.iter_mut().chain(controls.iter_mut()) {
+            folder.take(&stem);
+        }
+    }
     let stems: Vec<String> = (images.iter().zip(roots))
         .map(|(e, root)| relative_stem(root, &e.path))
         .collect();
