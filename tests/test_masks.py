@@ -333,3 +333,58 @@ def test_masks_of_held_out_and_skipped_images_are_not_orphans(tmp_path: Path) ->
             f"orphan_mask: {masks / 'stray.png'} pairs with no image"
         ]
     assert train.report["loaded"] + val.report["loaded"] == 11
+
+
+def test_flow_loss_is_masked_like_the_ddpm_loss() -> None:
+    from fastdiff.training.flow import FlowNoised, flow_loss, loss_weights
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    sigmas = torch.tensor([0.3, 0.8])
+    noised = FlowNoised(torch.zeros_like(pred), sigmas, target)
+    got = flow_loss(pred, noised, "sigma_sqrt", None, mask)
+    err = (pred - target) ** 2
+    per_sample = (err * mask).mean(dim=(1, 2, 3)) / mask.mean(dim=(1, 2, 3))
+    want = (per_sample * loss_weights("sigma_sqrt", sigmas)).mean()
+    torch.testing.assert_close(got, want)
+
+
+def test_masked_flow_loss_of_a_tiny_flux_step_is_the_hand_computation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_run
+    from fastdiff.training import dit
+    from fastdiff.training.dit_pipeline import dit_family
+    from fastdiff.training.flow import loss_weights
+    from tiny_dit import SEQUENCE_TOKENS, build_flux
+
+    images = tmp_path / "img"
+    images.mkdir()
+    _alpha_set(images)
+    model = build_flux(tmp_path / "flux")
+    family = dit_family(model)
+    assert family is not None
+    cfg = tiny_run(model, images, tmp_path / "out", max_sequence_length=SEQUENCE_TOKENS)
+    task = dit.DiTTask.from_config(cfg, torch.device("cpu"), family)
+    seen: dict[str, object] = {}
+    real = dit.flow_loss
+
+    def spy(prediction, noised, weighting, sample_weights=None, mask=None):  # type: ignore[no-untyped-def]
+        seen.update(prediction=prediction.detach(), noised=noised, weighting=weighting, mask=mask)
+        return real(prediction, noised, weighting, sample_weights, mask)
+
+    monkeypatch.setattr(dit, "flow_loss", spy)
+    loader = fastdiff.DataLoader(
+        images, resolution=32, bucket_step=8, batch_size=2, mask_from_alpha=True, vae_scale_factor=2
+    )
+    batch = next(iter(loader))
+    loss = task.loss(batch, generator=torch.Generator().manual_seed(0), amp_dtype=None)
+    # The unpacked latent prediction is at the latents' size: masks_latent is the mask used.
+    assert torch.equal(seen["mask"], batch["masks_latent"])  # type: ignore[arg-type]
+    mask = batch["masks_latent"].double()
+    noised = seen["noised"]
+    err = (seen["prediction"].double() - noised.target.double()) ** 2  # type: ignore[attr-defined, union-attr]
+    per_sample = (err * mask).mean(dim=(1, 2, 3)) / mask.mean(dim=(1, 2, 3))
+    weights = loss_weights(str(seen["weighting"]), noised.sigmas).double()  # type: ignore[attr-defined]
+    assert float(loss) == pytest.approx(float((per_sample * weights).mean()), rel=1e-5)
