@@ -165,7 +165,10 @@ def test_every_toml_key_and_alias_reaches_its_option() -> None:
 
     config = {"general": {**general, **defaults}, "datasets": [{"subsets": [{"image_dir": "a"}]}]}
     kwargs, subsets = fastdiff.load_config(config)
-    assert kwargs == general  # the loader's keys go to the loader, the others are subset defaults
+    # The loader's keys go to the loader (paths relative to the config), the others are subset defaults.
+    assert kwargs == {
+        k: str(Path.cwd() / v) if options.LOADER[k].kind == "path" else v for k, v in general.items()
+    }
     subset_values(subsets[0], defaults)
     kwargs, subsets = fastdiff.load_config({"datasets": [{"subsets": [per_subset]}]})
     assert kwargs == {}
@@ -177,6 +180,7 @@ def test_every_toml_key_and_alias_reaches_its_option() -> None:
         "max_bucket_reso": "max_bucket_side",
         "bucket_no_upscale": "no_upscale",
         "weight": "loss_weight",
+        "alpha_mask": "mask_from_alpha",
     }
     for alias, name in dataset.ALIASES.items():
         o = options.LOADER.get(name) or options.SUBSET[name]

@@ -182,6 +182,11 @@ class NativeLoader:
         validation_split: float = 0.0,
         validation: bool = False,
         shard_split: str = "auto",
+        mask_from_alpha: bool = False,
+        mask_dir: str | None = None,
+        control_dir: list[str] | None = None,
+        require_pairs: bool = False,
+        vae_scale_factor: int = 8,
     ) -> Self: ...
     @property
     def num_batches(self) -> int: ...

@@ -577,6 +577,10 @@ def _dataset(
     }
     loader = {k: v for k, v in merged.items() if k in LOADER_KEYS or k == "enable_bucket"}
     loader = _without_buckets(loader, where)
+    for o in LOADER_OPTIONS:
+        # Loader paths (mask_dir, control_dir) are relative to the file's folder, as image_dir is.
+        if o.kind == "path" and o.name in loader:
+            loader[o.name] = os.fspath(base / loader[o.name])
     subset_defaults = {k: v for k, v in merged.items() if k not in LOADER_KEYS and k != "enable_bucket"}
     raw_subsets = dataset.get("subsets", [])
     if not raw_subsets:

@@ -77,7 +77,8 @@ class DataLoader:
     and ``prompt_embeds`` ``[B, L, D]`` (+ SDXL's, SD3's and FLUX.1's ``pooled_prompt_embeds`` ``[B, P]``,
     Z-Image's ``prompt_attention_mask`` ``[B, L]``) in the cache's dtype (``C``, ``f``, ``L``, ``D``,
     ``P`` as its manifest says: 4, 8, 77 and the encoders' widths for SD/SDXL; 16 channels for the
-    DiTs), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``.
+    DiTs), ``latent_keys`` and ``text_keys``, and ``pixel_values`` only with ``pixels=True``; the views
+    ``masks``, ``masks_latent``, ``control_pixel_values`` (``mask_from_alpha``, ``mask_dir``, ``control_dir``)
 
     Epochs: each ``iter(loader)`` runs the epoch set by :meth:`set_epoch` (call it every epoch, as with
     ``DistributedSampler``); without a call, successive iterations use epochs 0, 1, 2, …
@@ -162,6 +163,11 @@ class DataLoader:
         pixels: bool | None = None,
         validation_split: float = 0.0,
         validation: bool = False,
+        mask_from_alpha: bool = False,
+        mask_dir: str | os.PathLike[str] | None = None,
+        control_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        require_pairs: bool = False,
+        vae_scale_factor: int = 8,
         device: Device | None = None,
         tokenizer: Tokenizer | None = None,
         tokenizers: Sequence[Tokenizer] | None = None,

@@ -230,6 +230,9 @@ class Option:
             return float(value)
         if kind == "bool":
             return bool(value)
+        if kind == "path" and self.takes_path_list:
+            # The native side takes a list (one path given alone is a list of one).
+            return [os.fspath(v) for v in value] if isinstance(value, (list, tuple)) else [os.fspath(value)]
         if kind == "path":
             return os.fspath(value)
         if kind == "ints":

@@ -461,6 +461,79 @@ LOADER_OPTIONS: tuple[Option, ...] = (
         state="unless_default",
     ),
     loader_option(
+        "mask_from_alpha",
+        bool,
+        False,
+        'Each image\'s alpha channel (before compositing) becomes its loss mask ``batch["masks"]``: '
+        "opaque = 1 = trained, transparent = 0.",
+        details="The mask takes the target's crop window, flip and resize (box filter: the area average "
+        'when downscaling, values ``v / 255`` in [0, 1]); ``batch["masks"]`` is float32 ``[B, 1, H, W]`` '
+        'and ``batch["masks_latent"]`` float32 ``[B, 1, H / f, W / f]``, its mean over ``f``×``f`` '
+        "blocks (``f`` = ``vae_scale_factor``). An image without alpha (every JPEG) gets an all-ones "
+        "mask. Not with ``mask_dir`` (``ValueError``). With a mask, ``fastdiff train`` trains the masked "
+        'loss (``fastdiff.training.objective.weighted_mse``). README "Masks and control images".',
+        scan=True,
+        state="unless_default",
+        toml=DATASET_TABLES,
+        alias="alpha_mask",
+    ),
+    loader_option(
+        "mask_dir",
+        str | os.PathLike[str] | None,
+        None,
+        "A folder of mask files, one per image at the image's relative path and stem (``a/b.jpg`` -> "
+        '``mask_dir/a/b.png``), giving ``batch["masks"]`` as ``mask_from_alpha`` does: 255 = 1 = trained.',
+        details='Any image format; read as grayscale (a colour file by Pillow\'s ``convert("L")`` '
+        "luminance, alpha composited onto black). A mask of another size than its image is mapped "
+        "proportionally (as if resized to the image's size first). An image without its mask is "
+        "skipped as ``missing_mask`` (``require_pairs``: ``FileNotFoundError``); a mask no image pairs "
+        'with is a warning ``orphan_mask`` in ``report["warnings"]``; both name the file one character '
+        "apart when there is one.",
+        scan=True,
+        state="never",
+        toml=DATASET_TABLES,
+    ),
+    loader_option(
+        "control_dir",
+        str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+        None,
+        "A folder of control (conditioning) images paired with the images like ``mask_dir``, or a list "
+        'of such folders: ``batch["control_pixel_values"]``.',
+        details="Each control image takes the target's crop window, flip, resize filter, dtype and "
+        "normalisation: ``[B, 3, H, W]`` like ``pixel_values`` for one folder, ``[B, K, 3, H, W]`` for a "
+        "list of ``K`` (in the list's order). A control image of another size than its image is mapped "
+        "proportionally (as if resized to the image's size first). Unpaired files: as for ``mask_dir``, "
+        "codes ``missing_control`` and ``orphan_control``.",
+        scan=True,
+        state="never",
+        toml=DATASET_TABLES,
+    ),
+    loader_option(
+        "require_pairs",
+        bool,
+        False,
+        "An image without its mask or control file is an error (``FileNotFoundError`` naming it) instead "
+        "of a skip in the report.",
+        details='With ``on_error="raise"`` too. Without it the image is skipped (``missing_mask`` / '
+        "``missing_control``) and ``loaded + len(skipped) == found`` still holds.",
+        scan=True,
+        state="unless_default",
+        toml=DATASET_TABLES,
+    ),
+    loader_option(
+        "vae_scale_factor",
+        int,
+        8,
+        'The VAE\'s downscale: ``batch["masks_latent"]`` is the mask averaged over blocks of this side.',
+        details="8 for SD 1.x, SDXL, SD3 and FLUX.1. Must divide ``bucket_step`` when there is a mask "
+        "(``ValueError``).",
+        unit="px",
+        minimum=1,
+        bits=32,
+        state="unless_default",
+        toml=DATASET_TABLES,
+    ),
+    loader_option(
         "device",
         Device | None,
         None,

@@ -113,6 +113,10 @@ def format_report(report: Report, batches: int) -> str:
     if report["skipped"]:
         lines.append("skipped:")
         lines += [f"  [{s['code']}] {s['message']}" for s in report["skipped"]]
+    if report["warnings"]:
+        # Orphan conditioning files (``orphan_mask: PATH ...``) and stale shard indexes.
+        lines.append("warnings:")
+        lines += [f"  {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
 

@@ -83,6 +83,14 @@ class Batch(_BatchMeta, total=False):
         input_ids: With a ``tokenizer`` (or ``tokenizers``): ``[B, L]`` int64 tensor, ``captions``
             tokenized to ``L = model_max_length`` tokens, padded and truncated (the first tokenizer).
         input_ids_2: With two ``tokenizers`` (SDXL): the second tokenizer's ``[B, L2]``.
+        masks: With ``mask_from_alpha`` or ``mask_dir``: ``[B, 1, H, W]`` float32 in ``[0, 1]`` (1 =
+            trained), the mask through the sample's own crop window, flip and resize (box filter: the
+            area average when downscaling; steps of 1/255).
+        masks_latent: With a mask: ``[B, 1, H / f, W / f]`` float32, ``masks`` averaged over ``f``×``f``
+            blocks (``f`` = ``vae_scale_factor``, default 8): the mask at the latents' resolution.
+        control_pixel_values: With ``control_dir``: the control images through the sample's crop
+            window, flip and resize, in ``pixel_values``' dtype and scaling: ``[B, 3, H, W]`` for one
+            folder, ``[B, K, 3, H, W]`` for a list of ``K``.
     """
 
     pixel_values: torch.Tensor
@@ -96,6 +104,9 @@ class Batch(_BatchMeta, total=False):
     latent_provenance: list[str]
     input_ids: torch.Tensor
     input_ids_2: torch.Tensor
+    masks: torch.Tensor
+    masks_latent: torch.Tensor
+    control_pixel_values: torch.Tensor
 
 
 #: Why a file was skipped (``SkippedFile.code``), the strings of the core's ``SkipCode``: unreadable
@@ -103,7 +114,9 @@ class Batch(_BatchMeta, total=False):
 #: as AVIF or HEIF/HEIC (``unsupported``), header over ``max_pixels`` (``too_large``), under
 #: one ``bucket_step`` with ``no_upscale`` (``too_small``), changed since the scan (``changed``), no
 #: cache entry for it (``cache_miss``), a damaged cache file (``corrupt``), a bug caught while loading
-#: it (``panic``), memory or a codec handle refused (``resource``), an internal failure (``internal``).
+#: it (``panic``), memory or a codec handle refused (``resource``), an internal failure (``internal``),
+#: no mask file of its stem in ``mask_dir`` (``missing_mask``) or no control image in a ``control_dir``
+#: (``missing_control``).
 SkipCode = Literal[
     "io",
     "decode",
@@ -116,6 +129,8 @@ SkipCode = Literal[
     "panic",
     "resource",
     "internal",
+    "missing_mask",
+    "missing_control",
 ]
 
 

@@ -45,7 +45,7 @@ from fastdiff.training.dit_pipeline import (
 )
 from fastdiff.training.families import Conditioning, Family, PredictInputs
 from fastdiff.training.flow import add_flow_noise, flow_loss, timestep_shift
-from fastdiff.training.objective import SampleLosses, sample_losses
+from fastdiff.training.objective import SampleLosses, loss_mask, sample_losses
 from fastdiff.training.protocols import TrainBatch, share_of
 from fastdiff.training.sd_pipeline import draw_cached_latents, encode_latents, preview_images
 
@@ -305,7 +305,9 @@ class DiTTask:
         with autocast:
             prediction = self.family.predict(self.transformer, noised.noisy, inputs)
         self.last_sample_losses = sample_losses(prediction, noised.target, noised.sigmas)
-        return flow_loss(prediction, noised, config.loss_weighting, batch.get("loss_weights"))
+        # Batches with a mask train the masked loss (latents [B, C, h, w]; other layouts unmasked).
+        mask = loss_mask(batch, prediction.shape[-2:], prediction.device) if prediction.ndim == 4 else None
+        return flow_loss(prediction, noised, config.loss_weighting, batch.get("loss_weights"), mask)
 
     def _conditioning(self, batch: TrainBatch) -> Conditioning:
         """The preset's conditioning of the batch's (possibly dropped) captions: encoded, or the

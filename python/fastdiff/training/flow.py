@@ -207,10 +207,12 @@ def flow_loss(
     noised: FlowNoised,
     weighting: str,
     sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The velocity MSE, each sample's mean weighted by :func:`loss_weights` and by ``sample_weights``
-    (float ``[B]``, the loader's ``loss_weights``); a float32 scalar."""
+    (float ``[B]``, the loader's ``loss_weights``), masked by ``mask`` (float ``[B, 1, h, w]``, see
+    :func:`~fastdiff.training.objective.weighted_mse`); a float32 scalar."""
     weights = loss_weights(weighting, noised.sigmas)
     if sample_weights is not None:
         weights = weights * sample_weights.to(weights.device, torch.float32)
-    return weighted_mse(prediction, noised.target, weights)
+    return weighted_mse(prediction, noised.target, weights, mask)

@@ -13,8 +13,8 @@ to register their arguments, and must start fast and report a missing extra itse
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -187,19 +187,55 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gam
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
+def loss_mask(batch: Mapping[str, Any], size: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """The batch's loss mask (``masks_latent`` or ``masks``, see :class:`fastdiff.types.Batch`) at a
+    prediction's spatial ``size`` ``(h, w)``: float32 ``[B, 1, h, w]`` in ``[0, 1]`` on ``device``, or
+    ``None`` when the batch has no mask.
+
+    The one whose size matches is used as is (``masks_latent`` for latent-space models); otherwise
+    ``masks`` is area-resized (``F.interpolate(mode="area")``, as kohya-ss ``apply_masked_loss``).
+    """
+    size = tuple(int(s) for s in size)
+    for key in ("masks_latent", "masks"):
+        mask = batch.get(key)
+        if mask is not None and tuple(mask.shape[-2:]) == size:
+            return mask.to(device, torch.float32)
+    mask = batch.get("masks")
+    if mask is None:
+        return None
+    return F.interpolate(mask.to(device, torch.float32), size=size, mode="area")
+
+
 def weighted_mse(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error in float32; with ``weights`` (``[B]``) each sample's mean is weighted first.
+    """Mean squared error in float32; with ``weights`` (``[B]``) each sample's mean is weighted first;
+    with a loss ``mask`` (``[B, 1, h, w]`` in ``[0, 1]``, broadcast over channels) each sample's mean is
+    masked and normalised by the mask's mean.
+
+    Masked (kohya-ss ``apply_masked_loss`` multiplies the error by the mask; the division makes the loss
+    a mean over the trained pixels, so that its scale does not shrink with the masked area):
+    ``l_b = mean(mask_b · (pred_b - target_b)²) / mean(mask_b)``; a sample whose mask is all zero
+    contributes 0.
 
     Returns:
-        A float32 scalar: ``mean_b(w_b · mean(||pred_b - target_b||²))``, or the plain MSE.
+        A float32 scalar: ``mean_b(w_b · l_b)`` with ``l_b = mean((pred_b - target_b)²)`` unmasked,
+        or the plain MSE without weights and mask.
     """
-    if weights is None:
+    if weights is None and mask is None:
         return F.mse_loss(prediction.float(), target.float())
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    return (per_sample * weights.float()).mean()
+    dims = tuple(range(1, per_sample.ndim))
+    if mask is None:
+        per_sample = per_sample.mean(dim=dims)
+    else:
+        mask = mask.float()
+        area = mask.mean(dim=dims)
+        per_sample = (per_sample * mask).mean(dim=dims) / area.clamp_min(torch.finfo(torch.float32).tiny)
+    return (per_sample if weights is None else per_sample * weights.float()).mean()
 
 
 def diffusion_loss_from(
@@ -208,17 +244,19 @@ def diffusion_loss_from(
     prediction: torch.Tensor,
     snr_gamma: float | None,
     sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MSE of ``prediction`` to ``noised.target``, min-SNR-γ weighted when ``snr_gamma`` is set.
 
     ``sample_weights`` (float ``[B]``, the loader's ``loss_weights``) multiply each sample's loss as
     well; all ones (every subset at the default ``loss_weight``) leaves the loss as without them.
+    ``mask`` (float ``[B, 1, h, w]``, from :func:`loss_mask`): the masked loss of :func:`weighted_mse`.
     """
     weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, noised.timesteps, snr_gamma)
     if sample_weights is not None and not bool(torch.all(sample_weights == 1)):
         sample_weights = sample_weights.to(prediction.device, torch.float32)
         weights = sample_weights if weights is None else weights * sample_weights
-    return weighted_mse(prediction, noised.target, weights)
+    return weighted_mse(prediction, noised.target, weights, mask)
 
 
 def drop_captions(

@@ -36,6 +36,7 @@ from fastdiff.training.objective import (
     add_training_noise,
     ddpm_noise_levels,
     diffusion_loss_from,
+    loss_mask,
     sample_losses,
 )
 from fastdiff.training.protocols import TrainBatch, share_of
@@ -393,8 +394,10 @@ class PipelineTask:
             ).sample
         levels = ddpm_noise_levels(self.noise_scheduler, noised.timesteps)
         self.last_sample_losses = sample_losses(prediction, noised.target, levels)
+        # Batches with a mask (mask_from_alpha / mask_dir) train the masked loss, automatically.
+        mask = loss_mask(batch, prediction.shape[-2:], prediction.device)
         return diffusion_loss_from(
-            self.noise_scheduler, noised, prediction, self.config.snr_gamma, batch.get("loss_weights")
+            self.noise_scheduler, noised, prediction, self.config.snr_gamma, batch.get("loss_weights"), mask
         )
 
     def _latents(self, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:

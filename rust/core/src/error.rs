@@ -50,11 +50,16 @@ pub enum SkipCode {
     InvalidArgument,
     /// `no_images`: the dataset root holds no usable image.
     NoImages,
+    /// `missing_mask`: with `mask_dir`, the image has no mask file of its relative stem.
+    MissingMask,
+    /// `missing_control`: with `control_dir`, the image has no control file of its relative stem
+    /// in one of the control folders.
+    MissingControl,
 }
 
 impl SkipCode {
     /// The code as reports and Python give it: `"io"`, `"decode"`, `"unsupported"`, `"too_large"`,
-    /// `"too_small"`, `"changed"`, `"cache_miss"`, `"corrupt"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`.
+    /// `"too_small"`, `"changed"`, `"cache_miss"`, `"corrupt"`, `"panic"`, `"resource"`, `"internal"`, `"invalid_argument"`, `"no_images"`, `"missing_mask"`, `"missing_control"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             SkipCode::Io => "io",
@@ -70,6 +75,8 @@ impl SkipCode {
             SkipCode::Internal => "internal",
             SkipCode::InvalidArgument => "invalid_argument",
             SkipCode::NoImages => "no_images",
+            SkipCode::MissingMask => "missing_mask",
+            SkipCode::MissingControl => "missing_control",
         }
     }
 
@@ -90,6 +97,8 @@ impl SkipCode {
             Internal,
             InvalidArgument,
             NoImages,
+            MissingMask,
+            MissingControl,
         ]
         .into_iter()
         .find(|c| c.as_str() == name)
@@ -184,6 +193,14 @@ pub enum Error {
     /// skip's own.
     #[error("{}", .0.message)]
     Skipped(Skip),
+    /// An image lacks a conditioning file it needs: its mask (`mask` true) or a control image;
+    /// `reason` names the folder, the stem looked for and a near miss if there is one.
+    #[error("Error while pairing {}: {reason}", path.display())]
+    MissingPair {
+        path: PathBuf,
+        mask: bool,
+        reason: String,
+    },
     /// The dataset root holds no image files (or does not exist as a folder).
     #[error("no images found in {}: {reason}", path.display())]
     NoImages { path: PathBuf, reason: String },
@@ -207,6 +224,8 @@ impl Error {
             Error::Skipped(skip) => skip.code,
             Error::InvalidArgument(_) => SkipCode::InvalidArgument,
             Error::NoImages { .. } => SkipCode::NoImages,
+            Error::MissingPair { mask: true, .. } => SkipCode::MissingMask,
+            Error::MissingPair { mask: false, .. } => SkipCode::MissingControl,
         }
     }
 
@@ -222,7 +241,8 @@ impl Error {
             | Error::CacheMiss { path, .. }
             | Error::Corrupt { path, .. }
             | Error::Panic { path, .. }
-            | Error::NoImages { path, .. } => Some(path),
+            | Error::NoImages { path, .. }
+            | Error::MissingPair { path, .. } => Some(path),
             Error::Skipped(skip) => Some(&skip.path),
             Error::Resource(_) | Error::Internal(_) | Error::InvalidArgument(_) => None,
         }

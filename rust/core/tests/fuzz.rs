@@ -506,6 +506,7 @@ fn run_case(tools: &mut Tools, bytes: &[u8], c: &Case) -> Result<(), TestCaseErr
     let opts = DecodeOptions {
         background: [255, 128, 0],
         max_pixels: MAX_PIXELS,
+        ..Default::default()
     };
     let Ok(img) = tools
         .decoder

@@ -66,7 +66,8 @@ fn array_object<'py>(
 }
 
 /// A batch as the tuple `NativeEpochIter.__next__` documents: 8 items, plus the 4 cache items
-/// (tensors, latent keys, text keys, provenance) when `cache_items`.
+/// (tensors, latent keys, text keys, provenance) when `cache_items` or when the batch has tensors
+/// (the conditioning views).
 pub(crate) fn batch_tuple(
     py: Python<'_>,
     batch: Batch,
@@ -116,7 +117,7 @@ pub(crate) fn batch_tuple(
         is_reg.into_any(),
         subsets.into_any(),
     ];
-    if cache_items {
+    if cache_items || !tensors.is_empty() {
         items.extend([
             tensors.into_any(),
             latent_keys.into_any(),

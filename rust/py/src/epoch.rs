@@ -53,8 +53,9 @@ impl NativeEpochIter {
     }
 
     /// Next batch as (pixels, captions, original_sizes, crop_top_lefts, target_sizes, paths, is_reg,
-    /// subsets), `subsets` being each sample's subset index; with a cache or for the cache build
-    /// followed by (tensors, latent_keys, text_keys, latent_provenance): the cached tensors as
+    /// subsets), `subsets` being each sample's subset index; with a cache, for the cache build or
+    /// with conditioning views followed by (tensors, latent_keys, text_keys, latent_provenance): the
+    /// cached tensors then the view tensors (`masks`, `masks_latent`, `control_pixel_values`) as
     /// (name, dtype name, array), each sample's keys (32 hex digits or None) and the JSON of its
     /// latent entry's provenance. `pixels` is None without pixels.
     ///

@@ -84,7 +84,8 @@ pub(crate) fn cache_miss_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
 /// `io` → `FileNotFoundError` / `PermissionError` / `OSError`; `decode`, `too_large`, `changed` →
 /// `DecodeError`; `too_small` → `ImageTooSmallError`; `panic`, `internal` → `InternalError`;
 /// `resource` (memory the allocator refused, a libjpeg-turbo handle) → `MemoryError`;
-/// `invalid_argument`, `no_images` → `ValueError`; `cache_miss` → `CacheMissError`; `corrupt` →
+/// `invalid_argument`, `no_images` → `ValueError`; `missing_mask`, `missing_control` (with
+/// `require_pairs`) → `FileNotFoundError`; `cache_miss` → `CacheMissError`; `corrupt` →
 /// `CorruptCacheError`.
 pub(crate) fn to_pyerr(err: Error) -> PyErr {
     let msg = err.to_string();
@@ -110,6 +111,7 @@ pub(crate) fn to_pyerr(err: Error) -> PyErr {
         SkipCode::Panic | SkipCode::Internal => InternalError::new_err(msg),
         SkipCode::Resource => PyMemoryError::new_err(msg),
         SkipCode::InvalidArgument | SkipCode::NoImages => PyValueError::new_err(msg),
+        SkipCode::MissingMask | SkipCode::MissingControl => PyFileNotFoundError::new_err(msg),
         // A reason the core gained after this map was written: still fastdiff's own error.
         _ => FastdiffError::new_err(msg),
     }

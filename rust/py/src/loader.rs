@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use fastdiff_core::cache::key_hex;
 use fastdiff_core::caption::CaptionOptions;
 use fastdiff_core::dataset::Subset;
-use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions};
+use fastdiff_core::pipeline::{BufferSource, Loader, LoaderOptions, ViewOptions};
 use fastdiff_core::sampler::Segment;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -120,7 +120,8 @@ impl NativeLoader {
         on_error, max_pixels, rank = 0, world_size = 1, remainder = "pad", no_upscale = false,
         crop_variants = None, text_variants = None, cache = None, pixels = true,
         min_bucket_fill = None, max_extra_crop = 0.1,
-        validation_split = 0.0, validation = false, shard_split = "auto"
+        validation_split = 0.0, validation = false, shard_split = "auto", mask_from_alpha = false,
+        mask_dir = None, control_dir = None, require_pairs = false, vae_scale_factor = 8
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -157,6 +158,11 @@ impl NativeLoader {
         validation_split: f64,
         validation: bool,
         shard_split: &str,
+        mask_from_alpha: bool,
+        mask_dir: Option<PathBuf>,
+        control_dir: Option<Vec<PathBuf>>,
+        require_pairs: bool,
+        vae_scale_factor: u32,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             min_bucket_fill,
@@ -190,6 +196,13 @@ impl NativeLoader {
             pixels,
             validation_split,
             validation,
+            views: ViewOptions {
+                mask_from_alpha,
+                mask_dir,
+                control_dirs: control_dir.unwrap_or_default(),
+                require_pairs,
+                vae_scale_factor,
+            },
         };
         let subsets: Vec<Subset> = subsets.iter().map(|s| s.inner.clone()).collect();
         let inner = py

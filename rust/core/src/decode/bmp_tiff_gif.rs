@@ -149,7 +149,7 @@ pub(super) fn decode_bmp_tiff_gif(
         name,
         (header.width, header.height),
         (dims, color, raw),
-        opts.background,
+        opts.alpha(),
     )
 }
 
@@ -227,7 +227,7 @@ fn decode_tiff(
         other => return Err(unsupported(format!("colour type {other:?}"))),
     };
     let size = reader.dimensions().map_err(bad)?;
-    into_rgb(path, "TIFF", dims, (size, color, raw), opts.background)
+    into_rgb(path, "TIFF", dims, (size, color, raw), opts.alpha())
 }
 
 /// Planes `[plane 0][plane 1]...` of `stride` bytes each to interleaved samples of `sample_bytes`.

@@ -176,7 +176,7 @@ pub(super) fn decode_jxl(
         stream.write_to_buffer(&mut buf);
         (color8, buf)
     };
-    let data = to_rgb8(raw, color, opts.background)
+    let data = to_rgb8(raw, color, opts.alpha())
         .ok_or_else(|| Error::unsupported(path, format!("JPEG XL colour type {color:?}")))?;
     let img = RgbImage {
         width: w,

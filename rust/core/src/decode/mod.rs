@@ -187,6 +187,10 @@ pub struct DecodeOptions {
     /// with [`Error::TooLarge`] before any pixel buffer is allocated. Default 178_956_970, Pillow's
     /// `Image.MAX_IMAGE_PIXELS` (the size at which Pillow raises `DecompressionBombError`).
     pub max_pixels: u64,
+    /// Decode the alpha channel instead of the colour: each pixel's 8-bit alpha (rounded from 16
+    /// bits like the colour samples) replicated to R, G and B, 255 for an image without alpha (every
+    /// JPEG). Orientation and DCT scaling apply as for colour. Default false.
+    pub alpha_plane: bool,
 }
 
 impl Default for DecodeOptions {
@@ -194,6 +198,18 @@ impl Default for DecodeOptions {
         DecodeOptions {
             background: [255, 255, 255],
             max_pixels: 178_956_970,
+            alpha_plane: false,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// What [`pixels::to_rgb8`] does with alpha under these options.
+    fn alpha(&self) -> pixels::Alpha {
+        if self.alpha_plane {
+            pixels::Alpha::Plane
+        } else {
+            pixels::Alpha::Over(self.background)
         }
     }
 }
@@ -292,7 +308,13 @@ impl Decoder {
     ) -> Result<RgbImage> {
         let format = ImageFormat::sniff(bytes).ok_or_else(|| unknown_format(path, bytes))?;
         let img = match format {
-            ImageFormat::Jpeg => self.decode_jpeg(bytes, path, orientation, cover, opts)?,
+            ImageFormat::Jpeg => {
+                let mut img = self.decode_jpeg(bytes, path, orientation, cover, opts)?;
+                if opts.alpha_plane {
+                    img.data.fill(255);
+                }
+                img
+            }
             ImageFormat::Png | ImageFormat::WebP => decode_png_webp(bytes, path, format, opts)?,
             ImageFormat::Bmp | ImageFormat::Tiff | ImageFormat::Gif => {
                 decode_bmp_tiff_gif(bytes, path, format, opts)?

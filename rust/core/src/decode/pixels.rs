@@ -51,9 +51,18 @@ fn over(c: u8, a: u8, bg: u8) -> u8 {
     ((c * a + bg * (255 - a) + 127) / 255) as u8
 }
 
+/// What becomes of alpha in [`to_rgb8`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Alpha {
+    /// Composited onto this background colour.
+    Over([u8; 3]),
+    /// The alpha channel itself is the output, replicated to RGB (255 where the image has none).
+    Plane,
+}
+
 /// Native-layout pixels from the `image` crate to RGB8; `None` for colour types PNG/WebP never
 /// produce (floating point).
-pub(super) fn to_rgb8(raw: Vec<u8>, color: ColorType, bg: [u8; 3]) -> Option<Vec<u8>> {
+pub(super) fn to_rgb8(raw: Vec<u8>, color: ColorType, alpha: Alpha) -> Option<Vec<u8>> {
     let eight_bit = match color {
         ColorType::L16 => Some(ColorType::L8),
         ColorType::La16 => Some(ColorType::La8),
@@ -66,8 +75,12 @@ pub(super) fn to_rgb8(raw: Vec<u8>, color: ColorType, bg: [u8; 3]) -> Option<Vec
             .chunks_exact(2)
             .map(|s| round16(u16::from_ne_bytes([s[0], s[1]])))
             .collect();
-        return to_rgb8(narrowed, eight_bit, bg);
+        return to_rgb8(narrowed, eight_bit, alpha);
     }
+    let bg = match alpha {
+        Alpha::Over(bg) => bg,
+        Alpha::Plane => return alpha_plane(&raw, color),
+    };
     let channels = match color {
         ColorType::Rgb8 => return Some(raw),
         ColorType::L8 => 1,
@@ -91,6 +104,23 @@ pub(super) fn to_rgb8(raw: Vec<u8>, color: ColorType, bg: [u8; 3]) -> Option<Vec
         }),
     }
     Some(rgb)
+}
+
+/// The alpha channel of 8-bit `raw` replicated to RGB8; 255 everywhere for a colour type without
+/// alpha; `None` for a type [`to_rgb8`] does not convert.
+fn alpha_plane(raw: &[u8], color: ColorType) -> Option<Vec<u8>> {
+    let channels = match color {
+        ColorType::Rgb8 => 3,
+        ColorType::L8 => 1,
+        ColorType::La8 => 2,
+        ColorType::Rgba8 => 4,
+        _ => return None,
+    };
+    let pixels = raw.chunks_exact(channels);
+    Some(match color {
+        ColorType::La8 | ColorType::Rgba8 => pixels.flat_map(|p| [p[channels - 1]; 3]).collect(),
+        _ => vec![255; raw.len() / channels * 3],
+    })
 }
 
 /// Apply EXIF `orientation` (1..=8) in one pass, exactly like Pillow's `ImageOps.exif_transpose`.
@@ -243,6 +273,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn alpha_plane_is_the_alpha_channel_replicated_and_255_without_alpha() {
+        let rgba = vec![10, 20, 30, 0, 40, 50, 60, 128, 70, 80, 90, 255];
+        let got = to_rgb8(rgba, ColorType::Rgba8, Alpha::Plane).unwrap();
+        assert_eq!(got, vec![0, 0, 0, 128, 128, 128, 255, 255, 255]);
+        let la = vec![5, 7, 9, 200];
+        assert_eq!(
+            to_rgb8(la, ColorType::La8, Alpha::Plane).unwrap(),
+            vec![7, 7, 7, 200, 200, 200]
+        );
+        // 16-bit alpha is rounded like the colour samples: 0x8080 -> 128.
+        let la16: Vec<u8> = [0u16, 0x8080]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        assert_eq!(
+            to_rgb8(la16, ColorType::La16, Alpha::Plane).unwrap(),
+            vec![128, 128, 128]
+        );
+        let rgb = vec![1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            to_rgb8(rgb, ColorType::Rgb8, Alpha::Plane).unwrap(),
+            vec![255; 6]
+        );
+        assert_eq!(
+            to_rgb8(vec![9], ColorType::L8, Alpha::Plane).unwrap(),
+            vec![255; 3]
+        );
     }
 
     #[test]

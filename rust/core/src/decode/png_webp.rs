@@ -13,7 +13,7 @@ use image::codecs::webp::WebPDecoder;
 use image::{ColorType, ImageDecoder, Limits};
 
 use super::header::{le32, parse_header, SliceSource};
-use super::pixels::to_rgb8;
+use super::pixels::{to_rgb8, Alpha};
 use super::{check_pixels, DecodeOptions, ImageFormat, RgbImage};
 use crate::error::{Error, Result};
 
@@ -69,7 +69,7 @@ pub(super) fn decode_png_webp(
         name,
         (header.width, header.height),
         (dims, color, raw),
-        opts.background,
+        opts.alpha(),
     )
 }
 
@@ -81,7 +81,7 @@ pub(super) fn into_rgb(
     name: &str,
     header: (u32, u32),
     (dims, color, raw): ((u32, u32), ColorType, Vec<u8>),
-    background: [u8; 3],
+    alpha: Alpha,
 ) -> Result<RgbImage> {
     if dims != header {
         return Err(Error::decode(
@@ -92,7 +92,7 @@ pub(super) fn into_rgb(
             ),
         ));
     }
-    let data = to_rgb8(raw, color, background)
+    let data = to_rgb8(raw, color, alpha)
         .ok_or_else(|| Error::unsupported(path, format!("{name} colour type {color:?}")))?;
     Ok(RgbImage {
         width: dims.0,

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::buffer::PixelBuffer;
+use super::views::ViewSlots;
 use crate::bucket::Bucket;
 use crate::cache::Key;
 use crate::error::Result;
@@ -114,6 +115,38 @@ pub(super) struct BatchState {
     pub(super) tensors: Vec<TensorState>,
     /// Whether the samples' pixels are decoded (false: `pixels` is an empty buffer).
     pub(super) decode: bool,
+    /// The conditioning view tensors, in [`ViewOptions::tensors`] order (empty without views).
+    pub(super) views: Vec<TensorState>,
+    /// Whether the views start with `masks` and `masks_latent`.
+    pub(super) has_mask: bool,
+    /// Control folders: the last view tensor holds this many control images per sample.
+    pub(super) controls: usize,
+}
+
+/// The `n` values of `dtype` from value `start` of the buffer at `base`.
+///
+/// # Safety
+/// The range must lie inside one live buffer that no other reference reaches while the slot
+/// lives; `base` aligned for `dtype` (buffers are aligned to `buffer::ALIGN`).
+unsafe fn out_slot<'a>(base: *mut u8, start: usize, n: usize, dtype: OutputDtype) -> OutSlot<'a> {
+    // SAFETY: per this function's contract.
+    unsafe {
+        match dtype {
+            OutputDtype::U8 => OutSlot::U8(std::slice::from_raw_parts_mut(base.add(start), n)),
+            OutputDtype::F32 => OutSlot::F32(std::slice::from_raw_parts_mut(
+                base.cast::<f32>().add(start),
+                n,
+            )),
+            OutputDtype::F16 => OutSlot::F16(std::slice::from_raw_parts_mut(
+                base.cast::<u16>().add(start),
+                n,
+            )),
+            OutputDtype::BF16 => OutSlot::BF16(std::slice::from_raw_parts_mut(
+                base.cast::<u16>().add(start),
+                n,
+            )),
+        }
+    }
 }
 
 /// What became of one slot: the sample loaded into it (possibly a stand-in), or the error of the
@@ -137,30 +170,48 @@ impl BatchState {
     /// and the buffer must not be taken from `pixels` while it exists. The pipeline guarantees this by
     /// sending one job per slot and taking the buffer only after every job has called `finish`.
     pub(super) unsafe fn slot_mut(&self, slot: usize) -> OutSlot<'_> {
-        let start = slot * self.per_sample;
-        let n = self.per_sample;
         // SAFETY: the range lies inside the buffer (slot < sample count) and is disjoint from every
-        // other slot's, per this function's contract; `base` is aligned to `buffer::ALIGN`, and
-        // slot offsets are multiples of the value size.
+        // other slot's, per this function's contract.
         unsafe {
-            match self.dtype {
-                OutputDtype::U8 => {
-                    OutSlot::U8(std::slice::from_raw_parts_mut(self.base.add(start), n))
-                }
-                OutputDtype::F32 => OutSlot::F32(std::slice::from_raw_parts_mut(
-                    self.base.cast::<f32>().add(start),
-                    n,
-                )),
-                OutputDtype::F16 => OutSlot::F16(std::slice::from_raw_parts_mut(
-                    self.base.cast::<u16>().add(start),
-                    n,
-                )),
-                OutputDtype::BF16 => OutSlot::BF16(std::slice::from_raw_parts_mut(
-                    self.base.cast::<u16>().add(start),
-                    n,
-                )),
+            out_slot(
+                self.base,
+                slot * self.per_sample,
+                self.per_sample,
+                self.dtype,
+            )
+        }
+    }
+
+    /// Sample `slot`'s places in the view tensors.
+    ///
+    /// # Safety
+    /// As for [`BatchState::slot_mut`].
+    pub(super) unsafe fn view_slots(&self, slot: usize) -> ViewSlots<'_> {
+        let bytes = |t: &TensorState| {
+            // SAFETY: per this function's contract the range lies inside the buffer (which holds
+            // `per_sample_bytes` per sample) and no other reference to it exists.
+            unsafe {
+                std::slice::from_raw_parts_mut(
+                    t.base.add(slot * t.per_sample_bytes),
+                    t.per_sample_bytes,
+                )
+            }
+        };
+        let mask = self
+            .has_mask
+            .then(|| (bytes(&self.views[0]), bytes(&self.views[1])));
+        let mut controls = Vec::with_capacity(self.controls);
+        if let Some(t) = self.views.last().filter(|_| self.controls > 0) {
+            let values = t.shape.iter().product::<usize>();
+            let each = values / self.controls;
+            for k in 0..self.controls {
+                // SAFETY: as above; the K control images of a sample are disjoint thirds of its
+                // slot, each aligned like the slot (`each` values of the dtype).
+                controls
+                    .push(unsafe { out_slot(t.base, slot * values + k * each, each, self.dtype) });
             }
         }
+        ViewSlots { mask, controls }
     }
 
     /// The bytes of sample `slot` in cached tensor `t`.

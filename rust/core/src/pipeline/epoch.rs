@@ -259,6 +259,25 @@ impl EpochIter {
                 }
             }
         }
+        let views_opts = &self.inner.opts.views;
+        let mut views = Vec::new();
+        for (name, dtype, shape) in views_opts.tensors((bucket.width, bucket.height), dtype) {
+            let values = shape.iter().product::<usize>();
+            match PixelBuffer::from_pool(&self.inner.view_pool, dtype, n * values) {
+                Ok(buffer) => views.push(TensorState {
+                    name,
+                    shape,
+                    latent: false,
+                    per_sample_bytes: values * dtype.bytes_per_value(),
+                    base: buffer.as_ptr().cast_mut(),
+                    buffer: Mutex::new(Some(buffer)),
+                }),
+                Err(err) => {
+                    self.start_error = Some(err);
+                    return false;
+                }
+            }
+        }
         let pixels = match pixels {
             Ok(p) => p,
             Err(err) => {
@@ -276,6 +295,9 @@ impl EpochIter {
             pending: AtomicUsize::new(n),
             tensors,
             decode: self.decode,
+            views,
+            has_mask: views_opts.has_mask(),
+            controls: views_opts.control_dirs.len(),
         });
         for (slot, &(sample, image, draw)) in plan.slots.iter().enumerate() {
             // Workers only exit after the sender is dropped (or on stop), so this cannot fail
@@ -345,7 +367,7 @@ impl EpochIter {
             return Ok(None);
         }
         let mut tensors = Vec::with_capacity(state.tensors.len());
-        for t in &state.tensors {
+        for t in state.tensors.iter().chain(&state.views) {
             let mut buffer = (t.buffer.lock().unwrap_or_else(|p| p.into_inner()).take())
                 .expect("a completed batch is assembled once");
             let values = t.shape.iter().product::<usize>();

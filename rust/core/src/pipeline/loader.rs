@@ -13,6 +13,7 @@ use super::buffer::BufferPool;
 use super::cached::{check_cacheable, Cache};
 use super::options::{held_out, LoaderOptions, OnError};
 use super::shards::{decide, IoCounts, Ownership};
+use super::views::{self, Pairs};
 use crate::bucket::{assign, merge_small_buckets, Bucket, MergeRule, Move};
 use crate::cache::Key;
 use crate::dataset::Subset;
@@ -87,6 +88,10 @@ pub(super) struct Inner {
     pub(super) tensor_pool: Arc<BufferPool>,
     /// Zero-byte buffers: the `pixels` of batches without decoded pixels.
     pub(super) empty_pool: Arc<BufferPool>,
+    /// With conditioning views: each image's paired files (empty without views).
+    pub(super) pairs: Vec<Pairs>,
+    /// Recycled buffers of the view tensors, sized for the largest batch's largest view tensor.
+    pub(super) view_pool: Arc<BufferPool>,
 }
 
 /// Images that failed while iterating, each recorded once whatever the epoch.
@@ -195,6 +200,10 @@ impl Loader {
         let mut passed_over = PassedOver::default();
         let mut scan_skipped = Vec::new();
         let mut warnings = Vec::new();
+        // Images found but not used (held out, skipped by the scan), with their subset folders: their
+        // conditioning files are not orphans.
+        let mut passed: Vec<PathBuf> = Vec::new();
+        let mut passed_roots: Vec<PathBuf> = Vec::new();
         let mut unindexed = Vec::new();
         for (k, (subset, scanned)) in subsets.iter().zip(scans.iter()).enumerate() {
             let mut scanned = scanned.clone();
@@ -216,6 +225,7 @@ impl Loader {
                     let relative = relative.to_string_lossy().replace('\\', "/");
                     if held_out(opts.seed, opts.validation_split, &relative) != opts.validation {
                         held_here += 1;
+                        passed.push(entry.path.clone());
                         continue;
                     }
                 }
@@ -272,9 +282,48 @@ impl Loader {
             found += scanned.found;
             held_out_total += held_here;
             passed_over += scanned.passed_over;
+            passed.extend(scanned.skipped.iter().map(|s| s.path.clone()));
+            passed_roots.resize(passed.len(), subset.root.clone());
             scan_skipped.extend(scanned.skipped);
             subset_of.extend(std::iter::repeat_n(k, scanned.images.len()));
             images.extend(scanned.images);
+        }
+        let mut pairs = Vec::new();
+        if !opts.views.is_empty() {
+            let roots: Vec<&Path> = (subset_of.iter())
+                .map(|&k| subsets[k].root.as_path())
+                .collect();
+            let require = opts.views.require_pairs || opts.on_error == OnError::Raise;
+            let unused: Vec<(&Path, &Path)> = (passed.iter().zip(&passed_roots))
+                .map(|(p, r)| (p.as_path(), r.as_path()))
+                .collect();
+            let (paired, kept) = views::pair(
+                &opts.views,
+                (&images, &roots),
+                &unused,
+                (&mut scan_skipped, &mut warnings),
+                require,
+            )?;
+            if kept.is_empty() {
+                return Err(Error::NoImages {
+                    path: subsets[0].root.clone(),
+                    reason: format!(
+                        "no image has all its conditioning files; first: {}",
+                        scan_skipped.last().map_or("", |s| s.message.as_str())
+                    ),
+                });
+            }
+            if kept.len() < images.len() {
+                let mut keep = vec![false; images.len()];
+                kept.iter().for_each(|&i| keep[i] = true);
+                let mut flags = keep.iter();
+                images.retain(|_| *flags.next().expect("one flag per image"));
+                let mut flags = keep.iter();
+                image_bucket.retain(|_| *flags.next().expect("one flag per image"));
+                let mut flags = keep.iter();
+                subset_of.retain(|_| *flags.next().expect("one flag per image"));
+            }
+            pairs = paired;
         }
         scan_skipped.sort_by(|a, b| a.path.cmp(&b.path));
         if opts.no_upscale {
@@ -349,6 +398,17 @@ impl Loader {
         // The consumer holds a batch or two while `prefetch` more are loading.
         let keep = opts_keep(&opts);
         let pool = BufferPool::new(batch_bytes, keep);
+        let view_tensors = opts.views.tensors((0, 0), opts.dtype).len();
+        let largest_view = (buckets.iter().zip(&bucket_samples))
+            .filter(|(_, samples)| !samples.is_empty())
+            .flat_map(|(b, _)| opts.views.tensors((b.width, b.height), opts.dtype))
+            .map(|(_, dtype, shape)| shape.iter().product::<usize>() * dtype.bytes_per_value())
+            .max()
+            .unwrap_or(0);
+        let view_pool = BufferPool::new(
+            opts.batch_size.min(fullest) * largest_view,
+            keep * view_tensors,
+        );
         let mut inner = Inner {
             opts,
             root: subsets[0].root.clone(),
@@ -375,6 +435,8 @@ impl Loader {
             cache: None,
             tensor_pool: BufferPool::new(0, 0),
             empty_pool: BufferPool::new(0, keep),
+            pairs,
+            view_pool,
         };
         if let Some(dir) = inner.opts.cache.clone() {
             let (cache, unreadable) =
@@ -491,6 +553,7 @@ impl Loader {
         let decode = DecodeOptions {
             background: o.background,
             max_pixels: o.max_pixels,
+            alpha_plane: false,
         };
         quality::measure(&self.inner.images, &decode, o.num_threads)
     }

@@ -20,7 +20,8 @@
 //! found and what failed since), `epoch` (the consumer side: plan, prefetch, yield in order),
 //! `batch` (one batch in flight: the slots workers write, the [`Batch`] yielded), `draws` (each
 //! sample's seeded crop, flip and caption, with crop and caption variants), `worker` (one
-//! thread's loop: load a sample, stand-ins for failures), [`buffer`] (batch memory) and [`stats`]
+//! thread's loop: load a sample, stand-ins for failures), `views` (masks and control images:
+//! pairing, and their write at the target's placement), [`buffer`] (batch memory) and [`stats`]
 //! (where the time went).
 //!
 //! This module decides nothing about pixels (that is [`crate::decode`] and [`crate::transform`]) and
@@ -40,6 +41,7 @@ mod shards;
 pub mod stats;
 #[cfg(test)]
 mod testkit;
+mod views;
 mod worker;
 
 pub use batch::{Batch, SampleMeta};
@@ -50,3 +52,4 @@ pub use options::{held_out, LoaderOptions, OnError, ShardSplit};
 pub use report::{BucketMerges, Report, SubsetReport};
 pub use shards::ShardIo;
 pub use stats::{LoadStats, StatsHandle};
+pub use views::{ViewOptions, ViewTensor};

@@ -13,6 +13,8 @@ use crate::sampler::{Remainder, Sampling};
 use crate::scan::{self, ScanOptions};
 use crate::transform::{CropMode, FilterType, OutputDtype};
 
+use super::views::ViewOptions;
+
 /// What to do when a sample cannot be loaded while iterating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -150,6 +152,8 @@ pub struct LoaderOptions {
     /// Keep only the held-out images instead of only the others (the validation loader; needs
     /// `validation_split > 0`). Default false.
     pub validation: bool,
+    /// Conditioning views (masks, control images) added to every batch. Default none.
+    pub views: ViewOptions,
 }
 
 /// Whether the image at `relative` (its path relative to its subset's folder, `/`-separated)
@@ -201,6 +205,7 @@ impl Default for LoaderOptions {
             pixels: true,
             validation_split: 0.0,
             validation: false,
+            views: ViewOptions::default(),
         }
     }
 }
@@ -216,6 +221,7 @@ impl LoaderOptions {
     /// and the bucket options as in [`BucketConfig::new`].
     pub fn validate(&self) -> Result<()> {
         self.bucket_config()?;
+        self.views.validate(self.bucket_step)?;
         if self.batch_size == 0 {
             return Err(Error::InvalidArgument(
                 "batch_size must be at least 1, got 0".into(),

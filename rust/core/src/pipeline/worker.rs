@@ -17,6 +17,7 @@ use super::loader::Inner;
 use super::options::OnError;
 use super::serve::{copy_entries, SampleKeys};
 use super::stats::{Stage, StatsHandle, Stopwatch};
+use super::views::{write_views, ViewTools};
 use crate::decode::{self, DecodeOptions, Decoder};
 use crate::error::{Error, Result};
 use crate::rng::{self, Stream};
@@ -57,6 +58,28 @@ pub(super) struct WorkerCtx {
 struct Tools {
     decoder: Decoder,
     transformer: Transformer,
+    views: ViewTools,
+}
+
+/// The thread's tools, created on first use.
+fn tools_of<'a>(tools: &'a mut Option<Tools>, inner: &Inner) -> Result<&'a mut Tools> {
+    Ok(match tools {
+        Some(t) => t,
+        None => tools.insert(Tools {
+            decoder: Decoder::new()?,
+            transformer: Transformer::new(inner.opts.filter),
+            views: ViewTools::new(),
+        }),
+    })
+}
+
+/// The decode options of the loader's images.
+fn decode_options(inner: &Inner) -> DecodeOptions {
+    DecodeOptions {
+        background: inner.opts.background,
+        max_pixels: inner.opts.max_pixels,
+        alpha_plane: false,
+    }
 }
 
 pub(super) fn worker_loop(ctx: WorkerCtx) {
@@ -236,6 +259,23 @@ fn load_sample(
     if job.batch.decode {
         decode_into_slot(inner, job, entry, &placement, tools, watch)?;
     }
+    if !job.batch.views.is_empty() {
+        let t = tools_of(tools, inner)?;
+        // SAFETY: as for the pixel slot in `decode_into_slot`: this job alone writes (batch, slot).
+        let slots = unsafe { job.batch.view_slots(job.slot) };
+        write_views(
+            &inner.opts.views,
+            &inner.pairs[job.image],
+            entry,
+            &placement,
+            &decode_options(inner),
+            &mut t.decoder,
+            &mut t.transformer,
+            &mut t.views,
+            slots,
+        )?;
+        watch.lap(Stage::Write);
+    }
     let upright = entry.header.upright_size();
     let subset = inner.subset_of[job.image];
     Ok(SampleMeta {
@@ -263,7 +303,6 @@ fn decode_into_slot(
     tools: &mut Option<Tools>,
     watch: &mut Stopwatch,
 ) -> Result<()> {
-    let o = &inner.opts;
     let path = &entry.path;
     let bytes = entry.read().map_err(|e| Error::io(path, e))?;
     inner.io.count(entry, bytes.len());
@@ -289,17 +328,8 @@ fn decode_into_slot(
     }
     watch.lap(Stage::Probe);
 
-    let tools = match tools {
-        Some(t) => t,
-        None => tools.insert(Tools {
-            decoder: Decoder::new()?,
-            transformer: Transformer::new(o.filter),
-        }),
-    };
-    let decode_opts = DecodeOptions {
-        background: o.background,
-        max_pixels: o.max_pixels,
-    };
+    let tools = tools_of(tools, inner)?;
+    let decode_opts = decode_options(inner);
     watch.skip();
     let img = tools.decoder.decode(
         &bytes,

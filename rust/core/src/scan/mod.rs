@@ -21,6 +21,7 @@ use crate::decode::{self, DecodeOptions, Header};
 use crate::error::{Error, Result, Skip};
 pub use tar::{scan_shards, Member};
 pub use tar_index::{index_path, write_index, IndexSummary, INDEX_SUFFIX};
+pub(crate) use walk::image_files;
 use walk::{has_caption_extension, has_image_extension, starts_like_image, walk, Walk};
 
 mod tar;

@@ -50,6 +50,12 @@ pub(super) struct Walk {
     pub(super) hidden: usize,
 }
 
+/// The files below `root` with an image extension (any letter case), hidden entries left out,
+/// sorted by path; walk errors are passed over. What a conditioning folder is paired from.
+pub(crate) fn image_files(root: &Path) -> Vec<PathBuf> {
+    walk(root).candidates
+}
+
 pub(super) fn walk(root: &Path) -> Walk {
     let mut candidates = Vec::new();
     let mut others = Vec::new();
