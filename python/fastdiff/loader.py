@@ -8,7 +8,6 @@ itself: that all happens in ``rust/core``.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +21,7 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER, LOADER_OPTIONS, saved
-from fastdiff.transfer import pinned_buffer, to_device
+from fastdiff.transfer import batch_tensor, pinned_buffer, to_device
 from fastdiff.types import (
     Batch,
     Crop,
@@ -595,9 +594,9 @@ class DataLoader:
                 batch: dict[str, Any] = {}
                 if pixels is not None:
                     (h, w), b = target_sizes[0], len(captions)
-                    batch["pixel_values"] = _tensor(pixels, self.dtype, (b, 3, h, w))
+                    batch["pixel_values"] = batch_tensor(pixels, self.dtype, (b, 3, h, w))
                 for name, dtype, values in cast(list[tuple[str, str, Any]], tensors):
-                    batch[name] = _tensor(values, getattr(torch, dtype), values.shape)
+                    batch[name] = batch_tensor(values, getattr(torch, dtype), values.shape)
                 batch.update(
                     captions=captions,
                     original_sizes=original_sizes,
@@ -669,17 +668,6 @@ class DataLoader:
 
 
 DataLoader.__doc__ = with_args(DataLoader.__doc__, LOADER_OPTIONS)
-
-
-def _tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A batch buffer as a torch tensor of ``dtype`` and ``shape``, without a copy: a numpy array viewing
-    pool memory (half types as uint16 bit patterns, viewed as ``dtype``), or the 1-D uint8 tensor from
-    ``buffer_factory`` that the batch was written into (cut to the batch's bytes and viewed)."""
-    if isinstance(values, torch.Tensor):
-        nbytes = math.prod(shape) * dtype.itemsize
-        return values[:nbytes].view(dtype).view(*shape)
-    tensor = torch.from_numpy(values)
-    return tensor.view(dtype) if dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def _input_ids(tokenizer: Tokenizer, captions: list[str]) -> torch.Tensor:

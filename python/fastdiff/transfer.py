@@ -1,10 +1,13 @@
-"""Batches from host to device memory for :class:`fastdiff.DataLoader` (``device=``): pinned host buffers
-for the native iterator, and the per-batch copy. The copy-ahead on a side stream is the loader's.
+"""Batch memory for :class:`fastdiff.DataLoader`: the native batch buffers as torch tensors without a copy,
+and from host to device memory (``device=``) pinned host buffers for the native iterator and the per-batch
+copy. The copy-ahead on a side stream is the loader's.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -27,3 +30,14 @@ def pinned_buffer(nbytes: int) -> torch.Tensor:
     asynchronous copy from it has completed, so a batch still being copied is never overwritten.
     """
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def batch_tensor(values: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A batch buffer as a torch tensor of ``dtype`` and ``shape``, without a copy: a numpy array viewing
+    pool memory (half types as uint16 bit patterns, viewed as ``dtype``), or the 1-D uint8 tensor from
+    ``buffer_factory`` that the batch was written into (cut to the batch's bytes and viewed)."""
+    if isinstance(values, torch.Tensor):
+        nbytes = math.prod(shape) * dtype.itemsize
+        return values[:nbytes].view(dtype).view(*shape)
+    tensor = torch.from_numpy(values)
+    return tensor.view(dtype) if dtype in (torch.float16, torch.bfloat16) else tensor
