@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,7 +184,16 @@ def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unrea
     monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
     opts = dict(resolution=128, bucket_step=32, batch_size=2, crop="random", flip_prob=0.5, num_threads=1)
     url = f"s3://{bucket}/train/shard-{{000000..{len(shards) - 1:06d}}}.tar"
-    remote = fastdiff.DataLoader(url, **opts)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fetched indexes are current: no "stale index" warning
+        remote = fastdiff.DataLoader(url, **opts)  # type: ignore[arg-type]
+        # So two ranks split the remote shards by shard, as local ones: disjoint owned shards.
+        owned = [
+            fastdiff.DataLoader(url, rank=r, world_size=2, **opts).report["own_shards"]  # type: ignore[arg-type]
+            for r in (0, 1)
+        ]
+    assert owned[0] and owned[1] and not set(owned[0]) & set(owned[1])
+    assert len(owned[0]) + len(owned[1]) == len(shards)
     local = fastdiff.DataLoader([str(p) for p in shards], **opts)  # type: ignore[arg-type]
     assert len(remote) == len(local) and remote.report["loaded"] == 6
     assert _epoch(remote) == _epoch(local)
@@ -208,3 +218,43 @@ def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unrea
         pytest.raises(OSError, match=rf"{shards[0].name}.*injected"),
     ):
         fastdiff.DataLoader(url, on_error="raise", **opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fastdiff_train_from_s3_shards_equals_training_from_the_local_shards(
+    s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastdiff.training.config import TrainConfig
+    from fastdiff.training.run import train
+
+    data = copy_with_captions(smallest_images(wallpapers, 6), tmp_path / "data")
+    out = tmp_path / "shards"
+    assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
+    client = s3.client()
+    for p in sorted(out.iterdir()):
+        client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
+    options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
+    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
+    losses = []
+    for name, image_dir in (
+        ("s3", f"s3://{bucket}/train/shard-{{000000..000005}}.tar"),
+        ("local", f"{out}/shard-{{000000..000005}}.tar"),
+    ):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{image_dir}"\n')
+        run = TrainConfig(
+            data=config,
+            output=tmp_path / name,
+            resolution=32,
+            bucket_step=16,
+            batch_size=2,
+            crop="random",
+            flip_prob=0.5,
+            unet_channels=(16, 32),
+            max_steps=4,
+            num_threads=1,
+            device="cpu",
+        )
+        losses.append(train(run).losses)
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # the same batches: bitwise the same run

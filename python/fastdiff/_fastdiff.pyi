@@ -10,6 +10,7 @@ from typing_extensions import Buffer, Self
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SHARD_INDEX_SUFFIX",
     "BatchMemory",
     "CacheMissError",
     "CacheStore",
@@ -33,6 +34,8 @@ __all__ = [
 
 #: The image file extensions the scan accepts (any letter case), each with its dot.
 IMAGE_EXTENSIONS: list[str]
+#: What a tar shard's sidecar index adds to the shard's file name (``shard-000000.tar.index.json``).
+SHARD_INDEX_SUFFIX: str
 __version__: str
 
 class FastdiffError(Exception):

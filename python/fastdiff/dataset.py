@@ -141,7 +141,12 @@ class Subset:
         if not is_shards(self.image_dir):
             return os.path.normpath(os.fspath(cast("str | os.PathLike[str]", self.image_dir))), [], []
         given = [s if is_remote(s) else os.path.normpath(s) for s in expand_shards(self.image_dir)]
-        local = local_shards(given, caption_column=self.caption_column, image_column=self.image_column)
+        local = local_shards(
+            given,
+            caption_column=self.caption_column,
+            image_column=self.image_column,
+            index_suffix=_fastdiff.SHARD_INDEX_SUFFIX,
+        )
         for failure in local.failed:
             warnings.warn(
                 f"shard {failure.url} left out: {failure.reason} (after {failure.attempts} attempts)",
@@ -580,7 +585,7 @@ def _dataset(
     for o in LOADER_OPTIONS:
         # Loader paths (mask_dir, control_dir) are relative to the file's folder, as image_dir is.
         if o.kind == "path" and o.name in loader:
-            loader[o.name] = os.fspath(base / loader[o.name])
+            loader[o.name] = _from_file(base, loader[o.name])
     subset_defaults = {k: v for k, v in merged.items() if k not in LOADER_KEYS and k != "enable_bucket"}
     raw_subsets = dataset.get("subsets", [])
     if not raw_subsets:
@@ -597,6 +602,12 @@ def _dataset(
         entry = {**subset_defaults, **_canonical(raw, at)}
         for o in SUBSET_OPTIONS:
             if o.kind == "path" and o.name in entry:
-                entry[o.name] = os.fspath(base / entry[o.name])
+                entry[o.name] = _from_file(base, entry[o.name])
         subsets.append(Subset(**entry))
     return loader, subsets
+
+
+def _from_file(base: Path, path: str) -> str:
+    """A config's path taken relative to the config file's folder ``base``; a URL (``s3://…``,
+    ``file://…``) as written."""
+    return path if "://" in path else os.fspath(base / path)

@@ -10,6 +10,7 @@ local tar shards only (``scan::scan_shards``): remote shards fetched into the sp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -176,7 +177,9 @@ def local_shards(
         policy: Fetch concurrency, timeout and retries (:class:`fastdiff.remote.FetchPolicy`).
         image_column: Parquet column of the image bytes.
         caption_column: Parquet column of the captions (``None``: no captions).
-        index_suffix: The shard index sidecar's suffix, fetched with each remote tar shard when present.
+        index_suffix: The shard index sidecar's suffix, fetched with each remote tar shard when present;
+            a fetched index whose recorded size is the copy's dates the copy as indexed (see
+            :func:`_dated_as_indexed`), so the scan uses it.
 
     Returns:
         The local shards, the failures and the parquet conversions.
@@ -204,6 +207,8 @@ def local_shards(
     for spec in shards:
         if fetched is not None and spec in fetched.paths:
             local = fetched.paths[spec]
+            if index_suffix:
+                _dated_as_indexed(local, local.with_name(local.name + index_suffix))
         elif is_remote(spec):
             continue  # in failed
         else:
@@ -221,3 +226,22 @@ def local_shards(
             local = parquet[spec].path
         paths.append(local)
     return LocalShards(paths, failed, parquet, fetched.bytes_fetched if fetched else 0)
+
+
+def _dated_as_indexed(shard: Path, index: Path) -> None:
+    """Give a spooled copy of a remote shard the modification time its fetched index records.
+
+    An index is current when its shard's size and modification time are those it records (the scan's
+    ``stat``); a fresh copy has a new modification time, so every fetched index would be stale. The fetch
+    checked the copy against the remote object (size, ETag), and the index came from beside that object:
+    when the index records the copy's size, the copy is dated as indexed. An index recording another size
+    (the shard changed after it was indexed), or one that cannot be read, is left for the scan to report.
+    """
+    try:
+        listing = json.loads(index.read_bytes())
+        size, mtime_ns = int(listing["size"]), int(listing["mtime_ns"])
+        stat = shard.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if stat.st_size == size and stat.st_mtime_ns != mtime_ns:
+        os.utime(shard, ns=(stat.st_atime_ns, mtime_ns))

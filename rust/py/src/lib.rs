@@ -54,6 +54,7 @@ fn _fastdiff(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "IMAGE_EXTENSIONS",
         fastdiff_core::scan::IMAGE_EXTENSIONS.map(|e| format!(".{e}")),
     )?;
+    m.add("SHARD_INDEX_SUFFIX", fastdiff_core::scan::INDEX_SUFFIX)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
