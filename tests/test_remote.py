@@ -258,3 +258,40 @@ def test_fastdiff_train_from_s3_shards_equals_training_from_the_local_shards(
         )
         losses.append(train(run).losses)
     assert losses[0] == losses[1] and len(losses[0]) == 4  # the same batches: bitwise the same run
+
+
+def test_each_rank_fetches_only_its_own_remote_shards(
+    s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = copy_with_captions(smallest_images(wallpapers, 8), tmp_path / "data")
+    out = tmp_path / "shards"
+    assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
+    shards = sorted(out.glob("shard-*.tar"))
+    assert len(shards) == 8
+    client = s3.client()
+    for p in sorted(out.iterdir()):
+        client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
+    options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
+    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    opts = dict(resolution=128, bucket_step=32, batch_size=2, crop="random", flip_prob=0.5, num_threads=1)
+    url = f"s3://{bucket}/train/shard-{{000000..000007}}.tar"
+    owned: list[set[str]] = []
+    members: set[str] = set()
+    for rank in (0, 1):
+        monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / f"machine-{rank}"))  # one spool per machine
+        s3.faults.gets.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # indexes current, shard-level split: no warning
+            remote = fastdiff.DataLoader(url, rank=rank, world_size=2, **opts)  # type: ignore[arg-type]
+        own = {Path(p).name.split("-", 1)[1] for p in remote.report["own_shards"] or []}
+        # The server saw GETs of every index but only of this rank's shards (a counting proxy).
+        gets = {key.rsplit("/", 1)[1] for key in s3.faults.gets}
+        assert {k for k in gets if k.endswith(".tar")} == own and own
+        assert {k for k in gets if k.endswith(".index.json")} == {f"{s.name}.index.json" for s in shards}
+        # Its batches read its own shards' members, decoded as the local shards' are.
+        seen = [(p, c) for b in remote for p, c in zip(b["paths"], b["captions"], strict=True)]
+        assert {Path(p.split(".tar/")[0]).name.split("-", 1)[1] + ".tar" for p, _ in seen} == own
+        members.update(p.split(".tar/")[1] for p, _ in seen)
+        owned.append(own)
+    assert not owned[0] & owned[1] and owned[0] | owned[1] == {s.name for s in shards}
+    assert members == {p.name for p in data.iterdir() if p.suffix != ".txt"}  # every image, on one rank

@@ -117,6 +117,7 @@ class NativeSubset:
         *,
         shards: list[str] = ...,
         unreadable_shards: list[tuple[str, str]] = ...,
+        pending_shards: list[str] = ...,
         num_repeats: int = 1,
         is_reg: bool = False,
         caption_extensions: list[str] | None = None,

@@ -124,7 +124,7 @@ class Subset:
         # Folders are left out so that a dataset moved elsewhere still matches (the digest covers files).
         return saved(SUBSET_OPTIONS, {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS})
 
-    def source(self) -> tuple[str, list[str], list[tuple[str, str]]]:
+    def source(self, pending: dict[str, str] | None = None) -> tuple[str, list[str], list[tuple[str, str]]]:
         """``(root, shards, unreadable)``: the folder and no shards, or for shards (``image_dir`` a
         ``.tar`` or ``.parquet`` path or fsspec URL, a brace pattern of them, or a list:
         :func:`fastdiff.sources.expand_shards`) the folder holding them and the local tar shards
@@ -133,6 +133,10 @@ class Subset:
         or converted is left out with a ``UserWarning`` naming it and the reason, and returned in
         ``unreadable`` as ``(shard as given, reason)``: the loader reports it in ``report["skipped"]``
         (code ``io``), or raises with ``on_error="raise"``.
+
+        With ``pending`` (a dict), remote tar shards that have an index are not fetched yet, only their
+        indexes: each such shard's copy path (in the returned shards) is added to ``pending`` with its
+        URL, for :func:`fastdiff.sources.fetch_pending` once the loader knows which shards its rank reads.
 
         Raises:
             ValueError: A pattern or list names something that is neither a ``.tar`` nor a ``.parquet``
@@ -146,7 +150,10 @@ class Subset:
             caption_column=self.caption_column,
             image_column=self.image_column,
             index_suffix=_fastdiff.SHARD_INDEX_SUFFIX,
+            fetch_later=pending is not None,
         )
+        if pending is not None:
+            pending.update({os.fspath(p): u for p, u in local.pending.items()})
         for failure in local.failed:
             warnings.warn(
                 f"shard {failure.url} left out: {failure.reason} (after {failure.attempts} attempts)",
@@ -180,8 +187,9 @@ class Subset:
             return given[0].rsplit("/", 1)[0]  # the first shard's "folder" (URLs have no common path)
         return shards_root([os.path.normpath(s) for s in given])
 
-    def native(self) -> _fastdiff.NativeSubset:
-        """The native subset: options checked, metadata read and checked.
+    def native(self, pending: dict[str, str] | None = None) -> _fastdiff.NativeSubset:
+        """The native subset: options checked, metadata read and checked; ``pending`` as :meth:`source`'s
+        (the native subset then scans those shards from their indexes alone).
 
         Raises:
             ValueError: An option has the wrong type or is out of range (the message names the folder
@@ -191,7 +199,8 @@ class Subset:
         problem = SUBSET["image_dir"].problem(self.image_dir)
         if problem is not None:
             raise ValueError(problem)
-        root, shards, unreadable = self.source()
+        later: dict[str, str] = {}
+        root, shards, unreadable = self.source(None if pending is None else later)
         values = {o.name: getattr(self, o.name) for o in SUBSET_OPTIONS}
         for o in SUBSET_OPTIONS:
             problem = o.problem(values[o.name])
@@ -203,10 +212,13 @@ class Subset:
                     f"{root}: metadata_file cannot caption tar shards (its file_name keys name files of a "
                     "folder); put each caption in the shard as KEY.txt or KEY.json"
                 )
+            if pending is not None:
+                pending.update(later)
             return _fastdiff.NativeSubset(
                 root,
                 shards=shards,
                 unreadable_shards=unreadable,
+                pending_shards=list(later),
                 caption_extensions=None if self.caption_extension is None else [self.caption_extension],
                 caption_per_line=bool(self.caption_per_line),
                 **{o.name: o.native_value(values[o.name]) for o in SUBSET_OPTIONS if o.native},

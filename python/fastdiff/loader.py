@@ -21,6 +21,7 @@ from fastdiff import _fastdiff
 from fastdiff.dataset import Subset, load_config
 from fastdiff.docs import with_args
 from fastdiff.options import LOADER, LOADER_OPTIONS, saved
+from fastdiff.sources import fetch_pending
 from fastdiff.transfer import batch_tensor, pinned_buffer, to_device
 from fastdiff.types import (
     Batch,
@@ -196,7 +197,6 @@ class DataLoader:
         subsets = list(subsets)
         if not subsets:
             raise ValueError("subsets must hold at least one Subset")
-        natives = [s.native() for s in subsets]  # checks each subset's options
         if tokenizer is not None and tokenizers is not None:
             raise ValueError("give tokenizer or tokenizers, not both")
         self.tokenizers: list[Tokenizer] = [tokenizer] if tokenizer is not None else list(tokenizers or [])
@@ -222,6 +222,10 @@ class DataLoader:
             pin_memory = False
         threads = num_threads or _available_cores()
         rank, world_size = _distributed_defaults(rank, world_size)
+        # Remote shards with indexes: only the indexes now, then the shards this rank reads (its own).
+        later = world_size > 1 and shard_split == "auto" and cache is None
+        pending: dict[str, str] | None = {} if later else None
+        natives = [s.native(pending) for s in subsets]  # checks each subset's options
         values.update(
             num_threads=threads,
             prefetch=max(2, -(-threads // batch_size) + 1) if prefetch is None else prefetch,
@@ -287,6 +291,8 @@ class DataLoader:
         report = self._native.report()
         if report["own_shards"] is not None:  # its plans differ from the sample-level split's
             self._state_options["shard_level"] = True
+        if pending:
+            fetch_pending(pending, report["own_shards"], _fastdiff.SHARD_INDEX_SUFFIX, on_error=on_error)
         for warning in report["warnings"]:
             warnings.warn(warning, UserWarning, stacklevel=2)
 

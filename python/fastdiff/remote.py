@@ -125,6 +125,7 @@ def fetch_shards(
     storage_options: Mapping[str, Any] | None = None,
     policy: FetchPolicy | None = None,
     optional_suffixes: Sequence[str] = (),
+    sidecars_only: bool = False,
 ) -> Spooled:
     """Copy remote shards into ``spool_dir`` (those spooled already and unchanged are not fetched again).
 
@@ -140,6 +141,8 @@ def fetch_shards(
         optional_suffixes: Sidecars fetched with each shard when the remote storage has them
             (``URL + suffix``, e.g. the shard's index), copied beside the shard's copy under the same
             name + suffix; a missing sidecar is no failure.
+        sidecars_only: Fetch only the sidecars now (the shards later, by another call): ``paths`` then
+            names where each shard's copy goes, which need not exist yet.
 
     Returns:
         The local paths, the failures (never raised here) and the bytes fetched.
@@ -166,7 +169,7 @@ def fetch_shards(
             received[0] += n
 
     def one(url: str) -> Path | FetchFailure:
-        return _fetch_one(url, spool, options, policy, tuple(optional_suffixes), count)
+        return _fetch_one(url, spool, options, policy, tuple(optional_suffixes), count, sidecars_only)
 
     with ThreadPoolExecutor(max_workers=policy.concurrency, thread_name_prefix="fastdiff-fetch") as pool:
         results = list(pool.map(one, urls))
@@ -210,6 +213,7 @@ def _fetch_one(
     policy: FetchPolicy,
     suffixes: tuple[str, ...],
     count: Any,
+    sidecars_only: bool,
 ) -> Path | FetchFailure:
     import fsspec  # torch depends on fsspec; imported here so that local datasets never need it
 
@@ -222,7 +226,8 @@ def _fetch_one(
         while True:
             attempts += 1
             try:
-                _attempt(fs, path, local, policy, count)
+                if not sidecars_only:
+                    _attempt(fs, path, local, policy, count)
                 for suffix in suffixes:
                     _attempt(
                         fs, path + suffix, local.with_name(local.name + suffix), policy, count, optional=True

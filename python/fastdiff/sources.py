@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,15 @@ class LocalShards:
         failed: Shards that could not be fetched or converted, with the reason.
         parquet: The conversion of each parquet source (rows, rows without image bytes), by source as given.
         bytes_fetched: Bytes received from remote storage.
+        pending: With ``fetch_later``: the remote tar shards whose index was fetched but not the shard
+            (their copy's path, in ``paths``, to their URL), for :func:`fetch_pending`.
     """
 
     paths: list[Path]
     failed: list[FetchFailure]
     parquet: dict[str, ParquetShard]
     bytes_fetched: int
+    pending: dict[Path, str] = dataclasses.field(default_factory=dict)
 
 
 def local_shards(
@@ -164,6 +168,7 @@ def local_shards(
     image_column: str = "image",
     caption_column: str | None = "text",
     index_suffix: str | None = None,
+    fetch_later: bool = False,
 ) -> LocalShards:
     """Local tar shards for ``shards``: local ``.tar`` paths as they are (``file://`` stripped), remote
     ones fetched into ``spool_dir/remote``, ``.parquet`` files (local or fetched) converted into
@@ -180,6 +185,9 @@ def local_shards(
         index_suffix: The shard index sidecar's suffix, fetched with each remote tar shard when present;
             a fetched index whose recorded size is the copy's dates the copy as indexed (see
             :func:`_dated_as_indexed`), so the scan uses it.
+        fetch_later: Fetch only the index of each remote tar shard now, and the shards that have one later
+            (:func:`fetch_pending`, once the loader knows which shards its rank reads); needs
+            ``index_suffix``.
 
     Returns:
         The local shards, the failures and the parquet conversions.
@@ -190,6 +198,19 @@ def local_shards(
     """
     spool = Path(spool_dir) if spool_dir is not None else default_spool_dir()
     remote = [s for s in shards if is_remote(s)]
+    pending: dict[Path, str] = {}
+    if fetch_later and index_suffix and remote:
+        tars = [s for s in remote if s.lower().endswith(".tar")]
+        indexes = fetch_shards(
+            tars,
+            spool / "remote",
+            storage_options=storage_options,
+            policy=policy,
+            optional_suffixes=[index_suffix],
+            sidecars_only=True,
+        )
+        pending = {p: u for u, p in indexes.paths.items() if p.with_name(p.name + index_suffix).is_file()}
+        remote = [s for s in remote if s not in pending.values()]  # no index: fetched now
     fetched = (
         fetch_shards(
             remote,
@@ -204,7 +225,11 @@ def local_shards(
     failed = list(fetched.failed) if fetched else []
     paths: list[Path] = []
     parquet: dict[str, ParquetShard] = {}
+    later = {u: p for p, u in pending.items()}
     for spec in shards:
+        if spec in later:
+            paths.append(later[spec])
+            continue
         if fetched is not None and spec in fetched.paths:
             local = fetched.paths[spec]
             if index_suffix:
@@ -225,7 +250,64 @@ def local_shards(
                 continue
             local = parquet[spec].path
         paths.append(local)
-    return LocalShards(paths, failed, parquet, fetched.bytes_fetched if fetched else 0)
+    return LocalShards(paths, failed, parquet, fetched.bytes_fetched if fetched else 0, pending)
+
+
+def fetch_pending(
+    pending: Mapping[str, str],
+    own: Sequence[str] | None,
+    index_suffix: str,
+    *,
+    on_error: str = "skip",
+    storage_options: Mapping[str, Any] | None = None,
+    policy: FetchPolicy | None = None,
+) -> None:
+    """Fetch the shards :func:`local_shards` left for later (``fetch_later``) that this rank reads, into
+    their copies' paths, with their indexes (unchanged ones are not fetched again), and date each copy as
+    indexed (:func:`_dated_as_indexed`).
+
+    Args:
+        pending: Copy path to URL of every shard left for later.
+        own: The copies this rank reads (the loader's ``report["own_shards"]``); ``None``: all (the
+            sample-level split reads every shard).
+        index_suffix: The index sidecar's suffix.
+        on_error: ``"raise"``: a shard that cannot be fetched raises; else it is left out with a
+            ``UserWarning`` naming it and the reason (its samples then fail as they are read, each a
+            skip, and stand-ins take their place).
+        storage_options: As :func:`local_shards`.
+        policy: As :func:`local_shards`.
+
+    Raises:
+        OSError: A shard cannot be fetched, with ``on_error="raise"``.
+        ValueError: A fetched shard's index records another size than the shard has (the shard changed
+            after it was indexed, and the scan used that index): ``fastdiff index`` it again.
+    """
+    chosen = {Path(p): u for p, u in pending.items() if own is None or p in own}
+    for folder in sorted({p.parent for p in chosen}):  # the spool's folder of remote copies
+        fetched = fetch_shards(
+            [u for p, u in chosen.items() if p.parent == folder],
+            folder,
+            storage_options=storage_options,
+            policy=policy,
+            optional_suffixes=[index_suffix],
+        )
+        for failure in fetched.failed:
+            if on_error == "raise":
+                raise OSError(f"shard {failure.url} cannot be fetched: {failure.reason}")
+            warnings.warn(f"shard {failure.url} left out: {failure.reason}", UserWarning, stacklevel=3)
+        _check_indexed(fetched.paths, index_suffix)
+
+
+def _check_indexed(fetched: Mapping[str, Path], index_suffix: str) -> None:
+    for url, local in fetched.items():
+        _dated_as_indexed(local, local.with_name(local.name + index_suffix))
+        index = json.loads(local.with_name(local.name + index_suffix).read_bytes())
+        if int(index["size"]) != local.stat().st_size:
+            raise ValueError(
+                f"{url}: its index records a shard of {index['size']} bytes, the shard has "
+                f"{local.stat().st_size}: the shard changed after it was indexed (run `fastdiff index` on "
+                "it and upload the index again)"
+            )
 
 
 def _dated_as_indexed(shard: Path, index: Path) -> None:

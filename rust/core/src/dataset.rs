@@ -28,6 +28,10 @@ pub struct Subset {
     /// skip of code `io` named by the shard in the report (and counted in `found`), or with
     /// [`crate::OnError::Raise`] the loader's error.
     pub unreadable_shards: Vec<(PathBuf, String)>,
+    /// Shards of `shards` whose local copy is made after the scan (see
+    /// [`crate::scan::ScanOptions::pending_shards`]): remote shards a rank fetches once it knows
+    /// which are its own. Their index must exist; the loader's workers open them when reading.
+    pub pending_shards: Vec<PathBuf>,
     /// Times each image appears per epoch (>= 1); every repeat is its own sample with its own crop,
     /// flip and caption draw. Default 1.
     pub num_repeats: usize,
@@ -57,6 +61,7 @@ impl Subset {
             root: root.into(),
             shards: Vec::new(),
             unreadable_shards: Vec::new(),
+            pending_shards: Vec::new(),
             num_repeats: 1,
             is_reg: false,
             caption_extensions: None,

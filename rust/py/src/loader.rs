@@ -42,7 +42,7 @@ pub(crate) struct NativeSubset {
 impl NativeSubset {
     #[new]
     #[pyo3(signature = (
-        root, *, shards = Vec::new(), unreadable_shards = Vec::new(), num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
+        root, *, shards = Vec::new(), unreadable_shards = Vec::new(), pending_shards = Vec::new(), num_repeats = 1, is_reg = false, caption_extensions = None, captions = None,
         caption_per_line = false, caption_dropout_rate = 0.0, keep_tokens = 0, shuffle_caption = false,
         caption_tag_dropout_rate = 0.0, caption_separator = ",", flip_prob = None, crop = None,
         class_tokens = None, caption_dropout_every_n_epochs = 0, caption_prefix = None,
@@ -54,6 +54,7 @@ impl NativeSubset {
         root: PathBuf,
         shards: Vec<PathBuf>,
         unreadable_shards: Vec<(PathBuf, String)>,
+        pending_shards: Vec<PathBuf>,
         num_repeats: usize,
         is_reg: bool,
         caption_extensions: Option<Vec<String>>,
@@ -78,6 +79,7 @@ impl NativeSubset {
             root,
             shards,
             unreadable_shards,
+            pending_shards,
             num_repeats,
             is_reg,
             caption_extensions,

@@ -572,6 +572,7 @@ fn scan_subsets(subsets: &mut [Subset], opts: &LoaderOptions) -> Result<Vec<Scan
             num_threads: opts.num_threads,
             captions: subset.captions.take(),
             class_tokens: subset.class_tokens.clone(),
+            pending_shards: subset.pending_shards.iter().cloned().collect(),
         };
         scans.push(if subset.shards.is_empty() {
             scan::scan(&subset.root, &scan_opts)?

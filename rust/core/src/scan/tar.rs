@@ -352,7 +352,8 @@ struct ShardScan {
 
 fn scan_one(shard: &Path, opts: &ScanOptions, pool: &rayon::ThreadPool) -> ShardScan {
     let exts = &opts.caption_extensions;
-    let (listing, warning, indexed) = match read_index(shard, exts) {
+    let pending = opts.pending_shards.contains(shard);
+    let (listing, warning, indexed) = match read_index(shard, exts, pending) {
         Ok(Some(l)) => (Ok(l), None, true),
         Ok(None) => (list_shard(shard, exts, pool), None, false),
         Err(w) => (list_shard(shard, exts, pool), Some(w), false),

@@ -152,6 +152,7 @@ fn listing_from_json(v: &Value) -> std::result::Result<Listing, String> {
 pub(super) fn read_index(
     shard: &Path,
     exts: &[String],
+    pending: bool,
 ) -> std::result::Result<Option<Listing>, String> {
     let path = index_path(shard);
     let text = match std::fs::read(&path) {
@@ -171,10 +172,15 @@ pub(super) fn read_index(
         serde_json::from_slice(&text).map_err(|e| stale(format!("not JSON ({e})")))?;
     let listing = listing_from_json(&value).map_err(stale)?;
     // A stat, not an open: with current indexes the scan opens no shard (shard-level rank
-    // assignment relies on that: each rank opens only its own shards).
-    let now = std::fs::metadata(shard)
-        .and_then(|m| size_and_mtime(&m))
-        .map_err(|e| stale(format!("the shard cannot be read ({e})")))?;
+    // assignment relies on that: each rank opens only its own shards). A pending shard (fetched
+    // after the scan) is checked against the index by its fetch instead.
+    let now = if pending {
+        (listing.size, listing.mtime_ns)
+    } else {
+        std::fs::metadata(shard)
+            .and_then(|m| size_and_mtime(&m))
+            .map_err(|e| stale(format!("the shard cannot be read ({e})")))?
+    };
     if now != (listing.size, listing.mtime_ns) {
         return Err(stale(format!(
             "stale: it was built for a shard of {} bytes modified at {} ns, the shard now has {} \
@@ -311,6 +317,32 @@ mod tests {
         assert!(
             scan_shards(out.path(), &[shard], &other).unwrap().warnings[0]
                 .contains("caption extensions")
+        );
+    }
+
+    #[test]
+    fn a_pending_shard_is_scanned_from_its_index_alone() {
+        let (_dir, files) = folder();
+        let out = tempfile::tempdir().unwrap();
+        let shard = out.path().join("s.tar");
+        write_tar(&shard, &as_tar_files(&files));
+        let o = ScanOptions::default();
+        write_index(&shard, &o.caption_extensions, 1).unwrap();
+        let indexed = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        // The shard is gone (fetched later): marked pending, its index alone gives the same scan.
+        std::fs::remove_file(&shard).unwrap();
+        let pending = ScanOptions {
+            pending_shards: [shard.clone()].into_iter().collect(),
+            ..ScanOptions::default()
+        };
+        let s = scan_shards(out.path(), std::slice::from_ref(&shard), &pending).unwrap();
+        assert_eq!(s, indexed);
+        assert_eq!(s.images.len(), 4);
+        // Not pending: the index cannot be checked against the shard, which is a skip.
+        let s = scan_shards(out.path(), std::slice::from_ref(&shard), &o).unwrap();
+        assert_eq!(
+            (s.images.len(), s.skipped.len(), s.warnings.len()),
+            (0, 1, 1)
         );
     }
 }
