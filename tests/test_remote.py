@@ -167,20 +167,30 @@ def _epoch(loader: fastdiff.DataLoader) -> list[tuple[str, tuple[int, int], byte
     ]
 
 
-def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unreadable_one(
-    s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = copy_with_captions(smallest_images(wallpapers, 6), tmp_path / "data")
+def _shards_on_s3(
+    s3: S3, bucket: str, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, list[Path]]:
+    """``images`` with their captions in a folder packed one image per indexed shard by ``fastdiff shard``,
+    uploaded under ``s3://bucket/train/``, and fsspec configured for the server; returns (the folder, the
+    local shards)."""
+    data = copy_with_captions(images, tmp_path / "data")
     out = tmp_path / "shards"
     assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
     shards = sorted(out.glob("shard-*.tar"))
-    assert len(shards) == 6  # one image per shard
+    assert len(shards) == len(images)  # one image per shard
     client = s3.client()
     for p in sorted(out.iterdir()):
         client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
     # The endpoint and keys as users give them to fsspec (its config, or FSSPEC_S3_* variables).
     options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
     monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    return data, shards
+
+
+def test_a_loader_over_s3_shards_equals_the_local_shards_and_leaves_out_an_unreadable_one(
+    s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, shards = _shards_on_s3(s3, bucket, smallest_images(wallpapers, 6), tmp_path, monkeypatch)
     monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
     opts = dict(resolution=128, bucket_step=32, batch_size=2, crop="random", flip_prob=0.5, num_threads=1)
     url = f"s3://{bucket}/train/shard-{{000000..{len(shards) - 1:06d}}}.tar"
@@ -227,19 +237,12 @@ def test_fastdiff_train_from_s3_shards_equals_training_from_the_local_shards(
     from fastdiff.training.config import TrainConfig
     from fastdiff.training.run import train
 
-    data = copy_with_captions(smallest_images(wallpapers, 6), tmp_path / "data")
-    out = tmp_path / "shards"
-    assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
-    client = s3.client()
-    for p in sorted(out.iterdir()):
-        client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
-    options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
-    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    _, shards = _shards_on_s3(s3, bucket, smallest_images(wallpapers, 6), tmp_path, monkeypatch)
     monkeypatch.setenv("FASTDIFF_SPOOL", str(tmp_path / "spool"))
     losses = []
     for name, image_dir in (
         ("s3", f"s3://{bucket}/train/shard-{{000000..000005}}.tar"),
-        ("local", f"{out}/shard-{{000000..000005}}.tar"),
+        ("local", f"{shards[0].parent}/shard-{{000000..000005}}.tar"),
     ):
         config = tmp_path / f"{name}.toml"
         config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{image_dir}"\n')
@@ -263,16 +266,7 @@ def test_fastdiff_train_from_s3_shards_equals_training_from_the_local_shards(
 def test_each_rank_fetches_only_its_own_remote_shards(
     s3: S3, bucket: str, wallpapers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = copy_with_captions(smallest_images(wallpapers, 8), tmp_path / "data")
-    out = tmp_path / "shards"
-    assert cli.main(["shard", str(data), str(out), "--shard-size", "1"]) == 0
-    shards = sorted(out.glob("shard-*.tar"))
-    assert len(shards) == 8
-    client = s3.client()
-    for p in sorted(out.iterdir()):
-        client.put_object(Bucket=bucket, Key=f"train/{p.name}", Body=p.read_bytes())
-    options = {k: v for k, v in s3.storage_options.items() if k != "skip_instance_cache"}
-    monkeypatch.setitem(fsspec.config.conf, "s3", options)
+    data, shards = _shards_on_s3(s3, bucket, smallest_images(wallpapers, 8), tmp_path, monkeypatch)
     opts = dict(resolution=128, bucket_step=32, batch_size=2, crop="random", flip_prob=0.5, num_threads=1)
     url = f"s3://{bucket}/train/shard-{{000000..000007}}.tar"
     owned: list[set[str]] = []
