@@ -217,21 +217,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         mut skipped,
         hidden,
     } = walk(root);
-    let threads = match opts.num_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
-    .clamp(1, candidates.len().max(others.len()).max(1));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("fastdiff-scan-{i}"))
-        .build()
-        .map_err(|e| {
-            Error::io(
-                root,
-                std::io::Error::other(format!("cannot start scan threads: {e}")),
-            )
-        })?;
+    let pool = scan_pool(root, opts, candidates.len().max(others.len()))?;
     let mut passed_over = PassedOver {
         hidden,
         ..PassedOver::default()
@@ -284,6 +270,25 @@ pub fn validate_caption_extensions(exts: &[String]) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// The scan's threads: `opts.num_threads` (0 = the available parallelism), at most `work` (>= 1).
+/// Errors: [`Error::Io`] naming `root` when the threads cannot be started.
+fn scan_pool(root: &Path, opts: &ScanOptions, work: usize) -> Result<rayon::ThreadPool> {
+    let threads = match opts.num_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.clamp(1, work.max(1)))
+        .thread_name(|i| format!("fastdiff-scan-{i}"))
+        .build()
+        .map_err(|e| {
+            Error::io(
+                root,
+                std::io::Error::other(format!("cannot start scan threads: {e}")),
+            )
+        })
 }
 
 fn no_images(root: &Path, reason: &str) -> Error {

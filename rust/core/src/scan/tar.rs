@@ -455,20 +455,7 @@ fn scan_one(shard: &Path, opts: &ScanOptions, pool: &rayon::ThreadPool) -> Shard
 /// cannot be started.
 pub fn scan_shards(root: &Path, shards: &[PathBuf], opts: &ScanOptions) -> Result<Scan> {
     super::validate_caption_extensions(&opts.caption_extensions)?;
-    let threads = match opts.num_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("fastdiff-scan-{i}"))
-        .build()
-        .map_err(|e| {
-            Error::io(
-                root,
-                std::io::Error::other(format!("cannot start scan threads: {e}")),
-            )
-        })?;
+    let pool = super::scan_pool(root, opts, usize::MAX)?;
     let per_shard: Vec<ShardScan> = pool.install(|| {
         shards
             .par_iter()
