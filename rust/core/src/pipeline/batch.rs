@@ -7,9 +7,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::buffer::PixelBuffer;
+use super::buffer::{BufferPool, PixelBuffer};
 use super::views::ViewSlots;
 use crate::bucket::Bucket;
 use crate::cache::Key;
@@ -95,6 +95,30 @@ pub(super) struct TensorState {
     pub(super) base: *mut u8,
     /// Owner of the buffer; taken by the consumer once the batch is complete.
     pub(super) buffer: Mutex<Option<PixelBuffer>>,
+}
+
+impl TensorState {
+    /// A tensor of `n` samples of `shape` in `dtype`, its buffer from `pool`.
+    /// Errors: as [`PixelBuffer::from_pool`].
+    pub(super) fn from_pool(
+        pool: &Arc<BufferPool>,
+        name: String,
+        latent: bool,
+        dtype: OutputDtype,
+        shape: Vec<usize>,
+        n: usize,
+    ) -> Result<TensorState> {
+        let values = shape.iter().product::<usize>();
+        let buffer = PixelBuffer::from_pool(pool, dtype, n * values)?;
+        Ok(TensorState {
+            name,
+            shape,
+            latent,
+            per_sample_bytes: values * dtype.bytes_per_value(),
+            base: buffer.as_ptr().cast_mut(),
+            buffer: Mutex::new(Some(buffer)),
+        })
+    }
 }
 
 /// Shared state of one batch being loaded.

@@ -243,16 +243,8 @@ impl EpochIter {
         let specs = cache.map(|c| c.tensors(bucket)).unwrap_or_default();
         let mut tensors = Vec::with_capacity(specs.len());
         for (name, latent, dtype, shape) in specs {
-            let values = shape.iter().product::<usize>();
-            match PixelBuffer::from_pool(&self.inner.tensor_pool, dtype, n * values) {
-                Ok(buffer) => tensors.push(TensorState {
-                    name,
-                    shape,
-                    latent,
-                    per_sample_bytes: values * dtype.bytes_per_value(),
-                    base: buffer.as_ptr().cast_mut(),
-                    buffer: Mutex::new(Some(buffer)),
-                }),
+            match TensorState::from_pool(&self.inner.tensor_pool, name, latent, dtype, shape, n) {
+                Ok(t) => tensors.push(t),
                 Err(err) => {
                     self.start_error = Some(err);
                     return false;
@@ -262,16 +254,8 @@ impl EpochIter {
         let views_opts = &self.inner.opts.views;
         let mut views = Vec::new();
         for (name, dtype, shape) in views_opts.tensors((bucket.width, bucket.height), dtype) {
-            let values = shape.iter().product::<usize>();
-            match PixelBuffer::from_pool(&self.inner.view_pool, dtype, n * values) {
-                Ok(buffer) => views.push(TensorState {
-                    name,
-                    shape,
-                    latent: false,
-                    per_sample_bytes: values * dtype.bytes_per_value(),
-                    base: buffer.as_ptr().cast_mut(),
-                    buffer: Mutex::new(Some(buffer)),
-                }),
+            match TensorState::from_pool(&self.inner.view_pool, name, false, dtype, shape, n) {
+                Ok(t) => views.push(t),
                 Err(err) => {
                     self.start_error = Some(err);
                     return false;
